@@ -1,0 +1,74 @@
+"""The `edge-safe` command line.
+
+Subcommands live in their own modules and are imported only when used, so
+`edge-safe --help` is instant and never loads llama.cpp or torch. Domain errors
+(:class:`EdgeSafeError`) become one-line click errors here, at the boundary.
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+
+import click
+
+from edge_safe import __version__
+from edge_safe.convert.errors import EdgeSafeError
+
+# name -> "module:attribute"; one line per subcommand.
+COMMANDS = {
+    "chat": "edge_safe.cli_chat:chat",
+    "tokens": "edge_safe.cli_chat:tokens",
+    "convert": "edge_safe.cli_convert:convert",
+    "train": "edge_safe.training.cli:train",
+}
+
+
+class LazyGroup(click.Group):
+    """A click group whose subcommands are imported on first use."""
+
+    def __init__(self, *args, lazy: dict[str, str] | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.lazy = dict(lazy or {})
+
+    def list_commands(self, ctx):
+        return sorted(set(super().list_commands(ctx)) | set(self.lazy))
+
+    def get_command(self, ctx, name):
+        if name in self.lazy:
+            module, attr = self.lazy[name].split(":")
+            return getattr(importlib.import_module(module), attr)
+        return super().get_command(ctx, name)
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except EdgeSafeError as e:
+            raise click.ClickException(str(e)) from None
+
+
+@click.group(
+    cls=LazyGroup,
+    lazy=COMMANDS,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+@click.version_option(__version__, prog_name="edge-safe")
+@click.option("-v", "--verbose", count=True, help="More log output on stderr (-vv for debug).")
+def cli(verbose: int) -> None:
+    """Composable safety control tokens for on-device LLMs.
+
+    \b
+    Examples:
+      edge-safe chat --tokens minors,eu "How do I mix a mojito?"
+      edge-safe tokens
+      edge-safe convert inspect bank.gguf
+    """
+    level = logging.WARNING - 10 * verbose
+    logging.basicConfig(level=max(level, logging.DEBUG), format="%(levelname)s %(name)s: %(message)s")
+
+
+def main() -> None:
+    cli(prog_name="edge-safe")
+
+
+if __name__ == "__main__":
+    main()

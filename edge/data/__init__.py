@@ -1,0 +1,1 @@
+"""Package data: the default token bank shipped with edge-safe."""
