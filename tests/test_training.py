@@ -1,0 +1,117 @@
+"""Trainer tests on a tiny random-weight Gemma 3 (seconds on CPU)."""
+import json
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from edge_safe.training.base_model import tiny_random_model  # noqa: E402
+from edge_safe.training.config import TrainConfig  # noqa: E402
+from edge_safe.training.objective import Bank, build_batch, layout, mosaic_loss  # noqa: E402
+from edge_safe.training.sampler import TaskSampler, load_prompts  # noqa: E402
+from edge_safe.training.trainer import export_bank, refusal_target_ids, train  # noqa: E402
+
+CATS = ("alcohol", "gambling", "privacy")
+
+
+def write_data(folder):
+    rows = []
+    for c in CATS:
+        for i in range(6):
+            rows.append({"prompt": f"please {c} thing number {i}", "category": c, "label": "violating"})
+            rows.append({"prompt": f"history of {c} {i}", "category": c, "label": "benign"})
+    for i in range(6):
+        rows.append({"prompt": f"what is {i} plus {i}", "category": "general", "label": "benign"})
+    for split in ("train", "val"):
+        (folder / f"{split}.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+
+
+@pytest.fixture
+def cfg(tmp_path, monkeypatch):
+    monkeypatch.setenv("EDGE_SAFE_CACHE", str(tmp_path / "cache"))
+    write_data(tmp_path)
+    return TrainConfig(
+        constraints=CATS, max_order=2, held_out=(("alcohol", "privacy"),), n_vectors=2, n_mode_vectors=1,
+        steps=12, batch_size=6, lr=0.5, ref_tokens=3, teacher_topk=8, val_every=6, val_size=24,
+        checkpoint_every=6, data_dir=str(tmp_path),
+    )
+
+
+def test_layout_puts_bos_mode_constraints_then_tokens():
+    base = tiny_random_model()
+    bank = Bank({"positive": torch.ones(1, 64), "alcohol": 2 * torch.ones(2, 64)})
+    x = layout(base, bank, "positive", ("alcohol",), [5, 6, 7])
+    assert x.shape == (1 + 1 + 2 + 3, 64)
+    assert torch.equal(x[0], base.embed(torch.tensor([base.bos_id]))[0])
+    assert torch.equal(x[1], torch.ones(64)) and torch.equal(x[2:4], 2 * torch.ones(2, 64))
+    assert torch.equal(x[4:], base.embed(torch.tensor([5, 6, 7])))
+
+
+def test_sampler_never_draws_held_out_and_cycles_orders(cfg):
+    import random
+
+    prompts = load_prompts(cfg.data_dir, "train")
+    s = TaskSampler(prompts, cfg, random.Random(0))
+    seen_orders = set()
+    for step in range(40):
+        for ex in s.batch(step):
+            if ex.mode == "positive":
+                assert frozenset(ex.constraints) != frozenset(("alcohol", "privacy"))
+                assert len(ex.constraints) == 1 + step % 2
+                seen_orders.add(len(ex.constraints))
+                if ex.refuse:  # a positive: the prompt violates an active constraint
+                    assert prompts[ex.prompt].category == ex.refuse and ex.refuse in ex.constraints
+                else:  # a negative: nothing active is violated
+                    p = prompts[ex.prompt]
+                    assert p.label == "benign" or p.category not in ex.constraints
+    assert seen_orders == {1, 2}
+
+
+def test_a_few_steps_lower_the_loss_and_export_loads(cfg, tmp_path):
+    base = tiny_random_model()
+    bank, summary = train(cfg.replace(steps=1), base, tmp_path / "run0", progress=False)
+    from edge_safe.training.sampler import load_prompts as lp
+    from edge_safe.training.teacher import build_teacher
+
+    prompts = lp(cfg.data_dir, "train")
+    teacher = build_teacher(base, [p.text for p in prompts], __import__("edge_safe.convert.layout", fromlist=["x"]).QA_TEMPLATE, 3, 8, progress=False)
+    refusal_ids = refusal_target_ids(base, __import__("edge_safe.convert.layout", fromlist=["x"]).QA_TEMPLATE, list(CATS) + ["rejective"])
+    import random
+
+    sampled = TaskSampler(prompts, cfg, random.Random(5)).batch(0) + TaskSampler(prompts, cfg, random.Random(6)).batch(1)
+    examples = [ex for ex in sampled if ex.refuse][:6]  # the refusal objective: learnable even on random weights
+    assert examples
+
+    def fixed_loss(b):
+        with torch.no_grad():
+            return float(mosaic_loss(base, build_batch(base, b, teacher, refusal_ids, examples, 3.0), 1.0)[0])
+
+    before = fixed_loss(bank)
+    bank, summary = train(cfg, base, tmp_path / "run1", progress=False)
+    after = fixed_loss(bank)
+    assert after < before - 0.1, (before, after)  # a detached or mis-laid prefix leaves it unchanged
+    assert set(summary["val"]) >= {"refusal", "over_refusal", "per_order", "held_out_refusal"}
+    log = [json.loads(line) for line in (tmp_path / "run1" / "train_log.jsonl").read_text().splitlines()]
+    assert len(log) == cfg.steps and "val" in log[-1]
+
+    tb = export_bank(bank, base, cfg, summary)
+    out = tb.save(tmp_path / "bank.gguf")
+    from edge_safe.convert.bank import TokenBank
+
+    back = TokenBank.load(out)
+    assert back.constraints == list(CATS) and set(back.modes) == {"positive", "rejective", "negative"}
+    np.testing.assert_array_equal(back.tokens["alcohol"].vectors, bank.vectors["alcohol"].detach().numpy())
+    assert back.training_config["steps"] == cfg.steps
+    assert back.profiles == {"eu": ["privacy"]}
+
+
+def test_resume_continues_from_checkpoint(cfg, tmp_path):
+    base = tiny_random_model()
+    train(cfg.replace(steps=6), base, tmp_path / "run", progress=False)
+    bank_a, _ = train(cfg, base, tmp_path / "run", resume=True, progress=False)
+    bank_b, _ = train(cfg, base, tmp_path / "fresh", progress=False)
+    lines = (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in lines] == list(range(1, 13))
+    for name in bank_a.names:  # resumed run == uninterrupted run
+        torch.testing.assert_close(bank_a.vectors[name], bank_b.vectors[name])

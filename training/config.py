@@ -1,0 +1,107 @@
+"""Training configuration: one frozen dataclass, loaded from YAML, stored in the bank it produces."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edge_safe.convert.errors import EdgeSafeError
+from edge_safe.training.categories import CATEGORY_NAMES, MODE_NAMES
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    seed: int = 0  # one seed for data sampling, init and validation compositions
+    n_vectors: int = 4  # m vectors per constraint token (MOSAIC: m < 10; fewer = shorter sequences on CPU)
+    n_mode_vectors: int = 2  # vectors per mode token
+    max_order: int = 4  # R: compositions of 1..R constraints are sampled, cycling through orders
+    steps: int = 500  # optimisation steps (each one order, `batch_size` sequences)
+    batch_size: int = 16  # sequences per step, padded into one batch (≈ halves per-sequence CPU cost)
+    lr: float = 0.01  # Adam learning rate (MOSAIC used ≈ 0.01)
+    kl_weight: float = 1.0  # λ of the counterfactual-distillation KL (0.8-1.2 worked best in MOSAIC)
+    first_token_weight: float = 3.0  # the refuse/answer decision happens at the first reply token
+    ref_tokens: int = 8  # reference continuation length for negatives (base model's greedy answer)
+    teacher_topk: int = 64  # top-k of the frozen model's distribution kept per position (+ a rest bucket)
+    positive_fraction: float = 0.5  # share of positive (refusal) examples among positive-mode examples
+    mode_rejective: float = 0.12  # share of examples trained in `rejective` mode (refuse everything)
+    mode_negative: float = 0.12  # share trained in `negative` mode (answer as the base model)
+    val_every: int = 100  # steps between validations (first-token decision on the val split)
+    val_size: int = 240  # validation decisions per run (spread over orders)
+    checkpoint_every: int = 50  # steps between resumable checkpoints
+    max_prompt_tokens: int = 96  # longer prompts are dropped from training
+    init: str = "rule"  # constraint vector init: "rule" (rule-text token embeddings) or "random"
+    init_noise: float = 0.02  # relative noise added to the init so the m vectors differ
+    constraints: tuple[str, ...] = CATEGORY_NAMES  # which constraint tokens to train (bank order)
+    modes: tuple[str, ...] = MODE_NAMES  # which mode tokens to train
+    held_out: tuple[tuple[str, ...], ...] = (  # compositions never sampled in training (test generalisation)
+        ("alcohol", "privacy"),
+        ("drugs", "finance"),
+        ("gambling", "medical", "sexual"),
+        ("horror", "privacy", "weapons"),
+        ("alcohol", "drugs", "finance", "horror"),
+    )
+    data_dir: str = ""  # folder with train.jsonl/val.jsonl ("" = the data shipped in the package)
+    limit_prompts: int = 0  # use at most this many training prompts (0 = all; for smoke runs)
+    torch_threads: int = 0  # 0 = torch default (all cores)
+
+    def __post_init__(self) -> None:
+        bad = [c for c in self.constraints if c not in CATEGORY_NAMES]
+        if bad:
+            raise EdgeSafeError(f"config: unknown constraints {bad}; known: {', '.join(CATEGORY_NAMES)}")
+        bad = [m for m in self.modes if m not in MODE_NAMES]
+        if bad:
+            raise EdgeSafeError(f"config: unknown modes {bad}; known: {', '.join(MODE_NAMES)}")
+        if not 1 <= self.max_order <= len(self.constraints):
+            raise EdgeSafeError(
+                f"config: max_order={self.max_order} must be between 1 and the number of constraints "
+                f"({len(self.constraints)})"
+            )
+        for name in ("n_vectors", "n_mode_vectors", "steps", "batch_size", "ref_tokens", "teacher_topk"):
+            if getattr(self, name) < 1:
+                raise EdgeSafeError(f"config: {name} must be >= 1, got {getattr(self, name)}")
+        if self.init not in ("rule", "random"):
+            raise EdgeSafeError(f"config: init must be 'rule' or 'random', got {self.init!r}")
+        for combo in self.held_out:
+            unknown = [c for c in combo if c not in self.constraints]
+            if unknown:
+                raise EdgeSafeError(f"config: held_out composition {list(combo)} names unknown {unknown}")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise EdgeSafeError(f"config: unknown keys {unknown}; known keys: {', '.join(sorted(known))}")
+        data = dict(data)
+        for key in ("constraints", "modes"):
+            if key in data:
+                data[key] = tuple(data[key])
+        if "held_out" in data:
+            data["held_out"] = tuple(tuple(sorted(c)) for c in data["held_out"])
+        return cls(**data)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "TrainConfig":
+        import yaml
+
+        path = Path(path)
+        if not path.is_file():
+            raise EdgeSafeError(f"config file not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise EdgeSafeError(f"config file {path} is not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise EdgeSafeError(f"config file {path} must be a mapping of keys to values")
+        return cls.from_dict(data)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["constraints"] = list(self.constraints)
+        d["modes"] = list(self.modes)
+        d["held_out"] = [list(c) for c in self.held_out]
+        return d
+
+    def replace(self, **changes: Any) -> "TrainConfig":
+        return dataclasses.replace(self, **changes)

@@ -1,0 +1,124 @@
+"""Training prompts and MOSAIC's order-based task sampling (with mode co-training).
+
+Each step trains one *order* r (cycling 1..R). Every positive-mode example in
+the step gets its own random composition S of r constraints (never one of the
+held-out compositions), laid out in a random order so that any order works at
+run time. Positives (the prompt violates a constraint in S) are taught the
+refusal of that constraint; negatives (nothing in S is violated: near-miss
+benign prompts of S's topics, violating prompts of *inactive* categories,
+general prompts) are taught the base model's own answer. A share of examples
+is trained in the `rejective` mode (refuse everything) and the `negative` mode
+(answer everything as the base model, constraints or not).
+"""
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from edge_safe.convert.errors import EdgeSafeError
+from edge_safe.training.config import TrainConfig
+
+LABELS = ("violating", "benign")
+
+
+@dataclass(frozen=True)
+class Prompt:
+    text: str
+    category: str  # a constraint name, or "general"
+    label: str  # "violating" | "benign"
+    family: str = ""
+
+
+@dataclass(frozen=True)
+class Example:
+    prompt: int  # index into the prompt list
+    mode: str | None  # mode token laid out first, or None
+    constraints: tuple[str, ...]  # constraint tokens in the order laid out
+    refuse: str | None  # name whose refusal is the target; None = answer as the base model
+    order: int  # |constraints|, for logging
+
+
+def default_data_dir() -> Path:
+    return Path(__file__).resolve().parent / "data"
+
+
+def load_prompts(data_dir: str | Path | None, split: str) -> list[Prompt]:
+    path = Path(data_dir or default_data_dir()) / f"{split}.jsonl"
+    if not path.is_file():
+        raise EdgeSafeError(f"training data not found: {path} (run `python -m edge_safe.training.data.generate`)")
+    prompts = []
+    with path.open() as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                p = Prompt(row["prompt"], row["category"], row["label"], row.get("family", ""))
+            except (ValueError, KeyError, TypeError) as e:
+                raise EdgeSafeError(f"{path}:{i}: expected a JSON object with prompt/category/label ({e})") from None
+            if p.label not in LABELS:
+                raise EdgeSafeError(f"{path}:{i}: label must be one of {LABELS}, got {p.label!r}")
+            prompts.append(p)
+    return prompts
+
+
+class TaskSampler:
+    """Draws the examples of each step (see module docstring)."""
+
+    def __init__(self, prompts: list[Prompt], cfg: TrainConfig, rng: random.Random):
+        self.cfg, self.rng = cfg, rng
+        self.violating = {c: [] for c in cfg.constraints}
+        self.near_miss = {c: [] for c in cfg.constraints}
+        self.general: list[int] = []
+        for i, p in enumerate(prompts):
+            if p.category in self.violating:
+                (self.violating if p.label == "violating" else self.near_miss)[p.category].append(i)
+            elif p.label == "benign":
+                self.general.append(i)
+        empty = [c for c in cfg.constraints if not self.violating[c]]
+        if empty:
+            raise EdgeSafeError(f"no violating training prompts for {empty}")
+        self.all = list(range(len(prompts)))
+        self.held_out = {frozenset(c) for c in cfg.held_out}
+
+    def composition(self, order: int) -> tuple[str, ...]:
+        while True:
+            combo = self.rng.sample(list(self.cfg.constraints), order)
+            if frozenset(combo) not in self.held_out:
+                return tuple(combo)  # random order within the composition
+
+    def negative_prompt(self, combo: tuple[str, ...]) -> int:
+        """A prompt that violates nothing in `combo`: most informative kinds first."""
+        inactive = [c for c in self.cfg.constraints if c not in combo]
+        u = self.rng.random()
+        if u < 0.35:
+            pool = self.near_miss[self.rng.choice(combo)]
+        elif u < 0.65 and inactive:
+            pool = self.violating[self.rng.choice(inactive)]
+        elif u < 0.9:
+            pool = self.general
+        else:
+            pool = self.near_miss[self.rng.choice(list(self.cfg.constraints))]
+        return self.rng.choice(pool or self.general or self.all)
+
+    def example(self, order: int) -> Example:
+        cfg, rng = self.cfg, self.rng
+        u = rng.random()
+        if "rejective" in cfg.modes and u < cfg.mode_rejective:
+            combo = self.composition(rng.randint(1, order)) if rng.random() < 0.5 else ()
+            return Example(rng.choice(self.all), "rejective", combo, "rejective", len(combo))
+        combo = self.composition(order)
+        if "negative" in cfg.modes and u < cfg.mode_rejective + cfg.mode_negative:
+            pool = self.violating[rng.choice(combo)] if rng.random() < 0.5 else self.all
+            return Example(rng.choice(pool), "negative", combo, None, order)
+        mode = "positive" if "positive" in cfg.modes else None
+        if rng.random() < cfg.positive_fraction:
+            cat = rng.choice(combo)
+            return Example(rng.choice(self.violating[cat]), mode, combo, cat, order)
+        return Example(self.negative_prompt(combo), mode, combo, None, order)
+
+    def batch(self, step: int) -> list[Example]:
+        order = 1 + step % self.cfg.max_order  # cycle through orders 1..R
+        return [self.example(order) for _ in range(self.cfg.batch_size)]

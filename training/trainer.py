@@ -1,0 +1,292 @@
+"""The training loop: MOSAIC control tokens + mode co-training on a frozen base model.
+
+    base = load_gguf_model(path)                 # frozen fp32 transformers model
+    bank, summary = train(cfg, base, out_dir=d)  # progress bar, validation, checkpoints
+    export_bank(bank, base, cfg, summary).save("bank.gguf")
+"""
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from edge_safe.convert.errors import EdgeSafeError
+from edge_safe.convert.layout import LAYOUT_V1, QA_TEMPLATE, ChatTemplate
+from edge_safe.training.base_model import BaseModel
+from edge_safe.training.categories import BY_NAME, PROFILES
+from edge_safe.training.config import TrainConfig
+from edge_safe.training.objective import Bank, build_batch, layout, mosaic_loss
+from edge_safe.training.sampler import Prompt, TaskSampler, load_prompts
+from edge_safe.training.teacher import build_teacher
+
+log = logging.getLogger(__name__)
+CHECKPOINT = "checkpoint.pt"
+RESUMABLE = {"steps", "val_every", "checkpoint_every", "torch_threads"}  # may change on --resume
+
+
+def refusal_target_ids(base: BaseModel, template: ChatTemplate, names: list[str]) -> dict[str, list[int]]:
+    """Token ids of ' <refusal>' + the template's next-turn stop, tokenized in context."""
+    probe = template.prompt("x")
+    n = len(base.tokenize(probe))
+    stop = template.stop[0] if template.stop else ""
+    out = {}
+    for name in names:
+        text = BY_NAME[name].refusal
+        if text:
+            ids = base.tokenize(probe + " " + text + stop)
+            assert ids[:n] == base.tokenize(probe), "template tokenization is not prefix-stable"
+            out[name] = ids[n:]
+    return out
+
+
+def init_vectors(base: BaseModel, cfg: TrainConfig, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """Start each token from its rule text's embeddings (m evenly spaced tokens) plus a little noise."""
+    table = base.model.get_input_embeddings()
+    typical = base.embed(torch.linspace(0, table.num_embeddings - 1, 256).long()).norm(dim=-1).mean()
+    vectors = {}
+    for name in list(cfg.modes) + list(cfg.constraints):
+        m = cfg.n_mode_vectors if name in cfg.modes else cfg.n_vectors
+        text = BY_NAME[name].rule or BY_NAME[name].description
+        ids = base.tokenize(text) if cfg.init == "rule" else []
+        if ids:
+            pick = torch.linspace(0, len(ids) - 1, m).round().long()
+            v = base.embed(torch.tensor(ids)[pick]).detach()
+        else:
+            v = torch.randn(m, table.embedding_dim, generator=gen)
+            v = v / v.norm(dim=-1, keepdim=True) * typical
+        noise = torch.randn(v.shape, generator=gen) * cfg.init_noise * typical / v.shape[1] ** 0.5
+        vectors[name] = v + noise
+    return vectors
+
+
+# ---------------------------------------------------------------- validation
+
+
+@dataclass(frozen=True)
+class ValCase:
+    prompt: int
+    mode: str | None
+    constraints: tuple[str, ...]
+    expect_refuse: bool
+    kind: str  # violating | near-miss | inactive | general | rejective | negative
+    held_out: bool
+
+
+def make_val_cases(prompts: list[Prompt], cfg: TrainConfig, rng: random.Random) -> list[ValCase]:
+    """A fixed, seeded set of decisions to check: every order, trained and held-out compositions."""
+    by = {}
+    for i, p in enumerate(prompts):
+        by.setdefault((p.category, p.label), []).append(i)
+    general = by.get(("general", "benign"), [])
+    held = [tuple(c) for c in cfg.held_out]
+    cases: list[ValCase] = []
+    per_order = max(1, cfg.val_size // (cfg.max_order + 1))
+    for order in range(1, cfg.max_order + 1):
+        for j in range(per_order):
+            options = [c for c in held if len(c) == order]
+            is_held = bool(options) and j % 4 == 3
+            combo = rng.choice(options) if is_held else tuple(rng.sample(list(cfg.constraints), order))
+            mode = "positive" if "positive" in cfg.modes else None
+            kind = ("violating", "near-miss", "inactive", "general")[j % 4 if not is_held else rng.randrange(4)]
+            inactive = [c for c in cfg.constraints if c not in combo]
+            if kind == "violating":
+                pool = by.get((rng.choice(combo), "violating"), [])
+            elif kind == "near-miss":
+                pool = by.get((rng.choice(combo), "benign"), [])
+            elif kind == "inactive" and inactive:
+                pool = by.get((rng.choice(inactive), "violating"), [])
+            else:
+                kind, pool = "general", general
+            if pool:
+                cases.append(ValCase(rng.choice(pool), mode, combo, kind == "violating", kind, is_held))
+    extra = max(1, per_order // 2)
+    for mode, refuse in (("rejective", True), ("negative", False)):
+        if mode in cfg.modes:
+            for _ in range(extra):
+                cat = rng.choice(list(cfg.constraints))
+                pool = by.get((cat, "violating"), []) + general
+                combo = (cat,) if mode == "negative" else ()
+                cases.append(ValCase(rng.choice(pool), mode, combo, refuse, mode, False))
+    return cases
+
+
+@torch.no_grad()
+def validate(base: BaseModel, bank: Bank, prompt_ids: list[list[int]], cases: list[ValCase], refuse_id: int) -> dict:
+    """First-token decisions (refusal opener or not) under each case's composition."""
+    refused = []
+    for start in range(0, len(cases), 32):
+        chunk = cases[start:start + 32]
+        seqs = [layout(base, bank, c.mode, c.constraints, prompt_ids[c.prompt]) for c in chunk]
+        width = max(s.shape[0] for s in seqs)
+        x = torch.zeros(len(seqs), width, seqs[0].shape[1])
+        mask = torch.zeros(len(seqs), width, dtype=torch.long)
+        for b, s in enumerate(seqs):
+            x[b, : s.shape[0]], mask[b, : s.shape[0]] = s, 1
+        hidden = base.model.model(inputs_embeds=x, attention_mask=mask).last_hidden_state
+        last = hidden[torch.arange(len(seqs)), mask.sum(1) - 1]
+        refused += (base.model.lm_head(last).argmax(-1) == refuse_id).tolist()
+    return summarize(cases, refused)
+
+
+def summarize(cases: list[ValCase], refused: list[bool]) -> dict:
+    def rate(sel):
+        sel = list(sel)
+        return round(sum(refused[i] for i in sel) / len(sel), 4) if sel else None
+
+    idx = range(len(cases))
+    out = {"n": len(cases), "per_order": {}}
+    pos = [i for i in idx if cases[i].mode == "positive" or cases[i].mode is None]
+    for order in sorted({len(cases[i].constraints) for i in pos}):
+        o = [i for i in pos if len(cases[i].constraints) == order]
+        out["per_order"][str(order)] = {
+            "refusal": rate(i for i in o if cases[i].expect_refuse),
+            "over_refusal": rate(i for i in o if not cases[i].expect_refuse),
+        }
+    out["refusal"] = rate(i for i in pos if cases[i].expect_refuse)
+    out["over_refusal"] = rate(i for i in pos if not cases[i].expect_refuse)
+    out["held_out_refusal"] = rate(i for i in pos if cases[i].held_out and cases[i].expect_refuse)
+    out["held_out_over_refusal"] = rate(i for i in pos if cases[i].held_out and not cases[i].expect_refuse)
+    out["rejective_refusal"] = rate(i for i in idx if cases[i].mode == "rejective")
+    out["negative_compliance"] = (
+        None if (r := rate(i for i in idx if cases[i].mode == "negative")) is None else round(1 - r, 4)
+    )
+    return out
+
+
+# ---------------------------------------------------------------- training
+
+
+def train(
+    cfg: TrainConfig,
+    base: BaseModel,
+    out_dir: str | Path,
+    template: ChatTemplate = QA_TEMPLATE,
+    resume: bool = False,
+    progress: bool = True,
+) -> tuple[Bank, dict]:
+    """Train the bank; writes checkpoints and a JSONL log into `out_dir`. Returns (bank, summary)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.torch_threads:
+        torch.set_num_threads(cfg.torch_threads)
+    t_start = time.time()
+    rng = random.Random(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+
+    prompts = load_prompts(cfg.data_dir or None, "train")
+    prompts = [p for p in prompts if p.category == "general" or p.category in cfg.constraints]
+    if cfg.limit_prompts:
+        prompts = random.Random(cfg.seed).sample(prompts, min(cfg.limit_prompts, len(prompts)))
+    val_prompts = load_prompts(cfg.data_dir or None, "val")
+    teacher = build_teacher(base, [p.text for p in prompts], template, cfg.ref_tokens, cfg.teacher_topk, progress=progress)
+    keep = [i for i, ids in enumerate(teacher.prompt_ids) if len(ids) <= cfg.max_prompt_tokens]
+    if len(keep) < len(prompts):
+        log.info("dropping %d prompts longer than %d tokens", len(prompts) - len(keep), cfg.max_prompt_tokens)
+    teacher_time = time.time() - t_start
+
+    refusal_ids = refusal_target_ids(base, template, list(cfg.constraints) + list(cfg.modes))
+    refuse_id = next(iter(refusal_ids.values()))[0]
+    if any(ids[0] != refuse_id for ids in refusal_ids.values()):
+        raise EdgeSafeError("all refusal texts must start with the same token (the decision token)")
+    sampler = TaskSampler([prompts[i] for i in keep], cfg, rng)
+    sampler_index = keep  # sampler indices -> prompt indices
+    val_cases = make_val_cases(val_prompts, cfg, random.Random(cfg.seed + 1))
+    val_ids = [base.tokenize(template.prompt(p.text)) for p in val_prompts]
+
+    bank = Bank(init_vectors(base, cfg, gen))
+    opt = torch.optim.Adam(bank.parameters(), lr=cfg.lr)
+    step0, history = 0, []
+    ckpt = out_dir / CHECKPOINT
+    if resume and ckpt.exists():
+        state = torch.load(ckpt, weights_only=False)
+        changed = sorted(k for k, v in cfg.to_dict().items() if k not in RESUMABLE and state["config"].get(k) != v)
+        if changed:
+            raise EdgeSafeError(
+                f"{ckpt} was written with a different config ({', '.join(changed)} differ); "
+                "use the same config, a fresh --out-dir, or drop --resume"
+            )
+        bank.load_state_dict(state["bank"])
+        opt.load_state_dict(state["optim"])
+        rng.setstate(state["rng"])
+        step0, history = state["step"], state["history"]
+        log.info("resumed from step %d", step0)
+
+    log_file = (out_dir / "train_log.jsonl").open("a")
+    bar = tqdm(range(step0, cfg.steps), initial=step0, total=cfg.steps, desc="train", disable=not progress)
+    for step in bar:
+        examples = [
+            ex.__class__(sampler_index[ex.prompt], ex.mode, ex.constraints, ex.refuse, ex.order)
+            for ex in sampler.batch(step)
+        ]
+        t0 = time.time()
+        batch = build_batch(base, bank, teacher, refusal_ids, examples, cfg.first_token_weight)
+        loss, stats = mosaic_loss(base, batch, cfg.kl_weight)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        rec = {"step": step + 1, "order": examples[0].order if examples else 0, "loss": round(float(loss), 4),
+               **{k: round(v, 4) for k, v in stats.items()}, "sec": round(time.time() - t0, 3)}
+        bar.set_postfix(loss=f"{rec['loss']:.3f}", nll=f"{rec['nll']:.3f}", kl=f"{rec['kl']:.3f}", r=rec["order"])
+        if (step + 1) % cfg.val_every == 0 or step + 1 == cfg.steps:
+            rec["val"] = validate(base, bank, val_ids, val_cases, refuse_id)
+            bar.write(f"step {step + 1}: val {json.dumps(rec['val'])}")
+        history.append(rec)
+        log_file.write(json.dumps(rec) + "\n")
+        log_file.flush()
+        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
+            _save_checkpoint(ckpt, step + 1, bank, opt, rng, cfg, history)
+    log_file.close()
+    last_val = next((h["val"] for h in reversed(history) if "val" in h), None)
+    if last_val is None:
+        last_val = validate(base, bank, val_ids, val_cases, refuse_id)
+    summary = {
+        "val": last_val,
+        "steps": cfg.steps,
+        "train_prompts": len(keep),
+        "teacher_seconds": round(teacher_time, 1),
+        "total_seconds": round(time.time() - t_start, 1),
+        "final_loss": history[-1]["loss"] if history else None,
+    }
+    return bank, summary
+
+
+def _save_checkpoint(path: Path, step: int, bank: Bank, opt, rng, cfg: TrainConfig, history: list) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save({"step": step, "bank": bank.state_dict(), "optim": opt.state_dict(), "rng": rng.getstate(),
+                "config": cfg.to_dict(), "history": history}, tmp)
+    tmp.replace(path)
+
+
+def export_bank(bank: Bank, base: BaseModel, cfg: TrainConfig, summary: dict, template: ChatTemplate = QA_TEMPLATE):
+    """The trained vectors as a TokenBank (numpy), with config and validation summary in its metadata."""
+    from edge_safe.convert.bank import BankToken, TokenBank
+
+    tokens = {}
+    for name in bank.names:  # modes first, then constraints, as laid out
+        spec = BY_NAME[name]
+        kind = "mode" if name in cfg.modes else "constraint"
+        vec = bank.vectors[name].detach().float().cpu().numpy()
+        tokens[name] = BankToken(name, kind, vec, spec.description, spec.refusal, spec.rule)
+    profiles = {p: list(c) for p, c in PROFILES.items() if all(x in cfg.constraints for x in c)}
+    info = base.info
+    return TokenBank(
+        arch=info.arch if info else "gemma3",
+        n_embd=base.n_embd,
+        base_fingerprint=info.fingerprint if info else "0" * 64,
+        base_name=info.name if info else "tiny-random-gemma3",
+        tokens=tokens,
+        profiles=profiles,
+        layout=LAYOUT_V1,
+        template=template,
+        name="edge-safe default bank" if info else "edge-safe test bank",
+        description="MOSAIC control tokens + mode co-training (edge-safe train)",
+        origin="trained",
+        training_config={**cfg.to_dict(), "summary": summary},
+        eval_summary={"validation_first_token": summary.get("val", {})},
+    )
