@@ -42,12 +42,16 @@ class BaseModel:
     info: ModelInfo | None  # None for tiny random test models
 
     @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
     def n_embd(self) -> int:
         return self.model.config.hidden_size
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """Token ids -> input embeddings, scaled exactly as llama.cpp scales token inputs."""
-        return self.model.get_input_embeddings()(ids)
+        return self.model.get_input_embeddings()(ids.to(self.device))
 
 
 def freeze(model: torch.nn.Module) -> torch.nn.Module:

@@ -36,7 +36,7 @@ class Bank(torch.nn.Module):
     def prefix(self, names: tuple[str, ...] | list[str]) -> torch.Tensor:
         d = next(iter(self.vectors.values())).shape[1]
         if not names:
-            return torch.zeros(0, d)
+            return torch.zeros(0, d, device=next(iter(self.vectors.values())).device)
         return torch.cat([self.vectors[n] for n in names], dim=0)  # (sum m, d)
 
 
@@ -88,16 +88,24 @@ def build_batch(
         else:
             tids.append(torch.zeros(len(target), k, dtype=torch.long))
             tlp.append(torch.zeros(len(target), k))
+    embeds, mask = pad_right(seqs)
+    dev = embeds.device
+    return Batch(
+        embeds, mask, torch.tensor(rows, device=dev), torch.tensor(cols, device=dev),
+        torch.tensor(targets, device=dev), torch.cat(weights).to(dev), torch.tensor(kl, device=dev),
+        torch.cat(tids).to(dev), torch.cat(tlp).to(dev),
+    )
+
+
+def pad_right(seqs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack (T_i, d) sequences into (B, T, d) + mask; right padding keeps positions 0..T_i-1 as at run time."""
     width = max(s.shape[0] for s in seqs)
-    embeds = torch.zeros(len(seqs), width, seqs[0].shape[1])
-    mask = torch.zeros(len(seqs), width, dtype=torch.long)
-    for b, s in enumerate(seqs):  # right padding: positions stay 0..len-1 as at run time
+    embeds = seqs[0].new_zeros(len(seqs), width, seqs[0].shape[1])
+    mask = torch.zeros(len(seqs), width, dtype=torch.long, device=seqs[0].device)
+    for b, s in enumerate(seqs):
         embeds[b, : s.shape[0]] = s
         mask[b, : s.shape[0]] = 1
-    return Batch(
-        embeds, mask, torch.tensor(rows), torch.tensor(cols), torch.tensor(targets),
-        torch.cat(weights), torch.tensor(kl), torch.cat(tids), torch.cat(tlp),
-    )
+    return embeds, mask
 
 
 def loss_positions_logp(base: BaseModel, batch: Batch) -> torch.Tensor:

@@ -62,6 +62,7 @@ def _greedy_batch(base: BaseModel, batch: list[list[int]], steps: int, topk: int
     for i, x in enumerate(batch):
         ids[i, width - len(x):] = torch.tensor(x)
         mask[i, width - len(x):] = 1
+    ids, mask = ids.to(base.device), mask.to(base.device)
     pos = (mask.cumsum(1) - 1).clamp(min=0)
     out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
     steps_out = []
@@ -70,7 +71,7 @@ def _greedy_batch(base: BaseModel, batch: list[list[int]], steps: int, topk: int
         top = logp.topk(topk, dim=-1)
         nxt = top.indices[:, 0]
         steps_out.append((nxt, top.indices, top.values))
-        mask = torch.cat([mask, torch.ones(len(batch), 1, dtype=mask.dtype)], dim=1)
+        mask = torch.cat([mask, mask.new_ones(len(batch), 1)], dim=1)
         pos = pos[:, -1:] + 1
         out = model(
             input_ids=nxt[:, None], attention_mask=mask, position_ids=pos,
@@ -103,9 +104,9 @@ def build_teacher(
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
         steps = _greedy_batch(base, [[base.bos_id] + prompt_ids[i] for i in idx], ref_tokens, topk)
-        seq = torch.stack([s[0] for s in steps], dim=1)  # (B, steps)
-        tids = torch.stack([s[1] for s in steps], dim=1)  # (B, steps, k)
-        tlp = torch.stack([s[2] for s in steps], dim=1)
+        seq = torch.stack([s[0] for s in steps], dim=1).cpu()  # (B, steps)
+        tids = torch.stack([s[1] for s in steps], dim=1).cpu()  # (B, steps, k)
+        tlp = torch.stack([s[2] for s in steps], dim=1).cpu()
         for row, i in enumerate(idx):
             n = _first_line(base, seq[row].tolist())
             ref_ids[i] = seq[row, :n].tolist()

@@ -21,7 +21,7 @@ from edge_safe.convert.layout import LAYOUT_V1, QA_TEMPLATE, ChatTemplate
 from edge_safe.training.base_model import BaseModel
 from edge_safe.training.categories import BY_NAME, PROFILES
 from edge_safe.training.config import TrainConfig
-from edge_safe.training.objective import Bank, build_batch, layout, mosaic_loss
+from edge_safe.training.objective import Bank, build_batch, layout, mosaic_loss, pad_right
 from edge_safe.training.sampler import Prompt, TaskSampler, load_prompts
 from edge_safe.training.teacher import build_teacher
 
@@ -58,10 +58,10 @@ def init_vectors(base: BaseModel, cfg: TrainConfig, gen: torch.Generator) -> dic
             pick = torch.linspace(0, len(ids) - 1, m).round().long()
             v = base.embed(torch.tensor(ids)[pick]).detach()
         else:
-            v = torch.randn(m, table.embedding_dim, generator=gen)
+            v = torch.randn(m, table.embedding_dim, generator=gen).to(base.device)
             v = v / v.norm(dim=-1, keepdim=True) * typical
-        noise = torch.randn(v.shape, generator=gen) * cfg.init_noise * typical / v.shape[1] ** 0.5
-        vectors[name] = v + noise
+        noise = torch.randn(v.shape, generator=gen).to(base.device) * cfg.init_noise * typical / v.shape[1] ** 0.5
+        vectors[name] = (v + noise).detach()
     return vectors
 
 
@@ -123,13 +123,9 @@ def validate(base: BaseModel, bank: Bank, prompt_ids: list[list[int]], cases: li
     for start in range(0, len(cases), 32):
         chunk = cases[start:start + 32]
         seqs = [layout(base, bank, c.mode, c.constraints, prompt_ids[c.prompt]) for c in chunk]
-        width = max(s.shape[0] for s in seqs)
-        x = torch.zeros(len(seqs), width, seqs[0].shape[1])
-        mask = torch.zeros(len(seqs), width, dtype=torch.long)
-        for b, s in enumerate(seqs):
-            x[b, : s.shape[0]], mask[b, : s.shape[0]] = s, 1
+        x, mask = pad_right(seqs)
         hidden = base.model.model(inputs_embeds=x, attention_mask=mask).last_hidden_state
-        last = hidden[torch.arange(len(seqs)), mask.sum(1) - 1]
+        last = hidden[torch.arange(len(seqs), device=x.device), mask.sum(1) - 1]
         refused += (base.model.lm_head(last).argmax(-1) == refuse_id).tolist()
     return summarize(cases, refused)
 
@@ -199,7 +195,7 @@ def train(
     val_cases = make_val_cases(val_prompts, cfg, random.Random(cfg.seed + 1))
     val_ids = [base.tokenize(template.prompt(p.text)) for p in val_prompts]
 
-    bank = Bank(init_vectors(base, cfg, gen))
+    bank = Bank(init_vectors(base, cfg, gen)).to(base.device)
     opt = torch.optim.Adam(bank.parameters(), lr=cfg.lr)
     step0, history = 0, []
     ckpt = out_dir / CHECKPOINT
@@ -230,7 +226,7 @@ def train(
         opt.zero_grad()
         loss.backward()
         opt.step()
-        rec = {"step": step + 1, "order": examples[0].order if examples else 0, "loss": round(float(loss), 4),
+        rec = {"step": step + 1, "order": examples[0].order if examples else 0, "loss": round(float(loss.detach()), 4),
                **{k: round(v, 4) for k, v in stats.items()}, "sec": round(time.time() - t0, 3)}
         bar.set_postfix(loss=f"{rec['loss']:.3f}", nll=f"{rec['nll']:.3f}", kl=f"{rec['kl']:.3f}", r=rec["order"])
         if (step + 1) % cfg.val_every == 0 or step + 1 == cfg.steps:
