@@ -53,5 +53,5 @@ def unknown_name_message(kind: str, name: str, known: Iterable[str]) -> str:
     close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
     if close:
         msg += f"; did you mean {close[0]!r}?"
-    msg += f" Known: {', '.join(known) if known else '(none)'}"
+    msg += f"{'' if close else '.'} Known: {', '.join(known) if known else '(none)'}"
     return msg

@@ -21,13 +21,9 @@ from typing import Callable
 import torch
 
 from edge_safe.convert.model import ModelInfo
+from edge_safe.convert.model import cache_dir as cache_root
 
 log = logging.getLogger(__name__)
-
-
-def cache_root() -> Path:
-    root = os.environ.get("EDGE_SAFE_CACHE")
-    return Path(root) if root else Path.home() / ".cache" / "edge-safe"
 
 
 @dataclass

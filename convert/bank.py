@@ -1,0 +1,418 @@
+"""The token bank: control-token vectors per constraint and mode, plus metadata.
+
+A :class:`TokenBank` is data (numpy arrays + metadata). It is read and written
+as a GGUF sidecar by :mod:`.bank_io`, validated here, and edited with small
+methods that return a new bank (``merge``, ``rename_token``, ...). Nothing here
+needs the base model or llama.cpp; :meth:`TokenBank.check_model` compares
+against a :class:`~.model.ModelInfo` read from the model file's header.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+
+from .bank_io import read_bank, write_bank
+from .errors import BankFormatError, BankMismatchError, EdgeSafeError, UnknownTokenError, unknown_name_message
+from .keys import NAME_HINT, NAME_RE, TENSOR_DTYPES, Kind, Origin
+from .layout import LAYOUT_V1, QA_TEMPLATE, ChatTemplate, check_layout
+from .merge import merge_banks
+from .model import ModelInfo
+
+log = logging.getLogger(__name__)
+
+FINGERPRINT_RE = re.compile(r"^[0-9a-f]{64}$")
+ON_CLASH = ("error", "ours", "theirs", "rename")
+
+
+@dataclass(frozen=True, eq=False)
+class BankToken:
+    """One bank entry: a constraint or a mode, as prefix vectors."""
+
+    name: str  # slug used everywhere: CLI, GGUF (tensor bank.<name>), HTTP, logs
+    kind: str  # Kind.CONSTRAINT (composable) | Kind.MODE (at most one per request)
+    vectors: np.ndarray  # float32 (n_vectors, n_embd), HF inputs_embeds space == llama.cpp raw-embedding space
+    description: str = ""  # what it blocks / does, shown by `edge-safe tokens`
+    refusal: str = ""  # fixed reply this token trains towards ("" for modes that do not refuse)
+    rule: str = ""  # the same constraint as a natural-language rule (text baseline)
+    origin: str = ""  # how these vectors were made when it differs from the bank's origin ("" = same)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "vectors", np.asarray(self.vectors, dtype=np.float32))
+
+    @property
+    def n_vectors(self) -> int:
+        return int(self.vectors.shape[0]) if self.vectors.ndim else 0
+
+
+@dataclass(eq=False)
+class TokenBank:
+    """Control tokens for one base model, in bank (= canonical prefix) order."""
+
+    arch: str  # base model architecture (general.architecture), e.g. "gemma3"
+    n_embd: int  # width of every vector; must equal the base model's
+    base_fingerprint: str  # sha256 hex of the base model's token_embd bytes
+    base_name: str  # human name of the base model, for error messages
+    tokens: dict[str, BankToken]  # insertion order = bank order = canonical order
+    profiles: dict[str, list[str]] = field(default_factory=dict)  # name -> constraint names
+    layout: str = LAYOUT_V1  # prompt layout the vectors were trained in
+    template: ChatTemplate = QA_TEMPLATE  # chat template the vectors were trained with
+    name: str = "edge-safe token bank"
+    description: str = ""
+    origin: str = Origin.TRAINED  # "trained" | "from-text" | "imported"
+    training_config: dict = field(default_factory=dict)  # the resolved training config
+    eval_summary: dict = field(default_factory=dict)  # headline evaluation numbers
+
+    # --- files ---------------------------------------------------------------
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "TokenBank":
+        """Read and fully validate a bank; every problem is a one-line BankFormatError naming the file."""
+        path = Path(path).expanduser()
+        fields = read_bank(path)
+        tokens = {t["name"]: BankToken(**t) for t in fields.pop("tokens")}
+        bank = cls(tokens=tokens, **fields)
+        try:
+            bank.validate()
+        except BankFormatError as e:
+            raise BankFormatError(f"{path}: {e}") from None
+        return bank
+
+    def save(self, path: str | os.PathLike, *, force: bool = False, dtype: str = "F32") -> Path:
+        """Validate, then write atomically (temp file + rename); refuses to overwrite without ``force``."""
+        self.validate()
+        return write_bank(self, Path(path).expanduser(), force=force, dtype=_check_dtype(dtype))
+
+    # --- validation ----------------------------------------------------------
+
+    def validate(self) -> None:
+        """Check internal consistency; raises BankFormatError saying what is wrong and how to fix it."""
+        _validate_header(self)
+        if not self.tokens:
+            raise BankFormatError("the bank has no tokens; add one (edge-safe convert from-text ...) or train one")
+        for key, tok in self.tokens.items():
+            _validate_token(key, tok, self.n_embd)
+        _validate_profiles(self.profiles, self.tokens)
+        for what in ("training_config", "eval_summary"):
+            _check_json_object(what, getattr(self, what))
+
+    def check_model(self, info: ModelInfo) -> None:
+        """Raise BankMismatchError unless this bank was made for ``info``'s model."""
+        fix = (
+            f"pass --model <the model it was trained on: {self.base_name}>, "
+            f"or a --bank built for {info.name}"
+        )
+        for what, ours, theirs in (
+            ("architecture", self.arch, info.arch),
+            ("n_embd", self.n_embd, info.n_embd),
+            ("base model fingerprint", self.base_fingerprint, info.fingerprint),
+        ):
+            if ours != theirs:
+                raise BankMismatchError(
+                    f"the bank does not fit the model {info.path}: {what} expected {_short(ours)} "
+                    f"(bank base: {self.base_name}), got {_short(theirs)}; {fix}"
+                )
+
+    # --- names ---------------------------------------------------------------
+
+    @property
+    def constraints(self) -> list[str]:
+        return [n for n, t in self.tokens.items() if t.kind == Kind.CONSTRAINT]
+
+    @property
+    def modes(self) -> list[str]:
+        return [n for n, t in self.tokens.items() if t.kind == Kind.MODE]
+
+    def token_origin(self, name: str) -> str:
+        """Effective origin of one token (its own, else the bank's)."""
+        return self.tokens[name].origin or self.origin
+
+    def resolve(self, tokens: str | Sequence[str] | None) -> list[str]:
+        """Constraint names (bank order, no duplicates) for names/profiles given as a list or "a, b"."""
+        wanted: set[str] = set()
+        for name in split_names(tokens):
+            if name in self.profiles:
+                wanted.update(self.profiles[name])
+            elif name in self.tokens and self.tokens[name].kind == Kind.MODE:
+                raise UnknownTokenError(
+                    f"{name!r} is a mode, not a constraint; select it with mode={name!r} (CLI: --mode {name})"
+                )
+            elif name in self.tokens:
+                wanted.add(name)
+            else:
+                known = self.constraints + list(self.profiles)
+                raise UnknownTokenError(unknown_name_message("token or profile", name, known))
+        return [n for n in self.tokens if n in wanted]
+
+    def check_mode(self, mode: str | None) -> str | None:
+        """Validate a mode name; None or "" means no mode."""
+        if not mode:
+            return None
+        tok = self.tokens.get(mode)
+        if tok is not None and tok.kind == Kind.MODE:
+            return mode
+        if tok is not None:
+            raise UnknownTokenError(f"{mode!r} is a constraint, not a mode; pass it in tokens instead")
+        raise UnknownTokenError(unknown_name_message("mode", mode, self.modes))
+
+    def prefix_vectors(self, names: Sequence[str]) -> np.ndarray:
+        """The named entries' vectors, concatenated in the given order: float32 (sum n_vectors, n_embd)."""
+        for n in names:
+            if n not in self.tokens:
+                raise UnknownTokenError(unknown_name_message("token", n, self.tokens))
+        if not names:
+            return np.zeros((0, self.n_embd), dtype=np.float32)
+        return np.concatenate([self.tokens[n].vectors for n in names], axis=0)
+
+    def refusals(self) -> dict[str, str]:
+        """name -> refusal text, for entries that have one."""
+        return {n: t.refusal for n, t in self.tokens.items() if t.refusal}
+
+    def is_refusal(self, text: str) -> bool:
+        """True when ``text`` (whitespace-normalised) starts with one of the bank's refusal texts."""
+        got = _normalise(text)
+        return bool(got) and any(got.startswith(_normalise(r)) for r in self.refusals().values())
+
+    # --- editing (each returns a new, validated bank) -------------------------
+
+    def merge(self, other: "TokenBank", on_clash: str = "error") -> "TokenBank":
+        """Union of two banks for the same base model; metadata comes from ``self``."""
+        if on_clash not in ON_CLASH:
+            raise EdgeSafeError(f"on_clash must be one of {', '.join(ON_CLASH)}; got {on_clash!r}")
+        merged = merge_banks(self, other, on_clash)
+        merged.validate()
+        return merged
+
+    def rename_token(self, old: str, new: str) -> "TokenBank":
+        self._require(old, self.tokens, "token")
+        self._check_free(new)
+        tokens = {(new if n == old else n): (replace(t, name=new) if n == old else t) for n, t in self.tokens.items()}
+        profiles = {p: [new if m == old else m for m in ms] for p, ms in self.profiles.items()}
+        return self._edited(tokens=tokens, profiles=profiles)
+
+    def remove_token(self, name: str, *, drop_from_profiles: bool = False) -> "TokenBank":
+        self._require(name, self.tokens, "token")
+        users = [p for p, ms in self.profiles.items() if name in ms]
+        if users and not drop_from_profiles:
+            raise EdgeSafeError(
+                f"token {name!r} is used by profile(s) {', '.join(users)}; remove it from them too "
+                "with --drop-from-profiles (drop_from_profiles=True), or remove those profiles first"
+            )
+        if len(self.tokens) == 1:
+            raise EdgeSafeError(f"{name!r} is the bank's only token; a bank needs at least one (delete the file instead)")
+        profiles = {p: [m for m in ms if m != name] for p, ms in self.profiles.items()}
+        for p in [p for p, ms in profiles.items() if not ms]:
+            log.warning("profile %r is empty without %r; removing it", p, name)
+            del profiles[p]
+        tokens = {n: t for n, t in self.tokens.items() if n != name}
+        return self._edited(tokens=tokens, profiles=profiles)
+
+    def rename_profile(self, old: str, new: str) -> "TokenBank":
+        self._require(old, self.profiles, "profile")
+        self._check_free(new)
+        return self._edited(profiles={(new if p == old else p): ms for p, ms in self.profiles.items()})
+
+    def remove_profile(self, name: str) -> "TokenBank":
+        self._require(name, self.profiles, "profile")
+        return self._edited(profiles={p: ms for p, ms in self.profiles.items() if p != name})
+
+    def with_token(self, token: BankToken, *, replace_existing: bool = False) -> "TokenBank":
+        """A copy with ``token`` added at the end (or replacing the entry of the same name in place)."""
+        if token.name in self.profiles:
+            raise EdgeSafeError(f"{token.name!r} is already a profile name; choose another token name")
+        if token.name in self.tokens and not replace_existing:
+            raise EdgeSafeError(
+                f"the bank already has a token {token.name!r}; choose another --name or pass --force to replace it"
+            )
+        return self._edited(tokens={**self.tokens, token.name: token})
+
+    def _edited(self, **changes) -> "TokenBank":
+        bank = replace(self, **changes)
+        bank.validate()
+        return bank
+
+    def _require(self, name: str, known: Iterable[str], kind: str) -> None:
+        if name not in known:
+            raise UnknownTokenError(unknown_name_message(kind, name, known))
+
+    def _check_free(self, name: str) -> None:
+        _check_name(name, "new name")
+        if name in self.tokens or name in self.profiles:
+            what = "token" if name in self.tokens else "profile"
+            raise EdgeSafeError(f"{name!r} is already a {what} in this bank; choose another name")
+
+
+# --- helpers -------------------------------------------------------------------
+
+
+def split_names(tokens: str | Sequence[str] | None) -> list[str]:
+    """["a", "b"] from "a, b", ["a", "b"], ["a,b"], None, "" or []."""
+    if tokens is None:
+        return []
+    items = [tokens] if isinstance(tokens, str) else tokens
+    if not isinstance(items, (list, tuple)) or not all(isinstance(i, str) for i in items):
+        raise EdgeSafeError(
+            f"tokens must be names or profiles as a list of strings or a comma-separated string; got {tokens!r}"
+        )
+    return [n.strip() for item in items for n in item.split(",") if n.strip()]
+
+
+def _normalise(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def _short(value) -> str:
+    return repr(value[:12] + "…") if isinstance(value, str) and FINGERPRINT_RE.match(value) else repr(value)
+
+
+def _check_dtype(dtype: str) -> str:
+    if str(dtype).upper() not in TENSOR_DTYPES:
+        raise EdgeSafeError(f"dtype must be one of {', '.join(TENSOR_DTYPES)}; got {dtype!r}")
+    return str(dtype).upper()
+
+
+def _check_name(name, what: str) -> None:
+    if not isinstance(name, str) or not NAME_RE.match(name):
+        raise BankFormatError(f"{what} {name!r} is not a valid name: use {NAME_HINT}")
+
+
+def _check_text(what: str, value, *, empty_ok: bool = True) -> None:
+    if not isinstance(value, str) or (not empty_ok and not value):
+        expected = "a string" if empty_ok else "a non-empty string"
+        raise BankFormatError(f"{what} must be {expected}; got {value!r}")
+
+
+def _validate_header(bank: TokenBank) -> None:
+    _check_text("arch", bank.arch, empty_ok=False)
+    if isinstance(bank.n_embd, bool) or not isinstance(bank.n_embd, (int, np.integer)) or bank.n_embd <= 0:
+        raise BankFormatError(f"n_embd must be a positive integer; got {bank.n_embd!r}")
+    if not isinstance(bank.base_fingerprint, str) or not FINGERPRINT_RE.match(bank.base_fingerprint):
+        raise BankFormatError(
+            f"base_fingerprint must be 64 lowercase hex digits (sha256 of token_embd); got {bank.base_fingerprint!r}; "
+            "take it from the base model: ModelInfo.read(model).fingerprint"
+        )
+    _check_text("base_name", bank.base_name, empty_ok=False)
+    _check_text("name", bank.name, empty_ok=False)
+    _check_text("description", bank.description)
+    check_layout(bank.layout)
+    if not isinstance(bank.template, ChatTemplate):
+        raise BankFormatError(f"template must be a ChatTemplate; got {type(bank.template).__name__}")
+    if bank.origin not in Origin.ALL:
+        raise BankFormatError(f"origin must be one of {', '.join(Origin.ALL)}; got {bank.origin!r}")
+
+
+def _validate_token(key: str, tok: BankToken, n_embd: int) -> None:
+    if not isinstance(tok, BankToken):
+        raise BankFormatError(f"tokens[{key!r}] must be a BankToken; got {type(tok).__name__}")
+    _check_name(tok.name, "token name")
+    if key != tok.name:
+        raise BankFormatError(f"tokens[{key!r}] holds a token named {tok.name!r}; the key must equal the name")
+    if tok.kind not in Kind.ALL:
+        raise BankFormatError(f"token {key!r} has kind {tok.kind!r}; expected one of {', '.join(Kind.ALL)}")
+    for what in ("description", "refusal", "rule"):
+        _check_text(f"token {key!r} {what}", getattr(tok, what))
+    if tok.origin not in ("",) + Origin.ALL:
+        raise BankFormatError(f"token {key!r} has origin {tok.origin!r}; expected '' or one of {', '.join(Origin.ALL)}")
+    v = tok.vectors
+    if v.ndim != 2 or v.shape[0] < 1 or v.shape[1] != n_embd:
+        raise BankFormatError(
+            f"token {key!r} has vectors of shape {list(v.shape)}, expected [n_vectors >= 1, n_embd {n_embd}]"
+        )
+    bad = ~np.isfinite(v)
+    if bad.any():
+        row, col = (int(i) for i in np.argwhere(bad)[0])
+        raise BankFormatError(
+            f"token {key!r} has {int(bad.sum())} NaN/Inf values (first at vector {row}, column {col}); "
+            "the vectors are broken (diverged training?): retrain or re-export them"
+        )
+
+
+def _validate_profiles(profiles: dict, tokens: dict[str, BankToken]) -> None:
+    if not isinstance(profiles, dict):
+        raise BankFormatError(f"profiles must be a dict of name -> token names; got {type(profiles).__name__}")
+    for name, members in profiles.items():
+        _check_name(name, "profile name")
+        if name in tokens:
+            raise BankFormatError(f"profile {name!r} has the same name as a token; rename one of them")
+        if not isinstance(members, (list, tuple)) or not members:
+            raise BankFormatError(f"profile {name!r} must list at least one token; got {members!r}")
+        seen: set = set()
+        for m in members:
+            if m in seen:
+                raise BankFormatError(f"profile {name!r} names token {m!r} twice; list each token once")
+            seen.add(m)
+            if m not in tokens:
+                raise BankFormatError(
+                    f"profile {name!r} names {unknown_name_message('token', str(m), tokens)}; "
+                    "fix the profile or add the token"
+                )
+            if tokens[m].kind != Kind.CONSTRAINT:
+                raise BankFormatError(f"profile {name!r} names mode {m!r}; profiles hold constraints only")
+
+
+def _check_json_object(what: str, value) -> None:
+    if not isinstance(value, dict):
+        raise BankFormatError(f"{what} must be a dict (stored as JSON); got {type(value).__name__}")
+    try:
+        json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise BankFormatError(f"{what} is not plain JSON ({e}); use str/int/float/bool/list/dict, no NaN") from None
+
+
+# --- from-text tokens (the baseline every trained token is compared with) -------
+
+FROM_TEXT_NAME = "edge-safe token bank (from text)"
+FROM_TEXT_DESCRIPTION = (
+    "Built from text rules, not trained: each token is its rule's own token embeddings, "
+    "so it behaves exactly like the rule written as a line of the prompt."
+)
+
+
+def rule_line(rule: str) -> str:
+    """The text a from-text token stands for: the rule as one line, so composed tokens equal the rules as lines."""
+    return rule.strip() + "\n"
+
+
+def from_text_token(
+    info: ModelInfo,
+    tokenize: Callable[[str], Sequence[int]],
+    name: str,
+    rule: str,
+    *,
+    kind: str = Kind.CONSTRAINT,
+    description: str = "",
+    refusal: str = "",
+) -> BankToken:
+    """A bank entry whose vectors are ``rule_line(rule)``'s token embeddings, scaled as llama.cpp scales tokens.
+
+    ``tokenize`` must be the model's own tokenizer without BOS and without
+    special-token parsing (see ``edge_safe.cli_convert.llama_tokenizer``).
+    """
+    if not rule.strip():
+        raise EdgeSafeError("the rule is empty; pass the constraint as a sentence, e.g. --rule 'Do not ...'")
+    ids = list(tokenize(rule_line(rule)))
+    log.debug("from-text %r: %d tokens", name, len(ids))
+    return BankToken(name, kind, info.embedding_rows(ids), description=description, refusal=refusal, rule=rule.strip())
+
+
+def from_text_bank(info: ModelInfo, tokens: Sequence[BankToken], profiles: dict[str, list[str]] | None = None) -> TokenBank:
+    """A validated from-text bank for ``info``'s model, labelled as such."""
+    bank = TokenBank(
+        arch=info.arch,
+        n_embd=info.n_embd,
+        base_fingerprint=info.fingerprint,
+        base_name=info.name,
+        tokens={t.name: t for t in tokens},
+        profiles={p: list(ms) for p, ms in (profiles or {}).items()},
+        name=FROM_TEXT_NAME,
+        description=FROM_TEXT_DESCRIPTION,
+        origin=Origin.FROM_TEXT,
+    )
+    bank.validate()
+    return bank

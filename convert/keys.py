@@ -1,0 +1,110 @@
+"""Every GGUF key, tensor-name pattern and format constant of the token bank.
+
+This module is the only place these strings appear (like gguf-py's
+``constants.py``): the reader, the writer, the interchange converters and the
+docs in ``FORMAT.md`` all refer to the names below. Bump :data:`FORMAT_VERSION`
+on any change an older reader would misread.
+"""
+from __future__ import annotations
+
+import re
+
+#: Version of the ``edge_safe.*`` metadata layout. A reader refuses newer versions.
+FORMAT_VERSION = 1
+
+
+class Keys:
+    """GGUF metadata keys, grouped like ``gguf.Keys``."""
+
+    class General:
+        ARCHITECTURE = "general.architecture"  # the base model's arch, e.g. "gemma3"
+        TYPE = "general.type"  # "adapter" for a bank, "model" (or absent) for a model
+        NAME = "general.name"
+        DESCRIPTION = "general.description"  # optional: omitted when empty
+
+    class Adapter:
+        TYPE = "adapter.type"  # "token_bank" for a bank, "lora" for a LoRA
+
+    class Bank:
+        FORMAT_VERSION = "edge_safe.format_version"  # uint32
+        N_EMBD = "edge_safe.n_embd"  # uint32
+        BASE_FINGERPRINT = "edge_safe.base.fingerprint"  # sha256 hex of the base token_embd bytes
+        BASE_NAME = "edge_safe.base.name"
+        LAYOUT = "edge_safe.layout"
+        CHAT_TEMPLATE = "edge_safe.chat_template"  # JSON (ChatTemplate.to_json)
+        ORIGIN = "edge_safe.origin"
+        PROFILES = "edge_safe.profiles"  # JSON object {profile: [token, ...]}
+        TRAINING_CONFIG = "edge_safe.training_config"  # JSON object
+        EVAL_SUMMARY = "edge_safe.eval_summary"  # JSON object
+
+    class Tokens:
+        """Per-token metadata as parallel arrays, all in bank order."""
+
+        NAMES = "edge_safe.tokens.names"  # [string]
+        KINDS = "edge_safe.tokens.kinds"  # [string]
+        N_VECTORS = "edge_safe.tokens.n_vectors"  # [uint32]
+        # May hold empty strings, which GGUF string arrays cannot carry through
+        # gguf-py safely, so each is one JSON-encoded list of strings.
+        DESCRIPTIONS = "edge_safe.tokens.descriptions"
+        REFUSALS = "edge_safe.tokens.refusals"
+        RULES = "edge_safe.tokens.rules"
+        ORIGINS = "edge_safe.tokens.origins"  # "" = the bank's origin
+
+
+class Model:
+    """Keys and tensors read from a *base model* GGUF."""
+
+    EMBEDDING_LENGTH = "{arch}.embedding_length"
+    TOKEN_EMBD = "token_embd.weight"
+    ALIGNMENT = "general.alignment"
+
+
+#: general.type / adapter.type values that mark a token bank.
+GENERAL_TYPE_ADAPTER = "adapter"
+ADAPTER_TYPE_TOKEN_BANK = "token_bank"
+
+#: One tensor per token: ``bank.<name>``, shape [n_vectors, n_embd] (numpy order).
+TENSOR_PREFIX = "bank."
+TENSOR_DTYPES = ("F32", "F16")
+
+
+def tensor_name(token: str) -> str:
+    """GGUF tensor name of a token's vectors."""
+    return TENSOR_PREFIX + token
+
+
+class Kind:
+    """What a bank entry is: a composable constraint or an exclusive mode."""
+
+    CONSTRAINT = "constraint"
+    MODE = "mode"
+    ALL = (CONSTRAINT, MODE)
+
+
+class Origin:
+    """How the vectors were made; ``inspect`` shows it so a text baseline is never mistaken for training."""
+
+    TRAINED = "trained"
+    FROM_TEXT = "from-text"
+    IMPORTED = "imported"
+    ALL = (TRAINED, FROM_TEXT, IMPORTED)
+    LABELS = {
+        TRAINED: "trained",
+        FROM_TEXT: "built from text rules, not trained",
+        IMPORTED: "imported from another format",
+    }
+
+
+#: Token and profile names: lowercase slugs, the same in the CLI, GGUF, HTTP and logs.
+#: Short enough that ``bank.<name>`` fits ggml's 64-byte tensor names.
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,47}$")
+NAME_HINT = "lowercase letters, digits, '_' or '-', starting with a letter or digit, at most 48 characters"
+
+
+class Interchange:
+    """Names used by the plain-numpy and PyTorch interchange files."""
+
+    NPZ_META = "__meta__"  # JSON string array in the .npz; every other array is a token
+    TORCH_TOKENS = "state_dict"  # {name: tensor (n_vectors, n_embd)}
+    TORCH_META = "metadata"  # same JSON object as NPZ_META
+    FORMAT = "edge-safe-token-bank"  # meta["format"]

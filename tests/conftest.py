@@ -1,0 +1,121 @@
+"""Shared, generic fixtures: the bundled model, tiny random banks and tiny GGUF models.
+
+Unit tests build what they need here (hermetic, milliseconds); only tests
+marked ``model`` touch the real bundled Gemma 3 270M.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType, GGUFWriter
+from gguf.quants import quantize
+
+from edge_safe.convert.bank import BankToken, TokenBank
+from edge_safe.convert.keys import Model
+
+FAKE_FINGERPRINT = "ab" * 32  # sha256-shaped; matches no real model
+
+
+@pytest.fixture(scope="session")
+def model_path() -> Path:
+    """The bundled Gemma 3 270M Q4_K_M GGUF (assembled into the user cache once)."""
+    from edge_safe.models import resolve_model_path
+
+    return resolve_model_path()
+
+
+@pytest.fixture
+def random_bank() -> Callable[..., TokenBank]:
+    """Factory for an in-memory bank of random vectors.
+
+    ``random_bank(n_embd=8, constraints=("alcohol", "gambling", "drugs"), modes=("rejective",),
+    n_vectors=2, profiles={"minors": ["alcohol", "gambling"]}, seed=0, **TokenBank fields)``.
+    Constraints refuse with "Sorry, I can't help with <name>."; modes refuse with
+    "Sorry, I can't help with that." (``n_vectors`` may be an int or one int per token).
+    """
+
+    def make(
+        *,
+        n_embd: int = 8,
+        constraints: Sequence[str] = ("alcohol", "gambling", "drugs"),
+        modes: Sequence[str] = ("rejective",),
+        n_vectors: int | Sequence[int] = 2,
+        profiles: dict[str, list[str]] | None = None,
+        seed: int = 0,
+        **fields,
+    ) -> TokenBank:
+        rng = np.random.default_rng(seed)
+        names = list(constraints) + list(modes)
+        counts = [n_vectors] * len(names) if isinstance(n_vectors, int) else list(n_vectors)
+        tokens = {}
+        for name, n in zip(names, counts):
+            kind = "mode" if name in modes else "constraint"
+            refusal = "Sorry, I can't help with that." if kind == "mode" else f"Sorry, I can't help with {name}."
+            vectors = rng.standard_normal((n, n_embd)).astype(np.float32)
+            tokens[name] = BankToken(name, kind, vectors, f"Blocks {name}", refusal, f"Do not help with {name}.")
+        if profiles is None:
+            profiles = {"minors": [c for c in constraints[:2]]} if constraints else {}
+        fields.setdefault("arch", "gemma3")
+        fields.setdefault("base_fingerprint", FAKE_FINGERPRINT)
+        fields.setdefault("base_name", "Tiny test model")
+        return TokenBank(n_embd=n_embd, tokens=tokens, profiles=profiles, **fields)
+
+    return make
+
+
+@pytest.fixture
+def make_bank(random_bank) -> Callable[..., Path]:
+    """Factory that writes a random bank: ``make_bank(dir, name="bank.gguf", dtype="F32", **random_bank kwargs) -> Path``."""
+
+    def make(directory: Path, name: str = "bank.gguf", *, dtype: str = "F32", **kwargs) -> Path:
+        return random_bank(**kwargs).save(Path(directory) / name, dtype=dtype)
+
+    return make
+
+
+@pytest.fixture
+def make_model() -> Callable[..., Path]:
+    """Factory for a tiny model-shaped GGUF with only a token embedding.
+
+    ``make_model(dir, name="model.gguf", arch="gemma3", n_embd=32, n_vocab=64,
+    qtype="F32"|"F16"|"Q8_0", title="Tiny test model", seed=0) -> Path``; the random
+    float32 table it was made from is at ``path.with_suffix(".npy")``.
+    """
+
+    def make(
+        directory: Path,
+        name: str = "model.gguf",
+        *,
+        arch: str = "gemma3",
+        n_embd: int = 32,
+        n_vocab: int = 64,
+        qtype: str = "F32",
+        title: str | None = "Tiny test model",
+        seed: int = 0,
+    ) -> Path:
+        path = Path(directory) / name
+        table = np.random.default_rng(seed).standard_normal((n_vocab, n_embd)).astype(np.float32)
+        np.save(path.with_suffix(".npy"), table)
+        w = GGUFWriter(path, arch)
+        w.add_type("model")
+        if title:
+            w.add_name(title)
+        w.add_uint32(Model.EMBEDDING_LENGTH.format(arch=arch), n_embd)
+        w.add_array("tokenizer.ggml.tokens", [f"t{i}" for i in range(n_vocab)])
+        if qtype == "Q8_0":
+            q = GGMLQuantizationType.Q8_0
+            w.add_tensor(Model.TOKEN_EMBD, quantize(table, q), raw_dtype=q)
+        else:
+            w.add_tensor(Model.TOKEN_EMBD, table.astype(np.float16 if qtype == "F16" else np.float32))
+        w.add_tensor("output_norm.weight", np.ones(n_embd, dtype=np.float32))
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        return path
+
+    return make
+
