@@ -49,7 +49,7 @@ def load_prompts(data_dir: str | Path | None, split: str) -> list[Prompt]:
     if not path.is_file():
         raise EdgeSafeError(f"training data not found: {path} (run `python -m edge_safe.training.data.generate`)")
     prompts = []
-    with path.open() as f:
+    with path.open(encoding="utf-8") as f:
         for i, line in enumerate(f, 1):
             if not line.strip():
                 continue
