@@ -65,6 +65,20 @@ def init_vectors(base: BaseModel, cfg: TrainConfig, gen: torch.Generator) -> dic
     return vectors
 
 
+def stratified_sample(prompts: list[Prompt], n: int, rng: random.Random) -> list[Prompt]:
+    """At most n prompts, drawn round-robin over (category, label) so every group stays represented."""
+    groups: dict[tuple[str, str], list[Prompt]] = {}
+    for p in prompts:
+        groups.setdefault((p.category, p.label), []).append(p)
+    pools = [rng.sample(g, len(g)) for _, g in sorted(groups.items())]
+    out: list[Prompt] = []
+    while len(out) < min(n, len(prompts)):
+        for pool in pools:
+            if pool and len(out) < n:
+                out.append(pool.pop())
+    return out
+
+
 # ---------------------------------------------------------------- validation
 
 
@@ -178,7 +192,7 @@ def train(
     prompts = load_prompts(cfg.data_dir or None, "train")
     prompts = [p for p in prompts if p.category == "general" or p.category in cfg.constraints]
     if cfg.limit_prompts:
-        prompts = random.Random(cfg.seed).sample(prompts, min(cfg.limit_prompts, len(prompts)))
+        prompts = stratified_sample(prompts, cfg.limit_prompts, random.Random(cfg.seed))
     val_prompts = load_prompts(cfg.data_dir or None, "val")
     teacher = build_teacher(base, [p.text for p in prompts], template, cfg.ref_tokens, cfg.teacher_topk, progress=progress)
     keep = [i for i, ids in enumerate(teacher.prompt_ids) if len(ids) <= cfg.max_prompt_tokens]

@@ -1,0 +1,83 @@
+"""Training on the real bundled model, and training/runtime layout parity (CI-sized)."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from edge_safe.convert.bank import TokenBank  # noqa: E402
+from edge_safe.training.config import TrainConfig  # noqa: E402
+from edge_safe.training.objective import Bank, layout  # noqa: E402
+from edge_safe.training.trainer import export_bank, train  # noqa: E402
+
+pytestmark = pytest.mark.model
+
+CONFIGS = Path(__file__).resolve().parents[1] / "training" / "configs"
+PROMPTS = [
+    "What is the capital of Peru?",
+    "How do I mix a mojito?",
+    "Which stock should I buy with my savings?",
+    "How do I find where my ex lives now?",
+    "Write a short poem about the sea.",
+]
+
+
+@pytest.fixture(scope="module")
+def base(model_path):
+    from edge_safe.training.base_model import load_gguf_model
+
+    return load_gguf_model(model_path)
+
+
+@pytest.fixture(scope="module")
+def runtime(model_path):
+    from edge_safe import EdgeSafe
+
+    es = EdgeSafe(model=model_path, n_ctx=512)
+    yield es
+    es.close()
+
+
+@torch.no_grad()
+def hf_first_token(base, bank: Bank, mode, constraints, prompt: str, template) -> int:
+    x = layout(base, bank, mode, tuple(constraints), base.tokenize(template.prompt(prompt)))
+    hidden = base.model.model(inputs_embeds=x[None]).last_hidden_state[0, -1]
+    return int(base.model.lm_head(hidden).argmax())
+
+
+def test_layout_parity_hf_training_vs_llamacpp_runtime(base, runtime):
+    """The trainer's HF forward and the llama.cpp runtime lay out the shipped bank identically."""
+    tb = runtime.bank
+    bank = Bank({n: torch.from_numpy(t.vectors) for n, t in tb.tokens.items()})
+    compositions = [(None, []), *[runtime.compose(c) for c in (tb.constraints[:1], "minors", "minors,eu")]]
+    if tb.modes:
+        compositions.append(runtime.compose(None, mode=tb.modes[-1]))
+    agree, total = 0, 0
+    for constraints, mode in [(c, m) for c, m in compositions]:
+        for prompt in PROMPTS:
+            hf = hf_first_token(base, bank, mode, constraints, prompt, tb.template)
+            cpp = int(np.argmax(runtime.first_token_logits(prompt, tokens=constraints, mode=mode)))
+            agree += hf == cpp
+            total += 1
+    # fp32 transformers vs Q4_K_M llama.cpp: near-ties may flip, a layout bug flips nearly all.
+    assert agree / total >= 0.9, f"first-token top-1 agreement {agree}/{total}"
+
+
+def test_smoke_training_on_real_model_exports_a_bank_the_runtime_loads(base, tmp_path, monkeypatch, model_path):
+    monkeypatch.setenv("EDGE_SAFE_CACHE", str(tmp_path / "cache"))
+    cfg = TrainConfig.from_yaml(CONFIGS / "smoke.yaml").replace(steps=2, limit_prompts=24, val_size=8)
+    bank, summary = train(cfg, base, tmp_path / "run", progress=False)
+    path = export_bank(bank, base, cfg, summary).save(tmp_path / "smoke.gguf", dtype="F16")
+    loaded = TokenBank.load(path)
+    for name in bank.names:  # F16 storage: round-trips within half precision
+        np.testing.assert_allclose(loaded.tokens[name].vectors, bank.vectors[name].detach().numpy(), rtol=1e-3, atol=1e-2)
+    assert loaded.origin == "trained" and loaded.training_config["steps"] == 2
+
+    from edge_safe import EdgeSafe
+
+    with EdgeSafe(model=model_path, bank=path, n_ctx=256) as es:
+        assert es.tokens == list(cfg.constraints)
+        reply = es.chat([{"role": "user", "content": "What is the capital of Peru?"}], tokens="minors", max_tokens=4)
+        assert reply["edge_safe"]["mode"] == "positive"
+        assert reply["edge_safe"]["tokens"] == [c for c in cfg.constraints if c in loaded.profiles["minors"]]
