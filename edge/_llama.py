@@ -1,0 +1,285 @@
+"""The one module that touches llama.cpp's low-level API (ctypes, ``llama_batch``).
+
+llama-cpp-python's high-level ``Llama`` only builds *token* batches; injecting
+control-token vectors needs embedding batches, so edge-safe drives the C API
+directly. Everything native lives in :class:`LlamaModel` and is freed
+deterministically by :meth:`LlamaModel.close` (an ``ExitStack``).
+
+Facts this module relies on (see DESIGN.md):
+
+- ``llama_batch_init(n, n_embd, 1)`` allocates a batch whose ``embd`` field takes
+  raw vectors; llama.cpp feeds them to layer 0 unscaled (token inputs of gemma3
+  are multiplied by sqrt(n_embd) inside the graph, raw embeddings are not).
+- A batch larger than ``n_batch`` aborts the whole process (GGML_ASSERT), so every
+  decode here is chunked by ``n_batch``; positions are always consecutive.
+- Gemma 3 uses sliding-window attention layers; ``swa_full=True`` keeps the whole
+  window so that partial ``llama_memory_seq_rm`` and sequence snapshots work.
+"""
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Sequence
+
+import llama_cpp as C
+import numpy as np
+
+from edge_safe.convert.errors import EdgeSafeError, ModelNotFoundError
+
+log = logging.getLogger(__name__)
+native_log = logging.getLogger("edge_safe.llama_cpp")
+
+SEQ = 0  # the one sequence this runtime uses
+
+# enum ggml_log_level {NONE, DEBUG, INFO, WARN, ERROR, CONT}; CONT continues the previous line.
+_LEVELS = {0: logging.DEBUG, 1: logging.DEBUG, 2: logging.INFO, 3: logging.WARNING, 4: logging.ERROR}
+_last_level = [logging.DEBUG]
+
+
+@C.llama_log_callback
+def _log_callback(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+    # llama.cpp logs every tensor and parameter while loading; route it to
+    # `logging` at DEBUG (errors at WARNING) instead of raw stderr.
+    lvl = _last_level[0] if level == 5 else _LEVELS.get(level, logging.DEBUG)
+    _last_level[0] = lvl
+    lvl = logging.WARNING if lvl >= logging.ERROR else logging.DEBUG
+    if native_log.isEnabledFor(lvl):
+        native_log.log(lvl, "%s", text.decode("utf-8", "replace").rstrip("\n"))
+
+
+_backend_ready = False
+
+
+def _init_backend() -> None:
+    global _backend_ready
+    if not _backend_ready:
+        C.llama_log_set(_log_callback, ctypes.c_void_p(0))  # module-level: the reference lives forever
+        C.llama_backend_init()
+        _backend_ready = True
+
+
+def default_threads() -> int:
+    """Half the usable cores (llama-cpp-python's default).
+
+    llama.cpp's threads meet at a barrier per op: when any of them is
+    descheduled because another process holds a core, every step waits for it.
+    Measured on 2 shared cores with one busy: 2 threads ran 28x slower than 1.
+    """
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        cores = os.cpu_count() or 1
+    return max(1, cores // 2)
+
+
+class DecodeError(EdgeSafeError):
+    """llama_decode failed (no KV slot, invalid batch, ...)."""
+
+
+class LlamaModel:
+    """A loaded GGUF with one context, one sequence and reusable token/embedding batches."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        n_ctx: int = 2048,
+        n_batch: int = 512,
+        n_gpu_layers: int = 0,
+        n_threads: int | None = None,
+    ):
+        _init_backend()
+        self.path = Path(path)
+        self._stack = ExitStack()
+        try:
+            self._open(n_ctx, n_batch, n_gpu_layers, n_threads)
+        except BaseException:
+            self._stack.close()
+            raise
+
+    def _open(self, n_ctx: int, n_batch: int, n_gpu_layers: int, n_threads: int | None) -> None:
+        mparams = C.llama_model_default_params()
+        mparams.n_gpu_layers = int(n_gpu_layers)
+        model = C.llama_model_load_from_file(str(self.path).encode(), mparams)
+        if not model:
+            raise ModelNotFoundError(f"llama.cpp could not load {self.path} (is it a GGUF model file? run with -v for details)")
+        self._stack.callback(C.llama_model_free, model)
+        self.model = model
+        self.vocab = C.llama_model_get_vocab(model)
+        self.n_embd = C.llama_model_n_embd(model)
+        self.n_vocab = C.llama_vocab_n_tokens(self.vocab)
+        self.bos = C.llama_vocab_bos(self.vocab)
+        self.eos = C.llama_vocab_eos(self.vocab)
+
+        threads = n_threads or default_threads()
+        cparams = C.llama_context_default_params()
+        cparams.n_ctx = int(n_ctx)
+        cparams.n_batch = cparams.n_ubatch = int(min(n_batch, n_ctx))
+        cparams.n_seq_max = 1
+        cparams.n_threads = cparams.n_threads_batch = self.n_threads = threads
+        cparams.swa_full = True  # keep the full window: partial seq_rm + snapshots stay exact
+        cparams.no_perf = True
+        ctx = C.llama_init_from_model(model, cparams)
+        if not ctx:
+            raise EdgeSafeError(f"llama.cpp could not create a context with n_ctx={n_ctx} (try a smaller --n-ctx)")
+        self._stack.callback(C.llama_free, ctx)
+        self.ctx = ctx
+        self.n_ctx = min(int(n_ctx), C.llama_n_ctx(ctx))  # llama.cpp pads n_ctx up (to 256); keep the asked limit
+        self.n_batch = C.llama_n_batch(ctx)
+        self.memory = C.llama_get_memory(ctx)
+
+        # One token batch and one embedding batch of n_batch rows, reused for every decode.
+        self._tok = C.llama_batch_init(self.n_batch, 0, 1)
+        self._stack.callback(C.llama_batch_free, self._tok)
+        self._emb = C.llama_batch_init(self.n_batch, self.n_embd, 1)
+        self._stack.callback(C.llama_batch_free, self._emb)
+        self._views = {id(b): self._batch_views(b) for b in (self._tok, self._emb)}
+        self._piece_buf = ctypes.create_string_buffer(256)
+        log.info("loaded %s: n_embd=%d n_vocab=%d n_ctx=%d n_batch=%d threads=%d",
+                 self.path.name, self.n_embd, self.n_vocab, self.n_ctx, self.n_batch, threads)
+
+    def _batch_views(self, b) -> dict[str, np.ndarray]:
+        n = self.n_batch
+        for i in range(n):  # every row belongs to sequence 0, once and for all
+            b.n_seq_id[i] = 1
+            b.seq_id[i][0] = SEQ
+        views = {
+            "pos": np.ctypeslib.as_array(b.pos, shape=(n,)),
+            "logits": np.ctypeslib.as_array(b.logits, shape=(n,)),
+        }
+        if b.embd:
+            views["embd"] = np.ctypeslib.as_array(b.embd, shape=(n, self.n_embd))  # (n_batch, n_embd)
+        else:
+            views["token"] = np.ctypeslib.as_array(b.token, shape=(n,))
+        return views
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Free the batches, the context and the model (idempotent)."""
+        self.ctx = self.model = None
+        self._stack.close()
+
+    @property
+    def closed(self) -> bool:
+        return self.ctx is None
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown: the bindings may already be gone
+            pass
+
+    def __enter__(self) -> "LlamaModel":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- vocabulary ------------------------------------------------------------------
+
+    def tokenize(self, text: str, add_bos: bool = False, special: bool = False) -> list[int]:
+        """Token ids of ``text``; ``special=False`` makes `<bos>` etc. in text plain text."""
+        data = text.encode("utf-8")
+        n_max = len(data) + 8
+        buf = (C.llama_token * n_max)()
+        n = C.llama_tokenize(self.vocab, data, len(data), buf, n_max, add_bos, special)
+        if n < 0:
+            n_max = -n
+            buf = (C.llama_token * n_max)()
+            n = C.llama_tokenize(self.vocab, data, len(data), buf, n_max, add_bos, special)
+        if n < 0:
+            raise EdgeSafeError(f"tokenization failed for a text of {len(data)} bytes")
+        return list(buf[:n])
+
+    def token_to_piece(self, token: int) -> bytes:
+        """The bytes a token stands for (special tokens render as nothing)."""
+        buf = self._piece_buf
+        n = C.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = C.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
+        return buf.raw[:n]
+
+    def is_eog(self, token: int) -> bool:
+        return bool(C.llama_vocab_is_eog(self.vocab, token))
+
+    # -- decoding --------------------------------------------------------------------
+
+    def decode_tokens(self, tokens: Sequence[int], pos0: int, want_logits: bool = True) -> None:
+        """Decode ``tokens`` at positions pos0.. in chunks of n_batch; logits for the last one."""
+        v = self._views[id(self._tok)]
+        for start in range(0, len(tokens), self.n_batch):
+            chunk = tokens[start:start + self.n_batch]
+            n = len(chunk)
+            v["token"][:n] = chunk
+            v["pos"][:n] = np.arange(pos0 + start, pos0 + start + n)
+            v["logits"][:n] = 0
+            if want_logits and start + n == len(tokens):
+                v["logits"][n - 1] = 1
+            self._decode(self._tok, n)
+
+    def decode_embeddings(self, vectors: np.ndarray, pos0: int, want_logits: bool = False) -> None:
+        """Decode raw input vectors (n, n_embd) at positions pos0.. in chunks of n_batch."""
+        vectors = np.asarray(vectors, dtype=np.float32)
+        if vectors.ndim != 2 or vectors.shape[1] != self.n_embd:
+            raise EdgeSafeError(f"prefix vectors have shape {vectors.shape}; expected (n, {self.n_embd})")
+        v = self._views[id(self._emb)]
+        for start in range(0, len(vectors), self.n_batch):
+            chunk = vectors[start:start + self.n_batch]
+            n = len(chunk)
+            v["embd"][:n] = chunk
+            v["pos"][:n] = np.arange(pos0 + start, pos0 + start + n)
+            v["logits"][:n] = 0
+            if want_logits and start + n == len(vectors):
+                v["logits"][n - 1] = 1
+            self._decode(self._emb, n)
+
+    def _decode(self, batch, n: int) -> None:
+        assert 0 < n <= self.n_batch  # an oversized batch would abort the process
+        batch.n_tokens = n
+        rc = C.llama_decode(self.ctx, batch)
+        if rc != 0:
+            raise DecodeError(
+                f"llama_decode failed with code {rc} "
+                f"({'no KV slot: the context is full' if rc == 1 else 'see -v output'})"
+            )
+
+    def logits(self) -> np.ndarray:
+        """Logits of the last decoded output, as a view (n_vocab,) valid until the next decode."""
+        ptr = C.llama_get_logits_ith(self.ctx, -1)
+        if not ptr:
+            raise EdgeSafeError("no logits available: the last decode requested none")
+        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
+
+    # -- KV memory -------------------------------------------------------------------
+
+    def clear(self) -> None:
+        C.llama_memory_clear(self.memory, True)
+
+    def truncate(self, pos: int) -> bool:
+        """Drop every position >= pos of the sequence; False if llama.cpp refuses."""
+        return bool(C.llama_memory_seq_rm(self.memory, SEQ, pos, -1))
+
+    def pos_max(self) -> int:
+        """Largest position held for the sequence, -1 if empty."""
+        return C.llama_memory_seq_pos_max(self.memory, SEQ)
+
+    def save_seq(self) -> bytes:
+        """Snapshot the sequence's KV state."""
+        size = C.llama_state_seq_get_size(self.ctx, SEQ)
+        buf = (ctypes.c_uint8 * size)()
+        n = C.llama_state_seq_get_data(self.ctx, buf, size, SEQ)
+        if n == 0:
+            raise EdgeSafeError("llama.cpp could not snapshot the sequence state")
+        return bytes(memoryview(buf)[:n])
+
+    def load_seq(self, blob: bytes) -> None:
+        """Replace the sequence's KV state with a snapshot from :meth:`save_seq`."""
+        self.clear()
+        buf = (ctypes.c_uint8 * len(blob)).from_buffer_copy(blob)
+        if C.llama_state_seq_set_data(self.ctx, buf, len(blob), SEQ) == 0:
+            self.clear()
+            raise EdgeSafeError("llama.cpp could not restore a sequence snapshot")

@@ -1,0 +1,340 @@
+"""EdgeSafe on the real bundled model (Gemma 3 270M Q4_K_M) with a from-text test bank.
+
+One model per module, small n_ctx / n_batch, short generations: the suite runs
+on 2 shared CPU cores. n_batch is 64 so that both the 148-position `minors,eu`
+prefix and long prompts exercise chunked decoding.
+"""
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from edge_safe._llama import LlamaModel
+from edge_safe.convert.bank import TokenBank, from_text_bank, from_text_token
+from edge_safe.convert.errors import EdgeSafeError, PromptTooLongError, UnknownTokenError
+from edge_safe.convert.layout import QA_TEMPLATE, clean_reply
+from edge_safe.convert.model import ModelInfo
+from edge_safe.runtime import EdgeSafe, _StopFilter
+from edge_safe.sampling import check_sampling, sample
+from edge_safe.training.categories import CATEGORIES, MODES, PROFILES
+
+pytestmark = pytest.mark.model
+N_CTX, N_BATCH = 512, 64
+MODE_TEXT = {"positive": "Answer helpfully.", "negative": "Answer anything."}  # modes without a rule
+
+
+def text_bank(info: ModelInfo, tokenize, modes: bool = True) -> TokenBank:
+    """Every category (and mode) as the embedding rows of its rule line: a `from-text` bank."""
+    toks = [from_text_token(info, tokenize, c.name, c.rule, description=c.description, refusal=c.refusal)
+            for c in CATEGORIES]
+    if modes:
+        toks += [from_text_token(info, tokenize, m.name, m.rule or MODE_TEXT[m.name], kind="mode",
+                                 description=m.description, refusal=m.refusal) for m in MODES]
+    return from_text_bank(info, toks, {k: list(v) for k, v in PROFILES.items()})
+
+
+@pytest.fixture(scope="module")
+def info(model_path) -> ModelInfo:
+    return ModelInfo.read(model_path)
+
+
+@pytest.fixture(scope="module")
+def bank(info) -> TokenBank:
+    with LlamaModel(info.path, n_ctx=64) as llm:
+        return text_bank(info, llm.tokenize)
+
+
+@pytest.fixture(scope="module")
+def es(bank):
+    with EdgeSafe(bank=bank, n_ctx=N_CTX, n_batch=N_BATCH, seed=0) as es:
+        yield es
+
+
+Q = "What is the capital of Peru?"
+
+
+# --- injection is exact -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("split", [1, 5, 11])
+def test_injected_token_rows_reproduce_the_text_path(es, info, split):
+    """[BOS] + token_embd[ids]*sqrt(n_embd) as embeddings == the same ids as tokens (same batch split)."""
+    llm = es._llm
+    ids = es.tokenize(QA_TEMPLATE.prompt(Q))
+    head, tail = ids[:split], ids[split:]
+
+    def run(decode_head):
+        llm.clear()
+        llm.decode_tokens([llm.bos], 0, want_logits=False)
+        decode_head()
+        llm.decode_tokens(tail, 1 + len(head))
+        return llm.logits().copy()
+
+    text = run(lambda: llm.decode_tokens(head, 1, want_logits=False))
+    injected = run(lambda: llm.decode_embeddings(info.embedding_rows(head), 1))
+    es.reset()  # we drove the context by hand
+    assert np.abs(text - injected).max() <= 1e-3
+    assert int(text.argmax()) == es.tokenize(" Lima")[0]
+
+
+def test_cached_and_uncached_prefix_give_the_same_first_token_logits(es):
+    es.first_token_logits(Q, tokens=None)  # the sequence no longer holds minors,eu
+    es.prefix_cache.clear()
+    cold = es.first_token_logits(Q, tokens="minors,eu")
+    assert es.last_stats.prefix_source == "built"
+    es.first_token_logits(Q, tokens=None)
+    hits = es.prefix_cache.hits
+    warm = es.first_token_logits(Q, tokens="minors,eu")
+    assert es.last_stats.prefix_source == "cache" and es.prefix_cache.hits == hits + 1
+    assert np.abs(cold - warm).max() <= 1e-3
+
+
+def test_switching_between_cached_compositions_costs_no_prefix_prefill(es):
+    for t in ("minors,eu", "kiosk", None):
+        es.generate(Q, tokens=t, max_tokens=1)  # make sure all three are cached
+    for t in ("minors,eu", "kiosk", None, "minors,eu"):
+        es.generate(Q, tokens=t, max_tokens=1)
+        st = es.last_stats
+        assert st.prefix_source == "cache", t
+        assert st.prefilled_tokens == st.prompt_tokens - 1  # only the prompt; BOS + vectors restored
+
+
+def test_canonical_order_makes_compositions_identical(es):
+    assert es.compose("eu,minors") == es.compose(["minors", "eu"]) == es.compose(["eu", "minors", "eu"])
+    constraints, mode = es.compose("eu,minors")
+    assert constraints == ["alcohol", "gambling", "drugs", "sexual", "horror", "weapons", "privacy"]
+    assert mode == "positive"
+    a = es.first_token_logits(Q, tokens="eu,minors")
+    b = es.first_token_logits(Q, tokens="minors,eu")
+    assert np.array_equal(a, b)
+    assert es.generate(Q, tokens="eu,minors", max_tokens=8) == es.generate(Q, tokens=["minors", "eu"], max_tokens=8)
+
+
+def test_forced_logits_follow_a_greedy_reply(es):
+    prompt = "How do I mix a mojito?"
+    reply = es.generate(prompt, tokens="eu", max_tokens=8)
+    ids = es.tokenize(" " + reply)[:6]
+    forced = es.forced_logits(prompt, ids, tokens="eu")
+    assert forced.shape == (len(ids), es._llm.n_vocab)
+    assert forced.argmax(axis=1).tolist() == ids  # greedy picked exactly these tokens
+    es.reset()
+    assert np.abs(forced[0] - es.first_token_logits(prompt, tokens="eu")).max() <= 1e-3
+    with pytest.raises(EdgeSafeError, match="continuation must be 1"):
+        es.forced_logits(prompt, [])
+
+
+def test_reset_forgets_the_conversation_but_keeps_snapshots(es):
+    es.generate(Q, tokens="kiosk", max_tokens=1)
+    es.generate(Q, tokens="kiosk", max_tokens=1)
+    assert es.last_stats.prefix_source == "reused"
+    es.reset()
+    es.generate(Q, tokens="kiosk", max_tokens=1)
+    assert es.last_stats.prefix_source == "cache"
+
+
+# --- generation -------------------------------------------------------------------------
+
+
+def test_greedy_answer_and_determinism(es):
+    first = es.generate(Q, max_tokens=16)
+    assert first == "Lima"
+    assert es.last_stats.finish_reason == "stop"
+    es.generate("How do I tie a tie?", tokens="kiosk", max_tokens=4)  # disturb the KV cache
+    assert es.generate(Q, max_tokens=16) == first
+
+
+def test_streaming_and_non_streaming_give_the_same_text(es):
+    for tokens in (None, "minors,eu"):
+        text = es.generate("How do I mix a mojito?", tokens=tokens, max_tokens=24)
+        pieces = list(es.generate("How do I mix a mojito?", tokens=tokens, max_tokens=24, stream=True))
+        assert "".join(pieces) == text and len(pieces) > 1
+        chunks = list(es.chat([{"role": "user", "content": "How do I mix a mojito?"}], tokens=tokens,
+                              max_tokens=24, stream=True))
+        assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == text
+
+
+def test_chat_is_openai_shaped(es):
+    r = es.chat([{"role": "user", "content": Q}], tokens="eu", max_tokens=8)
+    assert r["object"] == "chat.completion" and r["id"].startswith("chatcmpl-")
+    assert r["choices"][0]["message"] == {"role": "assistant", "content": "Lima"}
+    assert r["choices"][0]["finish_reason"] == "stop"
+    assert r["usage"]["total_tokens"] == r["usage"]["prompt_tokens"] + r["usage"]["completion_tokens"]
+    n_vectors = sum(len(es.bank.tokens[n].vectors) for n in ("positive", "privacy"))
+    assert r["edge_safe"] == {"tokens": ["privacy"], "mode": "positive", "prefix_positions": n_vectors,
+                              "refusal": False}
+    chunks = list(es.chat([{"role": "user", "content": Q}], max_tokens=8, stream=True))
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant"}
+    assert all(c["object"] == "chat.completion.chunk" and c["id"] == chunks[0]["id"] for c in chunks)
+    assert chunks[-1]["choices"][0] == {"index": 0, "delta": {}, "finish_reason": "stop"}
+    assert chunks[-1]["edge_safe"]["mode"] is None
+
+
+def test_max_tokens_gives_finish_reason_length(es):
+    r = es.chat([{"role": "user", "content": "Write a long story about a dragon."}], max_tokens=3)
+    assert r["choices"][0]["finish_reason"] == "length" and r["usage"]["completion_tokens"] == 3
+
+
+def test_user_stop_strings_cut_the_reply(es):
+    full = es.generate("How do I mix a mojito?", max_tokens=24)
+    word = full.split()[2]
+    cut = es.generate("How do I mix a mojito?", max_tokens=24, stop=[word])
+    assert cut == full[: full.index(word)].strip() and es.last_stats.finish_reason == "stop"
+
+
+def test_sampling_with_a_seed_is_reproducible(es):
+    a = es.generate("Tell me about cats.", max_tokens=12, temperature=0.9, top_p=0.9, seed=7)
+    b = es.generate("Tell me about cats.", max_tokens=12, temperature=0.9, top_p=0.9, seed=7)
+    assert a == b
+
+
+# --- KV reuse ----------------------------------------------------------------------------
+
+
+def test_multi_turn_chat_does_not_re_prefill_the_conversation(es):
+    msgs = [{"role": "user", "content": Q}]
+    r1 = es.chat(msgs, tokens="eu", max_tokens=8)
+    msgs += [r1["choices"][0]["message"], {"role": "user", "content": "And of France?"}]
+    es.chat(msgs, tokens="eu", max_tokens=8)
+    st = es.last_stats
+    assert st.prefix_source == "reused"
+    new = len(es.tokenize(" Lima\nQuestion: And of France?\nAnswer:"))
+    assert st.prefilled_tokens <= new + 1
+    assert st.prompt_tokens > 2 * new
+
+
+def test_prompt_longer_than_n_batch_works(es):
+    long = "Here is some context. " * 40 + Q
+    assert len(es.tokenize(long)) > 2 * N_BATCH
+    text = es.generate(long, tokens="minors,eu", max_tokens=8)
+    assert es.last_stats.prefilled_tokens > 2 * N_BATCH and es.last_stats.prefix_positions > N_BATCH
+    assert isinstance(text, str)
+
+
+def test_prompt_too_long_is_a_clear_error_and_the_runtime_keeps_working(es):
+    with pytest.raises(PromptTooLongError, match=r"the prompt needs \d+ positions .* context holds 512; "
+                                                 r"pass a larger --n-ctx"):
+        es.generate("word " * 600, tokens="minors,eu")
+    assert es.generate(Q, max_tokens=8) == "Lima"
+
+
+def test_hitting_the_context_while_generating_is_finish_reason_length(es):
+    words, n = ["one", "two", "three", "four", "five"] * ((N_CTX - 40) // 5), 0  # ~1 token per word
+    while n < N_CTX - 6:  # leave room for only a few generated tokens
+        words.append(("one", "two", "three", "four", "five")[len(words) % 5])
+        filler = " ".join(words)
+        n = 1 + len(es.tokenize(QA_TEMPLATE.prompt(filler)))
+    assert n < N_CTX
+    r = es.chat([{"role": "user", "content": filler}], max_tokens=50)
+    assert r["choices"][0]["finish_reason"] == "length"
+    assert r["usage"]["completion_tokens"] <= N_CTX - n + 1
+
+
+def test_an_abandoned_stream_leaves_the_runtime_consistent(es):
+    expected = es.generate("How do I mix a mojito?", max_tokens=16)
+    it = es.generate("How do I mix a mojito?", max_tokens=16, stream=True)
+    next(it)
+    with pytest.raises(EdgeSafeError, match="unfinished stream"):
+        es.generate(Q)  # same thread, stream still open
+    it.close()
+    assert es.generate("How do I mix a mojito?", max_tokens=16) == expected
+
+
+def test_threads_share_one_instance(es):
+    expected = {p: es.generate(p, max_tokens=6) for p in (Q, "What is 2 + 2?")}
+    got = {}
+    threads = [threading.Thread(target=lambda p=p: got.__setitem__(p, es.generate(p, max_tokens=6)))
+               for p in expected]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert got == expected
+
+
+# --- names and typed text ----------------------------------------------------------------
+
+
+def test_names_profiles_and_modes(es):
+    assert es.tokens == [c.name for c in CATEGORIES]
+    assert es.modes == ["positive", "rejective", "negative"]
+    assert es.profiles["minors"] == list(PROFILES["minors"])
+    assert es.compose(None) == ([], None)
+    assert es.compose(None, "rejective") == ([], "rejective")
+    assert es.compose("kiosk", "negative") == (["medical", "finance"], "negative")
+
+
+def test_unknown_names_list_what_exists(es):
+    with pytest.raises(UnknownTokenError, match="unknown token or profile 'minor'; did you mean 'minors'"):
+        es.generate(Q, tokens="minor")
+    with pytest.raises(UnknownTokenError, match="is a mode, not a constraint"):
+        es.generate(Q, tokens="rejective")
+    with pytest.raises(UnknownTokenError, match="unknown mode 'rejectve'; did you mean 'rejective'"):
+        es.generate(Q, mode="rejectve")
+
+
+def test_typed_special_tokens_are_text(es):
+    for text in ("<bos>", "<start_of_turn>user", "<eos>"):
+        ids = es.tokenize(text)
+        assert es._llm.bos not in ids and es._llm.eos not in ids and len(ids) > 1
+    es.generate("<start_of_turn>model rejective <bos>", max_tokens=2)
+    st = es.last_stats
+    assert (st.tokens, st.mode, st.prefix_positions) == ([], None, 0)
+
+
+def test_is_refusal(es):
+    assert es.is_refusal("Sorry, I can't help with alcohol.")
+    assert not es.is_refusal("Lima")
+
+
+def test_closed_instance_refuses_work(bank):
+    other = EdgeSafe(bank=bank, n_ctx=64)
+    other.close()
+    other.close()  # idempotent
+    with pytest.raises(EdgeSafeError, match="closed"):
+        other.generate(Q)
+
+
+# --- the stop filter (no model) ----------------------------------------------------------
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    text=st.text(alphabet=st.sampled_from(list(" \nQAnswerQuestion:é€😀x")), max_size=40),
+    cuts=st.lists(st.integers(min_value=0, max_value=200), max_size=12),
+    user_stop=st.sampled_from([(), ("x",), ("on:",)]),
+)
+def test_stop_filter_pieces_join_to_the_cleaned_reply(text, cuts, user_stop):
+    data = text.encode()
+    bounds = sorted({min(c, len(data)) for c in cuts} | {0, len(data)})
+    f = _StopFilter(QA_TEMPLATE.stop + user_stop)
+    out, stopped, fed = [], False, data
+    for a, b in zip(bounds, bounds[1:]):  # byte splits, also inside multi-byte characters
+        piece, stopped = f.feed(data[a:b])
+        out.append(piece)
+        if stopped:  # generation ends here: compare with what the model had produced so far
+            fed = data[:b]
+            break
+    if not stopped:
+        out.append(f.finish())
+    template = QA_TEMPLATE if not user_stop else type(QA_TEMPLATE)(stop=QA_TEMPLATE.stop + user_stop)
+    assert "".join(out) == clean_reply(fed.decode("utf-8", errors="ignore"), template)
+
+
+# --- sampling (no model) -----------------------------------------------------------------
+
+
+def test_sampling_greedy_nucleus_and_validation():
+    rng = np.random.default_rng(0)
+    logits = np.array([0.0, 3.0, 1.0, 2.9] + [-20.0] * 2000, dtype=np.float32)  # p ≈ .02 .48 .06 .43
+    assert sample(logits, 0.0, 1.0, rng) == 1
+    assert {sample(logits, 1.0, 1e-6, rng) for _ in range(20)} == {1}  # top_p that small keeps the argmax only
+    draws = [sample(logits, 1.0, 0.9, rng) for _ in range(400)]
+    assert set(draws) == {1, 3}  # the smallest set holding 90 %
+    with pytest.raises(EdgeSafeError, match="temperature must be >= 0"):
+        check_sampling(-1.0, 1.0)
+    with pytest.raises(EdgeSafeError, match=r"top_p must be in \(0, 1\]"):
+        check_sampling(1.0, 0.0)
