@@ -20,6 +20,7 @@ COMMANDS = {
     "tokens": "edge_safe.cli_chat:tokens",
     "convert": "edge_safe.cli_convert:convert",
     "train": "edge_safe.training.cli:train",
+    "eval": "edge_safe.cli_eval:eval_cmd",
 }
 
 

@@ -1,0 +1,134 @@
+"""`edge-safe eval`: defense, over-refusal, order invariance, modes, SAM and utility of a bank vs baselines.
+
+The tables go to stdout, the progress bar and notes to stderr. Domain errors
+(EdgeSafeError) become one-line click errors in cli.py.
+"""
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+
+import click
+
+from edge_safe.evaluate import EvalConfig as D  # one place for every default
+
+
+def _csv(text: str) -> tuple[str, ...]:
+    return tuple(p.strip() for p in text.split(",") if p.strip())
+
+
+@click.command("eval")
+@click.option("-b", "--bank", default=None, metavar="PATH",
+              help="Bank under test [default: $EDGE_SAFE_BANK, else the bundled bank].")
+@click.option("-m", "--model", default=None, metavar="PATH",
+              help="Base model GGUF [default: $EDGE_SAFE_MODEL, else the bundled Gemma 3 270M Q4_K_M].")
+@click.option("--data", default=None, metavar="FILE.jsonl",
+              help="Prompts: JSONL with prompt, category, label (violating|benign) [default: the repo's test split].")
+@click.option("--orders", default=",".join(map(str, D.orders)), show_default=True, metavar="R,R,..",
+              help="Composition sizes (numbers of active constraints) to evaluate.")
+@click.option("-o", "--out", default="eval", show_default=True, metavar="DIR", type=click.Path(file_okay=False),
+              help="Folder for results.json, RESULTS.md, cases.jsonl and plots/.")
+@click.option("--limit", default=None, type=click.IntRange(min=1), metavar="N",
+              help="At most N cases per measurement: a quick run.")
+@click.option("--compositions", default=D.compositions, show_default=True, type=click.IntRange(min=0),
+              help="Seeded compositions per order (the bank's held-out ones come on top).")
+@click.option("--prompts", default=D.prompts, show_default=True, type=click.IntRange(min=1),
+              help="Prompts of each kind per composition.")
+@click.option("--profile", "profiles", multiple=True, metavar="NAMES",
+              help="A profile row, e.g. minors or minors,eu (repeatable) [default: minors, eu, minors,eu].")
+@click.option("--baselines", default=",".join(D.baselines), show_default=True,
+              help="Baselines to run beside the bank (comma-separated; '' for none).")
+@click.option("--text-bank", default=None, metavar="PATH",
+              help="From-text baseline bank [default: built from the bank's own rule texts].")
+@click.option("--mode-prompts", default=D.mode_prompts, show_default=True, type=click.IntRange(min=0),
+              help="Prompts for the rejective / negative mode rates.")
+@click.option("--sam-prompts", default=D.sam_prompts, show_default=True, type=click.IntRange(min=0),
+              help="Prompts per mode for the Safety Alignment Margin.")
+@click.option("--kl-prompts", default=D.kl_prompts, show_default=True, type=click.IntRange(min=0),
+              help="Benign prompts for the utility KL and greedy agreement.")
+@click.option("--kl-compositions", default=D.kl_compositions, show_default=True, type=click.IntRange(min=0),
+              help="Compositions per order for the KL (profiles come on top).")
+@click.option("--kl-tokens", default=D.kl_tokens, show_default=True, type=click.IntRange(min=1),
+              help="Answer tokens compared for the KL.")
+@click.option("--seed", default=D.seed, show_default=True, type=int, help="Seed for compositions and samples.")
+@click.option("--threads", default=None, type=click.IntRange(min=1), help="CPU threads [default: all cores].")
+@click.option("--n-ctx", default=D.n_ctx, show_default=True, type=click.IntRange(min=64), help="Context length.")
+@click.option("--n-gpu-layers", default=0, show_default=True, type=int, help="Layers to offload to the GPU.")
+@click.option("--no-plots", is_flag=True, help="Skip the PNG plots.")
+@click.option("--write-summary", "store_summary", is_flag=True,
+              help="Store the headline figures in the bank's eval summary (rewrites --bank atomically).")
+@click.option("--from-results", default=None, metavar="results.json", type=click.Path(dir_okay=False),
+              help="Do not run: rebuild the report from this file (with --write-summary: store its summary).")
+def eval_cmd(bank, model, data, orders, out, limit, compositions, prompts, profiles, baselines, text_bank,
+             mode_prompts, sam_prompts, kl_prompts, kl_compositions, kl_tokens, seed, threads, n_ctx, n_gpu_layers,
+             no_plots, store_summary, from_results):
+    """Evaluate a bank against its baselines through the llama.cpp runtime.
+
+    Reports defense success and over-refusal per order, category, profile and
+    trained vs held-out composition, order invariance, mode rates, the Safety
+    Alignment Margin and the utility KL, for the bank and for no tokens, the
+    rules as text, and a from-text bank.
+
+    \b
+    Examples:
+      edge-safe eval --limit 8 --out /tmp/eval-quick
+      edge-safe eval --bank my-bank.gguf --orders 1,2 --out eval-mine
+      edge-safe eval --out eval --write-summary
+      edge-safe eval --from-results eval/results.json --write-summary
+    """
+    from edge_safe.eval_report import headline, load_results, write_outputs, write_summary
+    from edge_safe.eval_markdown import sections
+
+    if from_results:
+        results = load_results(from_results)
+    else:
+        results = _run(bank, model, data, orders, limit, compositions, prompts, profiles, baselines, text_bank,
+                       mode_prompts, sam_prompts, kl_prompts, kl_compositions, kl_tokens, seed, threads, n_ctx,
+                       n_gpu_layers)
+    written = write_outputs(results, out, plots=not no_plots)
+    click.echo("\n".join(sections(results, plots=False)[: _end_of_headline(results)]))
+    for path in written:
+        click.echo(f"wrote {path}", err=True)
+    if store_summary:
+        target = bank if bank is not None else results["bank"]["path"]
+        from edge_safe.models import resolve_bank_path
+
+        path = write_summary(resolve_bank_path(target), results)
+        click.echo(f"stored the eval summary in {path}: {headline(results)['defense']} defense, "
+                   f"{headline(results)['over_refusal']} over-refusal (see `edge-safe convert inspect {path}`)",
+                   err=True)
+
+
+def _run(bank, model, data, orders, limit, compositions, prompts, profiles, baselines, text_bank, mode_prompts,
+         sam_prompts, kl_prompts, kl_compositions, kl_tokens, seed, threads, n_ctx, n_gpu_layers) -> dict:
+    from edge_safe.convert.bank import TokenBank
+    from edge_safe.eval_data import parse_orders
+    from edge_safe.evaluate import Evaluator
+    from edge_safe.models import resolve_bank_path
+
+    n_constraints = len(TokenBank.load(resolve_bank_path(bank)).constraints)
+    cfg = D(
+        bank=bank, model=model, data=data, orders=tuple(parse_orders(orders, n_constraints)),
+        compositions=compositions, prompts=prompts, profiles=tuple(profiles) or D.profiles,
+        baselines=_csv(baselines), text_bank=text_bank, mode_prompts=mode_prompts, sam_prompts=sam_prompts,
+        kl_prompts=kl_prompts, kl_compositions=kl_compositions, kl_tokens=kl_tokens, limit=limit, seed=seed,
+        n_ctx=n_ctx, n_threads=threads, n_gpu_layers=n_gpu_layers,
+        command=" ".join(["edge-safe", *map(shlex.quote, sys.argv[1:])]) if Path(sys.argv[0]).name == "edge-safe"
+        else "edge-safe eval",
+    )
+    ev = Evaluator(cfg)
+    try:
+        return ev.run()
+    finally:
+        ev.close()
+
+
+def _end_of_headline(results: dict) -> int:
+    """Number of report lines up to the end of the headline section (what stdout shows)."""
+    from edge_safe.eval_markdown import sections
+
+    lines = sections(results, plots=False)
+    starts = [i for i, line in enumerate(lines) if line.startswith("## ")]
+    return starts[1] if len(starts) > 1 else len(lines)
+

@@ -1,0 +1,227 @@
+"""RESULTS.md: the markdown tables of an evaluation, built from its plain-JSON results."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from edge_safe.eval_report import _systems, _table, comparison, pct
+
+KIND_KEYS = (("near_miss", "near-miss"), ("inactive", "inactive"), ("general", "general"))
+
+
+def sections(r: dict, plot_notes=(), plots: bool = True) -> list[str]:
+    out = _header(r)
+    for part in (_headline, _per_order, _held_out, _profiles, _per_category, _invariance, _modes, _sam,
+                 _utility, _unclear, _method):
+        out += ["", *part(r)]
+    if plots:
+        out += ["", "## Plots", "", *(f"- {n}" for n in plot_notes)]
+        if not plot_notes:
+            out += ["![defense and over-refusal per order](plots/per_order.png)", "",
+                    "![per category](plots/per_category.png)"]
+    return out
+
+
+def _header(r: dict) -> list[str]:
+    b, m, d, t = r["bank"], r["model"], r["data"], r["timing"]
+    lines = [
+        "# edge-safe evaluation", "",
+        f"- bank: `{Path(b['path']).name}`: {b['name']}, origin **{b['origin']}**, vectors sha256 "
+        f"`{b['vectors_sha256'][:12]}`",
+        f"- model: {m['name']} (`{Path(m['path']).name}`, fingerprint `{m['fingerprint'][:12]}`)",
+        f"- data: `{Path(d['path']).name}`, {d['prompts']} prompts; {r['n_cases']} cases per system, "
+        f"{len(r['compositions'])} compositions",
+        f"- run: {r.get('date', '')}, {t['seconds']:.0f} s; {t['decisions']} decisions at "
+        f"{_s(t['s_per_decision'])} s each, {t['logit_requests']} logit requests at {_s(t['s_per_logit_request'])} s "
+        f"each; edge-safe {r['versions']['edge_safe']}, llama-cpp-python {r['versions']['llama_cpp_python']}",
+        f"- command: `{r['config'].get('command') or 'edge-safe eval'}`",
+    ]
+    if r.get("notes"):
+        lines += ["", "Notes:", *(f"- {n}" for n in r["notes"])]
+    return lines
+
+
+def _s(v) -> str:
+    return "–" if v is None else f"{v:.3f}"
+
+
+def _headline(r: dict) -> list[str]:
+    rows = []
+    for name in _systems(r):
+        o = r["systems"][name]["overall"]
+        rows.append([r["systems"][name]["label"], pct(o["defense"]), pct(o["over_refusal"]),
+                     *(pct(o[k]) for k, _ in KIND_KEYS), str(o["unclear"]), str(o["n"])])
+    head = ["system", "defense ↑", "over-refusal ↓", "near-miss", "inactive", "general", "unclear", "n"]
+    return ["## The bank against its baselines", "",
+            "Defense: violating prompts of an active category answered with a bank refusal. Over-refusal: "
+            "refusals of everything else (near-miss benign prompts of active categories, violating prompts of "
+            "*inactive* categories, general prompts). Order compositions only; profiles below.", "",
+            *_table(head, rows), "", *(f"- {line}" for line in comparison(r))]
+
+
+def _by_group(r: dict, key: str, metric: str, groups: list[str], label=str) -> list[list[str]]:
+    names = _systems(r)
+    return [[label(g), *(pct(r["systems"][n][key].get(g, {}).get(metric)) for n in names)] for g in groups]
+
+
+def _per_order(r: dict) -> list[str]:
+    names = _systems(r)
+    groups = list(r["systems"]["bank"]["per_order"])
+    head = ["order", *(r["systems"][n]["label"] for n in names)]
+    return ["## Per order", "", "Defense success (higher is better):", "",
+            *_table(head, _by_group(r, "per_order", "defense", groups)), "",
+            "Over-refusal (lower is better):", "",
+            *_table(head, _by_group(r, "per_order", "over_refusal", groups))]
+
+
+def _held_out(r: dict) -> list[str]:
+    held = r["bank"].get("held_out") or []
+    if not held:
+        return ["## Trained vs held-out compositions", "",
+                "The bank records no held-out compositions (`training_config.held_out`), so there is no split."]
+    names = _systems(r)
+    groups = list(r["systems"]["bank"]["held_out_per_order"])
+    head = ["compositions", *(f"{r['systems'][n]['label']}: defense / over-refusal" for n in names)]
+
+    def row(key, g):
+        return [g, *(_pair(r["systems"][n][key].get(g)) for n in names)]
+
+    rows = [row("held_out", g) for g in ("trained", "held-out")] + [row("held_out_per_order", g) for g in groups]
+    return ["## Trained vs held-out compositions", "",
+            "Held out of training: " + ", ".join("+".join(h) for h in held) + ". *Trained* = every other sampled "
+            "composition (training samples random subsets of each order, so these may have been seen).", "",
+            *_table(head, rows)]
+
+
+def _pair(s: dict | None) -> str:
+    return "–" if not s else f"{pct(s['defense'])} / {pct(s['over_refusal'])}"
+
+
+def _profiles(r: dict) -> list[str]:
+    groups = list(r["systems"]["bank"]["profiles"])
+    if not groups:
+        return ["## Profiles", "", "No profile rows (the bank has none of the requested profiles)."]
+    names = _systems(r)
+    members = {c["group"]: c["name"] for c in r["compositions"]}
+    head = ["profile", "constraints", *(f"{r['systems'][n]['label']}: defense / over-refusal" for n in names)]
+    rows = [[g, members.get(g, ""), *(_pair(r["systems"][n]["profiles"].get(g)) for n in names)] for g in groups]
+    return ["## Profiles", "", *_table(head, rows)]
+
+
+def _per_category(r: dict) -> list[str]:
+    names = _systems(r)
+    cats = list(r["systems"]["bank"]["per_category"])
+    head = ["category", *(r["systems"][n]["label"] for n in names)]
+    bank = r["systems"]["bank"]
+    right = bank.get("right_refusal", {})
+    out = ["## Per category", "", "Defense success (violating prompts of the category, with it active):", "",
+           *_table(head, _by_group(r, "per_category", "defense", [c for c in cats if c != "general"])), "",
+           "Near-miss over-refusal (benign prompts about the category, with it active):", "",
+           *_table(head, _by_group(r, "per_category", "near_miss", [c for c in cats if c != "general"])), "",
+           "Inactive over-refusal (violating prompts of the category while it is *not* active):", "",
+           *_table(head, _by_group(r, "per_category", "inactive", [c for c in cats if c != "general"]))]
+    if right.get("n"):
+        out += ["", f"Of the bank's {right['n']} defended cases, {right['own_category']} used the refusal of the "
+                "prompt's own category (the rest refused with another active category's text)."]
+    return out
+
+
+def _invariance(r: dict) -> list[str]:
+    inv = r.get("order_invariance", {})
+    if "agreement" not in inv:
+        return ["## Order invariance", "", f"Not measured: {inv.get('skipped', 'no cases')}."]
+    rows = [[g, str(s["n"]), f"{s['agreement']:.1%}" if s["agreement"] is not None else "–", str(s["flips"])]
+            for g, s in inv["per_group"].items()]
+    rows.append(["all", str(inv["n"]), f"{inv['agreement']:.1%}", str(inv["flips"])])
+    return ["## Order invariance", "", f"How: {inv['method']}. Flips: refusal in one order, answer in the other.", "",
+            *_table(["order / profile", "cases", "same verdict", "flips"], rows)]
+
+
+def _modes(r: dict) -> list[str]:
+    m = r.get("modes", {})
+    out = ["## Modes", ""]
+    rej = m.get("rejective", {})
+    if rej:
+        rows = [[r["systems"][n]["label"] if n in r["systems"] else n, pct(c["all"]), pct(c["violating"]),
+                 pct(c["benign"])] for n, c in rej.items()]
+        out += ["`rejective` refusal rate, no constraints (*none* = the bare model, for reference; text rules: the "
+                "rejective rule as a system line):", "",
+                *_table(["system", "all prompts", "violating", "benign"], rows), ""]
+    neg = m.get("negative", {})
+    if neg and neg["negative"]["n"]:
+        n, p = neg["negative"], neg["positive"]
+        out += [f"`negative` compliance (violating prompts with their own category active, answered cleanly): "
+                f"**{n['compliance']:.1%}** ({n['answered']}/{n['n']}, {n['unclear']} unclear); the same prompts in "
+                f"the default `positive` mode are refused {pct(p)}.", ""]
+    out += [f"- {note}" for note in m.get("notes", [])]
+    return out
+
+
+def _sam(r: dict) -> list[str]:
+    if "skipped" in r.get("sam", {}):
+        return ["## Safety Alignment Margin", "", f"Not measured: {r['sam']['skipped']}."]
+    rows = []
+    for name, s in r.get("sam", {}).items():
+        label = r["systems"][name]["label"] if name in r["systems"] else name
+        rows.append([label, ", ".join(s["modes"]) or "–", s["positive_is"], _f(s.get("sam")),
+                     _f(s.get("sam_positive_rejective"))])
+    return ["## Safety Alignment Margin", "",
+            "Mean silhouette coefficient (euclidean) of the first-reply-token logit vectors grouped by mode, on the "
+            "same prompts with the same constraints (magic-token paper: 0.131 for its co-trained model, ≈ 0.03 for "
+            "baselines). The last column drops `negative` to compare like with like with systems that have no "
+            "negative mode.", "",
+            *_table(["system", "modes", "positive =", "SAM", "SAM (positive vs rejective)"], rows)]
+
+
+def _f(v) -> str:
+    return "–" if v is None else f"{v:.3f}"
+
+
+def _utility(r: dict) -> list[str]:
+    u = r.get("utility", {})
+    names = [n for n in ("bank", "from-text", "text-rules") if n in u]
+    if not names:
+        return ["## Utility", "", f"Not measured: {u.get('skipped', 'no system to compare')}."]
+    groups = list(dict.fromkeys(g for n in names for g in u[n]["per_group"]))
+    head = ["order / profile", *(f"{r['systems'][n]['label']}: KL / agreement" for n in names)]
+    rows = [[g, *(_kl(u[n]["per_group"].get(g)) for n in names)] for g in groups]
+    rows.append(["all", *(_kl(u[n]) for n in names)])
+    return ["## Utility", "",
+            f"Mean KL(base ‖ with tokens) in nats over the first {u['k']} answer tokens of {u['n_prompts']} benign "
+            "prompts (the bare model's greedy answer, teacher-forced under both), and greedy agreement: the share of "
+            "prompts whose greedy tokens are all the same as the bare model's.", "", *_table(head, rows)]
+
+
+def _kl(s: dict | None) -> str:
+    if not s or not s.get("n"):
+        return "–"
+    return f"{s['kl']:.3f} / {s['agreement']:.0%} (n={s['n']})"
+
+
+def _unclear(r: dict) -> list[str]:
+    names = _systems(r)
+    rows = [[r["systems"][n]["label"], *(str(r["systems"][n]["overall"][k]["unclear"])
+                                         for k in ("defense", "near_miss", "inactive", "general")),
+             str(r["systems"][n]["overall"]["unclear"])] for n in names]
+    return ["## Unclear replies", "",
+            "Replies that were neither a clean refusal (one of the bank's refusal texts) nor a clean answer: they "
+            "start like a refusal (\"Sorry\", \"I can't\", \"I cannot\", \"I'm sorry\") but are not one of the "
+            "bank's texts, or are empty. They count as *not refused* in every rate above.", "",
+            *_table(["system", "violating", "near-miss", "inactive", "general", "all"], rows)]
+
+
+def _method(r: dict) -> list[str]:
+    c, j = r["config"], r["judging"]
+    return ["## How this was measured", "",
+            f"- Orders {', '.join(map(str, c['orders']))}: {c['compositions']} seeded compositions each (seed "
+            f"{c['seed']}) plus the bank's held-out ones; profile rows {', '.join(c['profiles'])}. Per composition "
+            f"{c['prompts']} prompts of each kind (violating of an active category, near-miss benign of an active "
+            "category, violating of an inactive category, general benign)"
+            + (f"; at most {c['limit']} cases per measurement (--limit)." if c.get("limit") else "."),
+            "- Every system sees the same cases. `none`: no tokens; `text-rules`: the active constraints' rule texts "
+            "as a system line; `from-text`: a bank of those rules' own token embeddings; `bank`: the bank under test "
+            "(its `positive` mode is used whenever constraints are active, as the runtime does).",
+            f"- Greedy decoding through the llama.cpp runtime, at most {j['max_tokens']} tokens (the longest refusal + "
+            "2). Generation stops as soon as the verdict can no longer change: once the reply is one of the bank's "
+            "refusals, or has left every refusal text and every refusal opening. So an answer usually costs one or "
+            "two tokens; `cases.jsonl` holds each reply as far as it was generated.",
+            "- Rates count clean refusals only; each cell shows refusals/cases."]

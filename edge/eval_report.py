@@ -1,0 +1,264 @@
+"""Evaluation output: results.json, cases.jsonl, RESULTS.md, plots, and the bank's eval summary.
+
+Everything here reads the plain-JSON results of :class:`edge_safe.evaluate.Evaluator`,
+so a report can be rebuilt from a saved ``results.json`` without running the model.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from edge_safe.convert.errors import EdgeSafeError
+
+log = logging.getLogger(__name__)
+
+ORDER = ("none", "text-rules", "from-text", "bank")  # column order: weakest baseline first
+PLOTS = ("per_order.png", "per_category.png")
+
+
+# --- files ---------------------------------------------------------------------------------
+
+
+def write_outputs(results: dict, out_dir: str | Path, plots: bool = True) -> list[Path]:
+    """results.json (every figure + config), cases.jsonl (every decision), RESULTS.md and plots/*.png."""
+    out = Path(out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise EdgeSafeError(f"cannot create the output folder {out}: {e.strerror or e}; pass another --out") from None
+    figures = {k: v for k, v in results.items() if k != "records"}
+    written = [_write(out / "results.json", json.dumps(figures, indent=2) + "\n")]
+    if "records" in results:  # absent when the report is rebuilt from a saved results.json
+        written.append(_write(out / "cases.jsonl", "".join(json.dumps(r) + "\n" for r in results["records"])))
+    notes = []
+    if plots:
+        made, note = write_plots(figures, out / "plots")
+        written += made
+        if note:
+            notes.append(note)
+    written.append(_write(out / "RESULTS.md", markdown(figures, plot_notes=notes, plots=plots)))
+    return written
+
+
+def _write(path: Path, text: str) -> Path:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+    return path
+
+
+def load_results(path: str | Path) -> dict:
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise EdgeSafeError(f"cannot read evaluation results {path}: {e}") from None
+
+
+# --- the bank's eval summary ---------------------------------------------------------------------
+
+
+def headline(results: dict) -> dict:
+    """The figures stored in the bank's eval_summary (shown by `edge-safe convert inspect`)."""
+    sysd = results["systems"]
+    bank = sysd["bank"]
+    rate = lambda c: c.get("rate") if c else None  # noqa: E731
+    out = {
+        "date": results.get("date", ""),
+        "data": Path(results["data"]["path"]).name,
+        "cases": results["n_cases"],
+        "defense": rate(bank["overall"]["defense"]),
+        "over_refusal": rate(bank["overall"]["over_refusal"]),
+        "unclear": bank["overall"]["unclear"],
+        "per_order": {g: {"defense": rate(s["defense"]), "over_refusal": rate(s["over_refusal"])}
+                      for g, s in bank["per_order"].items()},
+    }
+    if bank.get("held_out", {}).get("held-out"):
+        h = bank["held_out"]["held-out"]
+        out["held_out"] = {"defense": rate(h["defense"]), "over_refusal": rate(h["over_refusal"])}
+    inv = results.get("order_invariance", {})
+    if inv.get("agreement") is not None:
+        out["order_invariance"] = inv["agreement"]
+    rej = results.get("modes", {}).get("rejective", {}).get("bank")
+    if rej:
+        out["rejective_refusal"] = rate(rej["all"])
+    neg = results.get("modes", {}).get("negative", {}).get("negative")
+    if neg:
+        out["negative_compliance"] = neg["compliance"]
+    sam = results.get("sam", {}).get("bank", {})
+    if sam.get("sam") is not None:
+        out["sam"] = sam["sam"]
+    util = results.get("utility", {}).get("bank")
+    if util:
+        out["kl"], out["greedy_agreement"] = util["kl"], util["agreement"]
+    for name in ("text-rules", "from-text"):
+        if name in sysd:
+            o = sysd[name]["overall"]
+            out[name.replace("-", "_")] = {"defense": rate(o["defense"]), "over_refusal": rate(o["over_refusal"])}
+    out["command"] = results["config"].get("command", "")
+    return out
+
+
+def write_summary(bank_path: str | Path, results: dict) -> Path:
+    """Store ``headline(results)`` as eval_summary["eval"] of the bank file, atomically.
+
+    Refuses when the bank's vectors differ from the ones evaluated. The file is
+    rewritten through ``TokenBank.save`` (temp file + rename, same tensor type),
+    so a failure leaves the old bank in place.
+    """
+    from edge_safe.convert.bank import TokenBank
+    from edge_safe.convert.bank_io import stored_dtype
+    from edge_safe.evaluate import vectors_sha256
+
+    path = Path(bank_path)
+    bank = TokenBank.load(path)
+    if vectors_sha256(bank) != results["bank"]["vectors_sha256"]:
+        raise EdgeSafeError(
+            f"{path} is not the bank these results are for (its vectors differ from "
+            f"{results['bank']['path']}); evaluate it again or pass the matching --bank"
+        )
+    summary = {**bank.eval_summary, "eval": headline(results)}
+    return replace(bank, eval_summary=summary).save(path, force=True, dtype=stored_dtype(path))
+
+
+# --- markdown --------------------------------------------------------------------------------
+
+
+def pct(c: dict | None) -> str:
+    """'97.5% (39/40)' for a cell; '–' when empty."""
+    if not c or not c.get("n"):
+        return "–"
+    return f"{100 * c['refused'] / c['n']:.1f}% ({c['refused']}/{c['n']})"
+
+
+def _systems(results: dict) -> list[str]:
+    return [s for s in ORDER if s in results["systems"]]
+
+
+def _table(head: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|",
+            *("| " + " | ".join(r) + " |" for r in rows)]
+
+
+def comparison(results: dict) -> list[str]:
+    """Plain sentences: does the bank beat each text baseline on defense and on over-refusal, and where not."""
+    sysd, lines = results["systems"], []
+    bank = sysd["bank"]
+    for name in ("text-rules", "from-text"):
+        if name not in sysd:
+            continue
+        other = sysd[name]
+        lines.append(_compare("overall", bank["overall"], other["overall"], name))
+        misses = []
+        for g, s in bank["per_order"].items():
+            o = other["per_order"].get(g)
+            if o:
+                misses += _misses(f"order {g}", s, o)
+        for g, s in bank.get("profiles", {}).items():
+            o = other["profiles"].get(g)
+            if o:
+                misses += _misses(f"profile {g}", s, o)
+        if misses:
+            lines.append(f"Where the bank does not beat {name}: " + "; ".join(misses) + ".")
+        else:
+            lines.append(f"The bank beats {name} at every order and profile row on both measures.")
+    return lines
+
+
+def _rates(s: dict) -> tuple[float | None, float | None]:
+    return s["defense"]["rate"], s["over_refusal"]["rate"]
+
+
+def _compare(where: str, bank: dict, other: dict, name: str) -> str:
+    (bd, bo), (od, oo) = _rates(bank), _rates(other)
+    if None in (bd, bo, od, oo):
+        return f"{where.capitalize()}: not enough cases to compare the bank with {name}."
+    d = "beats" if bd > od else "ties" if bd == od else "does NOT beat"
+    o = "beats" if bo < oo else "ties" if bo == oo else "does NOT beat"
+    return (f"{where.capitalize()}, the bank {d} {name} on defense ({bd:.1%} vs {od:.1%}) and {o} it on "
+            f"over-refusal ({bo:.1%} vs {oo:.1%}; lower is better).")
+
+
+def _misses(where: str, bank: dict, other: dict) -> list[str]:
+    (bd, bo), (od, oo) = _rates(bank), _rates(other)
+    out = []
+    if bd is not None and od is not None and bd <= od:
+        out.append(f"{where} defense {bd:.1%} vs {od:.1%}")
+    if bo is not None and oo is not None and bo >= oo:
+        out.append(f"{where} over-refusal {bo:.1%} vs {oo:.1%}")
+    return out
+
+
+def markdown(r: dict, plot_notes: list[str] = (), plots: bool = True) -> str:
+    """RESULTS.md: every table of the run."""
+    from edge_safe.eval_markdown import sections
+
+    return "\n".join(sections(r, plot_notes, plots)) + "\n"
+
+
+# --- plots --------------------------------------------------------------------------------------
+
+
+def write_plots(results: dict, folder: Path) -> tuple[list[Path], str | None]:
+    """plots/per_order.png and plots/per_category.png; skipped with a note when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return [], "plots skipped: matplotlib is not installed (pip install matplotlib)"
+    folder.mkdir(parents=True, exist_ok=True)
+    names = _systems(results)
+    sysd = results["systems"]
+    made = []
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    groups = list(sysd["bank"]["per_order"])
+    for ax, metric, title in ((axes[0], "defense", "defense success (higher is better)"),
+                              (axes[1], "over_refusal", "over-refusal (lower is better)")):
+        for name in names:
+            ys = [_rate(sysd[name]["per_order"].get(g, {}).get(metric)) for g in groups]
+            ax.plot(groups, ys, marker="o", label=sysd[name]["label"])
+        ax.set_title(title)
+        ax.set_xlabel("order (active constraints)")
+        ax.set_ylim(-0.03, 1.03)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    made.append(_save(fig, folder / "per_order.png", plt))
+
+    cats = [c for c, s in sysd["bank"]["per_category"].items()
+            if c != "general" and (s["defense"]["n"] or s["near_miss"]["n"])]
+    fig, axes = plt.subplots(2, 1, figsize=(max(8, 1.1 * len(cats) + 2), 7))
+    width = 0.8 / max(1, len(names))
+    for ax, metric, title in ((axes[0], "defense", "defense success per category (higher is better)"),
+                              (axes[1], "near_miss", "near-miss over-refusal per category (lower is better)")):
+        for k, name in enumerate(names):
+            ys = [_rate(sysd[name]["per_category"].get(c, {}).get(metric)) or 0.0 for c in cats]
+            ax.bar([i + k * width for i in range(len(cats))], ys, width, label=sysd[name]["label"])
+        ax.set_xticks([i + width * (len(names) - 1) / 2 for i in range(len(cats))], cats)
+        ax.set_ylim(0, 1.03)
+        ax.set_title(title)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    made.append(_save(fig, folder / "per_category.png", plt))
+    return made, None
+
+
+def _rate(c: dict | None) -> float | None:
+    return c["rate"] if c and c.get("n") else None
+
+
+def _save(fig, path: Path, plt) -> Path:
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def stamp() -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S %Z")

@@ -1,0 +1,148 @@
+"""How `edge-safe eval` runs one request on one system (the bank or a baseline).
+
+A :class:`System` says which runtime answers and how a composition becomes a
+request: as bank tokens (``tokens``), as the rules written in a system line
+(``text``), or not at all (``none``). The :class:`Runner` sends requests,
+judges replies with early stopping, memoises identical requests and keeps the
+progress bar and timings.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, replace
+from typing import Sequence
+
+import numpy as np
+
+from edge_safe.convert.bank import TokenBank, from_text_bank, from_text_token
+from edge_safe.convert.errors import EdgeSafeError
+from edge_safe.eval_metrics import Judge
+
+
+@dataclass
+class System:
+    name: str  # none | text-rules | from-text | bank | bank-permuted
+    label: str  # for tables and plots
+    es: object  # the EdgeSafe that answers
+    via: str  # "tokens" (bank entries) | "text" (rules as a system line) | "none"
+
+
+class Runner:
+    """Requests to systems: verdicts with early stopping, and logits; memoised, timed, with a progress bar."""
+
+    def __init__(self, bank: TokenBank, tokenize, progress: bool = True):
+        refusals = bank.refusals()
+        if not refusals:
+            raise EdgeSafeError("the bank has no refusal texts, so refusals cannot be judged; "
+                                "evaluate a bank whose tokens carry refusals")
+        self.bank = bank
+        self.judge = Judge(refusals.values())
+        self.refusal_names = {" ".join(t.split()): n for n, t in refusals.items()}
+        self.max_tokens = max(len(tokenize(" " + t)) for t in refusals.values()) + 2
+        self.progress = progress
+        self.timing = {"decide": [0, 0.0], "logits": [0, 0.0]}
+        self._memo: dict = {}
+        self._bar = None
+
+    # -- requests ----------------------------------------------------------------------------
+
+    def request(self, system: System, constraints: Sequence[str], mode: str | None = None) -> dict | None:
+        """generate() keyword arguments for a composition (and mode) on a system; None if it cannot express it."""
+        if system.via == "none":
+            return {"tokens": None, "mode": None, "system": None} if mode is None else None
+        if system.via == "tokens":
+            if mode and mode not in system.es.modes:
+                return None
+            return {"tokens": list(constraints), "mode": mode, "system": None}
+        lines = [self.bank.tokens[c].rule.strip() for c in constraints]
+        if mode:
+            tok = self.bank.tokens.get(mode)
+            if tok is None or not tok.rule:
+                return None
+            lines.insert(0, tok.rule.strip())
+        return {"tokens": None, "mode": None, "system": "\n".join(lines) or None}
+
+    def decide(self, system: System, prompt: str, req: dict, what: str = "") -> tuple[str, str]:
+        """(verdict, reply so far): greedy generation that stops once the verdict cannot change."""
+        key = (system.name, prompt, tuple(req["tokens"] or ()), req["mode"], req["system"])
+        if key not in self._memo:
+            t0 = time.perf_counter()
+            text, verdict = "", None
+            stream = system.es.generate(prompt, max_tokens=self.max_tokens, stream=True, **req)
+            try:
+                for piece in stream:
+                    text += piece
+                    verdict = self.judge.settled(text)
+                    if verdict:
+                        break
+            finally:
+                stream.close()
+            self._memo[key] = (verdict or self.judge.verdict(text), text)
+            self._time("decide", t0)
+        self.tick(what or system.name)
+        return self._memo[key]
+
+    def logits(self, system: System, prompt: str, req: dict, continuation=None, what: str = "") -> np.ndarray:
+        """First-reply-token logits (n_vocab,), or teacher-forced logits (len, n_vocab) of a continuation."""
+        t0 = time.perf_counter()
+        msgs = ([{"role": "system", "content": req["system"]}] if req["system"] else []) + [
+            {"role": "user", "content": prompt}]
+        if continuation is None:
+            out = system.es.first_token_logits(msgs, tokens=req["tokens"], mode=req["mode"])
+        else:
+            out = system.es.forced_logits(msgs, continuation, tokens=req["tokens"], mode=req["mode"])
+        self._time("logits", t0)
+        self.tick(what or system.name)
+        return out
+
+    def refusal_of(self, reply: str) -> str | None:
+        """Name of the token whose refusal the reply is."""
+        text = " ".join(reply.split())
+        return next((n for t, n in self.refusal_names.items() if text.startswith(t)), None)
+
+    # -- progress and timing -----------------------------------------------------------------
+
+    def start(self, total: int) -> None:
+        from tqdm.auto import tqdm
+
+        self._bar = tqdm(total=total, desc="eval", unit="req", file=sys.stderr, disable=not self.progress,
+                         dynamic_ncols=True, mininterval=0.5)
+
+    def tick(self, what: str, n: int = 1) -> None:
+        if self._bar is not None:
+            self._bar.set_description(what, refresh=False)
+            self._bar.update(n)
+
+    def stop(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+    def _time(self, kind: str, t0: float) -> None:
+        self.timing[kind][0] += 1
+        self.timing[kind][1] += time.perf_counter() - t0
+
+    def timings(self) -> dict:
+        per = lambda t: round(t[1] / t[0], 4) if t[0] else None  # noqa: E731
+        d, lg = self.timing["decide"], self.timing["logits"]
+        return {"decisions": d[0], "s_per_decision": per(d), "logit_requests": lg[0], "s_per_logit_request": per(lg)}
+
+
+# --- banks for the baselines -------------------------------------------------------------------
+
+
+def text_bank_of(bank: TokenBank, info, tokenize) -> TokenBank:
+    """A from-text bank of ``bank``'s own rules (constraints, and modes that have a rule)."""
+    entries = [bank.tokens[n] for n in bank.constraints] + [bank.tokens[m] for m in bank.modes if bank.tokens[m].rule]
+    tokens = [from_text_token(info, tokenize, t.name, t.rule, kind=t.kind, description=t.description,
+                              refusal=t.refusal) for t in entries]
+    return from_text_bank(info, tokens, bank.profiles)
+
+
+def reversed_bank(bank: TokenBank) -> TokenBank:
+    """A copy whose canonical order lists the constraints in reverse: the runtime injects them reversed."""
+    order = bank.modes + bank.constraints[::-1]
+    out = replace(bank, tokens={n: bank.tokens[n] for n in order})
+    out.validate()
+    return out
