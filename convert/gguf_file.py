@@ -143,7 +143,9 @@ def _parse(buf: bytes | mmap.mmap, keep_arrays: bool) -> Header:
         dims = [cur.unpack("Q") for _ in range(cur.unpack("I"))]
         qtype = GGMLQuantizationType(cur.unpack("I"))
         infos.append((name, tuple(reversed(dims)), qtype, cur.unpack("Q")))
-    align = int(kv.get(Model.ALIGNMENT, 32))
+    align = kv.get(Model.ALIGNMENT, 32)
+    if types.get(Model.ALIGNMENT, (GGUFValueType.UINT32,)) != (GGUFValueType.UINT32,) or align <= 0 or align % 8:
+        raise GGUFScanError(f"{Model.ALIGNMENT} must be a uint32 multiple of 8, got {align!r}")
     start = -(-cur.pos // align) * align
     tensors = {n: _tensor_info(n, shape, q, start + off) for n, shape, q, off in infos}
     for t in tensors.values():

@@ -384,9 +384,12 @@ class EdgeSafe:
 
         yield chunk({"role": "assistant"})
         content = []
-        for piece in pieces:
-            content.append(piece)
-            yield chunk({"content": piece})
+        try:
+            for piece in pieces:
+                content.append(piece)
+                yield chunk({"content": piece})
+        finally:  # a consumer that stops early (client gone) releases the model now, not at GC
+            pieces.close()
         last = chunk({}, req.stats.finish_reason)
         last["usage"] = _usage(req.stats)
         last["edge_safe"] = self._extra(req, "".join(content))
