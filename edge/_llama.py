@@ -278,8 +278,9 @@ class LlamaModel:
 
     def load_seq(self, blob: bytes) -> None:
         """Replace the sequence's KV state with a snapshot from :meth:`save_seq`."""
-        self.clear()
-        buf = (ctypes.c_uint8 * len(blob)).from_buffer_copy(blob)
+        # seq_rm frees just our cells; memory_clear(data=True) would zero the whole buffer (~1 ms).
+        C.llama_memory_seq_rm(self.memory, SEQ, -1, -1)
+        buf = ctypes.cast(ctypes.c_char_p(blob), ctypes.POINTER(ctypes.c_uint8))  # no copy of the bytes
         if C.llama_state_seq_set_data(self.ctx, buf, len(blob), SEQ) == 0:
             self.clear()
             raise EdgeSafeError("llama.cpp could not restore a sequence snapshot")

@@ -21,6 +21,8 @@ COMMANDS = {
     "convert": "edge_safe.cli_convert:convert",
     "train": "edge_safe.training.cli:train",
     "eval": "edge_safe.cli_eval:eval_cmd",
+    "bench": "edge_safe.cli_bench:bench",
+    "serve": "edge_safe.cli_serve:serve",
 }
 
 
