@@ -541,17 +541,32 @@ def test_from_text_bank_is_labelled(tmp_path, make_model):
 
 
 @pytest.mark.model
-def test_default_bank_is_the_labelled_from_text_bank(model_path):
+def test_default_bank_is_the_trained_bank_for_the_bundled_model(model_path):
     from edge_safe.models import default_bank_path
+    from edge_safe.training.categories import CATEGORIES, MODES, PROFILES
+
+    bank = TokenBank.load(default_bank_path())
+    assert bank.origin == "trained"
+    bank.check_model(ModelInfo.read(model_path))
+    assert bank.constraints == [c.name for c in CATEGORIES]
+    assert sorted(bank.modes) == sorted(m.name for m in MODES)
+    assert bank.profiles == {p: list(ms) for p, ms in PROFILES.items()}
+    for c in CATEGORIES + MODES:
+        t = bank.tokens[c.name]
+        assert (t.description, t.refusal, t.rule) == (c.description, c.refusal, c.rule)
+    assert bank.training_config["steps"] > 0 and "held_out" in bank.training_config
+
+
+@pytest.mark.model
+def test_text_bank_builder_is_labelled_and_reproducible(model_path):
     from edge_safe.training.categories import CATEGORIES, PROFILES
     from edge_safe.training.text_bank import build_text_bank
 
-    bank = TokenBank.load(default_bank_path())
+    bank = build_text_bank(model_path)
     assert bank.origin == "from-text" and bank.description.startswith("Built from text rules, not trained")
-    bank.check_model(ModelInfo.read(model_path))
     assert bank.constraints == [c.name for c in CATEGORIES] and bank.modes == ["rejective"]
     assert bank.profiles == {p: list(ms) for p, ms in PROFILES.items()}
     for c in CATEGORIES:
         t = bank.tokens[c.name]
         assert (t.description, t.refusal, t.rule) == (c.description, c.refusal, c.rule)
-    assert_same(bank, build_text_bank(model_path))  # the shipped file is up to date
+    assert_same(bank, build_text_bank(model_path))  # deterministic

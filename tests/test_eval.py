@@ -224,14 +224,13 @@ def test_quick_cli_run_writes_results_report_and_plots(quick_run):
     assert "| system | defense ↑ | over-refusal ↓ | near-miss | inactive | general | unclear | n |" in result.stdout
     r = json.loads((out / "results.json").read_text())
     assert r["config"]["limit"] == 4 and r["n_cases"] == 4
-    assert r["bank"]["origin"] == "from-text" and len(r["bank"]["vectors_sha256"]) == 64
+    assert r["bank"]["origin"] == "trained" and len(r["bank"]["vectors_sha256"]) == 64
     assert r["model"]["name"] and r["versions"]["llama_cpp_python"]
-    assert set(r["systems"]) == {"none", "text-rules", "bank"}  # the bundled bank is from-text itself
-    assert "from-text baseline skipped: the bank under test is itself a from-text bank" in r["notes"]
-    assert r["sam"]["bank"]["modes"] == ["positive", "rejective"]
+    assert set(r["systems"]) == {"none", "text-rules", "from-text", "bank"}  # the bundled bank is trained
+    assert r["sam"]["bank"]["modes"] == ["positive", "negative", "rejective"]
     assert r["utility"]["bank"]["n"] == 4
     records = (out / "cases.jsonl").read_text().splitlines()
-    assert len(records) == 3 * 4
+    assert len(records) == 4 * 4
     md = (out / "RESULTS.md").read_text()
     for section in ("## Per order", "## Trained vs held-out", "## Profiles", "## Per category", "## Order invariance",
                     "## Modes", "## Safety Alignment Margin", "## Utility", "## Unclear replies"):
