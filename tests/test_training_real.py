@@ -40,28 +40,38 @@ def runtime(model_path):
 
 
 @torch.no_grad()
-def hf_first_token(base, bank: Bank, mode, constraints, prompt: str, template) -> int:
+def hf_first_logits(base, bank: Bank, mode, constraints, prompt: str, template) -> np.ndarray:
     x = layout(base, bank, mode, tuple(constraints), base.tokenize(template.prompt(prompt)))
     hidden = base.model.model(inputs_embeds=x[None]).last_hidden_state[0, -1]
-    return int(base.model.lm_head(hidden).argmax())
+    return base.model.lm_head(hidden).numpy()
 
 
 def test_layout_parity_hf_training_vs_llamacpp_runtime(base, runtime):
-    """The trainer's HF forward and the llama.cpp runtime lay out the shipped bank identically."""
+    """The trainer's HF forward and the llama.cpp runtime lay out the shipped bank identically.
+
+    fp32 transformers and Q4_K_M llama.cpp differ by up to ~1 logit, so near-ties may flip:
+    top-1 must agree wherever HF's margin is clear, and the *effect* of the tokens (logits with
+    tokens minus logits without) must match between the two; a layout bug (order, scale,
+    position, template) breaks both.
+    Measured: 0.86-0.99 for the shipped bank; dropping the mode vectors in one path gave 0.82 on
+    one prompt, so this is a coarse check and the top-1 check is the sharp one.
+    """
     tb = runtime.bank
     bank = Bank({n: torch.from_numpy(t.vectors) for n, t in tb.tokens.items()})
-    compositions = [(None, []), *[runtime.compose(c) for c in (tb.constraints[:1], "minors", "minors,eu")]]
-    if tb.modes:
-        compositions.append(runtime.compose(None, mode=tb.modes[-1]))
-    agree, total = 0, 0
-    for constraints, mode in [(c, m) for c, m in compositions]:
-        for prompt in PROMPTS:
-            hf = hf_first_token(base, bank, mode, constraints, prompt, tb.template)
-            cpp = int(np.argmax(runtime.first_token_logits(prompt, tokens=constraints, mode=mode)))
-            agree += hf == cpp
-            total += 1
-    # fp32 transformers vs Q4_K_M llama.cpp: near-ties may flip, a layout bug flips nearly all.
-    assert agree / total >= 0.9, f"first-token top-1 agreement {agree}/{total}"
+    compositions = [runtime.compose(c) for c in (tb.constraints[:1], "minors", "minors,eu")]
+    if "rejective" in tb.modes:  # a mode with a large effect (negative ≈ no tokens: noise only)
+        compositions.append(runtime.compose(None, mode="rejective"))
+    for prompt in PROMPTS:
+        hf0 = hf_first_logits(base, bank, None, [], prompt, tb.template)
+        cpp0 = runtime.first_token_logits(prompt)
+        for constraints, mode in compositions:
+            hf = hf_first_logits(base, bank, mode, constraints, prompt, tb.template)
+            cpp = runtime.first_token_logits(prompt, tokens=constraints, mode=mode)
+            top2 = np.sort(hf)[-2:]
+            if top2[1] - top2[0] > 0.5:
+                assert hf.argmax() == cpp.argmax(), (prompt, constraints, mode)
+            effect = np.corrcoef(hf - hf0, cpp - cpp0)[0, 1]
+            assert effect > 0.8, f"token effect correlation {effect:.3f} for {constraints} {mode} on {prompt!r}"
 
 
 def test_smoke_training_on_real_model_exports_a_bank_the_runtime_loads(base, tmp_path, monkeypatch, model_path):
