@@ -10,19 +10,16 @@ from pathlib import Path
 import numpy as np
 
 from edge_safe.bench_report import prefill_fit
+from edge_safe.report_io import PLOTS_SKIPPED, pyplot
 
 PLOTS = ("ttft_per_composition.png", "prefill_vs_ttft.png")
 
 
 def write_plots(results: dict, folder: Path) -> tuple[list[Path], str | None]:
     """plots/ttft_per_composition.png and plots/prefill_vs_ttft.png; skipped with a note without matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return [], "plots skipped: matplotlib is not installed (pip install matplotlib)"
+    plt = pyplot()
+    if plt is None:
+        return [], PLOTS_SKIPPED
     folder.mkdir(parents=True, exist_ok=True)
     return [_plot_ttft(results, folder / PLOTS[0], plt), _plot_prefill(results, folder / PLOTS[1], plt)], None
 

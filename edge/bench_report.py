@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from edge_safe.convert.errors import EdgeSafeError
+from edge_safe.report_io import write_text_atomic
 
 FORMAT = "edge-safe-bench/v1"  # results.json layout version
 FOCUS = "minors,eu"  # the composition the targets name
@@ -79,14 +80,14 @@ def write_outputs(results: dict, out_dir: str | Path, plots: bool = True) -> lis
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise EdgeSafeError(f"cannot create the output folder {out}: {e.strerror or e}; pass another --out") from None
-    written = [_write(out / "results.json", json.dumps(results, indent=2) + "\n")]
+    written = [write_text_atomic(out / "results.json", json.dumps(results, indent=2) + "\n")]
     note = None
     if plots:
         from edge_safe.bench_plots import write_plots
 
         made, note = write_plots(results, out / "plots")
         written += made
-    written.append(_write(out / "RESULTS.md", "\n".join(markdown(results, plots=plots, plot_note=note)) + "\n"))
+    written.append(write_text_atomic(out / "RESULTS.md", "\n".join(markdown(results, plots=plots, plot_note=note)) + "\n"))
     return written
 
 
@@ -102,11 +103,6 @@ def load_results(path: str | Path) -> dict:
     return results
 
 
-def _write(path: Path, text: str) -> Path:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
-    return path
 
 
 # --- markdown --------------------------------------------------------------------------------

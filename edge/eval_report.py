@@ -12,6 +12,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from edge_safe.convert.errors import EdgeSafeError
+from edge_safe.report_io import PLOTS_SKIPPED, pyplot, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -30,24 +31,19 @@ def write_outputs(results: dict, out_dir: str | Path, plots: bool = True) -> lis
     except OSError as e:
         raise EdgeSafeError(f"cannot create the output folder {out}: {e.strerror or e}; pass another --out") from None
     figures = {k: v for k, v in results.items() if k != "records"}
-    written = [_write(out / "results.json", json.dumps(figures, indent=2) + "\n")]
+    written = [write_text_atomic(out / "results.json", json.dumps(figures, indent=2) + "\n")]
     if "records" in results:  # absent when the report is rebuilt from a saved results.json
-        written.append(_write(out / "cases.jsonl", "".join(json.dumps(r) + "\n" for r in results["records"])))
+        written.append(write_text_atomic(out / "cases.jsonl", "".join(json.dumps(r) + "\n" for r in results["records"])))
     notes = []
     if plots:
         made, note = write_plots(figures, out / "plots")
         written += made
         if note:
             notes.append(note)
-    written.append(_write(out / "RESULTS.md", markdown(figures, plot_notes=notes, plots=plots)))
+    written.append(write_text_atomic(out / "RESULTS.md", markdown(figures, plot_notes=notes, plots=plots)))
     return written
 
 
-def _write(path: Path, text: str) -> Path:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
-    return path
 
 
 def load_results(path: str | Path) -> dict:
@@ -204,13 +200,9 @@ def markdown(r: dict, plot_notes: list[str] = (), plots: bool = True) -> str:
 
 def write_plots(results: dict, folder: Path) -> tuple[list[Path], str | None]:
     """plots/per_order.png and plots/per_category.png; skipped with a note when matplotlib is missing."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return [], "plots skipped: matplotlib is not installed (pip install matplotlib)"
+    plt = pyplot()
+    if plt is None:
+        return [], PLOTS_SKIPPED
     folder.mkdir(parents=True, exist_ok=True)
     names = _systems(results)
     sysd = results["systems"]
