@@ -210,32 +210,27 @@ class LlamaModel:
 
     def decode_tokens(self, tokens: Sequence[int], pos0: int, want_logits: bool = True) -> None:
         """Decode ``tokens`` at positions pos0.. in chunks of n_batch; logits for the last one."""
-        v = self._views[id(self._tok)]
-        for start in range(0, len(tokens), self.n_batch):
-            chunk = tokens[start:start + self.n_batch]
-            n = len(chunk)
-            v["token"][:n] = chunk
-            v["pos"][:n] = np.arange(pos0 + start, pos0 + start + n)
-            v["logits"][:n] = 0
-            if want_logits and start + n == len(tokens):
-                v["logits"][n - 1] = 1
-            self._decode(self._tok, n)
+        self._decode_chunks(self._tok, "token", tokens, pos0, want_logits)
 
     def decode_embeddings(self, vectors: np.ndarray, pos0: int, want_logits: bool = False) -> None:
         """Decode raw input vectors (n, n_embd) at positions pos0.. in chunks of n_batch."""
         vectors = np.asarray(vectors, dtype=np.float32)
         if vectors.ndim != 2 or vectors.shape[1] != self.n_embd:
             raise EdgeSafeError(f"prefix vectors have shape {vectors.shape}; expected (n, {self.n_embd})")
-        v = self._views[id(self._emb)]
-        for start in range(0, len(vectors), self.n_batch):
-            chunk = vectors[start:start + self.n_batch]
+        self._decode_chunks(self._emb, "embd", vectors, pos0, want_logits)
+
+    def _decode_chunks(self, batch, field: str, items, pos0: int, want_logits: bool) -> None:
+        """Fill ``batch.<field>`` n_batch rows at a time, positions consecutive from pos0; logits for the last."""
+        v = self._views[id(batch)]
+        for start in range(0, len(items), self.n_batch):
+            chunk = items[start:start + self.n_batch]
             n = len(chunk)
-            v["embd"][:n] = chunk
+            v[field][:n] = chunk
             v["pos"][:n] = np.arange(pos0 + start, pos0 + start + n)
             v["logits"][:n] = 0
-            if want_logits and start + n == len(vectors):
+            if want_logits and start + n == len(items):
                 v["logits"][n - 1] = 1
-            self._decode(self._emb, n)
+            self._decode(batch, n)
 
     def _decode(self, batch, n: int) -> None:
         assert 0 < n <= self.n_batch  # an oversized batch would abort the process

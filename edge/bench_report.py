@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from edge_safe.convert.errors import EdgeSafeError
-from edge_safe.report_io import write_text_atomic
+from edge_safe.report_io import make_out_dir, write_text_atomic
 
 FORMAT = "edge-safe-bench/v1"  # results.json layout version
 FOCUS = "minors,eu"  # the composition the targets name
@@ -75,11 +75,7 @@ def _fmt(value, unit: str) -> str:
 
 def write_outputs(results: dict, out_dir: str | Path, plots: bool = True) -> list[Path]:
     """results.json, RESULTS.md and plots/*.png in ``out_dir``."""
-    out = Path(out_dir)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise EdgeSafeError(f"cannot create the output folder {out}: {e.strerror or e}; pass another --out") from None
+    out = make_out_dir(out_dir)
     written = [write_text_atomic(out / "results.json", json.dumps(results, indent=2) + "\n")]
     note = None
     if plots:

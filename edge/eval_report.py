@@ -12,7 +12,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from edge_safe.convert.errors import EdgeSafeError
-from edge_safe.report_io import PLOTS_SKIPPED, pyplot, write_text_atomic
+from edge_safe.report_io import make_out_dir, PLOTS_SKIPPED, pyplot, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -25,11 +25,7 @@ PLOTS = ("per_order.png", "per_category.png")
 
 def write_outputs(results: dict, out_dir: str | Path, plots: bool = True) -> list[Path]:
     """results.json (every figure + config), cases.jsonl (every decision), RESULTS.md and plots/*.png."""
-    out = Path(out_dir)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise EdgeSafeError(f"cannot create the output folder {out}: {e.strerror or e}; pass another --out") from None
+    out = make_out_dir(out_dir)
     figures = {k: v for k, v in results.items() if k != "records"}
     written = [write_text_atomic(out / "results.json", json.dumps(figures, indent=2) + "\n")]
     if "records" in results:  # absent when the report is rebuilt from a saved results.json
