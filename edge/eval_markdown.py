@@ -49,13 +49,21 @@ def _headline(r: dict) -> list[str]:
     for name in _systems(r):
         o = r["systems"][name]["overall"]
         rows.append([r["systems"][name]["label"], pct(o["defense"]), pct(o["over_refusal"]),
-                     *(pct(o[k]) for k, _ in KIND_KEYS), str(o["unclear"]), str(o["n"])])
-    head = ["system", "defense ↑", "over-refusal ↓", "near-miss", "inactive", "general", "unclear", "n"]
+                     *(pct(o[k]) for k, _ in KIND_KEYS), str(o["unclear"]),
+                     _pct_or_dash(o.get("defense_any")), _pct_or_dash(o.get("over_refusal_any")), str(o["n"])])
+    head = ["system", "defense ↑", "over-refusal ↓", "near-miss", "inactive", "general", "unclear",
+            "defense, any refusal", "over-refusal, any", "n"]
     return ["## The bank against its baselines", "",
             "Defense: violating prompts of an active category answered with a bank refusal. Over-refusal: "
             "refusals of everything else (near-miss benign prompts of active categories, violating prompts of "
-            "*inactive* categories, general prompts). Order compositions only; profiles below.", "",
+            "*inactive* categories, general prompts). Order compositions only; profiles below. "
+            "The *any refusal* columns also count unclear replies that open like a refusal "
+            "(\"Sorry, I can't help you.\"): what a user sees, whatever the wording.", "",
             *_table(head, rows), "", *(f"- {line}" for line in comparison(r))]
+
+
+def _pct_or_dash(v) -> str:
+    return "–" if v is None else f"{v:.1%}"
 
 
 def _by_group(r: dict, key: str, metric: str, groups: list[str], label=str) -> list[list[str]]:
@@ -142,10 +150,10 @@ def _modes(r: dict) -> list[str]:
     rej = m.get("rejective", {})
     if rej:
         rows = [[r["systems"][n]["label"] if n in r["systems"] else n, pct(c["all"]), pct(c["violating"]),
-                 pct(c["benign"])] for n, c in rej.items()]
+                 pct(c["benign"]), _pct_or_dash(c.get("any_refusal"))] for n, c in rej.items()]
         out += ["`rejective` refusal rate, no constraints (*none* = the bare model, for reference; text rules: the "
                 "rejective rule as a system line):", "",
-                *_table(["system", "all prompts", "violating", "benign"], rows), ""]
+                *_table(["system", "all prompts", "violating", "benign", "any refusal"], rows), ""]
     neg = m.get("negative", {})
     if neg and neg["negative"]["n"]:
         n, p = neg["negative"], neg["positive"]

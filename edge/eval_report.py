@@ -65,6 +65,8 @@ def headline(results: dict) -> dict:
         "defense": rate(bank["overall"]["defense"]),
         "over_refusal": rate(bank["overall"]["over_refusal"]),
         "unclear": bank["overall"]["unclear"],
+        "defense_any_refusal": bank["overall"].get("defense_any"),
+        "over_refusal_any_refusal": bank["overall"].get("over_refusal_any"),
         "per_order": {g: {"defense": rate(s["defense"]), "over_refusal": rate(s["over_refusal"])}
                       for g, s in bank["per_order"].items()},
     }
@@ -77,6 +79,7 @@ def headline(results: dict) -> dict:
     rej = results.get("modes", {}).get("rejective", {}).get("bank")
     if rej:
         out["rejective_refusal"] = rate(rej["all"])
+        out["rejective_any_refusal"] = rej.get("any_refusal")
     neg = results.get("modes", {}).get("negative", {}).get("negative")
     if neg:
         out["negative_compliance"] = neg["compliance"]

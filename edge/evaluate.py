@@ -43,6 +43,7 @@ from edge_safe.eval_metrics import (
     kl_per_position,
     mean_or_none,
     per_category,
+    refusal_like,
     summarize,
     summarize_by,
 )
@@ -286,12 +287,15 @@ class Evaluator:
             req = self.run_.request(system, (), None if name == "none" else "rejective")
             if req is None:
                 continue
-            verdicts = [self.run_.decide(system, self.prompts[i].text, req, f"{name} rejective")[0]
-                        for i in self.mode_idx]
+            decided = [self.run_.decide(system, self.prompts[i].text, req, f"{name} rejective")
+                       for i in self.mode_idx]
+            verdicts = [v for v, _ in decided]
             labels = [self.prompts[i].label for i in self.mode_idx]
             by_label = {lab: cell(v for v, lb in zip(verdicts, labels) if lb == lab).as_dict()
                         for lab in ("violating", "benign")}
-            out["rejective"][name] = {"all": cell(verdicts).as_dict(), **by_label}
+            any_refusal = sum(refusal_like({"verdict": v, "reply": t}) for v, t in decided)
+            out["rejective"][name] = {"all": cell(verdicts).as_dict(), **by_label,
+                                      "any_refusal": round(any_refusal / len(decided), 4) if decided else None}
         if "negative" not in self.bank.modes:
             out["notes"].append("the bank has no negative mode: negative compliance not measured")
             return out

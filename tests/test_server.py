@@ -314,7 +314,10 @@ def test_malformed_json_unknown_routes_and_methods(http):
 
 # --- concurrency -----------------------------------------------------------------------------
 
-REQUESTS = [(q, t, m) for q in (Q, "How do I mix a mojito?") for t, m in
+# Prompts whose 6 greedy tokens win by ≥ 0.9 logits under every composition below (checked with
+# forced_logits): llama.cpp's CPU logits move by ~0.01-0.1 with batch boundaries (KV reuse), so a
+# near-tie could flip and the test would measure that instead of request isolation.
+REQUESTS = [(q, t, m) for q in (Q, "What is 2 plus 2?") for t, m in
             (("minors", None), ([], None), ("eu", "rejective"), ("eu,minors", None))]
 
 

@@ -115,3 +115,82 @@ def test_resume_continues_from_checkpoint(cfg, tmp_path):
     assert [json.loads(x)["step"] for x in lines] == list(range(1, 13))
     for name in bank_a.names:  # resumed run == uninterrupted run
         torch.testing.assert_close(bank_a.vectors[name], bank_b.vectors[name])
+
+
+def test_counterfactual_pairs_swap_only_the_violated_constraint(cfg):
+    import random
+
+    prompts = load_prompts(cfg.data_dir, "train")
+    pcfg = cfg.replace(counterfactual_pairs=True, batch_size=12, mode_rejective=0.0, mode_negative=0.0)
+    s = TaskSampler(prompts, pcfg, random.Random(1))
+    pairs = 0
+    for step in range(30):
+        batch = s.batch(step)
+        assert len(batch) == pcfg.batch_size
+        for ex, nxt in zip(batch, batch[1:]):
+            if ex.refuse and nxt.prompt == ex.prompt and nxt.refuse is None:
+                pairs += 1
+                # same prompt, same order and positions; only the violated constraint differs
+                diff = [(a, b) for a, b in zip(ex.constraints, nxt.constraints) if a != b]
+                assert len(diff) == 1 and diff[0][0] == ex.refuse and diff[0][1] not in ex.constraints
+                assert ex.refuse not in nxt.constraints
+                assert frozenset(nxt.constraints) != frozenset(("alcohol", "privacy"))  # never held out
+    assert pairs >= 30  # every positive (~half of the draws) gets its counterfactual
+
+
+def test_cosine_schedule_warms_up_then_decays_to_the_floor(cfg):
+    from edge_safe.training.trainer import learning_rate
+
+    c = cfg.replace(lr=0.01, lr_schedule="cosine", warmup_steps=5, lr_min_ratio=0.1, steps=50)
+    lrs = [learning_rate(c, s) for s in range(c.steps)]
+    assert lrs[:5] == sorted(lrs[:5]) and lrs[4] == pytest.approx(0.01)
+    assert all(a >= b for a, b in zip(lrs[5:], lrs[6:]))  # monotone decay after warmup
+    assert lrs[-1] == pytest.approx(0.001)
+    assert learning_rate(cfg, 0) == learning_rate(cfg, 11) == cfg.lr  # the default stays constant
+
+
+def test_auc_and_per_kind_validation_fields(cfg, tmp_path):
+    from edge_safe.training.trainer import auc
+
+    assert auc([2.0, 3.0], [0.0, 1.0]) == 1.0 and auc([0.0], [1.0]) == 0.0 and auc([1.0], [1.0]) == 0.5
+    assert auc([], [1.0]) is None
+    _, summary = train(cfg.replace(steps=2, lr_schedule="cosine", compute_dtype="bfloat16"),
+                       tiny_random_model(), tmp_path / "run", progress=False)
+    val = summary["val"]
+    assert set(val["over_refusal_by_kind"]) == set(val["auc_by_kind"]) == {"near-miss", "inactive", "general"}
+    assert 0.0 <= val["auc"] <= 1.0
+
+
+def test_resume_accepts_a_checkpoint_written_before_new_config_keys(cfg, tmp_path):
+    base = tiny_random_model()
+    train(cfg.replace(steps=6), base, tmp_path / "run", progress=False)
+    ckpt = tmp_path / "run" / "checkpoint.pt"
+    state = torch.load(ckpt, weights_only=False)
+    for key in ("lr_schedule", "warmup_steps", "lr_min_ratio", "counterfactual_pairs", "compute_dtype"):
+        del state["config"][key]  # as written by an older edge-safe
+    torch.save(state, ckpt)
+    train(cfg, base, tmp_path / "run", resume=True, progress=False)  # defaults match: resumes
+    from edge_safe.convert.errors import EdgeSafeError
+
+    with pytest.raises(EdgeSafeError, match="counterfactual_pairs"):
+        train(cfg.replace(steps=14, counterfactual_pairs=True), base, tmp_path / "run", resume=True, progress=False)
+
+
+def test_rule_init_starts_each_constraint_on_its_own_topic_words():
+    from edge_safe.training.categories import BY_NAME, CATEGORY_NAMES
+    from edge_safe.training.trainer import distinctive_ids
+
+    vocab: dict[str, int] = {}
+
+    class Words:  # a word-level tokenizer: enough to see which words each token starts from
+        @staticmethod
+        def tokenize(text):
+            return [vocab.setdefault(w, len(vocab)) for w in text.replace(":", " ").replace(",", " ").split()]
+
+    names = list(CATEGORY_NAMES)
+    ids = distinctive_ids(Words, names)
+    words = {i: w for w, i in vocab.items()}
+    for n in names:
+        others = {t for o in names if o != n for t in Words.tokenize(BY_NAME[o].rule)}
+        assert ids[n] and not set(ids[n]) & others  # nothing shared: "Do", "not", "help", "with" are gone
+    assert words[ids["alcohol"][0]] == "alcoholic" and words[ids["gambling"][0]] == "gambling"

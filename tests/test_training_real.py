@@ -91,3 +91,27 @@ def test_smoke_training_on_real_model_exports_a_bank_the_runtime_loads(base, tmp
         reply = es.chat([{"role": "user", "content": "What is the capital of Peru?"}], tokens="minors", max_tokens=4)
         assert reply["edge_safe"]["mode"] == "positive"
         assert reply["edge_safe"]["tokens"] == [c for c in cfg.constraints if c in loaded.profiles["minors"]]
+
+
+def test_validate_bank_reports_the_shipped_banks_first_token_decisions(base, model_path, monkeypatch):
+    from edge_safe.models import default_bank_path
+    from edge_safe.training import validate as v
+
+    monkeypatch.setattr("edge_safe.training.base_model.load_gguf_model", lambda path, device="cpu": base)
+    out = v.validate_bank(str(default_bank_path()), str(model_path), size=40)
+    assert out["n"] >= 40 and set(out["auc_by_kind"]) == {"near-miss", "inactive", "general"}
+    assert out["rejective_refusal"] == 1.0  # the shipped bank's rejective mode refuses at the first token
+    assert out["auc"] > 0.6  # its tokens rank violating above should-answer prompts (random vectors: ≈ 0.5)
+
+
+def test_validate_cli_names_the_model_a_foreign_bank_was_made_for(tmp_path, capsys):
+    from dataclasses import replace
+
+    from edge_safe.models import default_bank_path
+    from edge_safe.training import validate as v
+
+    other = replace(TokenBank.load(default_bank_path()), base_fingerprint="ab" * 32, base_name="Other 1B")
+    path = other.save(tmp_path / "other.gguf")
+    assert v.main([str(path), "--size", "8"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "fingerprint" in err and "Other 1B" in err

@@ -18,19 +18,23 @@ class TrainConfig:
     max_order: int = 4  # R: compositions of 1..R constraints are sampled, cycling through orders
     steps: int = 500  # optimisation steps (each one order, `batch_size` sequences)
     batch_size: int = 16  # sequences per step, padded into one batch (≈ halves per-sequence CPU cost)
-    lr: float = 0.01  # Adam learning rate (MOSAIC used ≈ 0.01)
+    lr: float = 0.01  # Adam lr; vectors live in the √n_embd-scaled input space (element scale ≈ 1), the default config uses 0.1
+    lr_schedule: str = "constant"  # "constant" or "cosine" (warmup, then cosine decay to lr * lr_min_ratio)
+    warmup_steps: int = 0  # linear warmup steps of the cosine schedule
+    lr_min_ratio: float = 0.1  # final lr / lr of the cosine schedule
     kl_weight: float = 1.0  # λ of the counterfactual-distillation KL (0.8-1.2 worked best in MOSAIC)
     first_token_weight: float = 3.0  # the refuse/answer decision happens at the first reply token
     ref_tokens: int = 8  # reference continuation length for negatives (base model's greedy answer)
     teacher_topk: int = 64  # top-k of the frozen model's distribution kept per position (+ a rest bucket)
     positive_fraction: float = 0.5  # share of positive (refusal) examples among positive-mode examples
+    counterfactual_pairs: bool = False  # follow each positive by the same prompt with its category swapped out
     mode_rejective: float = 0.12  # share of examples trained in `rejective` mode (refuse everything)
     mode_negative: float = 0.12  # share trained in `negative` mode (answer as the base model)
     val_every: int = 100  # steps between validations (first-token decision on the val split)
     val_size: int = 240  # validation decisions per run (spread over orders)
     checkpoint_every: int = 50  # steps between resumable checkpoints
     max_prompt_tokens: int = 96  # longer prompts are dropped from training
-    init: str = "rule"  # constraint vector init: "rule" (rule-text token embeddings) or "random"
+    init: str = "rule"  # vector init: "rule" (the rule text's own topic words, see trainer.distinctive_ids) or "random"
     init_noise: float = 0.02  # relative noise added to the init so the m vectors differ
     constraints: tuple[str, ...] = CATEGORY_NAMES  # which constraint tokens to train (bank order)
     modes: tuple[str, ...] = MODE_NAMES  # which mode tokens to train
@@ -44,6 +48,7 @@ class TrainConfig:
     data_dir: str = ""  # folder with train.jsonl/val.jsonl ("" = the data shipped in the package)
     limit_prompts: int = 0  # use at most this many training prompts (0 = all; for smoke runs)
     torch_threads: int = 0  # 0 = torch default (all cores)
+    compute_dtype: str = "float32"  # "float32" or "bfloat16" (autocast for the training forward/backward; ≈1.4x faster on AVX512-BF16 CPUs)
 
     def __post_init__(self) -> None:
         bad = [c for c in self.constraints if c not in CATEGORY_NAMES]
@@ -60,6 +65,12 @@ class TrainConfig:
         for name in ("n_vectors", "n_mode_vectors", "steps", "batch_size", "ref_tokens", "teacher_topk"):
             if getattr(self, name) < 1:
                 raise EdgeSafeError(f"config: {name} must be >= 1, got {getattr(self, name)}")
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise EdgeSafeError(f"config: lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
+        if self.compute_dtype not in ("float32", "bfloat16"):
+            raise EdgeSafeError(f"config: compute_dtype must be 'float32' or 'bfloat16', got {self.compute_dtype!r}")
+        if not 0 < self.lr_min_ratio <= 1:
+            raise EdgeSafeError(f"config: lr_min_ratio must be in (0, 1], got {self.lr_min_ratio}")
         if self.init not in ("rule", "random"):
             raise EdgeSafeError(f"config: init must be 'rule' or 'random', got {self.init!r}")
         for combo in self.held_out:

@@ -6,7 +6,12 @@ held-out compositions), laid out in a random order so that any order works at
 run time. Positives (the prompt violates a constraint in S) are taught the
 refusal of that constraint; negatives (nothing in S is violated: near-miss
 benign prompts of S's topics, violating prompts of *inactive* categories,
-general prompts) are taught the base model's own answer. A share of examples
+general prompts) are taught the base model's own answer. With
+`counterfactual_pairs`, each positive is followed in the same batch by its
+counterfactual: the same prompt under the composition with the violated
+constraint swapped for an inactive one, taught to answer. The pair differs only
+in which token is present, so the gradient says "refuse *because of this
+token*" instead of "refuse anything that looks harmful". A share of examples
 is trained in the `rejective` mode (refuse everything) and the `negative` mode
 (answer everything as the base model, constraints or not).
 """
@@ -119,6 +124,23 @@ class TaskSampler:
             return Example(rng.choice(self.violating[cat]), mode, combo, cat, order)
         return Example(self.negative_prompt(combo), mode, combo, None, order)
 
+    def counterfactual(self, ex: Example) -> Example | None:
+        """`ex` (a positive) with its violated constraint swapped for one not in the composition."""
+        inactive = [c for c in self.cfg.constraints if c not in ex.constraints]
+        for c in self.rng.sample(inactive, len(inactive)):
+            combo = tuple(c if x == ex.refuse else x for x in ex.constraints)
+            if frozenset(combo) not in self.held_out:
+                return Example(ex.prompt, ex.mode, combo, None, ex.order)
+        return None
+
     def batch(self, step: int) -> list[Example]:
         order = 1 + step % self.cfg.max_order  # cycle through orders 1..R
-        return [self.example(order) for _ in range(self.cfg.batch_size)]
+        out: list[Example] = []
+        while len(out) < self.cfg.batch_size:
+            ex = self.example(order)
+            out.append(ex)
+            if self.cfg.counterfactual_pairs and ex.refuse and ex.mode != "rejective" and len(out) < self.cfg.batch_size:
+                pair = self.counterfactual(ex)
+                if pair is not None:
+                    out.append(pair)
+        return out

@@ -6,8 +6,10 @@
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import math
 import random
 import time
 from dataclasses import dataclass
@@ -27,7 +29,7 @@ from edge_safe.training.teacher import build_teacher
 
 log = logging.getLogger(__name__)
 CHECKPOINT = "checkpoint.pt"
-RESUMABLE = {"steps", "val_every", "checkpoint_every", "torch_threads"}  # may change on --resume
+RESUMABLE = {"steps", "val_every", "checkpoint_every", "torch_threads", "compute_dtype"}  # may change on --resume
 
 
 def refusal_target_ids(base: BaseModel, template: ChatTemplate, names: list[str]) -> dict[str, list[int]]:
@@ -45,18 +47,35 @@ def refusal_target_ids(base: BaseModel, template: ChatTemplate, names: list[str]
     return out
 
 
+def distinctive_ids(base: BaseModel, names: list[str]) -> dict[str, list[int]]:
+    """Each token's rule-text ids without the ids any *other* token's rule text uses.
+
+    Every rule reads "Do not help with X: no ..., or ...": started from evenly spaced rule
+    tokens, the constraints began as near-copies of one another (["Do", ":", ",", "."] for
+    alcohol, ["Do", " or", " or", "."] for sexual) and training could not tell them apart.
+    The distinctive ids ("alcoholic", "cocktail", "beer" ...) start each token on its topic.
+    """
+    ids = {n: base.tokenize(BY_NAME[n].rule or BY_NAME[n].description) for n in names}
+    out = {}
+    for n in names:
+        shared = {t for other in names if other != n for t in ids[other]}
+        mine = list(dict.fromkeys(t for t in ids[n] if t not in shared))
+        out[n] = mine or ids[n]
+    return out
+
+
 def init_vectors(base: BaseModel, cfg: TrainConfig, gen: torch.Generator) -> dict[str, torch.Tensor]:
-    """Start each token from its rule text's embeddings (m evenly spaced tokens) plus a little noise."""
+    """Start each token from its rule text's first m distinctive token embeddings plus a little noise."""
     table = base.model.get_input_embeddings()
     typical = base.embed(torch.linspace(0, table.num_embeddings - 1, 256).long()).norm(dim=-1).mean()
+    names = list(cfg.modes) + list(cfg.constraints)
+    topical = distinctive_ids(base, names) if cfg.init == "rule" else {}
     vectors = {}
-    for name in list(cfg.modes) + list(cfg.constraints):
+    for name in names:
         m = cfg.n_mode_vectors if name in cfg.modes else cfg.n_vectors
-        text = BY_NAME[name].rule or BY_NAME[name].description
-        ids = base.tokenize(text) if cfg.init == "rule" else []
-        if ids:
-            pick = torch.linspace(0, len(ids) - 1, m).round().long()
-            v = base.embed(torch.tensor(ids)[pick]).detach()
+        ids = topical.get(name, [])
+        if ids:  # the first m distinctive ids (the topic words come first in every rule), cycled if fewer
+            v = base.embed(torch.tensor([ids[j % len(ids)] for j in range(m)])).detach()
         else:
             v = torch.randn(m, table.embedding_dim, generator=gen).to(base.device)
             v = v / v.norm(dim=-1, keepdim=True) * typical
@@ -133,18 +152,29 @@ def make_val_cases(prompts: list[Prompt], cfg: TrainConfig, rng: random.Random) 
 @torch.no_grad()
 def validate(base: BaseModel, bank: Bank, prompt_ids: list[list[int]], cases: list[ValCase], refuse_id: int) -> dict:
     """First-token decisions (refusal opener or not) under each case's composition."""
-    refused = []
+    margins: list[float] = []
     for start in range(0, len(cases), 32):
         chunk = cases[start:start + 32]
         seqs = [layout(base, bank, c.mode, c.constraints, prompt_ids[c.prompt]) for c in chunk]
         x, mask = pad_right(seqs)
         hidden = base.model.model(inputs_embeds=x, attention_mask=mask).last_hidden_state
         last = hidden[torch.arange(len(seqs), device=x.device), mask.sum(1) - 1]
-        refused += (base.model.lm_head(last).argmax(-1) == refuse_id).tolist()
-    return summarize(cases, refused)
+        logits = base.model.lm_head(last).float()
+        refuse = logits[:, refuse_id].clone()
+        logits[:, refuse_id] = float("-inf")
+        margins += (refuse - logits.max(-1).values).tolist()  # > 0: the refusal opener is the argmax
+    return summarize(cases, [m > 0 for m in margins], margins)
 
 
-def summarize(cases: list[ValCase], refused: list[bool]) -> dict:
+def auc(pos: list[float], neg: list[float]) -> float | None:
+    """P(a random positive scores above a random negative): threshold-free separation of two score lists."""
+    if not pos or not neg:
+        return None
+    wins = sum((p > n) + 0.5 * (p == n) for p in pos for n in neg)
+    return round(wins / (len(pos) * len(neg)), 4)
+
+
+def summarize(cases: list[ValCase], refused: list[bool], margins: list[float] | None = None) -> dict:
     def rate(sel):
         sel = list(sel)
         return round(sum(refused[i] for i in sel) / len(sel), 4) if sel else None
@@ -160,6 +190,16 @@ def summarize(cases: list[ValCase], refused: list[bool]) -> dict:
         }
     out["refusal"] = rate(i for i in pos if cases[i].expect_refuse)
     out["over_refusal"] = rate(i for i in pos if not cases[i].expect_refuse)
+    out["over_refusal_by_kind"] = {
+        kind: rate(i for i in pos if cases[i].kind == kind) for kind in ("near-miss", "inactive", "general")
+    }
+    if margins is not None:  # refusal-opener margin of violating vs each kind of should-answer case
+        viol = [margins[i] for i in pos if cases[i].expect_refuse]
+        out["auc_by_kind"] = {
+            kind: auc(viol, [margins[i] for i in pos if cases[i].kind == kind])
+            for kind in ("near-miss", "inactive", "general")
+        }
+        out["auc"] = auc(viol, [margins[i] for i in pos if not cases[i].expect_refuse])
     out["held_out_refusal"] = rate(i for i in pos if cases[i].held_out and cases[i].expect_refuse)
     out["held_out_over_refusal"] = rate(i for i in pos if cases[i].held_out and not cases[i].expect_refuse)
     out["rejective_refusal"] = rate(i for i in idx if cases[i].mode == "rejective")
@@ -215,7 +255,10 @@ def train(
     ckpt = out_dir / CHECKPOINT
     if resume and ckpt.exists():
         state = torch.load(ckpt, weights_only=False)
-        changed = sorted(k for k, v in cfg.to_dict().items() if k not in RESUMABLE and state["config"].get(k) != v)
+        defaults = TrainConfig().to_dict()  # keys added after the checkpoint was written had their default then
+        changed = sorted(
+            k for k, v in cfg.to_dict().items() if k not in RESUMABLE and state["config"].get(k, defaults[k]) != v
+        )
         if changed:
             raise EdgeSafeError(
                 f"{ckpt} was written with a different config ({', '.join(changed)} differ); "
@@ -235,13 +278,17 @@ def train(
             for ex in sampler.batch(step)
         ]
         t0 = time.time()
+        for group in opt.param_groups:
+            group["lr"] = learning_rate(cfg, step)
         batch = build_batch(base, bank, teacher, refusal_ids, examples, cfg.first_token_weight)
-        loss, stats = mosaic_loss(base, batch, cfg.kl_weight)
+        with _autocast(cfg, base):
+            loss, stats = mosaic_loss(base, batch, cfg.kl_weight)
         opt.zero_grad()
         loss.backward()
         opt.step()
-        rec = {"step": step + 1, "order": examples[0].order if examples else 0, "loss": round(float(loss.detach()), 4),
-               **{k: round(v, 4) for k, v in stats.items()}, "sec": round(time.time() - t0, 3)}
+        rec = {"step": step + 1, "order": 1 + step % cfg.max_order, "loss": round(float(loss.detach()), 4),
+               **{k: round(v, 4) for k, v in stats.items()}, "lr": round(learning_rate(cfg, step), 6),
+               "sec": round(time.time() - t0, 3)}
         bar.set_postfix(loss=f"{rec['loss']:.3f}", nll=f"{rec['nll']:.3f}", kl=f"{rec['kl']:.3f}", r=rec["order"])
         if (step + 1) % cfg.val_every == 0 or step + 1 == cfg.steps:
             rec["val"] = validate(base, bank, val_ids, val_cases, refuse_id)
@@ -264,6 +311,25 @@ def train(
         "final_loss": history[-1]["loss"] if history else None,
     }
     return bank, summary
+
+
+def learning_rate(cfg: TrainConfig, step: int) -> float:
+    """The lr of (0-based) `step`: constant, or linear warmup then cosine decay to lr * lr_min_ratio."""
+    if cfg.lr_schedule == "constant":
+        return cfg.lr
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    span = max(1, cfg.steps - cfg.warmup_steps - 1)
+    t = min(1.0, (step - cfg.warmup_steps) / span)
+    low = cfg.lr * cfg.lr_min_ratio
+    return low + (cfg.lr - low) * 0.5 * (1 + math.cos(math.pi * t))
+
+
+def _autocast(cfg: TrainConfig, base: BaseModel):
+    """bfloat16 autocast for the loss forward/backward when asked; the vectors stay float32."""
+    if cfg.compute_dtype == "bfloat16":
+        return torch.autocast(base.device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def _save_checkpoint(path: Path, step: int, bank: Bank, opt, rng, cfg: TrainConfig, history: list) -> None:
