@@ -57,7 +57,7 @@ def test_layout_parity_hf_training_vs_llamacpp_runtime(base, runtime):
     one prompt, so this is a coarse check and the top-1 check is the sharp one.
     """
     tb = runtime.bank
-    bank = Bank({n: torch.from_numpy(t.vectors) for n, t in tb.tokens.items()})
+    bank = Bank.from_token_bank(tb)
     compositions = [runtime.compose(c) for c in (tb.constraints[:1], "minors", "minors,eu")]
     if "rejective" in tb.modes:  # a mode with a large effect (negative ≈ no tokens: noise only)
         compositions.append(runtime.compose(None, mode="rejective"))

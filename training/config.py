@@ -18,7 +18,8 @@ class TrainConfig:
     max_order: int = 4  # R: compositions of 1..R constraints are sampled, cycling through orders
     steps: int = 500  # optimisation steps (each one order, `batch_size` sequences)
     batch_size: int = 16  # sequences per step, padded into one batch (≈ halves per-sequence CPU cost)
-    lr: float = 0.01  # Adam lr; vectors live in the √n_embd-scaled input space (element scale ≈ 1), the default config uses 0.1
+    # Adam lr; the vectors live in the √n_embd-scaled input space (element scale ≈ 1): the default config uses 0.1
+    lr: float = 0.01
     lr_schedule: str = "constant"  # "constant" or "cosine" (warmup, then cosine decay to lr * lr_min_ratio)
     warmup_steps: int = 0  # linear warmup steps of the cosine schedule
     lr_min_ratio: float = 0.1  # final lr / lr of the cosine schedule
@@ -48,7 +49,8 @@ class TrainConfig:
     data_dir: str = ""  # folder with train.jsonl/val.jsonl ("" = the data shipped in the package)
     limit_prompts: int = 0  # use at most this many training prompts (0 = all; for smoke runs)
     torch_threads: int = 0  # 0 = torch default (all cores)
-    compute_dtype: str = "float32"  # "float32" or "bfloat16" (autocast for the training forward/backward; ≈1.4x faster on AVX512-BF16 CPUs)
+    # "float32" or "bfloat16": autocast for the training forward/backward (≈ 1.4x faster on AVX512-BF16 CPUs)
+    compute_dtype: str = "float32"
 
     def __post_init__(self) -> None:
         bad = [c for c in self.constraints if c not in CATEGORY_NAMES]

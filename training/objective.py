@@ -33,6 +33,11 @@ class Bank(torch.nn.Module):
         self.names = list(init)
         self.vectors = torch.nn.ParameterDict({k: torch.nn.Parameter(v.clone().float()) for k, v in init.items()})
 
+    @classmethod
+    def from_token_bank(cls, bank) -> "Bank":
+        """A loaded TokenBank's vectors as parameters (the inverse of trainer.export_bank)."""
+        return cls({n: torch.tensor(t.vectors, dtype=torch.float32) for n, t in bank.tokens.items()})
+
     def prefix(self, names: tuple[str, ...] | list[str]) -> torch.Tensor:
         d = next(iter(self.vectors.values())).shape[1]
         if not names:

@@ -139,8 +139,7 @@ class TaskSampler:
         while len(out) < self.cfg.batch_size:
             ex = self.example(order)
             out.append(ex)
-            if self.cfg.counterfactual_pairs and ex.refuse and ex.mode != "rejective" and len(out) < self.cfg.batch_size:
-                pair = self.counterfactual(ex)
-                if pair is not None:
-                    out.append(pair)
+            wants_pair = self.cfg.counterfactual_pairs and ex.refuse and ex.mode != "rejective"
+            if wants_pair and len(out) < self.cfg.batch_size and (pair := self.counterfactual(ex)):
+                out.append(pair)
         return out

@@ -64,6 +64,14 @@ def distinctive_ids(base: BaseModel, names: list[str]) -> dict[str, list[int]]:
     return out
 
 
+def decision_id(refusal_ids: dict[str, list[int]]) -> int:
+    """The token every refusal starts with: where the refuse/answer decision is made and validated."""
+    first = {ids[0] for ids in refusal_ids.values()}
+    if len(first) != 1:
+        raise EdgeSafeError("all refusal texts must start with the same token (the decision token)")
+    return first.pop()
+
+
 def init_vectors(base: BaseModel, cfg: TrainConfig, gen: torch.Generator) -> dict[str, torch.Tensor]:
     """Start each token from its rule text's first m distinctive token embeddings plus a little noise."""
     table = base.model.get_input_embeddings()
@@ -147,6 +155,14 @@ def make_val_cases(prompts: list[Prompt], cfg: TrainConfig, rng: random.Random) 
                 combo = (cat,) if mode == "negative" else ()
                 cases.append(ValCase(rng.choice(pool), mode, combo, refuse, mode, False))
     return cases
+
+
+def validation_set(
+    base: BaseModel, cfg: TrainConfig, template: ChatTemplate, seed: int
+) -> tuple[list[ValCase], list[list[int]]]:
+    """The seeded validation decisions of `cfg` on the val split, and the template token ids of its prompts."""
+    prompts = load_prompts(cfg.data_dir or None, "val")
+    return make_val_cases(prompts, cfg, random.Random(seed)), [base.tokenize(template.prompt(p.text)) for p in prompts]
 
 
 @torch.no_grad()
@@ -233,7 +249,7 @@ def train(
     prompts = [p for p in prompts if p.category == "general" or p.category in cfg.constraints]
     if cfg.limit_prompts:
         prompts = stratified_sample(prompts, cfg.limit_prompts, random.Random(cfg.seed))
-    val_prompts = load_prompts(cfg.data_dir or None, "val")
+    val_cases, val_ids = validation_set(base, cfg, template, cfg.seed + 1)  # before the teacher: fail fast
     teacher = build_teacher(base, [p.text for p in prompts], template, cfg.ref_tokens, cfg.teacher_topk, progress=progress)
     keep = [i for i, ids in enumerate(teacher.prompt_ids) if len(ids) <= cfg.max_prompt_tokens]
     if len(keep) < len(prompts):
@@ -241,13 +257,9 @@ def train(
     teacher_time = time.time() - t_start
 
     refusal_ids = refusal_target_ids(base, template, list(cfg.constraints) + list(cfg.modes))
-    refuse_id = next(iter(refusal_ids.values()))[0]
-    if any(ids[0] != refuse_id for ids in refusal_ids.values()):
-        raise EdgeSafeError("all refusal texts must start with the same token (the decision token)")
+    refuse_id = decision_id(refusal_ids)
     sampler = TaskSampler([prompts[i] for i in keep], cfg, rng)
     sampler_index = keep  # sampler indices -> prompt indices
-    val_cases = make_val_cases(val_prompts, cfg, random.Random(cfg.seed + 1))
-    val_ids = [base.tokenize(template.prompt(p.text)) for p in val_prompts]
 
     bank = Bank(init_vectors(base, cfg, gen)).to(base.device)
     opt = torch.optim.Adam(bank.parameters(), lr=cfg.lr)

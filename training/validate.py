@@ -34,32 +34,26 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def validate_bank(bank_path: str, model: str | None = None, size: int = 400, seed: int = 1) -> dict:
-    import torch
-
     from edge_safe.convert.bank import TokenBank
     from edge_safe.convert.model import ModelInfo
     from edge_safe.models import resolve_model_path
     from edge_safe.training.base_model import load_gguf_model
     from edge_safe.training.config import TrainConfig
     from edge_safe.training.objective import Bank
-    from edge_safe.training.sampler import load_prompts
-    from edge_safe.training.trainer import make_val_cases, refusal_target_ids, validate
+    from edge_safe.training.trainer import decision_id, refusal_target_ids, validate, validation_set
 
     bank = TokenBank.load(bank_path)
     model_path = resolve_model_path(model)
     bank.check_model(ModelInfo.read(model_path))  # before the slow transformers load
-    base = load_gguf_model(model_path)
     known = {k: v for k, v in bank.training_config.items() if k in TrainConfig.__dataclass_fields__}
     cfg = TrainConfig.from_dict({**known, "val_size": size})
     missing = [n for n in (*cfg.constraints, *cfg.modes) if n not in bank.tokens]
     if missing:
         raise EdgeSafeError(f"{bank_path} has no token(s) {missing} that its training config names")
-    params = Bank({n: torch.tensor(t.vectors, dtype=torch.float32) for n, t in bank.tokens.items()}).to(base.device)
-    prompts = load_prompts(cfg.data_dir or None, "val")
-    cases = make_val_cases(prompts, cfg, random.Random(seed))
-    ids = [base.tokenize(bank.template.prompt(p.text)) for p in prompts]
-    refuse_id = next(iter(refusal_target_ids(base, bank.template, list(cfg.constraints)).values()))[0]
-    return validate(base, params, ids, cases, refuse_id)
+    base = load_gguf_model(model_path)
+    cases, ids = validation_set(base, cfg, bank.template, seed)
+    refuse_id = decision_id(refusal_target_ids(base, bank.template, list(cfg.constraints)))
+    return validate(base, Bank.from_token_bank(bank).to(base.device), ids, cases, refuse_id)
 
 
 if __name__ == "__main__":  # pragma: no cover
