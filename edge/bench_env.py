@@ -38,7 +38,8 @@ def machine_info() -> dict:
         usable = os.cpu_count()
     return {
         "cpu": _cpu_model(), "logical_cpus": os.cpu_count(), "usable_cpus": usable,
-        "memory_bytes": _meminfo("MemTotal"), "platform": platform.platform(), "python": platform.python_version(),
+        "memory_bytes": _proc_kb("/proc/meminfo", "MemTotal"), "platform": platform.platform(),
+        "python": platform.python_version(),
         "llama_cpp_python": llama_cpp.__version__, "numpy": np.__version__, "edge_safe": __version__,
         "load_average": load_average(), "git_commit": _git_commit(),
     }
@@ -54,9 +55,10 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def _meminfo(field: str) -> int | None:
+def _proc_kb(path: str, field: str) -> int | None:
+    """A "Field:  N kB" line of a /proc file, in bytes (None where /proc or the field is missing)."""
     try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
+        for line in Path(path).read_text().splitlines():
             if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
@@ -138,14 +140,9 @@ def _child(spec: dict) -> dict:
 
 def _rss(field: str) -> int | None:
     """VmHWM (peak) or VmRSS (now) of this process in bytes; ru_maxrss when /proc is missing."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    if field != "VmHWM":
-        return None
+    found = _proc_kb("/proc/self/status", field)
+    if found is not None or field != "VmHWM":
+        return found
     import resource
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -31,8 +31,8 @@ def _header(r: dict) -> list[str]:
         f"- data: `{Path(d['path']).name}`, {d['prompts']} prompts; {r['n_cases']} cases per system, "
         f"{len(r['compositions'])} compositions",
         f"- run: {r.get('date', '')}, {t['seconds']:.0f} s; {t['decisions']} decisions at "
-        f"{_s(t['s_per_decision'])} s each, {t['logit_requests']} logit requests at {_s(t['s_per_logit_request'])} s "
-        f"each; edge-safe {r['versions']['edge_safe']}, llama-cpp-python {r['versions']['llama_cpp_python']}",
+        f"{_num(t['s_per_decision'])} s each, {t['logit_requests']} logit requests at "
+        f"{_num(t['s_per_logit_request'])} s each; edge-safe {r['versions']['edge_safe']}, llama-cpp-python {r['versions']['llama_cpp_python']}",
         f"- command: `{r['config'].get('command') or 'edge-safe eval'}`",
     ]
     if r.get("notes"):
@@ -40,8 +40,9 @@ def _header(r: dict) -> list[str]:
     return lines
 
 
-def _s(v) -> str:
-    return "–" if v is None else f"{v:.3f}"
+def _num(v, spec: str = ".3f") -> str:
+    """A number in ``spec`` format, or '–' when there is none."""
+    return "–" if v is None else format(v, spec)
 
 
 def _headline(r: dict) -> list[str]:
@@ -50,7 +51,7 @@ def _headline(r: dict) -> list[str]:
         o = r["systems"][name]["overall"]
         rows.append([r["systems"][name]["label"], pct(o["defense"]), pct(o["over_refusal"]),
                      *(pct(o[k]) for k, _ in KIND_KEYS), str(o["unclear"]),
-                     _pct_or_dash(o.get("defense_any")), _pct_or_dash(o.get("over_refusal_any")), str(o["n"])])
+                     _num(o.get("defense_any"), ".1%"), _num(o.get("over_refusal_any"), ".1%"), str(o["n"])])
     head = ["system", "defense ↑", "over-refusal ↓", "near-miss", "inactive", "general", "unclear",
             "defense, any refusal", "over-refusal, any", "n"]
     return ["## The bank against its baselines", "",
@@ -60,10 +61,6 @@ def _headline(r: dict) -> list[str]:
             "The *any refusal* columns also count unclear replies that open like a refusal "
             "(\"Sorry, I can't help you.\"): what a user sees, whatever the wording.", "",
             *_table(head, rows), "", *(f"- {line}" for line in comparison(r))]
-
-
-def _pct_or_dash(v) -> str:
-    return "–" if v is None else f"{v:.1%}"
 
 
 def _by_group(r: dict, key: str, metric: str, groups: list[str], label=str) -> list[list[str]]:
@@ -150,7 +147,7 @@ def _modes(r: dict) -> list[str]:
     rej = m.get("rejective", {})
     if rej:
         rows = [[r["systems"][n]["label"] if n in r["systems"] else n, pct(c["all"]), pct(c["violating"]),
-                 pct(c["benign"]), _pct_or_dash(c.get("any_refusal"))] for n, c in rej.items()]
+                 pct(c["benign"]), _num(c.get("any_refusal"), ".1%")] for n, c in rej.items()]
         out += ["`rejective` refusal rate, no constraints (*none* = the bare model, for reference; text rules: the "
                 "rejective rule as a system line):", "",
                 *_table(["system", "all prompts", "violating", "benign", "any refusal"], rows), ""]
@@ -170,18 +167,14 @@ def _sam(r: dict) -> list[str]:
     rows = []
     for name, s in r.get("sam", {}).items():
         label = r["systems"][name]["label"] if name in r["systems"] else name
-        rows.append([label, ", ".join(s["modes"]) or "–", s["positive_is"], _f(s.get("sam")),
-                     _f(s.get("sam_positive_rejective"))])
+        rows.append([label, ", ".join(s["modes"]) or "–", s["positive_is"], _num(s.get("sam")),
+                     _num(s.get("sam_positive_rejective"))])
     return ["## Safety Alignment Margin", "",
             "Mean silhouette coefficient (euclidean) of the first-reply-token logit vectors grouped by mode, on the "
             "same prompts with the same constraints (magic-token paper: 0.131 for its co-trained model, ≈ 0.03 for "
             "baselines). The last column drops `negative` to compare like with like with systems that have no "
             "negative mode.", "",
             *_table(["system", "modes", "positive =", "SAM", "SAM (positive vs rejective)"], rows)]
-
-
-def _f(v) -> str:
-    return "–" if v is None else f"{v:.3f}"
 
 
 def _utility(r: dict) -> list[str]:
