@@ -75,6 +75,26 @@ def default_threads() -> int:
     return max(1, cores // 2)
 
 
+class VocabTokenizer:
+    """A GGUF's own tokenizer, loaded vocab-only (no weights, about a second).
+
+    Token ids are the runtime's exactly: no BOS is added and special-token text is not
+    parsed (a prompt that *says* "<start_of_turn>" stays text). Shared by `convert
+    from-text` and the trainer (which also needs BOS/EOS and detokenize).
+    """
+
+    def __init__(self, model_path: str | os.PathLike):
+        self._llm = C.Llama(model_path=str(model_path), vocab_only=True, verbose=False)
+        self.bos_id = int(self._llm.token_bos())
+        self.eos_ids = frozenset({int(self._llm.token_eos())})
+
+    def tokenize(self, text: str) -> list[int]:
+        return list(self._llm.tokenize(text.encode("utf-8"), add_bos=False, special=False))
+
+    def detokenize(self, ids: Sequence[int]) -> str:
+        return self._llm.detokenize(list(ids)).decode("utf-8", errors="replace")
+
+
 class DecodeError(EdgeSafeError):
     """llama_decode failed (no KV slot, invalid batch, ...)."""
 

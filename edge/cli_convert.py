@@ -36,10 +36,9 @@ dtype_option = click.option(
 
 def llama_tokenizer(model_path: Path) -> Callable[[str], list[int]]:
     """The model's own tokenizer (vocab only: no weights loaded), without BOS or special-token parsing."""
-    import llama_cpp
+    from edge_safe._llama import VocabTokenizer
 
-    llm = llama_cpp.Llama(model_path=str(model_path), vocab_only=True, verbose=False)
-    return lambda text: llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)
+    return VocabTokenizer(model_path).tokenize
 
 
 @click.group()

@@ -109,6 +109,8 @@ def test_a_few_steps_lower_the_loss_and_export_loads(cfg, tmp_path):
 def test_resume_continues_from_checkpoint(cfg, tmp_path):
     base = tiny_random_model()
     train(cfg.replace(steps=6), base, tmp_path / "run", progress=False)
+    with (tmp_path / "run" / "train_log.jsonl").open("a") as f:  # killed after logging step 7, before its checkpoint
+        f.write(json.dumps({"step": 7, "loss": 9.9}) + "\n")
     bank_a, _ = train(cfg, base, tmp_path / "run", resume=True, progress=False)
     bank_b, _ = train(cfg, base, tmp_path / "fresh", progress=False)
     lines = (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()
@@ -166,7 +168,7 @@ def test_resume_accepts_a_checkpoint_written_before_new_config_keys(cfg, tmp_pat
     train(cfg.replace(steps=6), base, tmp_path / "run", progress=False)
     ckpt = tmp_path / "run" / "checkpoint.pt"
     state = torch.load(ckpt, weights_only=False)
-    for key in ("lr_schedule", "warmup_steps", "lr_min_ratio", "counterfactual_pairs", "compute_dtype"):
+    for key in ("lr_schedule", "warmup_steps", "lr_min_ratio", "counterfactual_pairs", "compute_dtype", "decision_weight"):
         del state["config"][key]  # as written by an older edge-safe
     torch.save(state, ckpt)
     train(cfg, base, tmp_path / "run", resume=True, progress=False)  # defaults match: resumes
@@ -194,3 +196,38 @@ def test_rule_init_starts_each_constraint_on_its_own_topic_words():
         others = {t for o in names if o != n for t in Words.tokenize(BY_NAME[o].rule)}
         assert ids[n] and not set(ids[n]) & others  # nothing shared: "Do", "not", "help", "with" are gone
     assert words[ids["alcohol"][0]] == "alcoholic" and words[ids["gambling"][0]] == "gambling"
+
+
+def test_decision_loss_is_the_refuse_or_answer_cross_entropy_at_the_first_reply_token(cfg):
+    import random
+
+    from edge_safe.convert.layout import QA_TEMPLATE
+    from edge_safe.training.objective import decision_loss, loss_positions_logp
+    from edge_safe.training.teacher import build_teacher
+    from edge_safe.training.trainer import decision_id, init_vectors
+
+    base = tiny_random_model()
+    prompts = load_prompts(cfg.data_dir, "train")
+    teacher = build_teacher(base, [p.text for p in prompts], QA_TEMPLATE, 3, 8, progress=False)
+    refusal_ids = refusal_target_ids(base, QA_TEMPLATE, list(CATS) + ["rejective"])
+    refuse_id = decision_id(refusal_ids)
+    examples = TaskSampler(prompts, cfg.replace(counterfactual_pairs=True), random.Random(3)).batch(0)
+    assert any(ex.refuse for ex in examples) and any(ex.refuse is None for ex in examples)
+    bank = Bank(init_vectors(base, cfg, torch.Generator().manual_seed(0)))
+    batch = build_batch(base, bank, teacher, refusal_ids, examples, 3.0)
+    with torch.no_grad():
+        logq = loss_positions_logp(base, batch)
+        dec = decision_loss(logq, batch, refuse_id)
+        plain, stats0 = mosaic_loss(base, batch, 1.0)
+        both, stats = mosaic_loss(base, batch, 1.0, 2.0, refuse_id)
+    for b, ex in enumerate(examples):
+        p = float(logq[batch.first[b], refuse_id].exp())
+        first_target = int(batch.targets[batch.first[b]])
+        if ex.refuse:
+            assert first_target == refuse_id and float(dec[b]) == pytest.approx(-np.log(p), rel=1e-4)
+        elif first_target != refuse_id:
+            assert float(dec[b]) == pytest.approx(-np.log1p(-p), rel=1e-4, abs=1e-6)
+        else:  # the base model's own answer opens like a refusal: no decision term
+            assert float(dec[b]) == 0.0
+    assert "dec" not in stats0 and stats["dec"] == pytest.approx(float(dec.mean()), rel=1e-4)
+    assert float(both) == pytest.approx(float(plain) + 2.0 * float(dec.mean()), rel=1e-4)

@@ -57,23 +57,6 @@ def freeze(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-class LlamaCppTokenizer:
-    """llama.cpp's tokenizer for a GGUF, loaded vocab-only (no weights, ~1 s)."""
-
-    def __init__(self, model_path: Path):
-        import llama_cpp
-
-        self._llm = llama_cpp.Llama(model_path=str(model_path), vocab_only=True, verbose=False)
-        self.bos_id = int(self._llm.token_bos())
-        self.eos_ids = frozenset({int(self._llm.token_eos())})
-
-    def tokenize(self, text: str) -> list[int]:
-        return list(self._llm.tokenize(text.encode("utf-8"), add_bos=False, special=False))
-
-    def detokenize(self, ids: list[int]) -> str:
-        return self._llm.detokenize(list(ids)).decode("utf-8", errors="replace")
-
-
 def load_gguf_model(model_path: Path, device: str = "cpu") -> BaseModel:
     """Load (and cache) the GGUF as a frozen fp32 transformers model."""
     from transformers import AutoModelForCausalLM
@@ -93,7 +76,9 @@ def load_gguf_model(model_path: Path, device: str = "cpu") -> BaseModel:
         _save_dequantized(model, cached)
         log.info("dequantized in %.0f s", time.time() - t0)
     model = _load_dequantized(cached)
-    tok = LlamaCppTokenizer(model_path)
+    from edge_safe._llama import VocabTokenizer
+
+    tok = VocabTokenizer(model_path)
     return BaseModel(
         model=freeze(model).to(device),
         tokenize=tok.tokenize,

@@ -25,6 +25,8 @@ class TrainConfig:
     lr_min_ratio: float = 0.1  # final lr / lr of the cosine schedule
     kl_weight: float = 1.0  # λ of the counterfactual-distillation KL (0.8-1.2 worked best in MOSAIC)
     first_token_weight: float = 3.0  # the refuse/answer decision happens at the first reply token
+    # weight of the binary refuse/answer loss on P(first token = refusal opener), answers included (0 = off)
+    decision_weight: float = 0.0
     ref_tokens: int = 8  # reference continuation length for negatives (base model's greedy answer)
     teacher_topk: int = 64  # top-k of the frozen model's distribution kept per position (+ a rest bucket)
     positive_fraction: float = 0.5  # share of positive (refusal) examples among positive-mode examples

@@ -9,7 +9,9 @@ scaled), so trained vectors are exported unchanged.
 Loss per example (averaged over its target positions, then over the batch):
 - refuse: cross-entropy on the fixed refusal text (first token weighted more);
 - answer: cross-entropy on the base model's own greedy answer
-  + λ · KL(p_base ‖ p_ctrl), the teacher's top-k plus a "rest" bucket.
+  + λ · KL(p_base ‖ p_ctrl), the teacher's top-k plus a "rest" bucket;
+- both, with `decision_weight` > 0: + the binary cross-entropy of "the first reply
+  token is the refusal opener" (see `decision_loss`).
 Logits are computed only at positions that carry loss: the 262 k-word output
 layer dominates CPU cost.
 """
@@ -56,6 +58,8 @@ class Batch:
     kl_rows: torch.Tensor  # (N,) bool: position carries a KL term
     topk_ids: torch.Tensor  # (N, k) teacher top-k ids (zeros where no KL)
     topk_logp: torch.Tensor  # (N, k)
+    first: torch.Tensor  # (B,) index into the N loss positions of each example's first target token
+    refuses: torch.Tensor  # (B,) bool: the example's target is a refusal
 
 
 def layout(base: BaseModel, bank: Bank, mode: str | None, constraints: tuple[str, ...], ids: list[int]) -> torch.Tensor:
@@ -69,7 +73,7 @@ def build_batch(
     base: BaseModel, bank: Bank, teacher: Teacher, refusal_ids: dict[str, list[int]],
     examples: list[Example], first_token_weight: float,
 ) -> Batch:
-    seqs, rows, cols, targets, weights, kl, tids, tlp = [], [], [], [], [], [], [], []
+    seqs, rows, cols, targets, weights, kl, tids, tlp, first = [], [], [], [], [], [], [], [], []
     k = teacher.topk_ids[0].shape[1]
     for b, ex in enumerate(examples):
         prompt = teacher.prompt_ids[ex.prompt]
@@ -80,6 +84,7 @@ def build_batch(
         w = torch.ones(len(target))
         w[0] = first_token_weight
         w = w / w.sum()
+        first.append(len(rows))
         for j, t in enumerate(target):
             rows.append(b)
             cols.append(start + j)
@@ -98,7 +103,8 @@ def build_batch(
     return Batch(
         embeds, mask, torch.tensor(rows, device=dev), torch.tensor(cols, device=dev),
         torch.tensor(targets, device=dev), torch.cat(weights).to(dev), torch.tensor(kl, device=dev),
-        torch.cat(tids).to(dev), torch.cat(tlp).to(dev),
+        torch.cat(tids).to(dev), torch.cat(tlp).to(dev), torch.tensor(first, device=dev),
+        torch.tensor([ex.refuse is not None for ex in examples], device=dev),
     )
 
 
@@ -130,7 +136,23 @@ def topk_kl(logq: torch.Tensor, topk_ids: torch.Tensor, topk_logp: torch.Tensor)
     return head + p_rest * (p_rest.log() - q_rest.log())
 
 
-def mosaic_loss(base: BaseModel, batch: Batch, kl_weight: float) -> tuple[torch.Tensor, dict]:
+def decision_loss(logq: torch.Tensor, batch: Batch, refuse_id: int) -> torch.Tensor:
+    """Binary cross-entropy of the refuse/answer decision at each example's first reply position: (B,).
+
+    p = P(first token = the refusal opener). Refusals: -log p; answers: -log(1 - p). The
+    per-token cross-entropy alone never pushes p down on answers (only the reference token up),
+    yet "the opener wins or not" is exactly what greedy decoding acts on. Answers whose own
+    reference starts with the opener get no decision term.
+    """
+    logp = logq[batch.first, refuse_id].clamp(max=-1e-6)
+    answer_ok = batch.targets[batch.first] != refuse_id
+    per_example = torch.where(batch.refuses, -logp, -torch.log1p(-logp.exp()))
+    return per_example * (batch.refuses | answer_ok)
+
+
+def mosaic_loss(
+    base: BaseModel, batch: Batch, kl_weight: float, decision_weight: float = 0.0, refuse_id: int | None = None
+) -> tuple[torch.Tensor, dict]:
     logq = loss_positions_logp(base, batch)
     nll = F.nll_loss(logq, batch.targets, reduction="none")  # (N,)
     kl = torch.zeros_like(nll)
@@ -144,4 +166,8 @@ def mosaic_loss(base: BaseModel, batch: Batch, kl_weight: float) -> tuple[torch.
         "nll": float((nll.detach() * batch.weights).sum() / n_examples),
         "kl": float(kl.detach()[batch.kl_rows].mean()) if batch.kl_rows.any() else 0.0,
     }
+    if decision_weight and refuse_id is not None:
+        dec = decision_loss(logq, batch, refuse_id)
+        loss = loss + decision_weight * dec.mean()
+        stats["dec"] = float(dec.detach().mean())
     return loss, stats

@@ -158,10 +158,10 @@ def make_val_cases(prompts: list[Prompt], cfg: TrainConfig, rng: random.Random) 
 
 
 def validation_set(
-    base: BaseModel, cfg: TrainConfig, template: ChatTemplate, seed: int
+    base: BaseModel, cfg: TrainConfig, template: ChatTemplate, seed: int, split: str = "val"
 ) -> tuple[list[ValCase], list[list[int]]]:
-    """The seeded validation decisions of `cfg` on the val split, and the template token ids of its prompts."""
-    prompts = load_prompts(cfg.data_dir or None, "val")
+    """The seeded validation decisions of `cfg` on a split (val by default), and the template token ids of its prompts."""
+    prompts = load_prompts(cfg.data_dir or None, split)
     return make_val_cases(prompts, cfg, random.Random(seed)), [base.tokenize(template.prompt(p.text)) for p in prompts]
 
 
@@ -282,7 +282,9 @@ def train(
         step0, history = state["step"], state["history"]
         log.info("resumed from step %d", step0)
 
-    log_file = (out_dir / "train_log.jsonl").open("a")
+    log_file = (out_dir / "train_log.jsonl").open("w")  # rewritten from the checkpoint: steps after it are redone
+    for rec in history:
+        log_file.write(json.dumps(rec) + "\n")
     bar = tqdm(range(step0, cfg.steps), initial=step0, total=cfg.steps, desc="train", disable=not progress)
     for step in bar:
         examples = [
@@ -294,7 +296,7 @@ def train(
             group["lr"] = learning_rate(cfg, step)
         batch = build_batch(base, bank, teacher, refusal_ids, examples, cfg.first_token_weight)
         with _autocast(cfg, base):
-            loss, stats = mosaic_loss(base, batch, cfg.kl_weight)
+            loss, stats = mosaic_loss(base, batch, cfg.kl_weight, cfg.decision_weight, refuse_id)
         opt.zero_grad()
         loss.backward()
         opt.step()

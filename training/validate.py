@@ -1,6 +1,6 @@
 """First-token validation of any bank file, the same check `edge-safe train` runs every `val_every` steps.
 
-    python -m edge_safe.training.validate BANK.gguf [--size 400] [--seed 1]
+    python -m edge_safe.training.validate BANK.gguf [--size 400] [--seed 1] [--split val]
 
 Prints the validation summary (refusal, over-refusal per kind and order, AUC of the
 refusal-opener margin, held-out compositions, modes) as JSON. Uses the val split, the
@@ -24,16 +24,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default=None, help="base model GGUF (default: the bundled Gemma 3 270M)")
     ap.add_argument("--size", type=int, default=400, help="validation decisions (default 400)")
     ap.add_argument("--seed", type=int, default=1, help="seed of the validation cases (training uses config seed + 1)")
+    ap.add_argument("--split", default="val", choices=("train", "val", "test"),
+                    help="prompt split (default val; train shows how well the tokens fit what they were trained on)")
     args = ap.parse_args(argv)
     try:
-        print(json.dumps(validate_bank(args.bank, args.model, args.size, args.seed), indent=1))
+        print(json.dumps(validate_bank(args.bank, args.model, args.size, args.seed, args.split), indent=1))
     except EdgeSafeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
 
 
-def validate_bank(bank_path: str, model: str | None = None, size: int = 400, seed: int = 1) -> dict:
+def validate_bank(bank_path: str, model: str | None = None, size: int = 400, seed: int = 1, split: str = "val") -> dict:
     from edge_safe.convert.bank import TokenBank
     from edge_safe.convert.model import ModelInfo
     from edge_safe.models import resolve_model_path
@@ -51,7 +53,7 @@ def validate_bank(bank_path: str, model: str | None = None, size: int = 400, see
     if missing:
         raise EdgeSafeError(f"{bank_path} has no token(s) {missing} that its training config names")
     base = load_gguf_model(model_path)
-    cases, ids = validation_set(base, cfg, bank.template, seed)
+    cases, ids = validation_set(base, cfg, bank.template, seed, split)
     refuse_id = decision_id(refusal_target_ids(base, bank.template, list(cfg.constraints)))
     return validate(base, Bank.from_token_bank(bank).to(base.device), ids, cases, refuse_id)
 
