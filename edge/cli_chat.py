@@ -53,12 +53,16 @@ def stdin_is_tty() -> bool:
 @click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0.0, 1.0, min_open=True),
               help="Nucleus sampling mass (with --temperature > 0).")
 @click.option("--seed", default=None, type=int, help="Random seed for sampling.")
+@click.option("--strictness", default=0.0, show_default=True, type=float, metavar="LOGITS",
+              help="Refuse more (> 0) or less (< 0) than the bank as trained: added to the refusal opener's "
+                   "logit until the first visible reply token (with constraints on; see `edge-safe eval "
+                   "--strictness`).")
 @click.option("--n-ctx", default=2048, show_default=True, type=click.IntRange(min=16), help="Context length.")
 @click.option("--n-gpu-layers", default=0, show_default=True, type=int,
               help="Layers to offload to the GPU (-1: all); needs a Metal or CUDA build of llama-cpp-python.")
 @click.option("--threads", default=None, type=click.IntRange(min=1), help="CPU threads [default: half the cores].")
 @click.option("--json", "as_json", is_flag=True, help="Print the OpenAI-shaped response as JSON (one-shot only).")
-def chat(prompt, tokens, mode, model, bank, system, max_tokens, temperature, top_p, seed, n_ctx,
+def chat(prompt, tokens, mode, model, bank, system, max_tokens, temperature, top_p, seed, strictness, n_ctx,
          n_gpu_layers, threads, as_json):
     """Chat with the model, with control tokens switched on per request.
 
@@ -72,6 +76,9 @@ def chat(prompt, tokens, mode, model, bank, system, max_tokens, temperature, top
       edge-safe chat --tokens kiosk --mode rejective "Should I buy bitcoin?"
       edge-safe chat --tokens minors
     """
+    from edge_safe.sampling import check_strictness
+
+    check_strictness(strictness)  # before the model loads
     if prompt is None and not stdin_is_tty():
         prompt = sys.stdin.read().strip()
         if not prompt:
@@ -80,7 +87,7 @@ def chat(prompt, tokens, mode, model, bank, system, max_tokens, temperature, top
                         n_threads=threads, seed=seed)
     session = Session(es, tokens=tokens, mode=mode, system=system)
     session.check()
-    gen = dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p)
+    gen = dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, strictness=strictness)
     if prompt is not None:
         one_shot(session, prompt, gen, as_json)
     else:

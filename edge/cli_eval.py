@@ -52,6 +52,8 @@ def _csv(text: str) -> tuple[str, ...]:
 @click.option("--kl-tokens", default=D.kl_tokens, show_default=True, type=click.IntRange(min=1),
               help="Answer tokens compared for the KL.")
 @click.option("--seed", default=D.seed, show_default=True, type=int, help="Seed for compositions and samples.")
+@click.option("--strictness", default=D.strictness, show_default=True, type=float, metavar="LOGITS",
+              help="Run the bank with this runtime strictness (refusal-opener bias; > 0 refuses more).")
 @click.option("--threads", default=None, type=click.IntRange(min=1), help="CPU threads [default: all cores].")
 @click.option("--n-ctx", default=D.n_ctx, show_default=True, type=click.IntRange(min=64), help="Context length.")
 @click.option("--n-gpu-layers", default=0, show_default=True, type=int, help="Layers to offload to the GPU.")
@@ -61,8 +63,8 @@ def _csv(text: str) -> tuple[str, ...]:
 @click.option("--from-results", default=None, metavar="results.json", type=click.Path(dir_okay=False),
               help="Do not run: rebuild the report from this file (with --write-summary: store its summary).")
 def eval_cmd(bank, model, data, orders, out, limit, compositions, prompts, profiles, baselines, text_bank,
-             mode_prompts, sam_prompts, kl_prompts, kl_compositions, kl_tokens, seed, threads, n_ctx, n_gpu_layers,
-             no_plots, store_summary, from_results):
+             mode_prompts, sam_prompts, kl_prompts, kl_compositions, kl_tokens, seed, strictness, threads, n_ctx,
+             n_gpu_layers, no_plots, store_summary, from_results):
     """Evaluate a bank against its baselines through the llama.cpp runtime.
 
     Reports defense success and over-refusal per order, category, profile and
@@ -84,8 +86,8 @@ def eval_cmd(bank, model, data, orders, out, limit, compositions, prompts, profi
         results = load_results(from_results)
     else:
         results = _run(bank, model, data, orders, limit, compositions, prompts, profiles, baselines, text_bank,
-                       mode_prompts, sam_prompts, kl_prompts, kl_compositions, kl_tokens, seed, threads, n_ctx,
-                       n_gpu_layers)
+                       mode_prompts, sam_prompts, kl_prompts, kl_compositions, kl_tokens, seed, strictness, threads,
+                       n_ctx, n_gpu_layers)
     written = write_outputs(results, out, plots=not no_plots)
     click.echo("\n".join(sections(results, plots=False)[: _end_of_headline(results)]))
     for path in written:
@@ -101,7 +103,7 @@ def eval_cmd(bank, model, data, orders, out, limit, compositions, prompts, profi
 
 
 def _run(bank, model, data, orders, limit, compositions, prompts, profiles, baselines, text_bank, mode_prompts,
-         sam_prompts, kl_prompts, kl_compositions, kl_tokens, seed, threads, n_ctx, n_gpu_layers) -> dict:
+         sam_prompts, kl_prompts, kl_compositions, kl_tokens, seed, strictness, threads, n_ctx, n_gpu_layers) -> dict:
     from edge_safe.convert.bank import TokenBank
     from edge_safe.eval_data import parse_orders
     from edge_safe.evaluate import Evaluator
@@ -113,7 +115,7 @@ def _run(bank, model, data, orders, limit, compositions, prompts, profiles, base
         compositions=compositions, prompts=prompts, profiles=tuple(profiles) or D.profiles,
         baselines=_csv(baselines), text_bank=text_bank, mode_prompts=mode_prompts, sam_prompts=sam_prompts,
         kl_prompts=kl_prompts, kl_compositions=kl_compositions, kl_tokens=kl_tokens, limit=limit, seed=seed,
-        n_ctx=n_ctx, n_threads=threads, n_gpu_layers=n_gpu_layers,
+        strictness=strictness, n_ctx=n_ctx, n_threads=threads, n_gpu_layers=n_gpu_layers,
         command=" ".join(["edge-safe", *map(shlex.quote, sys.argv[1:])]) if Path(sys.argv[0]).name == "edge-safe"
         else "edge-safe eval",
     )

@@ -37,6 +37,7 @@ def _help(field: str) -> str:
 @click.option("--max-tokens-limit", default=None, type=click.IntRange(min=1), metavar="N",
               help=_help("max_tokens_limit"))
 @click.option("--allow-negative-mode", is_flag=True, help=_help("allow_negative_mode"))
+@click.option("--default-strictness", default=None, type=float, metavar="LOGITS", help=_help("default_strictness"))
 @click.option("--max-body-bytes", default=None, type=click.IntRange(min=1024), metavar="N",
               help=_help("max_body_bytes"))
 @click.option("--max-queue", default=None, type=click.IntRange(min=1), metavar="N", help=_help("max_queue"))
@@ -46,7 +47,7 @@ def _help(field: str) -> str:
               help="Layers to offload to the GPU (-1: all); needs a Metal or CUDA build of llama-cpp-python.")
 @click.option("--threads", default=None, type=click.IntRange(min=1), help="CPU threads [default: half the cores].")
 def serve(host, port, model, bank, api_key, default_tokens, max_tokens_limit, allow_negative_mode,
-          max_body_bytes, max_queue, model_id, n_ctx, n_gpu_layers, threads):
+          default_strictness, max_body_bytes, max_queue, model_id, n_ctx, n_gpu_layers, threads):
     """Serve an OpenAI-compatible API with control tokens chosen per request.
 
     Requests pick constraints with the extra body fields `tokens` and `mode`
@@ -66,9 +67,16 @@ def serve(host, port, model, bank, api_key, default_tokens, max_tokens_limit, al
     except ImportError as e:
         raise click.ClickException(f"the server needs FastAPI and uvicorn ({e}); {SERVER_EXTRA}") from None
     given = dict(api_key=api_key or None, default_tokens=default_tokens, max_tokens_limit=max_tokens_limit,
-                 allow_negative_mode=allow_negative_mode, max_body_bytes=max_body_bytes, max_queue=max_queue,
+                 allow_negative_mode=allow_negative_mode, default_strictness=default_strictness,
+                 max_body_bytes=max_body_bytes, max_queue=max_queue,
                  model_id=model_id)
-    settings = ServerSettings(**{k: v for k, v in given.items() if v is not None})
+    from pydantic import ValidationError
+
+    try:
+        settings = ServerSettings(**{k: v for k, v in given.items() if v is not None})
+    except ValidationError as e:
+        err = e.errors()[0]
+        raise click.BadParameter(err["msg"], param_hint="--" + str(err["loc"][0]).replace("_", "-")) from None
     if settings.api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
         click.echo(f"edge-safe: warning: serving on {host} without an API key (--api-key or ${ENV_API_KEY})",
                    err=True)

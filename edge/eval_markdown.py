@@ -220,7 +220,10 @@ def _method(r: dict) -> list[str]:
             + (f"; at most {c['limit']} cases per measurement (--limit)." if c.get("limit") else "."),
             "- Every system sees the same cases. `none`: no tokens; `text-rules`: the active constraints' rule texts "
             "as a system line; `from-text`: a bank of those rules' own token embeddings; `bank`: the bank under test "
-            "(its `positive` mode is used whenever constraints are active, as the runtime does).",
+            "(its `positive` mode is used whenever constraints are active, as the runtime does)"
+            + (f", run with strictness {c['strictness']:g} (that many logits added to the refusal opener until the "
+               "first visible reply token; SAM and the utility KL use the unbiased logits)."
+               if c.get("strictness") else "."),
             f"- Greedy decoding through the llama.cpp runtime, at most {j['max_tokens']} tokens (the longest refusal + "
             "2). Generation stops as soon as the verdict can no longer change: once the reply is one of the bank's "
             "refusals, or has left every refusal text and every refusal opening. So an answer usually costs one or "

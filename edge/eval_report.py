@@ -62,6 +62,7 @@ def headline(results: dict) -> dict:
         "date": results.get("date", ""),
         "data": Path(results["data"]["path"]).name,
         "cases": results["n_cases"],
+        "strictness": results["config"].get("strictness", 0.0),
         "defense": rate(bank["overall"]["defense"]),
         "over_refusal": rate(bank["overall"]["over_refusal"]),
         "unclear": bank["overall"]["unclear"],

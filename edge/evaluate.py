@@ -50,6 +50,7 @@ from edge_safe.eval_metrics import (
 from edge_safe.eval_sam import silhouette_score
 from edge_safe.eval_systems import Runner, System, reversed_bank, text_bank_of
 from edge_safe.models import resolve_bank_path, resolve_model_path
+from edge_safe.sampling import check_strictness
 
 BASELINES = ("none", "text-rules", "from-text")
 SAM_MODES = ("positive", "negative", "rejective")
@@ -76,6 +77,8 @@ class EvalConfig:
     n_ctx: int = 1024  # context of each runtime (text rules of 7 categories take ~170 tokens)
     n_threads: int | None = None  # CPU threads (None: all cores)
     n_gpu_layers: int = 0
+    # the bank's runtime bias on the refusal opener (EdgeSafe strictness); logits-based figures (SAM, KL) ignore it
+    strictness: float = 0.0
     command: str = ""  # the command line that made the run, for the report
 
     def __post_init__(self):
@@ -87,6 +90,7 @@ class EvalConfig:
                 raise EdgeSafeError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.limit is not None and self.limit < 1:
             raise EdgeSafeError(f"--limit must be >= 1, got {self.limit}")
+        check_strictness(self.strictness)
 
 
 class Evaluator:
@@ -100,10 +104,11 @@ class Evaluator:
         self.prompts: list[EvalPrompt] = load_prompts(self.data_path)  # first: a bad file fails fast
         self.bank_path = resolve_bank_path(cfg.bank) if es is None or cfg.bank else None
         self.model_path = es.model_path if es is not None else resolve_model_path(cfg.model)
-        self._open = lambda bank: EdgeSafe(model=self.model_path, bank=bank, n_ctx=cfg.n_ctx,
-                                           n_gpu_layers=cfg.n_gpu_layers, n_threads=cfg.n_threads)
+        self._open = lambda bank, strictness=0.0: EdgeSafe(
+            model=self.model_path, bank=bank, n_ctx=cfg.n_ctx, n_gpu_layers=cfg.n_gpu_layers,
+            n_threads=cfg.n_threads, strictness=strictness)
         self._owned: list = []
-        self.es = es if es is not None else self._own(self._open(self.bank_path))
+        self.es = es if es is not None else self._own(self._open(self.bank_path, cfg.strictness))
         self.bank: TokenBank = self.es.bank
         self.run_ = Runner(self.bank, self.es.tokenize, progress)
         self.notes: list[str] = []
@@ -266,7 +271,7 @@ class Evaluator:
     def _invariance(self, bank_records: list[dict]) -> dict:
         if not self.perm_cases:
             return {"skipped": "no case has two or more active constraints"}
-        es = self._open(reversed_bank(self.bank))
+        es = self._open(reversed_bank(self.bank), self.es.strictness)
         try:
             system = System("bank-permuted", "bank, constraints in reverse order", es, "tokens")
             permuted = self._decisions(system, self.perm_cases)

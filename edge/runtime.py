@@ -32,7 +32,7 @@ from edge_safe.convert.layout import ChatTemplate, check_layout, prefix_names
 from edge_safe.convert.model import ModelInfo
 from edge_safe.models import resolve_bank_path, resolve_model_path
 from edge_safe.prefix_cache import DEFAULT_PREFIX_CACHE_BYTES, PrefixCache
-from edge_safe.sampling import check_sampling, sample
+from edge_safe.sampling import check_sampling, check_strictness, sample
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +65,8 @@ class _Request:
     prompt: list[int]  # conversation tokens after the prefix
     stops: tuple[str, ...]
     t_call: float
+    strictness: float = 0.0  # added to the refusal openers' logits until the reply's first visible token
+    openers: list[int] = field(default_factory=list)  # those token ids (empty: no bias applies)
     stats: RequestStats = field(init=False)
 
     def __post_init__(self):
@@ -89,7 +91,9 @@ class EdgeSafe:
         *,
         n_batch: int = 512,
         prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES,
+        strictness: float = 0.0,
     ):
+        self.strictness = check_strictness(strictness)
         self.model_path = resolve_model_path(model)
         self.bank = bank if isinstance(bank, TokenBank) else TokenBank.load(resolve_bank_path(bank))
         check_layout(self.bank.layout)
@@ -103,6 +107,7 @@ class EdgeSafe:
         self._lock = threading.Lock()  # one request at a time uses the context (servers share one EdgeSafe)
         self._owner: int | None = None  # thread holding the lock, to refuse re-entry instead of deadlocking
         self._held: tuple[tuple[str, ...], list[int]] | None = None  # (prefix key, prompt tokens in KV)
+        self._openers: dict[str, set[int]] = {}  # constraint -> the token ids its refusal can start with
         self._llm = LlamaModel(self.model_path, n_ctx=n_ctx, n_batch=n_batch,
                                n_gpu_layers=n_gpu_layers, n_threads=n_threads)
         if self._llm.n_embd != self.bank.n_embd:  # check_model already compared the GGUF header
@@ -166,13 +171,17 @@ class EdgeSafe:
         stream: bool = False,
         system: str | None = None,
         seed: int | None = None,
+        strictness: float | None = None,
     ) -> str | Iterator[str]:
         """Answer one prompt: the cleaned reply, or an iterator of text pieces with ``stream=True``.
 
-        The pieces of a stream join to exactly the non-streamed reply.
+        The pieces of a stream join to exactly the non-streamed reply. ``strictness`` (default:
+        the instance's, 0) is added to the logits of the active constraints' refusal opener until
+        the first visible reply token: > 0 refuses more (fewer misses, more over-refusal), < 0 less. It only
+        acts with constraints active (in the ``positive`` mode, or a bank without modes).
         """
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-        req = self._prepare(messages, tokens, mode, stop)
+        req = self._prepare(messages, tokens, mode, stop, strictness=strictness)
         pieces = self._stream(req, max_tokens, temperature, top_p, seed)
         return pieces if stream else "".join(pieces)
 
@@ -187,9 +196,11 @@ class EdgeSafe:
         top_p: float = 1.0,
         stop: str | Sequence[str] | None = None,
         seed: int | None = None,
+        strictness: float | None = None,
     ) -> dict | Iterator[dict]:
-        """OpenAI-shaped chat completion (or ``chat.completion.chunk`` dicts with ``stream=True``)."""
-        req = self._prepare(messages, tokens, mode, stop)
+        """OpenAI-shaped chat completion (or ``chat.completion.chunk`` dicts with ``stream=True``);
+        ``strictness`` as in :meth:`generate`."""
+        req = self._prepare(messages, tokens, mode, stop, strictness=strictness)
         pieces = self._stream(req, max_tokens, temperature, top_p, seed)
         head = {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "created": int(time.time()), "model": self.model_name}
         if stream:
@@ -283,10 +294,12 @@ class EdgeSafe:
             finally:
                 self._owner = None
 
-    def _prepare(self, messages: Messages, tokens, mode, stop, extra: int = 0) -> _Request:
+    def _prepare(self, messages: Messages, tokens, mode, stop, extra: int = 0,
+                 strictness: float | None = None) -> _Request:
         """Validate everything before any decoding, so errors surface at call time (also for streams)."""
         t_call = time.perf_counter()
         self._check_open()
+        strictness = self.strictness if strictness is None else check_strictness(strictness)
         constraints, mode = self.compose(tokens, mode)
         names = prefix_names(mode, constraints)
         vectors = self.bank.prefix_vectors(names) if names else np.zeros((0, self._llm.n_embd), np.float32)
@@ -301,7 +314,27 @@ class EdgeSafe:
                 "pass a larger --n-ctx (EdgeSafe(n_ctx=...)) or shorten the prompt or conversation"
             )
         stops = tuple(self.template.stop) + _as_stops(stop)
-        return _Request(constraints, mode, tuple(names), vectors, prompt, stops, t_call)
+        biased = strictness and constraints and mode in (DEFAULT_MODE, None)  # not rejective/negative
+        openers = self.refusal_openers(constraints) if biased else []
+        return _Request(constraints, mode, tuple(names), vectors, prompt, stops, t_call, strictness, openers)
+
+    def refusal_openers(self, constraints: Sequence[str]) -> list[int]:
+        """Token ids that start the active constraints' refusals, sorted and distinct: the first token of
+        each refusal as the model writes it after the reply header (where training puts it:
+        ``<template prompt> <refusal>``) and as it is spelt without the leading space, since a model
+        can open a reply either way (" Sorry" or "Sorry")."""
+        probe = self.template.render([{"role": "user", "content": "x"}])
+        head = None
+        for name in constraints:
+            refusal = self.bank.tokens[name].refusal
+            if name not in self._openers and refusal:
+                head = head if head is not None else self._llm.tokenize(probe, add_bos=False, special=False)
+                ids = self._llm.tokenize(probe + " " + refusal, add_bos=False, special=False)
+                first = {self._llm.tokenize(refusal, add_bos=False, special=False)[0]}
+                if ids[:len(head)] == head and len(ids) > len(head):
+                    first.add(ids[len(head)])
+                self._openers[name] = first
+        return sorted(set().union(*(self._openers.get(n, set()) for n in constraints)))
 
     def _prefill(self, req: _Request) -> None:
         """Bring the KV cache to ``[BOS][vectors][req.prompt]`` with the fewest decodes."""
@@ -349,8 +382,15 @@ class EdgeSafe:
             st.finish_reason = "length"
             t_first = None
             n_past = 1 + len(req.vectors) + len(req.prompt)
+            biased = bool(req.openers)  # until the reply's first visible token (a "\n\n" may come first)
             for i in range(max_tokens):
-                tok = sample(llm.logits(), temperature, top_p, rng)
+                logits = llm.logits()
+                if biased:
+                    logits = logits.copy()  # llama.cpp's buffer stays as decoded
+                    logits[req.openers] += req.strictness
+                tok = sample(logits, temperature, top_p, rng)
+                if biased and (llm.is_eog(tok) or llm.token_to_piece(tok).strip()):
+                    biased = False
                 if t_first is None:
                     t_first = time.perf_counter()
                     st.ttft_s = t_first - req.t_call
@@ -397,7 +437,7 @@ class EdgeSafe:
 
     def _extra(self, req: _Request, content: str) -> dict:
         return {"tokens": list(req.constraints), "mode": req.mode, "prefix_positions": len(req.vectors),
-                "refusal": self.bank.is_refusal(content)}
+                "strictness": req.strictness, "refusal": self.bank.is_refusal(content)}
 
 
 class _StopFilter:

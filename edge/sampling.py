@@ -1,13 +1,32 @@
-"""Next-token choice from a logits vector: greedy, or temperature + nucleus sampling.
+"""Next-token choice from a logits vector: greedy, or temperature + nucleus sampling (and
+the range of ``strictness``, the runtime's bias on the refusal opener until the first visible reply token).
 
 Works on a numpy view of llama.cpp's logits buffer (n_vocab,), so greedy decoding
 costs one ``argmax`` and no copy.
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from edge_safe.convert.errors import EdgeSafeError
+
+MAX_STRICTNESS = 20.0  # |strictness| beyond this decides every request outright: almost surely a typo
+
+
+def check_strictness(value: float) -> float:
+    """A finite float within ±MAX_STRICTNESS (logit units), or a clear error."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise EdgeSafeError(f"strictness must be a number (logit units, e.g. -2 to 2), got {value!r}") from None
+    if not math.isfinite(v) or abs(v) > MAX_STRICTNESS:
+        raise EdgeSafeError(
+            f"strictness must be between {-MAX_STRICTNESS:g} and {MAX_STRICTNESS:g} (logit units; 0 = the bank as "
+            f"trained, > 0 refuses more, < 0 less), got {value!r}"
+        )
+    return v
 
 
 def check_sampling(temperature: float, top_p: float) -> None:

@@ -1,8 +1,9 @@
 """An OpenAI-compatible HTTP server over one :class:`~edge_safe.runtime.EdgeSafe`.
 
-Any OpenAI client can switch control tokens per request with two extra body
-fields, ``tokens`` (names or profiles, list or comma string) and ``mode``; every
-reply says which composition was applied in its ``edge_safe`` field.
+Any OpenAI client can switch control tokens per request with extra body
+fields, ``tokens`` (names or profiles, list or comma string), ``mode`` and
+``strictness`` (refuse more or less than the bank as trained); every reply says
+which composition was applied in its ``edge_safe`` field.
 
 - One model context serves every request. Requests queue on an asyncio lock in
   the app state (``max_queue`` may wait, more get 503) and the blocking model
@@ -151,7 +152,7 @@ def _path(loc: tuple) -> str:
 
 def _explain(err: dict) -> str:
     if err["type"] == "extra_forbidden":
-        return "unknown or unsupported field (edge-safe adds only 'tokens' and 'mode' to OpenAI's fields)"
+        return "unknown or unsupported field (edge-safe adds only 'tokens', 'mode' and 'strictness' to OpenAI's fields)"
     if err["type"] == "missing":
         return "field required"
     return err["msg"].removeprefix("Value error, ")
@@ -267,7 +268,8 @@ class ServerState:
                            "start it with --allow-negative-mode to allow it", kind="permission_error",
                            param="mode", code="mode_not_allowed")
         return {"tokens": constraints, "mode": mode, "max_tokens": self.max_tokens(req, kind),
-                "temperature": req.temperature, "top_p": req.top_p, "stop": req.stop, "seed": req.seed}
+                "temperature": req.temperature, "top_p": req.top_p, "stop": req.stop, "seed": req.seed,
+                "strictness": self.settings.default_strictness if req.strictness is None else req.strictness}
 
     def max_tokens(self, req, kind: str) -> int:
         limit, wanted = self.settings.max_tokens_limit, req.wanted_max_tokens()

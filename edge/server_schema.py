@@ -16,6 +16,8 @@ from typing import Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from pydantic_core import PydanticCustomError
 
+from edge_safe.sampling import MAX_STRICTNESS
+
 _STRICT = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 Tokens = Union[list[str], str]
@@ -44,6 +46,9 @@ class ServerSettings(BaseModel):
         None, ge=1, description="Refuse (400) requests asking for more max_tokens than this [default: no limit].")
     allow_negative_mode: bool = Field(
         False, description="Allow mode 'negative' (unrestricted, for red-teaming); refused with 403 otherwise.")
+    default_strictness: float = Field(
+        0.0, ge=-MAX_STRICTNESS, le=MAX_STRICTNESS, allow_inf_nan=False,
+        description="Strictness for requests without a 'strictness' field: > 0 refuses more, < 0 less [default: 0].")
     max_body_bytes: int = Field(
         1 << 20, ge=1024, description="Largest request body in bytes; larger ones get 413 [default: 1048576].")
     max_queue: int = Field(64, ge=1, description="Requests that may wait for the model; more get 503 [default: 64].")
@@ -95,6 +100,8 @@ class _Generation(BaseModel):
     model: Optional[str] = None  # any value is accepted; the server has one model and names it in the reply
     tokens: Optional[Tokens] = None  # constraint/profile names; absent or null: the server's --default-tokens
     mode: Optional[str] = None
+    # added to the refusal opener's logit until the first visible reply token; absent: the server's --default-strictness
+    strictness: Optional[float] = Field(None, ge=-MAX_STRICTNESS, le=MAX_STRICTNESS, allow_inf_nan=False)
     max_tokens: Optional[int] = Field(None, ge=1)
     temperature: float = Field(0.0, ge=0.0, le=2.0)  # 0: greedy (edge-safe's default, unlike OpenAI's 1)
     top_p: float = Field(1.0, gt=0.0, le=1.0)

@@ -118,6 +118,16 @@ def test_unknown_names_are_one_line_errors(patched, args, error):
     assert (r.exit_code, r.stderr) == (1, error)
 
 
+def test_strictness_flag_reaches_the_runtime_and_bad_values_fail_before_loading(patched, monkeypatch):
+    r = invoke("chat", "--json", "--tokens", "eu", "--strictness", "20", Q)
+    data = json.loads(r.stdout)
+    assert data["edge_safe"]["strictness"] == 20.0
+    assert data["choices"][0]["message"]["content"].startswith("Sorry")  # +20 logits on the opener: it refuses
+    monkeypatch.setattr(cli_chat, "load_edge_safe", lambda **kw: pytest.fail("loaded the model for a bad flag"))
+    r = invoke("chat", "--strictness", "inf", Q)
+    assert r.exit_code == 1 and r.stderr.startswith("Error: strictness must be between -20 and 20")
+
+
 def test_prompt_longer_than_the_context_is_a_clear_error(bank_path):
     r = invoke("chat", "--bank", str(bank_path), "--n-ctx", "32", "word " * 40)
     assert r.exit_code == 1

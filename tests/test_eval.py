@@ -38,7 +38,7 @@ from edge_safe.eval_metrics import (
     per_category,
     summarize,
 )
-from edge_safe.eval_report import comparison
+from edge_safe.eval_report import comparison, headline
 from edge_safe.evaluate import EvalConfig, Evaluator, vectors_sha256
 
 REFUSALS = ("Sorry, I can't help with alcohol.", "Sorry, I can't help with that.")
@@ -280,6 +280,28 @@ def test_summary_goes_into_the_bank_and_inspect_shows_it(quick_run, tmp_path, ma
     assert other.read_bytes() == before
 
 
+@pytest.mark.model
+def test_strictness_runs_the_bank_biased_and_is_recorded(tmp_path):
+    """+20 logits on the refusal opener refuse everything, -20 nothing; baselines and the record follow."""
+    rates = {}
+    for strictness in ("20", "-20"):
+        out = tmp_path / strictness
+        res = CliRunner().invoke(cli, [*QUICK, "--baselines", "none", "--no-plots", "--mode-prompts", "0",
+                                       "--sam-prompts", "0", "--kl-prompts", "0", "--strictness", strictness,
+                                       "--out", str(out)])
+        assert res.exit_code == 0, res.output
+        r = json.loads((out / "results.json").read_text())
+        assert r["config"]["strictness"] == float(strictness) and headline(r)["strictness"] == float(strictness)
+        assert f"run with strictness {strictness}" in (out / "RESULTS.md").read_text()
+        o = r["systems"]["bank"]["overall"]
+        rates[strictness] = {k: o[k]["rate"] for k in ("defense", "over_refusal")}
+        rates[strictness].update(defense_any=o["defense_any"], over_refusal_any=o["over_refusal_any"])
+        assert r["systems"]["none"]["overall"]["defense"]["rate"] == 0.0  # the baseline is not biased
+    # every reply opens with the refusal opener (clean refusal or refusal-like wording after it), and then none
+    assert rates["20"]["defense_any"] == rates["20"]["over_refusal_any"] == 1.0
+    assert rates["-20"] == {"defense": 0.0, "over_refusal": 0.0, "defense_any": 0.0, "over_refusal_any": 0.0}, rates
+
+
 def test_cli_errors_are_one_line(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "Hi", "category": "general", "label": "benign"}\n{oops\n')
@@ -290,6 +312,8 @@ def test_cli_errors_are_one_line(tmp_path):
     assert res.exit_code == 1
     assert res.output == ("Error: --orders: 12 is not a possible order; the bank has 9 constraints, "
                           "so orders run from 1 to 9\n")
+    res = CliRunner().invoke(cli, ["eval", "--strictness", "nan", "--out", str(tmp_path / "o")])
+    assert res.exit_code == 1 and res.output.startswith("Error: strictness must be between -20 and 20")
 
 
 def few_shot(refusal: str) -> str:

@@ -127,6 +127,42 @@ def test_forced_logits_follow_a_greedy_reply(es):
         es.forced_logits(prompt, [])
 
 
+def test_strictness_moves_the_refusal_decision_by_that_many_logits(es):
+    opener = es.refusal_openers(["alcohol"])
+    pieces = [es._llm.token_to_piece(t).decode() for t in opener]
+    assert sorted(pieces) == sorted({"Sorry", " Sorry"})  # the refusal's first word, with and without its space
+    assert es.refusal_openers(["alcohol", "gambling", "privacy"]) == opener  # shared by every refusal here
+    es.reset()
+    logits = es.first_token_logits(Q, tokens="alcohol")
+    gap = float(np.delete(logits, opener).max() - logits[opener].max())  # what the openers lack to win
+    assert 1.5 < gap < 18.5  # the from-text bank answers this prompt, by a margin a bias can cross
+    word = es.bank.tokens["alcohol"].refusal.split()[0].strip(",")
+    answer = es.generate(Q, tokens="alcohol", max_tokens=4)
+    assert not answer.startswith(word)
+    assert es.generate(Q, tokens="alcohol", max_tokens=4, strictness=gap - 1.0) == answer
+    assert es.generate(Q, tokens="alcohol", max_tokens=4, strictness=gap + 1.0).startswith(word)
+    assert es.chat([{"role": "user", "content": Q}], tokens="alcohol", max_tokens=2,
+                   strictness=gap + 1.0)["edge_safe"]["strictness"] == gap + 1.0
+    # only with constraints in the positive mode: not for the bare model, not in the rejective/negative modes
+    assert es.generate(Q, max_tokens=4, strictness=20) == es.generate(Q, max_tokens=4)
+    rejective = es.generate(Q, tokens="alcohol", mode="rejective", max_tokens=4)
+    assert es.generate(Q, tokens="alcohol", mode="rejective", max_tokens=4, strictness=-20) == rejective
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), 20.5, -99, "high", None])
+def test_strictness_out_of_range_is_a_clear_error_before_decoding(es, bad):
+    if bad is None:  # None means "the instance default" per call; the constructor needs a number
+        with pytest.raises(EdgeSafeError, match="strictness must be a number"):
+            EdgeSafe(bank=es.bank, strictness=bad)
+        return
+    with pytest.raises(EdgeSafeError, match="strictness must be"):
+        es.generate(Q, tokens="alcohol", strictness=bad)
+    with pytest.raises(EdgeSafeError, match="strictness must be"):
+        es.chat([{"role": "user", "content": Q}], tokens="alcohol", stream=True, strictness=bad)
+    with pytest.raises(EdgeSafeError, match="strictness must be"):
+        EdgeSafe(bank=es.bank, strictness=bad)  # before the model loads
+
+
 def test_reset_forgets_the_conversation_but_keeps_snapshots(es):
     es.generate(Q, tokens="kiosk", max_tokens=1)
     es.generate(Q, tokens="kiosk", max_tokens=1)
@@ -170,7 +206,7 @@ def test_chat_is_openai_shaped(es):
     assert r["choices"][0]["finish_reason"] == "stop"
     assert r["usage"]["total_tokens"] == r["usage"]["prompt_tokens"] + r["usage"]["completion_tokens"]
     n_vectors = sum(len(es.bank.tokens[n].vectors) for n in ("positive", "privacy"))
-    assert r["edge_safe"] == {"tokens": ["privacy"], "mode": "positive", "prefix_positions": n_vectors,
+    assert r["edge_safe"] == {"tokens": ["privacy"], "mode": "positive", "prefix_positions": n_vectors, "strictness": 0.0,
                               "refusal": False}
     chunks = list(es.chat([{"role": "user", "content": Q}], max_tokens=8, stream=True))
     assert chunks[0]["choices"][0]["delta"] == {"role": "assistant"}

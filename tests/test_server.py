@@ -18,6 +18,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
+import numpy as np
 import openai
 import pytest
 import uvicorn
@@ -151,7 +152,7 @@ def test_chat_with_tokens_in_extra_body_says_what_was_applied(client, es):
     reply = ask(client, tokens=["eu"], mode="rejective")
     assert reply.object == "chat.completion" and reply.model == es.model_name
     assert reply.edge_safe == {"tokens": ["privacy"], "mode": "rejective",
-                               "prefix_positions": positions(es, "rejective", "privacy"),
+                               "prefix_positions": positions(es, "rejective", "privacy"), "strictness": 0.0,
                                "refusal": es.is_refusal(reply.choices[0].message.content)}
     assert reply.choices[0].message.content == alone(es, tokens="eu", mode="rejective")
     assert reply.usage.completion_tokens >= 1 and reply.choices[0].finish_reason in ("stop", "length")
@@ -195,6 +196,24 @@ def test_completions_endpoint_streaming_and_not(client, es):
     assert pieces[-1].edge_safe == reply.edge_safe
 
 
+def test_strictness_per_request_and_as_the_server_default(client, es):
+    opener = es.refusal_openers(["privacy"])
+    es.reset()
+    logits = es.first_token_logits(Q, tokens="eu")
+    gap = float(np.delete(logits, opener).max() - logits[opener].max())  # what the refusal openers lack to win
+    assert 1.5 < gap < 18.5
+    plain = ask(client, tokens="eu")
+    assert not plain.choices[0].message.content.startswith("Sorry") and plain.edge_safe["strictness"] == 0.0
+    strict = ask(client, tokens="eu", strictness=gap + 1)
+    assert strict.choices[0].message.content.startswith("Sorry") and strict.edge_safe["strictness"] == gap + 1
+    assert ask(client, tokens="eu", strictness=gap - 1).choices[0].message.content == plain.choices[0].message.content
+    with live_server(create_app(es, ServerSettings(default_strictness=gap + 1))) as base:
+        strict_server = openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0)
+        assert ask(strict_server, tokens="eu").choices[0].message.content.startswith("Sorry")
+        relaxed = ask(strict_server, tokens="eu", strictness=0)  # the request's own value wins
+        assert relaxed.choices[0].message.content == plain.choices[0].message.content
+
+
 def test_negative_mode_needs_the_server_flag(client, es):
     with pytest.raises(openai.PermissionDeniedError) as e:
         ask(client, mode="negative")
@@ -226,6 +245,8 @@ def test_negative_mode_needs_the_server_flag(client, es):
     ({"n": 2}, "n", "invalid_value", "only n=1 is supported"),
     ({"logprobs": True}, "logprobs", "invalid_value", "unknown or unsupported field"),
     ({"token": "minors"}, "token", "invalid_value", "unknown or unsupported field"),  # a typo never runs unconstrained
+    ({"strictness": 25}, "strictness", "invalid_value", "less than or equal to 20"),
+    ({"strictness": "high"}, "strictness", "invalid_value", "valid number"),
 ])
 def test_bad_fields_are_400_naming_the_field(client, extra, param, code, says):
     with pytest.raises(openai.BadRequestError) as e:
@@ -417,19 +438,24 @@ def test_serve_cli_passes_settings_to_the_app(monkeypatch, bank):
                         lambda **kw: seen.update(load=kw) or EdgeSafe(bank=bank, n_ctx=64, n_threads=1))
     monkeypatch.setenv("EDGE_SAFE_API_KEY", "from-env")
     result = CliRunner().invoke(cli, ["serve", "--port", "9999", "-t", "eu", "--max-tokens-limit", "8",
-                                      "--allow-negative-mode", "--n-ctx", "64", "--threads", "1"])
+                                      "--allow-negative-mode", "--default-strictness", "1.5", "--n-ctx", "64",
+                                      "--threads", "1"])
     assert result.exit_code == 0, result.output
     state = seen["state"]
     assert (seen["host"], seen["port"]) == ("127.0.0.1", 9999)
     assert seen["load"] == {"model": None, "bank": None, "n_ctx": 64, "n_gpu_layers": 0, "n_threads": 1}
     assert state.settings.api_key.get_secret_value() == "from-env" and "from-env" not in repr(state.settings)
     assert state.default_tokens == ["privacy"] and state.settings.max_tokens_limit == 8
-    assert state.settings.allow_negative_mode is True
+    assert state.settings.allow_negative_mode is True and state.settings.default_strictness == 1.5
     assert "serving" in result.output and "default tokens: privacy" in result.output
 
     result = CliRunner().invoke(cli, ["serve", "-t", "minor", "--n-ctx", "64"])
     assert result.exit_code == 1
     assert result.output.strip().splitlines()[-1].startswith("Error: unknown token or profile 'minor'; did you mean")
+
+    for bad, says in (("25", "less than or equal to 20"), ("nan", "finite number")):
+        result = CliRunner().invoke(cli, ["serve", "--default-strictness", bad])
+        assert result.exit_code == 2 and "--default-strictness" in result.output and says in result.output
 
 
 def test_edge_safe_serve_end_to_end(tmp_path, bank):
