@@ -19,6 +19,7 @@ Commands:
   /tokens         show the active constraints and what exists
   /mode NAME      switch the mode ('default' to go back to the default)
   /mode           show the mode
+  /strictness X   refuse more (X > 0) or less (X < 0) than the bank as trained; 0 to reset
   /reset          forget the conversation
   /help           this help
   /exit           leave (or Ctrl-D); Ctrl-C stops the current reply"""
@@ -207,6 +208,15 @@ class Repl:
             self.set_and_show("mode", (None if arg.lower() == "default" else arg) if arg else self.s.mode)
             if not arg:
                 info(f"available: {', '.join(self.s.es.modes) or '(none)'}")
+        elif cmd == "/strictness":
+            from edge_safe.sampling import check_strictness
+
+            try:
+                if arg:
+                    self.gen["strictness"] = check_strictness(arg)
+                info(f"strictness: {self.gen.get('strictness', 0.0):g}")
+            except EdgeSafeError as e:
+                info(f"error: {e}")
         else:
             info(f"unknown command {cmd!r}; /help lists the commands")
         return None

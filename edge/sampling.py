@@ -18,6 +18,8 @@ MAX_STRICTNESS = 20.0  # |strictness| beyond this decides every request outright
 def check_strictness(value: float) -> float:
     """A finite float within ±MAX_STRICTNESS (logit units), or a clear error."""
     try:
+        if isinstance(value, bool):  # True would silently mean 1.0
+            raise TypeError
         v = float(value)
     except (TypeError, ValueError):
         raise EdgeSafeError(f"strictness must be a number (logit units, e.g. -2 to 2), got {value!r}") from None

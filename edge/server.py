@@ -396,6 +396,7 @@ def _routes(state: ServerState) -> APIRouter:
             "profiles": es.profiles,
             "default_tokens": state.default_tokens,
             "negative_mode_allowed": settings.allow_negative_mode and NEGATIVE_MODE in es.modes,
+            "default_strictness": settings.default_strictness,
         }
 
     @v1.post("/chat/completions")

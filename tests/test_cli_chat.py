@@ -173,6 +173,16 @@ def test_repl_commands_history_and_exit(patched):
     )
 
 
+def test_repl_strictness_command(patched):
+    lines = ["/strictness", "/strictness 30", "/tokens eu", "/strictness 20", Q, "/reset", "/strictness 0", Q, "/exit"]
+    r = invoke("chat", input="\n".join(lines) + "\n")
+    assert r.exit_code == 0, r.output
+    replies = [line.removeprefix("> ").lstrip("> ") for line in r.stdout.splitlines() if line.strip("> ")]
+    assert len(replies) == 2 and replies[0].startswith("Sorry") and replies[1] == "Lima"
+    assert "strictness: 0\nerror: strictness must be between -20 and 20" in r.stderr
+    assert "strictness: 20\n" in r.stderr
+
+
 def test_repl_keeps_the_conversation(patched, monkeypatch):
     seen = []
     real_chat = patched.chat

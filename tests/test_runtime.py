@@ -149,7 +149,7 @@ def test_strictness_moves_the_refusal_decision_by_that_many_logits(es):
     assert es.generate(Q, tokens="alcohol", mode="rejective", max_tokens=4, strictness=-20) == rejective
 
 
-@pytest.mark.parametrize("bad", [float("nan"), float("inf"), 20.5, -99, "high", None])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), 20.5, -99, "high", True, None])
 def test_strictness_out_of_range_is_a_clear_error_before_decoding(es, bad):
     if bad is None:  # None means "the instance default" per call; the constructor needs a number
         with pytest.raises(EdgeSafeError, match="strictness must be a number"):

@@ -142,6 +142,7 @@ def test_models_health_and_tokens(client, url, es, http):
     assert listing["modes"] == ["positive", "rejective", "negative"]
     assert listing["profiles"] == PROFILES
     assert listing["default_tokens"] == ["alcohol", "gambling"] and listing["negative_mode_allowed"] is False
+    assert listing["default_strictness"] == 0.0
     entry = next(d for d in listing["data"] if d["id"] == "privacy")
     assert entry == {"id": "privacy", "object": "control_token", "kind": "constraint",
                      "description": "privacy: Do not help find private people.",
@@ -210,6 +211,7 @@ def test_strictness_per_request_and_as_the_server_default(client, es):
     with live_server(create_app(es, ServerSettings(default_strictness=gap + 1))) as base:
         strict_server = openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0)
         assert ask(strict_server, tokens="eu").choices[0].message.content.startswith("Sorry")
+        assert httpx.get(base + "/v1/tokens").json()["default_strictness"] == gap + 1
         relaxed = ask(strict_server, tokens="eu", strictness=0)  # the request's own value wins
         assert relaxed.choices[0].message.content == plain.choices[0].message.content
 
