@@ -1,4 +1,5 @@
 """Training on the real bundled model, and training/runtime layout parity (CI-sized)."""
+import json
 from pathlib import Path
 
 import numpy as np
@@ -83,6 +84,8 @@ def test_smoke_training_on_real_model_exports_a_bank_the_runtime_loads(base, tmp
     for name in bank.names:  # F16 storage: round-trips within half precision
         np.testing.assert_allclose(loaded.tokens[name].vectors, bank.vectors[name].detach().numpy(), rtol=1e-3, atol=1e-2)
     assert loaded.origin == "trained" and loaded.training_config["steps"] == 2
+    log = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    assert all(rec["dec"] > 0 for rec in log)  # the decision loss of the shipped recipe ran
 
     from edge_safe import EdgeSafe
 
