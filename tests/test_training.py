@@ -168,7 +168,8 @@ def test_resume_accepts_a_checkpoint_written_before_new_config_keys(cfg, tmp_pat
     train(cfg.replace(steps=6), base, tmp_path / "run", progress=False)
     ckpt = tmp_path / "run" / "checkpoint.pt"
     state = torch.load(ckpt, weights_only=False)
-    for key in ("lr_schedule", "warmup_steps", "lr_min_ratio", "counterfactual_pairs", "compute_dtype", "decision_weight"):
+    for key in ("lr_schedule", "warmup_steps", "lr_min_ratio", "counterfactual_pairs", "compute_dtype", "decision_weight",
+                "refusal_weight", "init_bank"):
         del state["config"][key]  # as written by an older edge-safe
     torch.save(state, ckpt)
     train(cfg, base, tmp_path / "run", resume=True, progress=False)  # defaults match: resumes
@@ -231,3 +232,38 @@ def test_decision_loss_is_the_refuse_or_answer_cross_entropy_at_the_first_reply_
             assert float(dec[b]) == 0.0
     assert "dec" not in stats0 and stats["dec"] == pytest.approx(float(dec.mean()), rel=1e-4)
     assert float(both) == pytest.approx(float(plain) + 2.0 * float(dec.mean()), rel=1e-4)
+
+
+def test_init_bank_starts_a_fine_tune_from_a_banks_vectors(cfg, tmp_path):
+    from edge_safe.convert.errors import EdgeSafeError
+    from edge_safe.training.trainer import init_from_bank
+
+    base = tiny_random_model()
+    bank, summary = train(cfg.replace(steps=2), base, tmp_path / "run", progress=False)
+    path = export_bank(bank, base, cfg, summary).save(tmp_path / "first.gguf")
+    start = init_from_bank(base, cfg.replace(init_bank=str(path)))
+    for name in bank.names:
+        torch.testing.assert_close(start[name], bank.vectors[name].detach())
+    tuned, _ = train(cfg.replace(steps=2, init_bank=str(path)), base, tmp_path / "tune", progress=False)
+    assert not torch.equal(tuned.vectors["alcohol"], bank.vectors["alcohol"])  # it trained from there
+    with pytest.raises(EdgeSafeError, match="'positive' has shape \\(1, 64\\), the config needs \\(2, 64\\)"):
+        init_from_bank(base, cfg.replace(init_bank=str(path), n_mode_vectors=2))
+
+
+def test_refusal_weight_scales_the_refusal_examples_only(cfg):
+    import random
+
+    from edge_safe.convert.layout import QA_TEMPLATE
+    from edge_safe.training.teacher import build_teacher
+    from edge_safe.training.trainer import init_vectors
+
+    base = tiny_random_model()
+    prompts = load_prompts(cfg.data_dir, "train")
+    teacher = build_teacher(base, [p.text for p in prompts], QA_TEMPLATE, 3, 8, progress=False)
+    refusal_ids = refusal_target_ids(base, QA_TEMPLATE, list(CATS) + ["rejective"])
+    examples = TaskSampler(prompts, cfg.replace(counterfactual_pairs=True), random.Random(3)).batch(0)
+    bank = Bank(init_vectors(base, cfg, torch.Generator().manual_seed(0)))
+    batch = build_batch(base, bank, teacher, refusal_ids, examples, 3.0, refusal_weight=2.5)
+    per_example = torch.zeros(len(examples)).index_add_(0, batch.rows, batch.weights)
+    expected = torch.tensor([2.5 if ex.refuse else 1.0 for ex in examples])
+    torch.testing.assert_close(per_example, expected)

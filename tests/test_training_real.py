@@ -118,3 +118,14 @@ def test_validate_cli_names_the_model_a_foreign_bank_was_made_for(tmp_path, caps
     assert v.main([str(path), "--size", "8"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "fingerprint" in err and "Other 1B" in err
+
+
+def test_refusal_wording_counts_the_shipped_banks_replies(capsys):
+    from edge_safe.models import default_bank_path
+    from edge_safe.training.refusal_wording import main, wording
+
+    out = wording(str(default_bank_path()), n=4)
+    assert out["n"] == 4
+    assert 0 <= out["own_category"] <= out["exact_refusal"] <= out["opens_like_refusal"] <= 4
+    assert 0 <= out["near_miss_refused"] <= 4
+    assert main(["/nonexistent/bank.gguf", "2"]) == 2 and capsys.readouterr().err.startswith("error: ")

@@ -25,6 +25,7 @@ class TrainConfig:
     lr_min_ratio: float = 0.1  # final lr / lr of the cosine schedule
     kl_weight: float = 1.0  # λ of the counterfactual-distillation KL (0.8-1.2 worked best in MOSAIC)
     first_token_weight: float = 3.0  # the refuse/answer decision happens at the first reply token
+    refusal_weight: float = 1.0  # x the cross-entropy of refusal examples (their exact wording) vs answers
     # weight of the binary refuse/answer loss on P(first token = refusal opener), answers included (0 = off)
     decision_weight: float = 0.0
     ref_tokens: int = 8  # reference continuation length for negatives (base model's greedy answer)
@@ -39,6 +40,7 @@ class TrainConfig:
     max_prompt_tokens: int = 96  # longer prompts are dropped from training
     init: str = "rule"  # vector init: "rule" (the rule text's own topic words, see trainer.distinctive_ids) or "random"
     init_noise: float = 0.02  # relative noise added to the init so the m vectors differ
+    init_bank: str = ""  # start from this bank's vectors instead (a fine-tune; "" = `init`); same names and shapes
     constraints: tuple[str, ...] = CATEGORY_NAMES  # which constraint tokens to train (bank order)
     modes: tuple[str, ...] = MODE_NAMES  # which mode tokens to train
     held_out: tuple[tuple[str, ...], ...] = (  # compositions never sampled in training (test generalisation)

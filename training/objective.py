@@ -71,7 +71,7 @@ def layout(base: BaseModel, bank: Bank, mode: str | None, constraints: tuple[str
 
 def build_batch(
     base: BaseModel, bank: Bank, teacher: Teacher, refusal_ids: dict[str, list[int]],
-    examples: list[Example], first_token_weight: float,
+    examples: list[Example], first_token_weight: float, refusal_weight: float = 1.0,
 ) -> Batch:
     seqs, rows, cols, targets, weights, kl, tids, tlp, first = [], [], [], [], [], [], [], [], []
     k = teacher.topk_ids[0].shape[1]
@@ -83,7 +83,7 @@ def build_batch(
         start = x.shape[0] - len(target)  # logits at `start` predict target[0]
         w = torch.ones(len(target))
         w[0] = first_token_weight
-        w = w / w.sum()
+        w = w / w.sum() * (refusal_weight if ex.refuse else 1.0)
         first.append(len(rows))
         for j, t in enumerate(target):
             rows.append(b)

@@ -92,6 +92,26 @@ def init_vectors(base: BaseModel, cfg: TrainConfig, gen: torch.Generator) -> dic
     return vectors
 
 
+def init_from_bank(base: BaseModel, cfg: TrainConfig) -> dict[str, torch.Tensor]:
+    """The vectors of `cfg.init_bank` (a fine-tune starts where that bank ended); names and shapes must match."""
+    from edge_safe.convert.bank import TokenBank
+
+    bank = TokenBank.load(cfg.init_bank)
+    if base.info is not None:  # tiny random test models have no GGUF to compare with
+        bank.check_model(base.info)
+    d = base.model.get_input_embeddings().embedding_dim
+    vectors = {}
+    for name in list(cfg.modes) + list(cfg.constraints):
+        want = (cfg.n_mode_vectors if name in cfg.modes else cfg.n_vectors, d)
+        tok = bank.tokens.get(name)
+        if tok is None or tok.vectors.shape != want:
+            got = "no such token" if tok is None else f"shape {tuple(tok.vectors.shape)}"
+            raise EdgeSafeError(f"init_bank {cfg.init_bank}: {name!r} has {got}, the config needs {want}; "
+                                f"use a bank trained with the same n_vectors/n_mode_vectors, or drop init_bank")
+        vectors[name] = torch.tensor(tok.vectors, dtype=torch.float32, device=base.device)
+    return vectors
+
+
 def stratified_sample(prompts: list[Prompt], n: int, rng: random.Random) -> list[Prompt]:
     """At most n prompts, drawn round-robin over (category, label) so every group stays represented."""
     groups: dict[tuple[str, str], list[Prompt]] = {}
@@ -261,7 +281,7 @@ def train(
     sampler = TaskSampler([prompts[i] for i in keep], cfg, rng)
     sampler_index = keep  # sampler indices -> prompt indices
 
-    bank = Bank(init_vectors(base, cfg, gen)).to(base.device)
+    bank = Bank(init_from_bank(base, cfg) if cfg.init_bank else init_vectors(base, cfg, gen)).to(base.device)
     opt = torch.optim.Adam(bank.parameters(), lr=cfg.lr)
     step0, history = 0, []
     ckpt = out_dir / CHECKPOINT
@@ -294,7 +314,7 @@ def train(
         t0 = time.time()
         for group in opt.param_groups:
             group["lr"] = learning_rate(cfg, step)
-        batch = build_batch(base, bank, teacher, refusal_ids, examples, cfg.first_token_weight)
+        batch = build_batch(base, bank, teacher, refusal_ids, examples, cfg.first_token_weight, cfg.refusal_weight)
         with _autocast(cfg, base):
             loss, stats = mosaic_loss(base, batch, cfg.kl_weight, cfg.decision_weight, refuse_id)
         opt.zero_grad()

@@ -1,0 +1,66 @@
+"""How often a bank's refusals come out word for word, through the llama.cpp runtime, on the val split.
+
+    python -m edge_safe.training.refusal_wording BANK.gguf [N]
+
+The training validation (`validate.py`) only checks the first reply token. This runs N greedy
+replies to violating val prompts, each under a seeded composition of order 1..4 that contains the
+prompt's category, and counts replies that open like a refusal ("Sorry"), that are exactly one of
+the bank's refusal texts, and that are the refusal *of the prompt's own category*; plus N near-miss
+val prompts under the same kind of compositions, counting refusal openers (over-refusal). About a
+minute for N = 160 on 2 CPU cores. Needs no torch.
+"""
+from __future__ import annotations
+
+import json
+import random
+import sys
+
+from edge_safe.convert.errors import EdgeSafeError
+
+
+def wording(bank_path: str, n: int = 160, seed: int = 7) -> dict:
+    from edge_safe.runtime import EdgeSafe
+    from edge_safe.training.sampler import load_prompts
+
+    prompts = load_prompts(None, "val")
+    rng = random.Random(seed)
+    with EdgeSafe(bank=bank_path, n_ctx=512) as es:
+        cons = es.bank.constraints
+        refusal_of = {" ".join(t.refusal.split()): name for name, t in es.bank.tokens.items() if t.refusal}
+        opener = min(refusal_of).split()[0].strip(",.!") if refusal_of else "Sorry"
+        viol = [p for p in prompts if p.label == "violating" and p.category in cons]
+        near = [p for p in prompts if p.label == "benign" and p.category in cons]
+        if not viol or not near:
+            raise EdgeSafeError(f"the val split has no violating or near-miss prompts for {cons}")
+        out = {"n": n, "opens_like_refusal": 0, "exact_refusal": 0, "own_category": 0, "near_miss_refused": 0}
+        for i in range(n):
+            order = min(1 + i % 4, len(cons))
+            p = rng.choice(viol)
+            reply = es.generate(p.text, tokens=[p.category] + rng.sample([c for c in cons if c != p.category], order - 1),
+                                max_tokens=16)
+            who = refusal_of.get(" ".join(reply.split()))
+            out["opens_like_refusal"] += reply.startswith(opener)
+            out["exact_refusal"] += who is not None
+            out["own_category"] += who == p.category
+            q = rng.choice(near)
+            reply = es.generate(q.text, tokens=[q.category] + rng.sample([c for c in cons if c != q.category], order - 1),
+                                max_tokens=4)
+            out["near_miss_refused"] += reply.startswith(opener)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if not args or args[0].startswith("-"):
+        print(__doc__.strip().splitlines()[2].strip(), file=sys.stderr)
+        return 2
+    try:
+        print(json.dumps(wording(args[0], int(args[1]) if len(args) > 1 else 160)))
+    except (EdgeSafeError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
