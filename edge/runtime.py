@@ -323,18 +323,20 @@ class EdgeSafe:
         each refusal as the model writes it after the reply header (where training puts it:
         ``<template prompt> <refusal>``) and as it is spelt without the leading space, since a model
         can open a reply either way (" Sorry" or "Sorry")."""
-        probe = self.template.render([{"role": "user", "content": "x"}])
-        head = None
-        for name in constraints:
-            refusal = self.bank.tokens[name].refusal
-            if name not in self._openers and refusal:
-                head = head if head is not None else self._llm.tokenize(probe, add_bos=False, special=False)
-                ids = self._llm.tokenize(probe + " " + refusal, add_bos=False, special=False)
-                first = {self._llm.tokenize(refusal, add_bos=False, special=False)[0]}
-                if ids[:len(head)] == head and len(ids) > len(head):
-                    first.add(ids[len(head)])
+        todo = [n for n in constraints if n not in self._openers]
+        if todo:
+            tok = lambda text: self._llm.tokenize(text, add_bos=False, special=False)  # noqa: E731
+            probe = self.template.render([{"role": "user", "content": "x"}])
+            head = tok(probe)
+            for name in todo:
+                refusal, first = self.bank.tokens[name].refusal, set()
+                if refusal:
+                    ids = tok(probe + " " + refusal)
+                    first.add(tok(refusal)[0])
+                    if ids[:len(head)] == head and len(ids) > len(head):
+                        first.add(ids[len(head)])
                 self._openers[name] = first
-        return sorted(set().union(*(self._openers.get(n, set()) for n in constraints)))
+        return sorted(set().union(*(self._openers[n] for n in constraints)))
 
     def _prefill(self, req: _Request) -> None:
         """Bring the KV cache to ``[BOS][vectors][req.prompt]`` with the fewest decodes."""
@@ -389,8 +391,6 @@ class EdgeSafe:
                     logits = logits.copy()  # llama.cpp's buffer stays as decoded
                     logits[req.openers] += req.strictness
                 tok = sample(logits, temperature, top_p, rng)
-                if biased and (llm.is_eog(tok) or llm.token_to_piece(tok).strip()):
-                    biased = False
                 if t_first is None:
                     t_first = time.perf_counter()
                     st.ttft_s = t_first - req.t_call
@@ -398,7 +398,9 @@ class EdgeSafe:
                     st.finish_reason = "stop"
                     break
                 st.completion_tokens += 1
-                piece, stopped = out.feed(llm.token_to_piece(tok))
+                raw = llm.token_to_piece(tok)
+                biased = biased and not raw.strip()
+                piece, stopped = out.feed(raw)
                 if piece:
                     yield piece
                 if stopped:

@@ -101,7 +101,7 @@ class _Generation(BaseModel):
     tokens: Optional[Tokens] = None  # constraint/profile names; absent or null: the server's --default-tokens
     mode: Optional[str] = None
     # added to the refusal opener's logit until the first visible reply token; absent: the server's --default-strictness
-    strictness: Optional[float] = Field(None, ge=-MAX_STRICTNESS, le=MAX_STRICTNESS, allow_inf_nan=False)
+    strictness: Optional[float] = Field(None, ge=-MAX_STRICTNESS, le=MAX_STRICTNESS)  # _STRICT: no NaN/inf
     max_tokens: Optional[int] = Field(None, ge=1)
     temperature: float = Field(0.0, ge=0.0, le=2.0)  # 0: greedy (edge-safe's default, unlike OpenAI's 1)
     top_p: float = Field(1.0, gt=0.0, le=1.0)

@@ -199,22 +199,30 @@ def test_rule_init_starts_each_constraint_on_its_own_topic_words():
     assert words[ids["alcohol"][0]] == "alcoholic" and words[ids["gambling"][0]] == "gambling"
 
 
-def test_decision_loss_is_the_refuse_or_answer_cross_entropy_at_the_first_reply_token(cfg):
+def batch_parts(cfg):
+    """A tiny model, its teacher and refusal ids, one step of examples with counterfactual pairs, an initial bank."""
     import random
 
     from edge_safe.convert.layout import QA_TEMPLATE
-    from edge_safe.training.objective import decision_loss, loss_positions_logp
     from edge_safe.training.teacher import build_teacher
-    from edge_safe.training.trainer import decision_id, init_vectors
+    from edge_safe.training.trainer import init_vectors
 
     base = tiny_random_model()
     prompts = load_prompts(cfg.data_dir, "train")
     teacher = build_teacher(base, [p.text for p in prompts], QA_TEMPLATE, 3, 8, progress=False)
     refusal_ids = refusal_target_ids(base, QA_TEMPLATE, list(CATS) + ["rejective"])
-    refuse_id = decision_id(refusal_ids)
     examples = TaskSampler(prompts, cfg.replace(counterfactual_pairs=True), random.Random(3)).batch(0)
-    assert any(ex.refuse for ex in examples) and any(ex.refuse is None for ex in examples)
     bank = Bank(init_vectors(base, cfg, torch.Generator().manual_seed(0)))
+    return base, teacher, refusal_ids, examples, bank
+
+
+def test_decision_loss_is_the_refuse_or_answer_cross_entropy_at_the_first_reply_token(cfg):
+    from edge_safe.training.objective import decision_loss, loss_positions_logp
+    from edge_safe.training.trainer import decision_id
+
+    base, teacher, refusal_ids, examples, bank = batch_parts(cfg)
+    refuse_id = decision_id(refusal_ids)
+    assert any(ex.refuse for ex in examples) and any(ex.refuse is None for ex in examples)
     batch = build_batch(base, bank, teacher, refusal_ids, examples, 3.0)
     with torch.no_grad():
         logq = loss_positions_logp(base, batch)
@@ -251,18 +259,7 @@ def test_init_bank_starts_a_fine_tune_from_a_banks_vectors(cfg, tmp_path):
 
 
 def test_refusal_weight_scales_the_refusal_examples_only(cfg):
-    import random
-
-    from edge_safe.convert.layout import QA_TEMPLATE
-    from edge_safe.training.teacher import build_teacher
-    from edge_safe.training.trainer import init_vectors
-
-    base = tiny_random_model()
-    prompts = load_prompts(cfg.data_dir, "train")
-    teacher = build_teacher(base, [p.text for p in prompts], QA_TEMPLATE, 3, 8, progress=False)
-    refusal_ids = refusal_target_ids(base, QA_TEMPLATE, list(CATS) + ["rejective"])
-    examples = TaskSampler(prompts, cfg.replace(counterfactual_pairs=True), random.Random(3)).batch(0)
-    bank = Bank(init_vectors(base, cfg, torch.Generator().manual_seed(0)))
+    base, teacher, refusal_ids, examples, bank = batch_parts(cfg)
     batch = build_batch(base, bank, teacher, refusal_ids, examples, 3.0, refusal_weight=2.5)
     per_example = torch.zeros(len(examples)).index_add_(0, batch.rows, batch.weights)
     expected = torch.tensor([2.5 if ex.refuse else 1.0 for ex in examples])
