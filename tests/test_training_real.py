@@ -129,3 +129,5 @@ def test_refusal_wording_counts_the_shipped_banks_replies(capsys):
     assert 0 <= out["own_category"] <= out["exact_refusal"] <= out["opens_like_refusal"] <= 4
     assert 0 <= out["near_miss_refused"] <= 4
     assert main(["/nonexistent/bank.gguf", "2"]) == 2 and capsys.readouterr().err.startswith("error: ")
+    assert main([str(default_bank_path()), "abc"]) == 2
+    assert capsys.readouterr().err == "error: N must be a positive whole number of prompts, got 'abc'\n"

@@ -54,9 +54,12 @@ def main(argv: list[str] | None = None) -> int:
     if not args or args[0].startswith("-"):
         print(__doc__.strip().splitlines()[2].strip(), file=sys.stderr)
         return 2
+    if len(args) > 1 and not (args[1].isdigit() and int(args[1]) > 0):
+        print(f"error: N must be a positive whole number of prompts, got {args[1]!r}", file=sys.stderr)
+        return 2
     try:
         print(json.dumps(wording(args[0], int(args[1]) if len(args) > 1 else 160)))
-    except (EdgeSafeError, ValueError) as e:
+    except EdgeSafeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -270,6 +270,8 @@ def train(
     if cfg.limit_prompts:
         prompts = stratified_sample(prompts, cfg.limit_prompts, random.Random(cfg.seed))
     val_cases, val_ids = validation_set(base, cfg, template, cfg.seed + 1)  # before the teacher: fail fast
+    # also before the teacher, so a wrong init_bank fails in seconds, not after the teacher cache is built
+    bank = Bank(init_from_bank(base, cfg) if cfg.init_bank else init_vectors(base, cfg, gen)).to(base.device)
     teacher = build_teacher(base, [p.text for p in prompts], template, cfg.ref_tokens, cfg.teacher_topk, progress=progress)
     keep = [i for i, ids in enumerate(teacher.prompt_ids) if len(ids) <= cfg.max_prompt_tokens]
     if len(keep) < len(prompts):
@@ -281,7 +283,6 @@ def train(
     sampler = TaskSampler([prompts[i] for i in keep], cfg, rng)
     sampler_index = keep  # sampler indices -> prompt indices
 
-    bank = Bank(init_from_bank(base, cfg) if cfg.init_bank else init_vectors(base, cfg, gen)).to(base.device)
     opt = torch.optim.Adam(bank.parameters(), lr=cfg.lr)
     step0, history = 0, []
     ckpt = out_dir / CHECKPOINT
