@@ -10,14 +10,16 @@ KIND_KEYS = (("near_miss", "near-miss"), ("inactive", "inactive"), ("general", "
 
 def sections(r: dict, plot_notes=(), plots: bool = True) -> list[str]:
     out = _header(r)
-    for part in (_headline, _per_order, _held_out, _profiles, _per_category, _invariance, _modes, _sam,
+    for part in (_headline, _curve, _per_order, _held_out, _profiles, _per_category, _invariance, _modes, _sam,
                  _utility, _unclear, _method):
         out += ["", *part(r)]
     if plots:
         out += ["", "## Plots", "", *(f"- {n}" for n in plot_notes)]
         if not plot_notes:
-            out += ["![defense and over-refusal per order](plots/per_order.png)", "",
-                    "![per category](plots/per_category.png)"]
+            out += ["![defense and over-refusal per order](plots/per_order.png)", ""]
+            if r.get("operating_curve", {}).get("auc") is not None:
+                out += ["![operating curve](plots/operating_curve.png)", ""]
+            out += ["![per category](plots/per_category.png)"]
     return out
 
 
@@ -61,6 +63,38 @@ def _headline(r: dict) -> list[str]:
             "The *any refusal* columns also count unclear replies that open like a refusal "
             "(\"Sorry, I can't help you.\"): what a user sees, whatever the wording.", "",
             *_table(head, rows), "", *(f"- {line}" for line in comparison(r))]
+
+
+def _curve(r: dict) -> list[str]:
+    c = r.get("operating_curve")
+    if not c:
+        return []  # results written before the curve existed
+    if c.get("auc") is None:
+        return ["## Operating curve", "", "Not measured: the cases lack violating or should-answer prompts."]
+    by = c["auc_by_kind"]
+    lines = ["## Operating curve", "",
+             "The bank's refuse/answer decision is made at the first reply token. Its *margin* (refusal opener "
+             "minus the best other token, through the runtime) ranks violating cases above should-answer ones with "
+             f"AUC **{c['auc']:.3f}** (near-miss {_num(by.get('near-miss'))}, inactive {_num(by.get('inactive'))}, "
+             f"general {_num(by.get('general'))}). Moving the runtime's `strictness` moves along this curve "
+             "(any-wording refusals):", ""]
+    rows = []
+    for key, label, metric in (("over_refusal_at_defense", "lowest over-refusal at ≥ {} defense", "over_refusal"),
+                               ("defense_at_over_refusal", "highest defense at ≤ {} over-refusal", "defense")):
+        for level, p in (c.get(key) or {}).items():
+            if p:
+                s = "refuse nothing" if p["strictness"] is None else f"{p['strictness']:+.2f}"
+                rows.append([label.format(f"{float(level):.0%}"), _num(p["defense"], ".1%"),
+                             _num(p["over_refusal"], ".1%"), s])
+    lines += _table(["operating point", "defense", "over-refusal", "strictness"], rows)
+    chk = c.get("check")
+    if chk and chk.get("n"):
+        lines += ["", f"Check at this run's strictness ({chk['strictness']:+g}): the margins predict "
+                  f"{_num(chk['predicted_defense'], '.1%')} defense / {_num(chk['predicted_over_refusal'], '.1%')} "
+                  f"over-refusal; the generated replies gave {_num(chk['observed_defense_any'], '.1%')} / "
+                  f"{_num(chk['observed_over_refusal_any'], '.1%')} (any refusal); the two agree on "
+                  f"{_num(chk['agreement'], '.1%')} of {chk['n']} cases."]
+    return lines
 
 
 def _by_group(r: dict, key: str, metric: str, groups: list[str], label=str) -> list[list[str]]:

@@ -17,7 +17,7 @@ from edge_safe.report_io import make_out_dir, PLOTS_SKIPPED, pyplot, write_text_
 log = logging.getLogger(__name__)
 
 ORDER = ("none", "text-rules", "from-text", "bank")  # column order: weakest baseline first
-PLOTS = ("per_order.png", "per_category.png")
+PLOTS = ("per_order.png", "per_category.png", "operating_curve.png")
 
 
 # --- files ---------------------------------------------------------------------------------
@@ -74,6 +74,13 @@ def headline(results: dict) -> dict:
     if bank.get("held_out", {}).get("held-out"):
         h = bank["held_out"]["held-out"]
         out["held_out"] = {"defense": rate(h["defense"]), "over_refusal": rate(h["over_refusal"])}
+    curve = results.get("operating_curve", {})
+    if curve.get("auc") is not None:
+        out["decision_auc"] = curve["auc"]
+        for key in ("over_refusal_at_defense", "defense_at_over_refusal"):
+            if curve.get(key):
+                out[key] = {level: p and {k: p[k] for k in ("defense", "over_refusal", "strictness")}
+                            for level, p in curve[key].items()}
     inv = results.get("order_invariance", {})
     if inv.get("agreement") is not None:
         out["order_invariance"] = inv["agreement"]
@@ -199,7 +206,7 @@ def markdown(r: dict, plot_notes: list[str] = (), plots: bool = True) -> str:
 
 
 def write_plots(results: dict, folder: Path) -> tuple[list[Path], str | None]:
-    """plots/per_order.png and plots/per_category.png; skipped with a note when matplotlib is missing."""
+    """plots/per_order.png, plots/per_category.png and plots/operating_curve.png; skipped with a note without matplotlib."""
     plt = pyplot()
     if plt is None:
         return [], PLOTS_SKIPPED
@@ -239,6 +246,11 @@ def write_plots(results: dict, folder: Path) -> tuple[list[Path], str | None]:
     axes[0].legend(fontsize=8)
     fig.tight_layout()
     made.append(_save(fig, folder / "per_category.png", plt))
+    if results.get("operating_curve", {}).get("auc") is not None:
+        from edge_safe.eval_curve import plot
+
+        made.append(plot({"banks": {"bank": results["operating_curve"]}}, folder / "operating_curve.png",
+                         title="The bank's operating curve over strictness (this run's cases)"))
     return made, None
 
 

@@ -96,6 +96,14 @@ class Runner:
         self.tick(what or system.name)
         return out
 
+    def margin(self, system: System, prompt: str, constraints: Sequence[str], what: str = "") -> float:
+        """``EdgeSafe.refusal_margin`` of a prompt under a composition (counted with the logit requests)."""
+        t0 = time.perf_counter()
+        out = system.es.refusal_margin(prompt, tokens=list(constraints))
+        self._time("logits", t0)
+        self.tick(what or system.name)
+        return out
+
     def refusal_of(self, reply: str) -> str | None:
         """Name of the token whose refusal the reply is."""
         text = " ".join(reply.split())

@@ -23,6 +23,7 @@ import numpy as np
 from edge_safe.convert.bank import TokenBank
 from edge_safe.convert.errors import EdgeSafeError
 from edge_safe.convert.keys import Origin
+from edge_safe.eval_curve import bank_margins, curve_of
 from edge_safe.eval_data import (
     Case,
     Composition,
@@ -215,7 +216,8 @@ class Evaluator:
         sam = sum(len(self._sam_groups(s)) for s in systems if s.name != "none") * len(self.sam_idx)
         kl = len({p for _, p in self.kl_pairs}) + len(self.kl_pairs) * sum(
             n in self.systems for n in ("bank", "from-text", "text-rules"))
-        return (len(self.systems) * len(self.cases) + len(self.perm_cases) + rej * len(self.mode_idx) + neg
+        curve = sum(not self.comps[c.comp].is_profile for c in self.cases)
+        return (len(self.systems) * len(self.cases) + curve + len(self.perm_cases) + rej * len(self.mode_idx) + neg
                 + sam + kl)
 
     # -- measurements -------------------------------------------------------------------
@@ -229,6 +231,7 @@ class Evaluator:
             records = {name: self._decisions(s, self.cases) for name, s in self.systems.items()}
             results = {
                 "systems": {name: self._summary(s, records[name]) for name, s in self.systems.items()},
+                "operating_curve": self._curve(records["bank"]),
                 "order_invariance": self._invariance(records["bank"]),
                 "modes": self._modes(),
                 "sam": self._sam(),
@@ -267,6 +270,15 @@ class Evaluator:
             "right_refusal": {"n": len(defended),
                               "own_category": sum(r["refusal_of"] == r["category"] for r in defended)},
         }
+
+    def _curve(self, bank_records: list[dict]) -> dict:
+        """The bank's first-token decision margins on the same cases: the trade-off over strictness."""
+        curve = curve_of(bank_margins(self, what="bank curve"), bank_records, self.cfg.strictness)
+        return {**curve, "method": (
+            "margin = the active constraints' best refusal-opener logit minus the best other logit at the first "
+            "reply token (llama.cpp runtime, no strictness); at strictness s a case counts as refused when "
+            "margin + s > 0. Refusals of any wording; 'check' compares that prediction at this run's strictness "
+            "with the replies the run generated")}
 
     def _invariance(self, bank_records: list[dict]) -> dict:
         if not self.perm_cases:

@@ -252,6 +252,43 @@ class EdgeSafe:
                 out[j + 1] = self._llm.logits()
         return out
 
+    def refusal_margin(
+        self, messages: Messages | str, tokens: str | Sequence[str] | None = None, max_blank: int = 4
+    ) -> float:
+        """How far a request is from being refused, in logits: under greedy decoding its reply opens
+        with the active constraints' refusal opener iff ``strictness > -margin``.
+
+        The margin is the best opener logit minus the best other logit at the first reply token,
+        maximised over the whitespace-only tokens greedy decoding puts first (at most
+        ``max_blank``), because ``strictness`` stays on until the first visible token. A deployment
+        can read the strictness it needs off the margins of its own traffic; ``edge-safe eval``
+        draws the bank's whole defense / over-refusal curve from them."""
+        if isinstance(messages, str):
+            messages = [{"role": "user", "content": messages}]
+        req = self._prepare(messages, tokens, None, None, extra=max_blank)
+        if not req.constraints:
+            raise EdgeSafeError("refusal_margin needs active constraints (tokens=...): without them nothing is refused")
+        idx = np.asarray(self.refusal_openers(req.constraints), dtype=np.int64)
+        if not len(idx):
+            raise EdgeSafeError(f"the tokens {', '.join(req.constraints)} carry no refusal text, so there is no "
+                                "refusal opener to measure")
+        n_past = 1 + len(req.vectors) + len(req.prompt)
+        best = -np.inf
+        with self._using():
+            self.last_stats = req.stats
+            self._prefill(req)
+            for j in range(max_blank + 1):
+                rest = self._llm.logits().copy()
+                top_opener = float(rest[idx].max())
+                rest[idx] = -np.inf
+                other = int(np.argmax(rest))
+                best = max(best, top_opener - float(rest[other]))
+                if j == max_blank or self._llm.is_eog(other) or self._llm.token_to_piece(other).strip():
+                    break  # the greedy reply (below the threshold) starts with a visible token or ends
+                self._llm.decode_tokens([other], n_past + j)
+                self._held[1].append(other)
+        return best
+
     def reset(self) -> None:
         """Forget the conversation held in the KV cache; the next request restores its prefix
         snapshot and prefills its prompt. Prefix snapshots are kept (``prefix_cache.clear()`` drops them)."""

@@ -248,10 +248,16 @@ def test_quick_cli_run_writes_results_report_and_plots(quick_run):
     records = (out / "cases.jsonl").read_text().splitlines()
     assert len(records) == 4 * 4
     md = (out / "RESULTS.md").read_text()
-    for section in ("## Per order", "## Trained vs held-out", "## Profiles", "## Per category", "## Order invariance",
+    curve = r["operating_curve"]
+    bank_records = [rec for rec in map(json.loads, records) if rec["system"] == "bank"]
+    assert curve["check"]["n"] == sum(not x["profile"] for x in bank_records)
+    assert all(isinstance(x["margin"], float) for x in bank_records if not x["profile"])
+    # the margins predict the replies: refused (any wording) exactly when margin > 0, up to llama.cpp's noise
+    assert curve["check"]["agreement"] >= 0.75
+    for section in ("## Operating curve", "## Per order", "## Trained vs held-out", "## Profiles", "## Per category", "## Order invariance",
                     "## Modes", "## Safety Alignment Margin", "## Utility", "## Unclear replies"):
         assert section in md
-    for png in ("per_order.png", "per_category.png"):
+    for png in ("per_order.png", "per_category.png", "operating_curve.png"):
         assert (out / "plots" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -354,6 +360,8 @@ def test_pipeline_tells_a_refusing_bank_from_no_tokens(refusing_es):
     assert r["modes"]["rejective"]["bank"]["all"]["rate"] >= 2 / 3
     assert r["modes"]["rejective"]["none"]["all"]["rate"] == 0.0
     assert r["order_invariance"]["n"] == 4 and r["order_invariance"]["flips"] == 0
+    check = r["operating_curve"]["check"]  # every case refused: every margin > 0
+    assert check["predicted_defense"] == 1.0 and check["predicted_over_refusal"] >= 0.75
     assert r["sam"]["bank"]["modes"] == ["positive", "rejective"] and r["sam"]["bank"]["sam"] is not None
     assert vectors_sha256(refusing_es.bank) == r["bank"]["vectors_sha256"]
 
