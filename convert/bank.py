@@ -176,8 +176,15 @@ class TokenBank:
 
     def is_refusal(self, text: str) -> bool:
         """True when ``text`` (whitespace-normalised) starts with one of the bank's refusal texts."""
+        return self.refusal_of(text) is not None
+
+    def refusal_of(self, text: str) -> str | None:
+        """The entry whose refusal text ``text`` (whitespace-normalised) starts with (the longest such text), or None."""
         got = _normalise(text)
-        return bool(got) and any(got.startswith(_normalise(r)) for r in self.refusals().values())
+        if not got:
+            return None
+        hits = [(len(_normalise(r)), n) for n, r in self.refusals().items() if got.startswith(_normalise(r))]
+        return max(hits)[1] if hits else None
 
     # --- editing (each returns a new, validated bank) -------------------------
 

@@ -171,6 +171,7 @@ def compare(banks: Sequence[tuple[str, str]], threads: int | None, limit: int | 
         ev = Evaluator(EvalConfig(bank=path, baselines=(), n_threads=threads, limit=limit, seed=seed))
         try:
             ev.plan()
+            ev.run_.start(sum(not ev.comps[c.comp].is_profile for c in ev.cases))  # the progress bar
             rows = bank_margins(ev, what=f"{label} curve")
             out["banks"][label] = {"path": path, "n_vectors": len(ev.bank.tokens[ev.bank.constraints[0]].vectors),
                                    **curve_of(rows)}

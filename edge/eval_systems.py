@@ -38,7 +38,6 @@ class Runner:
                                 "evaluate a bank whose tokens carry refusals")
         self.bank = bank
         self.judge = Judge(refusals.values())
-        self.refusal_names = {" ".join(t.split()): n for n, t in refusals.items()}
         self.max_tokens = max(len(tokenize(" " + t)) for t in refusals.values()) + 2
         self.progress = progress
         self.timing = {"decide": [0, 0.0], "logits": [0, 0.0]}
@@ -106,8 +105,7 @@ class Runner:
 
     def refusal_of(self, reply: str) -> str | None:
         """Name of the token whose refusal the reply is."""
-        text = " ".join(reply.split())
-        return next((n for t, n in self.refusal_names.items() if text.startswith(t)), None)
+        return self.bank.refusal_of(reply)
 
     # -- progress and timing -----------------------------------------------------------------
 

@@ -265,6 +265,8 @@ class EdgeSafe:
         draws the bank's whole defense / over-refusal curve from them."""
         if isinstance(messages, str):
             messages = [{"role": "user", "content": messages}]
+        if not isinstance(max_blank, int) or max_blank < 0:
+            raise EdgeSafeError(f"max_blank must be a whole number >= 0, got {max_blank!r}")
         req = self._prepare(messages, tokens, None, None, extra=max_blank)
         if not req.constraints:
             raise EdgeSafeError("refusal_margin needs active constraints (tokens=...): without them nothing is refused")

@@ -403,6 +403,13 @@ def test_refusals(random_bank):
     assert not bank.is_refusal("Sorry, I can't help with drugs.")
     assert not bank.is_refusal("Lima")
     assert not bank.is_refusal("")
+    assert bank.refusal_of(" Sorry, I can't  help with gambling. Anything else?") == "gambling"
+    assert bank.refusal_of("Sorry, I can't help with that.") == "rejective"
+    assert bank.refusal_of("Sorry, I can't help you") is None and bank.refusal_of("") is None
+    # the longest matching text wins: a refusal that extends another one is told apart
+    bank.tokens["gambling"] = replace(bank.tokens["gambling"], refusal="Sorry, I can't help with that. Not betting.")
+    assert bank.refusal_of("Sorry, I can't help with that. Not betting.") == "gambling"
+    assert bank.refusal_of("Sorry, I can't help with that.") == "rejective"
 
 
 # --- editing -------------------------------------------------------------------

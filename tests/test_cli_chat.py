@@ -91,19 +91,20 @@ def test_tokens_with_a_missing_bank_is_a_one_line_error(tmp_path):
 
 def test_chat_answers_a_prompt_once(bank_path):
     r = invoke("chat", "--bank", str(bank_path), "--n-ctx", "256", "--tokens", "minors,eu", Q)
-    assert (r.exit_code, r.stdout) == (0, "Lima\n")
+    # "Lima" or "Lima, Peru": the end of this reply is a near-tie that llama.cpp's kernels settle per CPU
+    assert r.exit_code == 0 and r.stdout.startswith("Lima") and r.stdout.count("\n") == 1, r.output
 
 
 def test_chat_reads_piped_stdin(patched, monkeypatch):
     monkeypatch.setattr(cli_chat, "stdin_is_tty", lambda: False)
     r = invoke("chat", input=Q + "\n")
-    assert (r.exit_code, r.stdout) == (0, "Lima\n")
+    assert r.exit_code == 0 and r.stdout.startswith("Lima") and r.stdout.count("\n") == 1, r.output
 
 
 def test_chat_json_is_openai_shaped(patched):
     r = invoke("chat", "--json", "--tokens", "eu", Q)
     data = json.loads(r.stdout)
-    assert data["choices"][0]["message"]["content"] == "Lima"
+    assert data["choices"][0]["message"]["content"].startswith("Lima")
     assert data["edge_safe"]["tokens"] == ["privacy"]
 
 
@@ -157,7 +158,8 @@ def test_repl_commands_history_and_exit(patched):
              Q, "/reset", "/bogus", "/exit"]
     r = invoke("chat", input="\n".join(lines) + "\n")
     assert r.exit_code == 0, r.output
-    assert r.stdout == "> " * 7 + "Lima\n" + "> " * 3
+    reply = r.stdout.removeprefix("> " * 7).removesuffix("> " * 3)
+    assert reply.startswith("Lima") and reply.endswith("\n") and reply.count("\n") == 1, r.stdout
     assert r.stderr == (
         "edge-safe chat (tokens: (none); mode: (none)). /help for commands, Ctrl-D to exit.\n"
         + cli_chat.REPL_HELP + "\n"
@@ -178,7 +180,7 @@ def test_repl_strictness_command(patched):
     r = invoke("chat", input="\n".join(lines) + "\n")
     assert r.exit_code == 0, r.output
     replies = [line.removeprefix("> ").lstrip("> ") for line in r.stdout.splitlines() if line.strip("> ")]
-    assert len(replies) == 2 and replies[0].startswith("Sorry") and replies[1] == "Lima"
+    assert len(replies) == 2 and replies[0].startswith("Sorry") and replies[1].startswith("Lima")
     assert "strictness: 0\nerror: strictness must be between -20 and 20" in r.stderr
     assert "strictness: 20\n" in r.stderr
 
@@ -246,8 +248,10 @@ def test_repl_in_a_pseudo_terminal(bank_path):
         assert b"Lima" in read_until(b"> ")
         os.write(fd, b"/tokens none\n")
         read_until(b"> ")
-        os.write(fd, b"List all the countries of the world.\n")  # a long reply (hundreds of tokens)
-        assert b"1. " in read_until(b"1. ")
+        os.write(fd, b"/reset\n")  # a fresh conversation: the long reply must not depend on the Lima turn
+        read_until(b"> ")
+        os.write(fd, b"Write the numbers from 1 to 500.\n")  # a long reply (hundreds of tokens)
+        assert b" 4 " in read_until(b" 4 ")
         os.write(fd, b"\x03")  # Ctrl-C while the reply streams
         assert b"[stopped" in read_until(b"> ")
         os.write(fd, b"\x04")  # Ctrl-D at the prompt

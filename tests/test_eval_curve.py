@@ -85,6 +85,8 @@ def test_refusal_margin_needs_constraints(model_path):
             es.refusal_margin("Hi")
         with pytest.raises(EdgeSafeError, match="unknown"):
             es.refusal_margin("Hi", tokens=["alcohool"])
+        with pytest.raises(EdgeSafeError, match="max_blank"):
+            es.refusal_margin("Hi", tokens=["alcohol"], max_blank=-1)
 
 
 @pytest.mark.model

@@ -119,6 +119,36 @@ def alone(es, content=Q, max_tokens=6, tokens=None, mode=None) -> str:
     return es.chat(messages, tokens=tokens, mode=mode, max_tokens=max_tokens)["choices"][0]["message"]["content"]
 
 
+def alone_with_ties(es, content, max_tokens, tokens=None, mode=None, min_gap: float = 0.25) -> tuple[str, str]:
+    """(the request run alone, the part of it before its first near-tie).
+
+    llama.cpp's CPU logits move by ~0.01-0.1 with batch boundaries (a reused conversation under load
+    re-decodes only its last prompt token), so where the greedy reply's token wins by less than
+    ``min_gap`` logits the same request may continue differently under load without any leak between
+    requests. What comes before that point must be the same; read with ``forced_logits``."""
+    es.reset()
+    text = alone(es, content, max_tokens, tokens, mode)
+    ids = es.tokenize(" " + text)[:max_tokens] if text else []
+    sure = 0
+    if ids:
+        rows = es.forced_logits([{"role": "user", "content": content}], ids, tokens=tokens, mode=mode)
+        for j, row in enumerate(rows):
+            if row[ids[j]] - np.max(np.delete(row, ids[j])) < min_gap:
+                break
+            sure = j + 1
+    es.reset()
+    if sure == len(ids) and len(ids) == max_tokens:
+        return text, text  # every token clear, and the budget (not a near-tie) ended it
+    prefix = b"".join(es._llm.token_to_piece(t) for t in ids[:sure]).decode("utf-8", "ignore").lstrip()
+    return text, prefix
+
+
+def same_as_alone(reply: str, want: tuple[str, str]) -> bool:
+    """The reply equals the request run alone, or differs only from the alone run's first near-tie on."""
+    text, sure = want
+    return reply == text or reply.startswith(sure) and sure != text
+
+
 def positions(es, *names) -> int:
     return sum(es.bank.tokens[n].n_vectors for n in names)
 
@@ -337,19 +367,17 @@ def test_malformed_json_unknown_routes_and_methods(http):
 
 # --- concurrency -----------------------------------------------------------------------------
 
-# Prompts whose 6 greedy tokens win by ≥ 0.9 logits under every composition below (checked with
-# forced_logits): llama.cpp's CPU logits move by ~0.01-0.1 with batch boundaries (KV reuse), so a
-# near-tie could flip and the test would measure that instead of request isolation.
-REQUESTS = [(q, t, m) for q in (Q, "What is 2 plus 2?") for t, m in
-            (("minors", None), ([], None), ("eu", "rejective"), ("eu,minors", None))]
+COMPOSITIONS = (("minors", None), ([], None), ("eu", "rejective"), ("eu,minors", None))
 
 
 def test_interleaved_compositions_equal_each_request_run_alone(url, es):
     """16 concurrent requests, compositions interleaved, half streamed: each reply equals the request run alone."""
-    expected = {(q, json.dumps(t), m): alone(es, q, 6, t, m) for q, t, m in REQUESTS}
+    requests = [(q, t, m) for q in (Q, "How do I mix a mojito?") for t, m in COMPOSITIONS]
+    expected = {(q, json.dumps(t), m): alone_with_ties(es, q, 6, t, m) for q, t, m in requests}
+    assert sum(bool(sure) for _, sure in expected.values()) >= len(expected) // 2  # the check has teeth
 
     def one(i):
-        q, t, m = REQUESTS[i % len(REQUESTS)]
+        q, t, m = requests[i % len(requests)]
         c = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=120)
         body = dict(model="any", messages=[{"role": "user", "content": q}], max_tokens=6,
                     extra_body={"tokens": t, "mode": m})
@@ -364,7 +392,7 @@ def test_interleaved_compositions_equal_each_request_run_alone(url, es):
     with ThreadPoolExecutor(8) as pool:
         results = list(pool.map(one, order))
     for key, text, extra in results:
-        assert text == expected[key], key
+        assert same_as_alone(text, expected[key]), (key, text, expected[key])
         assert extra["tokens"] == es.compose(json.loads(key[1]), key[2])[0]
         assert extra["mode"] == es.compose(json.loads(key[1]), key[2])[1]
 

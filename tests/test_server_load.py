@@ -1,7 +1,8 @@
 """A bounded load test: 200 requests, 8 at a time, 30 % of them malformed, against a live server.
 
-Checks: no crash, no 5xx, every valid reply equal to the same request run alone
-(compositions interleave under load without leaking), every invalid one a 4xx
+Checks: no crash, no 5xx, every valid reply equal to the same request run alone up to that
+run's first near-tie (compositions interleave under load without leaking; see
+``test_server.alone_with_ties``), every invalid one a 4xx
 in OpenAI's error shape, the queue drained afterwards, and bounded memory.
 """
 from __future__ import annotations
@@ -19,12 +20,11 @@ import pytest
 from edge_safe.runtime import EdgeSafe
 from edge_safe.server import create_app
 from edge_safe.server_schema import ServerSettings
-from test_server import live_server, small_bank
+from test_server import alone_with_ties, live_server, same_as_alone, small_bank
 
 pytestmark = pytest.mark.model
 KEY = "load-key"
 N_REQUESTS, CONCURRENCY, MAX_TOKENS = 200, 8, 3
-PROMPTS = ("What is the capital of Peru?", "How do I mix a mojito?")
 COMPOSITIONS = (("minors", None), ([], None), ("eu", "rejective"), ("eu,minors", None))
 BAD = [  # (body or raw bytes, headers override, expected status)
     (b'{"messages": [{"role": "user", "content": "hi"}', None, 400),
@@ -53,11 +53,11 @@ def es(model_path):
 def test_bounded_load_with_malformed_requests(es):
     settings = ServerSettings(api_key=KEY, max_tokens_limit=4, max_body_bytes=16 * 1024)
     app = create_app(es, settings)
+    prompts = ("What is the capital of Peru?", "How do I mix a mojito?")
     expected = {
-        (p, json.dumps(t), m): es.chat([{"role": "user", "content": p}], tokens=t, mode=m,
-                                       max_tokens=MAX_TOKENS)["choices"][0]["message"]["content"]
-        for p in PROMPTS for t, m in COMPOSITIONS
+        (p, json.dumps(t), m): alone_with_ties(es, p, MAX_TOKENS, t, m) for p in prompts for t, m in COMPOSITIONS
     }
+    assert sum(bool(sure) for _, sure in expected.values()) >= len(expected) // 2  # the check has teeth
 
     def request(client: httpx.Client, i: int) -> tuple[bool, int, object]:
         """Request ``i``: (valid?, status, reply text equals the request run alone | the status wanted)."""
@@ -68,12 +68,12 @@ def test_bounded_load_with_malformed_requests(es):
             error = r.json()["error"]
             assert set(error) == {"message", "type", "param", "code"} and error["message"], r.text
             return False, r.status_code, want
-        prompt, (tokens, mode) = PROMPTS[i % 2], COMPOSITIONS[(i // 2) % len(COMPOSITIONS)]
+        prompt, (tokens, mode) = prompts[i % 2], COMPOSITIONS[(i // 2) % len(COMPOSITIONS)]
         want = expected[(prompt, json.dumps(tokens), mode)]
         body = {"tokens": tokens, "mode": mode, "max_tokens": MAX_TOKENS}
         if i % 3 == 0:  # completions
             r = client.post("/v1/completions", json={"prompt": prompt, **body})
-            return True, r.status_code, r.status_code == 200 and r.json()["choices"][0]["text"] == want
+            return True, r.status_code, r.status_code == 200 and same_as_alone(r.json()["choices"][0]["text"], want)
         body["messages"] = [{"role": "user", "content": prompt}]
         if i % 3 == 1:  # streamed
             with client.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as r:
@@ -81,9 +81,9 @@ def test_bounded_load_with_malformed_requests(es):
             if r.status_code != 200 or events[-1] != "[DONE]":
                 return True, r.status_code, False
             text = "".join(json.loads(e)["choices"][0]["delta"].get("content", "") for e in events[:-1])
-            return True, 200, text == want
+            return True, 200, same_as_alone(text, want)
         r = client.post("/v1/chat/completions", json=body)
-        return True, r.status_code, r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == want
+        return True, r.status_code, r.status_code == 200 and same_as_alone(r.json()["choices"][0]["message"]["content"], want)
 
     with live_server(app) as url, httpx.Client(base_url=url, timeout=120,
                                                headers={"Authorization": f"Bearer {KEY}"}) as client:

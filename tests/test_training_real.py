@@ -101,10 +101,13 @@ def test_validate_bank_reports_the_shipped_banks_first_token_decisions(base, mod
     from edge_safe.training import validate as v
 
     monkeypatch.setattr("edge_safe.training.base_model.load_gguf_model", lambda path, device="cpu": base)
-    out = v.validate_bank(str(default_bank_path()), str(model_path), size=40)
+    out = v.validate_bank(str(default_bank_path()), str(model_path), size=40, runtime=True)
     assert out["n"] >= 40 and set(out["auc_by_kind"]) == {"near-miss", "inactive", "general"}
     assert out["rejective_refusal"] == 1.0  # the shipped bank's rejective mode refuses at the first token
     assert out["auc"] > 0.6  # its tokens rank violating above should-answer prompts (random vectors: ≈ 0.5)
+    rt = out["runtime"]  # the same positive-mode decisions through llama.cpp
+    assert 0 < rt["vs_float32"]["n"] < out["n"] and "rejective_refusal" not in rt  # modes are not in it
+    assert rt["auc"] > 0.6 and rt["vs_float32"]["margin_correlation"] > 0.5  # one model, two precisions
 
 
 def test_validate_cli_names_the_model_a_foreign_bank_was_made_for(tmp_path, capsys):

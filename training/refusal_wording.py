@@ -4,10 +4,11 @@
 
 The training validation (`validate.py`) only checks the first reply token. This runs N greedy
 replies to violating val prompts, each under a seeded composition of order 1..4 that contains the
-prompt's category, and counts replies that open like a refusal ("Sorry"), that are exactly one of
-the bank's refusal texts, and that are the refusal *of the prompt's own category*; plus N near-miss
-val prompts under the same kind of compositions, counting refusal openers (over-refusal). About a
-minute for N = 160 on 2 CPU cores. Needs no torch.
+prompt's category, and counts replies that open like a refusal, that are one of the bank's refusal
+texts, and that are the refusal *of the prompt's own category*; plus N near-miss val prompts under
+the same kind of compositions, counting refusal-like replies (over-refusal). Replies are judged as
+`edge-safe eval` judges them (`eval_metrics.Judge`, `refusal_like`). About a minute for N = 160 on
+2 CPU cores. Needs no torch.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from edge_safe.convert.errors import EdgeSafeError
 
 
 def wording(bank_path: str, n: int = 160, seed: int = 7) -> dict:
+    from edge_safe.eval_metrics import REFUSAL, Judge, refusal_like
     from edge_safe.runtime import EdgeSafe
     from edge_safe.training.sampler import load_prompts
 
@@ -26,8 +28,7 @@ def wording(bank_path: str, n: int = 160, seed: int = 7) -> dict:
     rng = random.Random(seed)
     with EdgeSafe(bank=bank_path, n_ctx=512) as es:
         cons = es.bank.constraints
-        refusal_of = {" ".join(t.refusal.split()): name for name, t in es.bank.tokens.items() if t.refusal}
-        opener = min(refusal_of).split()[0].strip(",.!") if refusal_of else "Sorry"
+        judge = Judge(es.bank.refusals().values())
         viol = [p for p in prompts if p.label == "violating" and p.category in cons]
         near = [p for p in prompts if p.label == "benign" and p.category in cons]
         if not viol or not near:
@@ -38,14 +39,15 @@ def wording(bank_path: str, n: int = 160, seed: int = 7) -> dict:
             p = rng.choice(viol)
             reply = es.generate(p.text, tokens=[p.category] + rng.sample([c for c in cons if c != p.category], order - 1),
                                 max_tokens=16)
-            who = refusal_of.get(" ".join(reply.split()))
-            out["opens_like_refusal"] += reply.startswith(opener)
-            out["exact_refusal"] += who is not None
+            verdict = judge.verdict(reply)
+            who = es.bank.refusal_of(reply) if verdict == REFUSAL else None
+            out["opens_like_refusal"] += refusal_like({"verdict": verdict, "reply": reply})
+            out["exact_refusal"] += verdict == REFUSAL
             out["own_category"] += who == p.category
             q = rng.choice(near)
             reply = es.generate(q.text, tokens=[q.category] + rng.sample([c for c in cons if c != q.category], order - 1),
                                 max_tokens=4)
-            out["near_miss_refused"] += reply.startswith(opener)
+            out["near_miss_refused"] += refusal_like({"verdict": judge.verdict(reply), "reply": reply})
     return out
 
 

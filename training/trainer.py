@@ -185,9 +185,16 @@ def validation_set(
     return make_val_cases(prompts, cfg, random.Random(seed)), [base.tokenize(template.prompt(p.text)) for p in prompts]
 
 
-@torch.no_grad()
 def validate(base: BaseModel, bank: Bank, prompt_ids: list[list[int]], cases: list[ValCase], refuse_id: int) -> dict:
     """First-token decisions (refusal opener or not) under each case's composition."""
+    margins = val_margins(base, bank, prompt_ids, cases, refuse_id)
+    return summarize(cases, [m > 0 for m in margins], margins)
+
+
+@torch.no_grad()
+def val_margins(base: BaseModel, bank: Bank, prompt_ids: list[list[int]], cases: list[ValCase],
+                refuse_id: int) -> list[float]:
+    """Refusal-opener logit minus the best other logit at the first reply token, per case (> 0: refuses)."""
     margins: list[float] = []
     for start in range(0, len(cases), 32):
         chunk = cases[start:start + 32]
@@ -199,7 +206,7 @@ def validate(base: BaseModel, bank: Bank, prompt_ids: list[list[int]], cases: li
         refuse = logits[:, refuse_id].clone()
         logits[:, refuse_id] = float("-inf")
         margins += (refuse - logits.max(-1).values).tolist()  # > 0: the refusal opener is the argmax
-    return summarize(cases, [m > 0 for m in margins], margins)
+    return margins
 
 
 def auc(pos: list[float], neg: list[float]) -> float | None:

@@ -1,12 +1,17 @@
 """First-token validation of any bank file, the same check `edge-safe train` runs every `val_every` steps.
 
-    python -m edge_safe.training.validate BANK.gguf [--size 400] [--seed 1] [--split val]
+    python -m edge_safe.training.validate BANK.gguf [--size 400] [--seed 1] [--split val] [--runtime]
 
 Prints the validation summary (refusal, over-refusal per kind and order, AUC of the
 refusal-opener margin, held-out compositions, modes) as JSON. Uses the val split, the
 transformers copy of the bundled model (float32) and the bank's own training config for
 its constraints, orders and held-out compositions. Seconds to a minute on CPU; the full
 runtime evaluation is `edge-safe eval`.
+
+``--runtime`` also runs the same decisions with constraints (positive mode) through the llama.cpp
+runtime (`EdgeSafe.refusal_margin`: the quantized model the bank ships with) and reports them
+beside the float32 ones, with how far the two models' margins differ: the training-time check is
+float32, what users get is the runtime.
 """
 from __future__ import annotations
 
@@ -26,23 +31,27 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=1, help="seed of the validation cases (training uses config seed + 1)")
     ap.add_argument("--split", default="val", choices=("train", "val", "test"),
                     help="prompt split (default val; train shows how well the tokens fit what they were trained on)")
+    ap.add_argument("--runtime", action="store_true",
+                    help="also decide through the llama.cpp runtime and compare (about a minute more)")
     args = ap.parse_args(argv)
     try:
-        print(json.dumps(validate_bank(args.bank, args.model, args.size, args.seed, args.split), indent=1))
+        print(json.dumps(validate_bank(args.bank, args.model, args.size, args.seed, args.split, args.runtime),
+                         indent=1))
     except EdgeSafeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
 
 
-def validate_bank(bank_path: str, model: str | None = None, size: int = 400, seed: int = 1, split: str = "val") -> dict:
+def validate_bank(bank_path: str, model: str | None = None, size: int = 400, seed: int = 1, split: str = "val",
+                  runtime: bool = False) -> dict:
     from edge_safe.convert.bank import TokenBank
     from edge_safe.convert.model import ModelInfo
     from edge_safe.models import resolve_model_path
     from edge_safe.training.base_model import load_gguf_model
     from edge_safe.training.config import TrainConfig
     from edge_safe.training.objective import Bank
-    from edge_safe.training.trainer import decision_id, refusal_target_ids, validate, validation_set
+    from edge_safe.training.trainer import decision_id, refusal_target_ids, summarize, val_margins, validation_set
 
     bank = TokenBank.load(bank_path)
     model_path = resolve_model_path(model)
@@ -55,7 +64,41 @@ def validate_bank(bank_path: str, model: str | None = None, size: int = 400, see
     base = load_gguf_model(model_path)
     cases, ids = validation_set(base, cfg, bank.template, seed, split)
     refuse_id = decision_id(refusal_target_ids(base, bank.template, list(cfg.constraints)))
-    return validate(base, Bank.from_token_bank(bank).to(base.device), ids, cases, refuse_id)
+    margins = val_margins(base, Bank.from_token_bank(bank).to(base.device), ids, cases, refuse_id)
+    out = summarize(cases, [m > 0 for m in margins], margins)
+    if runtime:
+        out["runtime"] = _runtime(bank_path, model_path, cfg, split, cases, margins)
+    return out
+
+
+def _runtime(bank_path, model_path, cfg, split: str, cases, fp32: list[float]) -> dict:
+    """The positive-mode decisions again, through llama.cpp, and how the two models' margins differ."""
+    import numpy as np
+    from tqdm.auto import tqdm
+
+    from edge_safe.runtime import EdgeSafe
+    from edge_safe.training.sampler import load_prompts
+    from edge_safe.training.trainer import summarize
+
+    prompts = load_prompts(cfg.data_dir or None, split)
+    keep = [i for i, c in enumerate(cases) if c.constraints and c.mode in ("positive", None)]
+    with EdgeSafe(model=model_path, bank=bank_path, n_ctx=1024) as es:
+        rt = [es.refusal_margin(prompts[cases[i].prompt].text, tokens=list(cases[i].constraints))
+              for i in tqdm(keep, desc="runtime", unit="case", file=sys.stderr)]
+    sub = [cases[i] for i in keep]
+    out = {k: v for k, v in summarize(sub, [m > 0 for m in rt], rt).items()
+           if k not in ("rejective_refusal", "negative_compliance")}
+    diff = np.asarray(rt) - np.asarray([fp32[i] for i in keep])
+    out["vs_float32"] = {
+        "n": len(keep),
+        "same_decision": round(float(np.mean([(a > 0) == (fp32[i] > 0) for a, i in zip(rt, keep)])), 4),
+        "margin_shift_mean": round(float(diff.mean()), 3),
+        "margin_shift_sd": round(float(diff.std()), 3),
+        "margin_correlation": round(float(np.corrcoef(rt, [fp32[i] for i in keep])[0, 1]), 4),
+        "note": "runtime margin: best of ' Sorry'/'Sorry' after any leading whitespace tokens; float32: the "
+                "refusal's first token at the first reply position",
+    }
+    return out
 
 
 if __name__ == "__main__":  # pragma: no cover
