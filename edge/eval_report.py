@@ -17,7 +17,6 @@ from edge_safe.report_io import make_out_dir, PLOTS_SKIPPED, pyplot, write_text_
 log = logging.getLogger(__name__)
 
 ORDER = ("none", "text-rules", "from-text", "bank")  # column order: weakest baseline first
-PLOTS = ("per_order.png", "per_category.png", "operating_curve.png")
 
 
 # --- files ---------------------------------------------------------------------------------

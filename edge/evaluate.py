@@ -23,7 +23,7 @@ import numpy as np
 from edge_safe.convert.bank import TokenBank
 from edge_safe.convert.errors import EdgeSafeError
 from edge_safe.convert.keys import Origin
-from edge_safe.eval_curve import bank_margins, curve_of
+from edge_safe.eval_curve import bank_margins, curve_cases, curve_of
 from edge_safe.eval_data import (
     Case,
     Composition,
@@ -216,9 +216,8 @@ class Evaluator:
         sam = sum(len(self._sam_groups(s)) for s in systems if s.name != "none") * len(self.sam_idx)
         kl = len({p for _, p in self.kl_pairs}) + len(self.kl_pairs) * sum(
             n in self.systems for n in ("bank", "from-text", "text-rules"))
-        curve = sum(not self.comps[c.comp].is_profile for c in self.cases)
-        return (len(self.systems) * len(self.cases) + curve + len(self.perm_cases) + rej * len(self.mode_idx) + neg
-                + sam + kl)
+        return (len(self.systems) * len(self.cases) + len(curve_cases(self)) + len(self.perm_cases)
+                + rej * len(self.mode_idx) + neg + sam + kl)
 
     # -- measurements -------------------------------------------------------------------
 

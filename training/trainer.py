@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from edge_safe.convert.errors import EdgeSafeError
 from edge_safe.convert.layout import LAYOUT_V1, QA_TEMPLATE, ChatTemplate
+from edge_safe.eval_curve import auc  # the eval's AUC: training and runtime figures rank alike
 from edge_safe.training.base_model import BaseModel
 from edge_safe.training.categories import BY_NAME, PROFILES
 from edge_safe.training.config import TrainConfig
@@ -207,14 +208,6 @@ def val_margins(base: BaseModel, bank: Bank, prompt_ids: list[list[int]], cases:
         logits[:, refuse_id] = float("-inf")
         margins += (refuse - logits.max(-1).values).tolist()  # > 0: the refusal opener is the argmax
     return margins
-
-
-def auc(pos: list[float], neg: list[float]) -> float | None:
-    """P(a random positive scores above a random negative): threshold-free separation of two score lists."""
-    if not pos or not neg:
-        return None
-    wins = sum((p > n) + 0.5 * (p == n) for p in pos for n in neg)
-    return round(wins / (len(pos) * len(neg)), 4)
 
 
 def summarize(cases: list[ValCase], refused: list[bool], margins: list[float] | None = None) -> dict:
