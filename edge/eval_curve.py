@@ -235,6 +235,18 @@ def plot(results: dict, path, title: str = "Operating curves through the llama.c
     return path
 
 
+def _positive(text: str) -> int:
+    import argparse
+
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}")
+    return n
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     import argparse
     import json
@@ -246,8 +258,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m edge_safe.eval_curve", description=__doc__.split("\n\n")[0])
     ap.add_argument("banks", nargs="+", metavar="BANK[=LABEL]", help="bank files to compare (label: the file name)")
     ap.add_argument("--out", required=True, metavar="DIR", help="folder for curves.json, CURVES.md, curves.png")
-    ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--limit", type=int, default=None, help="at most N cases (quick runs)")
+    ap.add_argument("--threads", type=_positive, default=None, help="CPU threads (default: all cores)")
+    ap.add_argument("--limit", type=_positive, default=None, help="at most N cases (quick runs)")
     ap.add_argument("--seed", type=int, default=0, help="the eval's seed (same cases as `edge-safe eval`)")
     args = ap.parse_args(argv)
     banks = []

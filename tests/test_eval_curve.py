@@ -56,6 +56,9 @@ def test_compare_cli_errors_are_one_line(tmp_path, capsys):
     assert "token bank not found: nope.gguf" in capsys.readouterr().err
     assert main(["a.gguf=x", "b.gguf=x", "--out", str(tmp_path / "o")]) == 2
     assert "share a label" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:  # argparse: usage + one error line, exit 2
+        main(["a.gguf", "--out", str(tmp_path / "o"), "--threads", "0"])
+    assert exit_.value.code == 2 and "--threads: must be a whole number >= 1, got '0'" in capsys.readouterr().err
 
 
 # --- the real runtime ---------------------------------------------------------------------------
