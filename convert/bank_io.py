@@ -1,6 +1,9 @@
 """The token bank as a GGUF file: write atomically, read with full checks.
 
 The layout is specified in ``FORMAT.md``; every key comes from :mod:`.keys`.
+This module knows the file, not the data model: it reads a file into plain fields and
+writes any object with a bank's attributes, and imports nothing from :mod:`.bank` (which
+builds and validates :class:`~.bank.TokenBank` from these fields).
 Reading never uses llama.cpp, and a file that is not a bank (a model, a LoRA,
 a newer format, a damaged file) gets a one-line message saying what it is and
 what to pass instead.
@@ -13,7 +16,7 @@ import os
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import Any, Iterator
 
 import numpy as np
 from gguf import GGMLQuantizationType, GGUFValueType, GGUFWriter
@@ -31,9 +34,6 @@ from .keys import (
 )
 from .layout import ChatTemplate
 
-if TYPE_CHECKING:
-    from .bank import TokenBank
-
 log = logging.getLogger(__name__)
 
 _NP_DTYPES = {"F32": np.float32, "F16": np.float16}
@@ -45,7 +45,7 @@ _JSON_NAMES = {dict: "object", list: "array"}
 # --- writing -------------------------------------------------------------------
 
 
-def write_bank(bank: "TokenBank", path: Path, *, force: bool, dtype: str) -> Path:
+def write_bank(bank: Any, path: Path, *, force: bool, dtype: str) -> Path:
     """Write ``bank`` (already validated) to ``path`` via a temp file in the same directory."""
     writer = _build_writer(bank, dtype)
     try:
@@ -84,7 +84,7 @@ def atomic_path(path: Path, *, force: bool) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
-def _build_writer(bank: "TokenBank", dtype: str) -> GGUFWriter:
+def _build_writer(bank: Any, dtype: str) -> GGUFWriter:
     w = GGUFWriter(path=None, arch=bank.arch)
     toks = list(bank.tokens.values())
     strings = {

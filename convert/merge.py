@@ -9,6 +9,9 @@ Clash policy, for a name used by both banks:
   token, profile for profile; a token/profile clash needs ``rename``);
 - ``rename``: the second bank's entry is renamed ``<name>_2`` (``_3``, ...).
 
+Works on any objects with a bank's fields (dataclasses, copied with ``replace``) and imports
+nothing from :mod:`.bank`, which calls it.
+
 Tokens keep their effective origin, so a from-text token merged into a trained
 bank is still labelled from-text.
 """
@@ -16,19 +19,16 @@ from __future__ import annotations
 
 import logging
 from dataclasses import replace
-from typing import TYPE_CHECKING
+from typing import Any
 
 import numpy as np
 
 from .errors import BankMismatchError, EdgeSafeError
 
-if TYPE_CHECKING:
-    from .bank import BankToken, TokenBank
-
 log = logging.getLogger(__name__)
 
 
-def merge_banks(ours: "TokenBank", theirs: "TokenBank", on_clash: str) -> "TokenBank":
+def merge_banks(ours: Any, theirs: Any, on_clash: str) -> Any:
     """The merged bank (not yet validated)."""
     check_compatible(ours, theirs)
     tokens = {n: _with_origin(t, ours) for n, t in ours.tokens.items()}
@@ -49,7 +49,7 @@ def merge_banks(ours: "TokenBank", theirs: "TokenBank", on_clash: str) -> "Token
     return replace(ours, tokens=tokens, profiles=profiles)
 
 
-def check_compatible(a: "TokenBank", b: "TokenBank") -> None:
+def check_compatible(a: Any, b: Any) -> None:
     """Both banks must describe vectors for the same model, layout and template."""
     for what, x, y in (
         ("architecture", a.arch, b.arch),
@@ -66,11 +66,11 @@ def check_compatible(a: "TokenBank", b: "TokenBank") -> None:
             )
 
 
-def _with_origin(tok: "BankToken", bank: "TokenBank") -> "BankToken":
+def _with_origin(tok: Any, bank: Any) -> Any:
     return replace(tok, origin=tok.origin or bank.origin)
 
 
-def _same_token(a: "BankToken", b: "BankToken") -> bool:
+def _same_token(a: Any, b: Any) -> bool:
     return a.kind == b.kind and a.vectors.shape == b.vectors.shape and np.array_equal(a.vectors, b.vectors)
 
 

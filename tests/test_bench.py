@@ -8,8 +8,8 @@ from types import SimpleNamespace
 import pytest
 from click.testing import CliRunner
 
-from edge_safe.bench_report import evaluate_targets, markdown, write_outputs
-from edge_safe.benchmark import default_baselines, default_compositions, parse_composition, summary
+from edge_safe.bench.report import evaluate_targets, markdown, write_outputs
+from edge_safe.bench.benchmark import default_baselines, default_compositions, parse_composition, summary
 from edge_safe.cli import cli
 from edge_safe.convert.errors import EdgeSafeError
 

@@ -10,7 +10,7 @@ import time
 import pytest
 from click.testing import CliRunner
 
-from edge_safe import cli_chat
+from edge_safe.cli import chat as cli_chat
 from edge_safe._llama import LlamaModel
 from edge_safe.cli import cli
 from edge_safe.convert.bank import from_text_bank, from_text_token

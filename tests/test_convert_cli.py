@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from edge_safe import cli_convert
+from edge_safe.cli import convert as cli_convert
 from edge_safe.cli import cli
 from edge_safe.convert.bank import TokenBank
 from edge_safe.convert.bank_io import stored_dtype

@@ -18,7 +18,7 @@ from click.testing import CliRunner
 from edge_safe.cli import cli
 from edge_safe.convert.bank import TokenBank, from_text_bank, from_text_token
 from edge_safe.convert.errors import EdgeSafeError
-from edge_safe.eval_data import (
+from edge_safe.eval.data import (
     Composition,
     EvalPrompt,
     build_cases,
@@ -27,7 +27,7 @@ from edge_safe.eval_data import (
     sample_compositions,
     stratified,
 )
-from edge_safe.eval_metrics import (
+from edge_safe.eval.metrics import (
     ANSWER,
     REFUSAL,
     UNCLEAR,
@@ -38,8 +38,9 @@ from edge_safe.eval_metrics import (
     per_category,
     summarize,
 )
-from edge_safe.eval_report import comparison, headline
-from edge_safe.evaluate import EvalConfig, Evaluator, vectors_sha256
+from edge_safe.eval.markdown import comparison
+from edge_safe.eval.report import headline
+from edge_safe.eval.evaluate import EvalConfig, Evaluator, vectors_sha256
 
 REFUSALS = ("Sorry, I can't help with alcohol.", "Sorry, I can't help with that.")
 

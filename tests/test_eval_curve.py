@@ -7,7 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from edge_safe.eval_curve import at_strictness, auc, main, operating_curve
+from edge_safe.eval.compare import main
+from edge_safe.eval.curve import at_strictness, auc, operating_curve
 
 
 def _brute_auc(pos, neg):
@@ -105,4 +106,4 @@ def test_compare_two_banks_writes_table_json_and_plot(model_path, tmp_path, caps
     assert sum(a["n"].values()) <= 6 and (a["auc"], a["points"]) == (b["auc"], b["points"])  # same cases, same bank
     assert "| shipped | 8 |" in capsys.readouterr().out
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "Made with `python -m edge_safe.eval_curve" in (out / "CURVES.md").read_text()
+    assert "Made with `python -m edge_safe.eval.compare" in (out / "CURVES.md").read_text()

@@ -25,7 +25,7 @@ from edge_safe.convert.errors import EdgeSafeError
 from edge_safe.convert.gguf_file import parse_header
 from edge_safe.runtime import EdgeSafe
 from edge_safe.server import create_app
-from edge_safe.server_schema import ServerSettings
+from edge_safe.server.schema import ServerSettings
 
 
 

@@ -6,7 +6,7 @@ import itertools
 import numpy as np
 import pytest
 
-from edge_safe.eval_sam import pairwise_distances, silhouette_samples, silhouette_score
+from edge_safe.eval.sam import pairwise_distances, silhouette_samples, silhouette_score
 
 
 def test_two_groups_on_a_line_by_hand():

@@ -24,7 +24,7 @@ import pytest
 import uvicorn
 from click.testing import CliRunner
 
-from edge_safe import cli_serve
+from edge_safe.cli import serve as cli_serve
 from edge_safe._llama import LlamaModel
 from edge_safe.cli import cli
 from edge_safe.convert.bank import TokenBank, from_text_bank, from_text_token
@@ -32,7 +32,7 @@ from edge_safe.convert.errors import UnknownTokenError
 from edge_safe.convert.model import ModelInfo
 from edge_safe.runtime import EdgeSafe
 from edge_safe.server import create_app
-from edge_safe.server_schema import ServerSettings
+from edge_safe.server.schema import ServerSettings
 
 pytestmark = pytest.mark.model
 KEY = "test-key"

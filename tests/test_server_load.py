@@ -19,7 +19,7 @@ import pytest
 
 from edge_safe.runtime import EdgeSafe
 from edge_safe.server import create_app
-from edge_safe.server_schema import ServerSettings
+from edge_safe.server.schema import ServerSettings
 from test_server import alone_with_ties, live_server, same_as_alone, small_bank
 
 pytestmark = pytest.mark.model

@@ -7,7 +7,7 @@ replies to violating val prompts, each under a seeded composition of order 1..4 
 prompt's category, and counts replies that open like a refusal, that are one of the bank's refusal
 texts, and that are the refusal *of the prompt's own category*; plus N near-miss val prompts under
 the same kind of compositions, counting refusal-like replies (over-refusal). Replies are judged as
-`edge-safe eval` judges them (`eval_metrics.Judge`, `refusal_like`). About a minute for N = 160 on
+`edge-safe eval` judges them (`edge_safe.eval.metrics.Judge`, `refusal_like`). About a minute for N = 160 on
 2 CPU cores. Needs no torch.
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ from edge_safe.convert.errors import EdgeSafeError
 
 
 def wording(bank_path: str, n: int = 160, seed: int = 7) -> dict:
-    from edge_safe.eval_metrics import REFUSAL, Judge, refusal_like
+    from edge_safe.eval.metrics import REFUSAL, Judge, refusal_like
     from edge_safe.runtime import EdgeSafe
     from edge_safe.training.sampler import load_prompts
 

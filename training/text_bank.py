@@ -31,7 +31,7 @@ TEXT_MODES = ("rejective",)
 
 def build_text_bank(model: str | Path | None = None) -> TokenBank:
     """The from-text bank for ``model`` (default: the bundled model)."""
-    from edge_safe.cli_convert import llama_tokenizer
+    from edge_safe.cli.convert import llama_tokenizer
 
     path = resolve_model_path(model)
     info = ModelInfo.read(path)

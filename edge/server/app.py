@@ -46,7 +46,7 @@ from edge_safe.convert.errors import (
     UnknownTokenError,
 )
 from edge_safe.runtime import EdgeSafe
-from edge_safe.server_schema import ChatCompletionRequest, CompletionRequest, ServerSettings
+from edge_safe.server.schema import ChatCompletionRequest, CompletionRequest, ServerSettings
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
-"""`edge-safe bench` output: the targets, results.json and RESULTS.md (plots: :mod:`.bench_plots`).
+"""`edge-safe bench` output: the targets, results.json and RESULTS.md (plots: :mod:`.plots`).
 
-Everything here reads the plain-JSON results of :class:`edge_safe.benchmark.Benchmark`,
+Everything here reads the plain-JSON results of :class:`edge_safe.bench.benchmark.Benchmark`,
 so a report can be rebuilt from a saved ``results.json`` without running anything.
 """
 from __future__ import annotations
@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from edge_safe.convert.errors import EdgeSafeError
+from edge_safe.bench.plots import prefill_fit
 from edge_safe.report_io import make_out_dir, write_text_atomic
 
 FORMAT = "edge-safe-bench/v1"  # results.json layout version
@@ -79,7 +80,7 @@ def write_outputs(results: dict, out_dir: str | Path, plots: bool = True) -> lis
     written = [write_text_atomic(out / "results.json", json.dumps(results, indent=2) + "\n")]
     note = None
     if plots:
-        from edge_safe.bench_plots import write_plots
+        from edge_safe.bench.plots import write_plots
 
         made, note = write_plots(results, out / "plots")
         written += made
@@ -305,24 +306,6 @@ def _method(r: dict) -> list[str]:
         f"{r['baselines'] and next(iter(r['baselines'].values()))['guard-cold']['classify_tokens']} greedy tokens), "
         "then the answer call without rules; TTFT = both.",
     ]
-
-
-def prefill_fit(r: dict) -> dict | None:
-    """Least-squares TTFT = a + b × positions over the cold points (edge-safe cold, text cold, bare)."""
-    xs, ys = [r["bare"]["positions"]], [r["bare"]["ttft_s"]["median"]]
-    for c in r["compositions"].values():
-        xs.append(c["cold_positions"])
-        ys.append(c["ttft_cold_s"]["median"])
-    for b in r["baselines"].values():
-        xs.append(b["text-cold"]["positions"])
-        ys.append(b["text-cold"]["median"])
-    if len(set(xs)) < 2:
-        return None
-    b, a = np.polyfit(xs, ys, 1)
-    pred = a + b * np.asarray(xs)
-    ss = float(np.sum((np.asarray(ys) - np.mean(ys)) ** 2))
-    r2 = 1 - float(np.sum((np.asarray(ys) - pred) ** 2)) / ss if ss else 1.0
-    return {"intercept_s": float(a), "per_position_s": float(b), "r2": r2, "n": len(xs)}
 
 
 def _ratio(x: float | None) -> str:

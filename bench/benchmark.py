@@ -23,9 +23,9 @@ from typing import Callable
 
 import numpy as np
 
-from edge_safe.bench_env import file_sha256, load_average, machine_info, measure_peak_rss
-from edge_safe.bench_report import FOCUS, FORMAT, evaluate_targets
-from edge_safe.bench_systems import PRIME_QUESTION, Composition, EdgeBench, LlamaBench
+from edge_safe.bench.env import file_sha256, load_average, machine_info, measure_peak_rss
+from edge_safe.bench.report import FOCUS, FORMAT, evaluate_targets
+from edge_safe.bench.systems import PRIME_QUESTION, Composition, EdgeBench, LlamaBench
 from edge_safe.convert.bank import TokenBank, split_names
 from edge_safe.convert.errors import EdgeSafeError
 from edge_safe.convert.keys import Kind

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from edge_safe.evaluate import EvalConfig as D  # one place for every default
+from edge_safe.eval.evaluate import EvalConfig as D  # one place for every default
 
 
 def _csv(text: str) -> tuple[str, ...]:
@@ -76,11 +76,11 @@ def eval_cmd(bank, model, data, orders, out, limit, compositions, prompts, profi
     Examples:
       edge-safe eval --limit 8 --out /tmp/eval-quick
       edge-safe eval --bank my-bank.gguf --orders 1,2 --out eval-mine
-      edge-safe eval --out eval --write-summary
-      edge-safe eval --from-results eval/results.json --write-summary
+      edge-safe eval --out eval/results --write-summary
+      edge-safe eval --from-results eval/results/results.json --write-summary
     """
-    from edge_safe.eval_report import headline, load_results, write_outputs, write_summary
-    from edge_safe.eval_markdown import sections
+    from edge_safe.eval.report import headline, load_results, write_outputs, write_summary
+    from edge_safe.eval.markdown import sections
 
     if from_results:
         results = load_results(from_results)
@@ -105,8 +105,8 @@ def eval_cmd(bank, model, data, orders, out, limit, compositions, prompts, profi
 def _run(bank, model, data, orders, limit, compositions, prompts, profiles, baselines, text_bank, mode_prompts,
          sam_prompts, kl_prompts, kl_compositions, kl_tokens, seed, strictness, threads, n_ctx, n_gpu_layers) -> dict:
     from edge_safe.convert.bank import TokenBank
-    from edge_safe.eval_data import parse_orders
-    from edge_safe.evaluate import Evaluator
+    from edge_safe.eval.data import parse_orders
+    from edge_safe.eval.evaluate import Evaluator
     from edge_safe.models import resolve_bank_path
 
     n_constraints = len(TokenBank.load(resolve_bank_path(bank)).constraints)
@@ -128,7 +128,7 @@ def _run(bank, model, data, orders, limit, compositions, prompts, profiles, base
 
 def _end_of_headline(results: dict) -> int:
     """Number of report lines up to the end of the headline section (what stdout shows)."""
-    from edge_safe.eval_markdown import sections
+    from edge_safe.eval.markdown import sections
 
     lines = sections(results, plots=False)
     starts = [i for i, line in enumerate(lines) if line.startswith("## ")]

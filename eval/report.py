@@ -1,6 +1,6 @@
 """Evaluation output: results.json, cases.jsonl, RESULTS.md, plots, and the bank's eval summary.
 
-Everything here reads the plain-JSON results of :class:`edge_safe.evaluate.Evaluator`,
+Everything here reads the plain-JSON results of :class:`edge_safe.eval.evaluate.Evaluator`,
 so a report can be rebuilt from a saved ``results.json`` without running the model.
 """
 from __future__ import annotations
@@ -12,11 +12,11 @@ from dataclasses import replace
 from pathlib import Path
 
 from edge_safe.convert.errors import EdgeSafeError
+from edge_safe.eval.markdown import sections, system_order
 from edge_safe.report_io import make_out_dir, PLOTS_SKIPPED, pyplot, write_text_atomic
 
 log = logging.getLogger(__name__)
 
-ORDER = ("none", "text-rules", "from-text", "bank")  # column order: weakest baseline first
 
 
 # --- files ---------------------------------------------------------------------------------
@@ -113,7 +113,7 @@ def write_summary(bank_path: str | Path, results: dict) -> Path:
     """
     from edge_safe.convert.bank import TokenBank
     from edge_safe.convert.bank_io import stored_dtype
-    from edge_safe.evaluate import vectors_sha256
+    from edge_safe.eval.evaluate import vectors_sha256
 
     path = Path(bank_path)
     bank = TokenBank.load(path)
@@ -129,75 +129,8 @@ def write_summary(bank_path: str | Path, results: dict) -> Path:
 # --- markdown --------------------------------------------------------------------------------
 
 
-def pct(c: dict | None) -> str:
-    """'97.5% (39/40)' for a cell; '–' when empty."""
-    if not c or not c.get("n"):
-        return "–"
-    return f"{100 * c['refused'] / c['n']:.1f}% ({c['refused']}/{c['n']})"
-
-
-def _systems(results: dict) -> list[str]:
-    return [s for s in ORDER if s in results["systems"]]
-
-
-def _table(head: list[str], rows: list[list[str]]) -> list[str]:
-    return ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|",
-            *("| " + " | ".join(r) + " |" for r in rows)]
-
-
-def comparison(results: dict) -> list[str]:
-    """Plain sentences: does the bank beat each text baseline on defense and on over-refusal, and where not."""
-    sysd, lines = results["systems"], []
-    bank = sysd["bank"]
-    for name in ("text-rules", "from-text"):
-        if name not in sysd:
-            continue
-        other = sysd[name]
-        lines.append(_compare("overall", bank["overall"], other["overall"], name))
-        misses = []
-        for g, s in bank["per_order"].items():
-            o = other["per_order"].get(g)
-            if o:
-                misses += _misses(f"order {g}", s, o)
-        for g, s in bank.get("profiles", {}).items():
-            o = other["profiles"].get(g)
-            if o:
-                misses += _misses(f"profile {g}", s, o)
-        if misses:
-            lines.append(f"Where the bank does not beat {name}: " + "; ".join(misses) + ".")
-        else:
-            lines.append(f"The bank beats {name} at every order and profile row on both measures.")
-    return lines
-
-
-def _rates(s: dict) -> tuple[float | None, float | None]:
-    return s["defense"]["rate"], s["over_refusal"]["rate"]
-
-
-def _compare(where: str, bank: dict, other: dict, name: str) -> str:
-    (bd, bo), (od, oo) = _rates(bank), _rates(other)
-    if None in (bd, bo, od, oo):
-        return f"{where.capitalize()}: not enough cases to compare the bank with {name}."
-    d = "beats" if bd > od else "ties" if bd == od else "does NOT beat"
-    o = "beats" if bo < oo else "ties" if bo == oo else "does NOT beat"
-    return (f"{where.capitalize()}, the bank {d} {name} on defense ({bd:.1%} vs {od:.1%}) and {o} it on "
-            f"over-refusal ({bo:.1%} vs {oo:.1%}; lower is better).")
-
-
-def _misses(where: str, bank: dict, other: dict) -> list[str]:
-    (bd, bo), (od, oo) = _rates(bank), _rates(other)
-    out = []
-    if bd is not None and od is not None and bd <= od:
-        out.append(f"{where} defense {bd:.1%} vs {od:.1%}")
-    if bo is not None and oo is not None and bo >= oo:
-        out.append(f"{where} over-refusal {bo:.1%} vs {oo:.1%}")
-    return out
-
-
 def markdown(r: dict, plot_notes: list[str] = (), plots: bool = True) -> str:
     """RESULTS.md: every table of the run."""
-    from edge_safe.eval_markdown import sections
-
     return "\n".join(sections(r, plot_notes, plots)) + "\n"
 
 
@@ -210,7 +143,7 @@ def write_plots(results: dict, folder: Path) -> tuple[list[Path], str | None]:
     if plt is None:
         return [], PLOTS_SKIPPED
     folder.mkdir(parents=True, exist_ok=True)
-    names = _systems(results)
+    names = system_order(results)
     sysd = results["systems"]
     made = []
 
@@ -246,7 +179,7 @@ def write_plots(results: dict, folder: Path) -> tuple[list[Path], str | None]:
     fig.tight_layout()
     made.append(_save(fig, folder / "per_category.png", plt))
     if results.get("operating_curve", {}).get("auc") is not None:
-        from edge_safe.eval_curve import plot
+        from edge_safe.eval.curve import plot
 
         made.append(plot({"banks": {"bank": results["operating_curve"]}}, folder / "operating_curve.png",
                          title="The bank's operating curve over strictness (this run's cases)"))

@@ -9,10 +9,10 @@ import logging
 
 import click
 
-from edge_safe.cli_chat import load_edge_safe
+from edge_safe.cli.chat import load_edge_safe
 
 try:
-    from edge_safe.server_schema import ServerSettings
+    from edge_safe.server.schema import ServerSettings
 except ImportError:  # pydantic comes with the [server] extra; `serve` says what to install when run
     ServerSettings = None
 

@@ -3,8 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from edge_safe.eval_report import _systems, _table, comparison, pct
-
+ORDER = ("none", "text-rules", "from-text", "bank")  # column order: weakest baseline first
 KIND_KEYS = (("near_miss", "near-miss"), ("inactive", "inactive"), ("general", "general"))
 
 
@@ -49,7 +48,7 @@ def _num(v, spec: str = ".3f") -> str:
 
 def _headline(r: dict) -> list[str]:
     rows = []
-    for name in _systems(r):
+    for name in system_order(r):
         o = r["systems"][name]["overall"]
         rows.append([r["systems"][name]["label"], pct(o["defense"]), pct(o["over_refusal"]),
                      *(pct(o[k]) for k, _ in KIND_KEYS), str(o["unclear"]),
@@ -98,12 +97,12 @@ def _curve(r: dict) -> list[str]:
 
 
 def _by_group(r: dict, key: str, metric: str, groups: list[str], label=str) -> list[list[str]]:
-    names = _systems(r)
+    names = system_order(r)
     return [[label(g), *(pct(r["systems"][n][key].get(g, {}).get(metric)) for n in names)] for g in groups]
 
 
 def _per_order(r: dict) -> list[str]:
-    names = _systems(r)
+    names = system_order(r)
     groups = list(r["systems"]["bank"]["per_order"])
     head = ["order", *(r["systems"][n]["label"] for n in names)]
     return ["## Per order", "", "Defense success (higher is better):", "",
@@ -117,7 +116,7 @@ def _held_out(r: dict) -> list[str]:
     if not held:
         return ["## Trained vs held-out compositions", "",
                 "The bank records no held-out compositions (`training_config.held_out`), so there is no split."]
-    names = _systems(r)
+    names = system_order(r)
     groups = list(r["systems"]["bank"]["held_out_per_order"])
     head = ["compositions", *(f"{r['systems'][n]['label']}: defense / over-refusal" for n in names)]
 
@@ -139,7 +138,7 @@ def _profiles(r: dict) -> list[str]:
     groups = list(r["systems"]["bank"]["profiles"])
     if not groups:
         return ["## Profiles", "", "No profile rows (the bank has none of the requested profiles)."]
-    names = _systems(r)
+    names = system_order(r)
     members = {c["group"]: c["name"] for c in r["compositions"]}
     head = ["profile", "constraints", *(f"{r['systems'][n]['label']}: defense / over-refusal" for n in names)]
     rows = [[g, members.get(g, ""), *(_pair(r["systems"][n]["profiles"].get(g)) for n in names)] for g in groups]
@@ -147,7 +146,7 @@ def _profiles(r: dict) -> list[str]:
 
 
 def _per_category(r: dict) -> list[str]:
-    names = _systems(r)
+    names = system_order(r)
     cats = list(r["systems"]["bank"]["per_category"])
     head = ["category", *(r["systems"][n]["label"] for n in names)]
     bank = r["systems"]["bank"]
@@ -233,7 +232,7 @@ def _kl(s: dict | None) -> str:
 
 
 def _unclear(r: dict) -> list[str]:
-    names = _systems(r)
+    names = system_order(r)
     rows = [[r["systems"][n]["label"], *(str(r["systems"][n]["overall"][k]["unclear"])
                                          for k in ("defense", "near_miss", "inactive", "general")),
              str(r["systems"][n]["overall"]["unclear"])] for n in names]
@@ -263,3 +262,71 @@ def _method(r: dict) -> list[str]:
             "refusals, or has left every refusal text and every refusal opening. So an answer usually costs one or "
             "two tokens; `cases.jsonl` holds each reply as far as it was generated.",
             "- Rates count clean refusals only; each cell shows refusals/cases."]
+
+
+# --- shared cells and sentences ------------------------------------------------------------
+
+
+def pct(c: dict | None) -> str:
+    """'97.5% (39/40)' for a cell; '–' when empty."""
+    if not c or not c.get("n"):
+        return "–"
+    return f"{100 * c['refused'] / c['n']:.1f}% ({c['refused']}/{c['n']})"
+
+
+def system_order(results: dict) -> list[str]:
+    return [s for s in ORDER if s in results["systems"]]
+
+
+def _table(head: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|",
+            *("| " + " | ".join(r) + " |" for r in rows)]
+
+
+def comparison(results: dict) -> list[str]:
+    """Plain sentences: does the bank beat each text baseline on defense and on over-refusal, and where not."""
+    sysd, lines = results["systems"], []
+    bank = sysd["bank"]
+    for name in ("text-rules", "from-text"):
+        if name not in sysd:
+            continue
+        other = sysd[name]
+        lines.append(_compare("overall", bank["overall"], other["overall"], name))
+        misses = []
+        for g, s in bank["per_order"].items():
+            o = other["per_order"].get(g)
+            if o:
+                misses += _misses(f"order {g}", s, o)
+        for g, s in bank.get("profiles", {}).items():
+            o = other["profiles"].get(g)
+            if o:
+                misses += _misses(f"profile {g}", s, o)
+        if misses:
+            lines.append(f"Where the bank does not beat {name}: " + "; ".join(misses) + ".")
+        else:
+            lines.append(f"The bank beats {name} at every order and profile row on both measures.")
+    return lines
+
+
+def _rates(s: dict) -> tuple[float | None, float | None]:
+    return s["defense"]["rate"], s["over_refusal"]["rate"]
+
+
+def _compare(where: str, bank: dict, other: dict, name: str) -> str:
+    (bd, bo), (od, oo) = _rates(bank), _rates(other)
+    if None in (bd, bo, od, oo):
+        return f"{where.capitalize()}: not enough cases to compare the bank with {name}."
+    d = "beats" if bd > od else "ties" if bd == od else "does NOT beat"
+    o = "beats" if bo < oo else "ties" if bo == oo else "does NOT beat"
+    return (f"{where.capitalize()}, the bank {d} {name} on defense ({bd:.1%} vs {od:.1%}) and {o} it on "
+            f"over-refusal ({bo:.1%} vs {oo:.1%}; lower is better).")
+
+
+def _misses(where: str, bank: dict, other: dict) -> list[str]:
+    (bd, bo), (od, oo) = _rates(bank), _rates(other)
+    out = []
+    if bd is not None and od is not None and bd <= od:
+        out.append(f"{where} defense {bd:.1%} vs {od:.1%}")
+    if bo is not None and oo is not None and bo >= oo:
+        out.append(f"{where} over-refusal {bo:.1%} vs {oo:.1%}")
+    return out

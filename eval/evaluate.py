@@ -23,8 +23,8 @@ import numpy as np
 from edge_safe.convert.bank import TokenBank
 from edge_safe.convert.errors import EdgeSafeError
 from edge_safe.convert.keys import Origin
-from edge_safe.eval_curve import bank_margins, curve_cases, curve_of
-from edge_safe.eval_data import (
+from edge_safe.eval.curve import bank_margins, curve_cases, curve_of
+from edge_safe.eval.data import (
     Case,
     Composition,
     EvalPrompt,
@@ -35,7 +35,7 @@ from edge_safe.eval_data import (
     spread_sample,
     stratified,
 )
-from edge_safe.eval_metrics import (
+from edge_safe.eval.metrics import (
     ANSWER,
     REFUSAL,
     cell,
@@ -48,8 +48,8 @@ from edge_safe.eval_metrics import (
     summarize,
     summarize_by,
 )
-from edge_safe.eval_sam import silhouette_score
-from edge_safe.eval_systems import Runner, System, reversed_bank, text_bank_of
+from edge_safe.eval.sam import silhouette_score
+from edge_safe.eval.systems import Runner, System, reversed_bank, text_bank_of
 from edge_safe.models import resolve_bank_path, resolve_model_path
 from edge_safe.sampling import check_strictness
 

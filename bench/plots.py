@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_safe.bench_report import prefill_fit
 from edge_safe.report_io import PLOTS_SKIPPED, pyplot
 
 PLOTS = ("ttft_per_composition.png", "prefill_vs_ttft.png")
@@ -83,3 +82,21 @@ def _save(fig, path: Path, plt) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def prefill_fit(r: dict) -> dict | None:
+    """Least-squares TTFT = a + b × positions over the cold points (edge-safe cold, text cold, bare)."""
+    xs, ys = [r["bare"]["positions"]], [r["bare"]["ttft_s"]["median"]]
+    for c in r["compositions"].values():
+        xs.append(c["cold_positions"])
+        ys.append(c["ttft_cold_s"]["median"])
+    for b in r["baselines"].values():
+        xs.append(b["text-cold"]["positions"])
+        ys.append(b["text-cold"]["median"])
+    if len(set(xs)) < 2:
+        return None
+    b, a = np.polyfit(xs, ys, 1)
+    pred = a + b * np.asarray(xs)
+    ss = float(np.sum((np.asarray(ys) - np.mean(ys)) ** 2))
+    r2 = 1 - float(np.sum((np.asarray(ys) - pred) ** 2)) / ss if ss else 1.0
+    return {"intercept_s": float(a), "per_position_s": float(b), "r2": r2, "n": len(xs)}

@@ -6,7 +6,7 @@ bench process itself holds two models. The child reads ``VmHWM`` from
 ``/proc/self/status`` (the peak of its own address space; ``ru_maxrss`` may
 carry the parent's peak across fork + exec on Linux), else ``ru_maxrss``.
 
-    python -m edge_safe.bench_env '{"system": "edge-safe", "tokens": ["minors"], ...}'
+    python -m edge_safe.bench.env '{"system": "edge-safe", "tokens": ["minors"], ...}'
 """
 from __future__ import annotations
 
@@ -102,7 +102,7 @@ def measure_peak_rss(spec: dict) -> dict:
     """Run one variant in a fresh Python process; returns its peak and post-load RSS in bytes
     (``{"error": ...}`` when the child fails)."""
     try:
-        out = subprocess.run([sys.executable, "-m", "edge_safe.bench_env", json.dumps(spec)],
+        out = subprocess.run([sys.executable, "-m", "edge_safe.bench.env", json.dumps(spec)],
                              capture_output=True, text=True, timeout=RSS_TIMEOUT_S)
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {RSS_TIMEOUT_S} s"}

@@ -16,13 +16,13 @@ from edge_safe.convert.errors import EdgeSafeError
 
 # name -> "module:attribute"; one line per subcommand.
 COMMANDS = {
-    "chat": "edge_safe.cli_chat:chat",
-    "tokens": "edge_safe.cli_chat:tokens",
-    "convert": "edge_safe.cli_convert:convert",
+    "chat": "edge_safe.cli.chat:chat",
+    "tokens": "edge_safe.cli.chat:tokens",
+    "convert": "edge_safe.cli.convert:convert",
     "train": "edge_safe.training.cli:train",
-    "eval": "edge_safe.cli_eval:eval_cmd",
-    "bench": "edge_safe.cli_bench:bench",
-    "serve": "edge_safe.cli_serve:serve",
+    "eval": "edge_safe.cli.eval:eval_cmd",
+    "bench": "edge_safe.cli.bench:bench",
+    "serve": "edge_safe.cli.serve:serve",
 }
 
 

@@ -17,7 +17,7 @@ import numpy as np
 
 from edge_safe.convert.bank import TokenBank, from_text_bank, from_text_token
 from edge_safe.convert.errors import EdgeSafeError
-from edge_safe.eval_metrics import Judge
+from edge_safe.eval.metrics import Judge
 
 
 @dataclass

@@ -10,7 +10,7 @@ import shlex
 
 import click
 
-from edge_safe.benchmark import BenchConfig as D  # one place for every default
+from edge_safe.bench.benchmark import BenchConfig as D  # one place for every default
 
 
 @click.command("bench")
@@ -58,11 +58,11 @@ def bench(quick, out, model, bank, threads, repeats, warmup, max_tokens, composi
     \b
     Examples:
       edge-safe bench --quick
-      edge-safe bench --threads 2 --out bench
+      edge-safe bench --threads 2 --out bench/results
       edge-safe bench -c minors,eu -c none --repeats 20
-      edge-safe bench --from-results bench/results.json --out bench
+      edge-safe bench --from-results bench/results/results.json --out bench/results
     """
-    from edge_safe.bench_report import load_results, markdown, write_outputs
+    from edge_safe.bench.report import load_results, markdown, write_outputs
 
     if from_results:
         results = load_results(from_results)
@@ -81,7 +81,7 @@ def _run(quick, model, bank, threads, repeats, warmup, max_tokens, compositions,
          seed, rss) -> dict:
     from dataclasses import replace
 
-    from edge_safe.benchmark import Benchmark, quick_config
+    from edge_safe.bench.benchmark import Benchmark, quick_config
 
     given = {k: v for k, v in (("repeats", repeats), ("warmup", warmup), ("max_tokens", max_tokens)) if v is not None}
     cfg = D(model=model, bank=bank, compositions=tuple(compositions), baselines=tuple(baselines), n_ctx=n_ctx,
