@@ -16,7 +16,7 @@ from edge_safe.bench.benchmark import BenchConfig as D  # one place for every de
 @click.command("bench")
 @click.option("--quick", is_flag=True,
               help="A smoke run (< 1 min): 4 compositions, 3 rounds, 16 decode tokens; options given win.")
-@click.option("-o", "--out", default="bench/results", show_default=True, metavar="DIR",
+@click.option("-o", "--out", default="runs/bench", show_default=True, metavar="DIR",
               type=click.Path(file_okay=False), help="Folder for results.json, RESULTS.md and plots/.")
 @click.option("-m", "--model", default=None, metavar="PATH",
               help="Base model GGUF [default: $EDGE_SAFE_MODEL, else the bundled Gemma 3 270M Q4_K_M].")

@@ -27,7 +27,7 @@ def _csv(text: str) -> tuple[str, ...]:
               help="Prompts: JSONL with prompt, category, label (violating|benign) [default: the repo's test split].")
 @click.option("--orders", default=",".join(map(str, D.orders)), show_default=True, metavar="R,R,..",
               help="Composition sizes (numbers of active constraints) to evaluate.")
-@click.option("-o", "--out", default="eval", show_default=True, metavar="DIR", type=click.Path(file_okay=False),
+@click.option("-o", "--out", default="runs/eval", show_default=True, metavar="DIR", type=click.Path(file_okay=False),
               help="Folder for results.json, RESULTS.md, cases.jsonl and plots/.")
 @click.option("--limit", default=None, type=click.IntRange(min=1), metavar="N",
               help="At most N cases per measurement: a quick run.")
