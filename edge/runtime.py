@@ -92,6 +92,7 @@ class EdgeSafe:
         n_batch: int = 512,
         prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES,
         strictness: float = 0.0,
+        cpu_repack: str | bool | None = None,
     ):
         self.strictness = check_strictness(strictness)
         self.model_path = resolve_model_path(model)
@@ -109,7 +110,7 @@ class EdgeSafe:
         self._held: tuple[tuple[str, ...], list[int]] | None = None  # (prefix key, prompt tokens in KV)
         self._openers: dict[str, set[int]] = {}  # constraint -> the token ids its refusal can start with
         self._llm = LlamaModel(self.model_path, n_ctx=n_ctx, n_batch=n_batch,
-                               n_gpu_layers=n_gpu_layers, n_threads=n_threads)
+                               n_gpu_layers=n_gpu_layers, n_threads=n_threads, cpu_repack=cpu_repack)
         if self._llm.n_embd != self.bank.n_embd:  # check_model already compared the GGUF header
             self.close()
             raise EdgeSafeError(f"llama.cpp reports n_embd {self._llm.n_embd}, the bank has {self.bank.n_embd}")
