@@ -79,7 +79,7 @@ def load_prompts(path: str | Path) -> list[EvalPrompt]:
         raise EdgeSafeError(f"cannot read the eval data {path}: {reason}; pass --data FILE.jsonl") from None
     prompts = []
     for n, line in enumerate(lines, 1):
-        if line.strip():
+        if line.strip() and '"slice"' not in line:  # real-traffic slices (issue #17): not measured yet
             prompts.append(_parse_row(line, f"{path}:{n}"))
     if not prompts:
         raise EdgeSafeError(f"{path}: no prompts (expected one JSON object per line)")

@@ -60,6 +60,8 @@ def load_prompts(data_dir: str | Path | None, split: str) -> list[Prompt]:
                 continue
             try:
                 row = json.loads(line)
+                if row.get("slice", "classic") != "classic":
+                    continue  # the real-traffic slices (issue #17) are not consumed yet
                 p = Prompt(row["prompt"], row["category"], row["label"], row.get("family", ""))
             except (ValueError, KeyError, TypeError) as e:
                 raise EdgeSafeError(f"{path}:{i}: expected a JSON object with prompt/category/label ({e})") from None
