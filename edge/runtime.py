@@ -32,6 +32,7 @@ from edge_safe.convert.layout import ChatTemplate, check_layout, prefix_names
 from edge_safe.convert.model import ModelInfo
 from edge_safe.models import resolve_bank_path, resolve_model_path
 from edge_safe.prefix_cache import DEFAULT_PREFIX_CACHE_BYTES, PrefixCache
+from edge_safe.refusals import RefusalGuide, Sequences, refusal_sequences
 from edge_safe.sampling import check_sampling, check_strictness, sample
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,7 @@ class RequestStats:
     ttft_s: float = 0.0  # call -> first generated token sampled
     decode_s: float = 0.0  # first -> last generated token
     finish_reason: str | None = None
+    refusal: str | None = None  # the token whose refusal text the runtime completed exactly (None: no refusal)
 
 
 @dataclass
@@ -67,6 +69,7 @@ class _Request:
     t_call: float
     strictness: float = 0.0  # added to the refusal openers' logits until the reply's first visible token
     openers: list[int] = field(default_factory=list)  # those token ids (empty: no bias applies)
+    refusals: Sequences = field(default_factory=list)  # refusals a reply opening with "Sorry" is finished as
     stats: RequestStats = field(init=False)
 
     def __post_init__(self):
@@ -92,8 +95,11 @@ class EdgeSafe:
         n_batch: int = 512,
         prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES,
         strictness: float = 0.0,
+        cpu_repack: str | bool | None = None,
+        exact_refusals: bool = True,
     ):
         self.strictness = check_strictness(strictness)
+        self.exact_refusals = bool(exact_refusals)  # finish a reply that opens like a refusal as one, word for word
         self.model_path = resolve_model_path(model)
         self.bank = bank if isinstance(bank, TokenBank) else TokenBank.load(resolve_bank_path(bank))
         check_layout(self.bank.layout)
@@ -108,8 +114,9 @@ class EdgeSafe:
         self._owner: int | None = None  # thread holding the lock, to refuse re-entry instead of deadlocking
         self._held: tuple[tuple[str, ...], list[int]] | None = None  # (prefix key, prompt tokens in KV)
         self._openers: dict[str, set[int]] = {}  # constraint -> the token ids its refusal can start with
+        self._refusal_ids: dict[str, Sequences] = {}  # token -> its refusal's token ids, as written after the header
         self._llm = LlamaModel(self.model_path, n_ctx=n_ctx, n_batch=n_batch,
-                               n_gpu_layers=n_gpu_layers, n_threads=n_threads)
+                               n_gpu_layers=n_gpu_layers, n_threads=n_threads, cpu_repack=cpu_repack)
         if self._llm.n_embd != self.bank.n_embd:  # check_model already compared the GGUF header
             self.close()
             raise EdgeSafeError(f"llama.cpp reports n_embd {self._llm.n_embd}, the bank has {self.bank.n_embd}")
@@ -355,7 +362,24 @@ class EdgeSafe:
         stops = tuple(self.template.stop) + _as_stops(stop)
         biased = strictness and constraints and mode in (DEFAULT_MODE, None)  # not rejective/negative
         openers = self.refusal_openers(constraints) if biased else []
-        return _Request(constraints, mode, tuple(names), vectors, prompt, stops, t_call, strictness, openers)
+        return _Request(constraints, mode, tuple(names), vectors, prompt, stops, t_call, strictness, openers,
+                        self._guided(constraints, mode))
+
+    def _guided(self, constraints: list[str], mode: str | None) -> Sequences:
+        """The refusals a reply of this request is finished as once it opens like one: the active
+        constraints' (in the positive mode, or a bank without modes), the rejective mode's own; none
+        in the negative mode (unrestricted: a reply that starts "Sorry" is free text there)."""
+        if not self.exact_refusals:
+            return []
+        names = [mode] if mode == "rejective" else constraints if mode in (DEFAULT_MODE, None) else []
+        todo = [n for n in names if n not in self._refusal_ids]
+        if todo:
+            header = self.template.render([{"role": "user", "content": "x"}])
+            tok = lambda text: self._llm.tokenize(text, add_bos=False, special=False)  # noqa: E731
+            for n in todo:
+                refusal = self.bank.tokens[n].refusal
+                self._refusal_ids[n] = refusal_sequences(tok, header, {n: refusal}) if refusal else []
+        return [seq for n in names for seq in self._refusal_ids[n]]
 
     def refusal_openers(self, constraints: Sequence[str]) -> list[int]:
         """Token ids that start the active constraints' refusals, sorted and distinct: the first token of
@@ -424,11 +448,14 @@ class EdgeSafe:
             t_first = None
             n_past = 1 + len(req.vectors) + len(req.prompt)
             biased = bool(req.openers)  # until the reply's first visible token (a "\n\n" may come first)
+            guide = RefusalGuide(req.refusals, choose=lambda names: self._violated(req, names)) if req.refusals else None
             for i in range(max_tokens):
                 logits = llm.logits()
                 if biased:
                     logits = logits.copy()  # llama.cpp's buffer stays as decoded
                     logits[req.openers] += req.strictness
+                if guide is not None:
+                    logits = guide.constrain(logits)  # a masked copy while the reply is on a refusal
                 tok = sample(logits, temperature, top_p, rng)
                 if t_first is None:
                     t_first = time.perf_counter()
@@ -438,10 +465,24 @@ class EdgeSafe:
                     break
                 st.completion_tokens += 1
                 raw = llm.token_to_piece(tok)
-                biased = biased and not raw.strip()
+                visible = bool(raw.strip())
+                biased = biased and not visible
                 piece, stopped = out.feed(raw)
                 if piece:
                     yield piece
+                if guide is not None and guide.step(tok, visible):
+                    st.refusal, stopped = guide.refusal, True  # the refusal is complete: the reply ends with it
+                rest = guide.remaining() if guide is not None and not stopped else None
+                if rest is not None:  # one refusal left: write it out, no decoding needed
+                    room = max_tokens - 1 - i
+                    for t in rest[:room]:
+                        st.completion_tokens += 1
+                        piece, _ = out.feed(llm.token_to_piece(t))
+                        if piece:
+                            yield piece
+                    if len(rest) <= room:
+                        st.refusal, st.finish_reason = guide.refusal, "stop"
+                    break
                 if stopped:
                     st.finish_reason = "stop"
                     break
@@ -457,6 +498,23 @@ class EdgeSafe:
             log.debug("request %s mode=%s: prefix %s, %d prefilled, %d generated, ttft %.3fs, %s",
                       req.constraints, req.mode, st.prefix_source, st.prefilled_tokens,
                       st.completion_tokens, st.ttft_s, st.finish_reason)
+
+    def _violated(self, req: _Request, names: list[str]) -> str:
+        """Which of several active constraints a refusal should name: the one that, active alone (same
+        mode, same conversation), refuses the request most surely (largest refusal-opener margin).
+        Leaves the KV holding the last of those compositions, and says so in ``_held``."""
+        best: tuple[float, int, str] | None = None
+        for rank, name in enumerate(names):
+            key = tuple(prefix_names(req.mode, [name]))
+            sub = _Request([name], req.mode, key, self.bank.prefix_vectors(key), req.prompt, (), req.t_call)
+            self._prefill(sub)
+            logits = self._llm.logits().copy()
+            idx = self.refusal_openers([name])
+            top = float(logits[idx].max())
+            logits[idx] = -np.inf
+            margin = top - float(logits.max())
+            best = max(best, (margin, -rank, name)) if best else (margin, -rank, name)
+        return best[2]
 
     def _chunks(self, head: dict, req: _Request, pieces: Iterator[str]) -> Iterator[dict]:
         def chunk(delta: dict, finish: str | None = None) -> dict:
@@ -477,8 +535,9 @@ class EdgeSafe:
         yield last
 
     def _extra(self, req: _Request, content: str) -> dict:
+        refused_by = req.stats.refusal or self.bank.refusal_of(content)
         return {"tokens": list(req.constraints), "mode": req.mode, "prefix_positions": len(req.vectors),
-                "strictness": req.strictness, "refusal": self.bank.is_refusal(content)}
+                "strictness": req.strictness, "refusal": refused_by is not None, "refused_by": refused_by}
 
 
 class _StopFilter:
