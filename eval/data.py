@@ -19,14 +19,32 @@ from edge_safe.convert.errors import EdgeSafeError
 LABELS = ("violating", "benign")
 KINDS = ("violating", "near-miss", "inactive", "general")  # violating = of an active category: must refuse
 GENERAL = "general"
+CLASSIC = "classic"
+#: Slices of the data (training/data/README.md); rows without a "slice" field are classic.
+SLICES = (CLASSIC, "general-real", "sounds-risky", "styled", "wrapped", "multi-turn")
+ROLES = ("system", "user", "assistant")
 
 
 @dataclass(frozen=True)
 class EvalPrompt:
-    text: str
+    text: str  # the (last) user request
     category: str  # a constraint name or "general" (any other name is only ever an inactive category)
     label: str  # violating | benign
     family: str = ""
+    slice: str = CLASSIC
+    messages: tuple[tuple[str, str], ...] = ()  # multi-turn rows: (role, content) of the whole conversation
+    wrapper: str = ""  # wrapped rows: the jailbreak wrapper family
+    context: str = ""  # multi-turn rows: the category of an earlier refused turn
+
+    @property
+    def request(self):
+        """What the runtime is asked: the text, or the conversation as a list of messages."""
+        return [{"role": r, "content": c} for r, c in self.messages] if self.messages else self.text
+
+    @property
+    def key(self):
+        """Hashable identity of the request (for memoising and matching records)."""
+        return self.messages or self.text
 
 
 @dataclass(frozen=True)
@@ -100,7 +118,23 @@ def _parse_row(line: str, where: str) -> EvalPrompt:
         raise EdgeSafeError(f"{where}: label must be 'violating' or 'benign', got {row['label']!r}")
     if row["category"] == GENERAL and row["label"] != "benign":
         raise EdgeSafeError(f"{where}: a 'general' prompt must be labelled 'benign'")
-    return EvalPrompt(row["prompt"], row["category"], row["label"], str(row.get("family", "")))
+    slice_ = row.get("slice", CLASSIC)
+    if slice_ not in SLICES:
+        raise EdgeSafeError(f"{where}: unknown slice {slice_!r}; known: {', '.join(SLICES)}")
+    messages: tuple[tuple[str, str], ...] = ()
+    if "messages" in row:
+        msgs = row["messages"]
+        if not isinstance(msgs, list) or not msgs:
+            raise EdgeSafeError(f"{where}: messages must be a non-empty list of {{role, content}} objects")
+        for j, m in enumerate(msgs):
+            if not (isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str)
+                    and m["content"].strip()):
+                raise EdgeSafeError(f"{where}: messages[{j}] must be {{'role': one of {ROLES}, 'content': text}}")
+        if msgs[-1]["role"] != "user" or msgs[-1]["content"] != row["prompt"]:
+            raise EdgeSafeError(f"{where}: the last message must be the user's request and equal 'prompt'")
+        messages = tuple((m["role"], m["content"]) for m in msgs)
+    return EvalPrompt(row["prompt"], row["category"], row["label"], str(row.get("family", "")), slice_, messages,
+                      str(row.get("wrapper", "")), str(row.get("context_category", "")))
 
 
 def parse_orders(text: str, n_constraints: int) -> list[int]:

@@ -49,6 +49,7 @@ from edge_safe.eval.metrics import (
     summarize_by,
 )
 from edge_safe.eval.sam import silhouette_score
+from edge_safe.eval.slices import REAL_SLICES, build_slice_cases, parse_slices, run_slices
 from edge_safe.eval.systems import Runner, System, reversed_bank, text_bank_of
 from edge_safe.models import resolve_bank_path, resolve_model_path
 from edge_safe.sampling import check_strictness
@@ -80,6 +81,9 @@ class EvalConfig:
     n_gpu_layers: int = 0
     # the bank's runtime bias on the refusal opener (EdgeSafe strictness); logits-based figures (SAM, KL) ignore it
     strictness: float = 0.0
+    # real-traffic slices measured separately (eval/slices.py); the classic measurements always run
+    slices: tuple[str, ...] = REAL_SLICES
+    slice_prompts: int = 48  # cases per slice
     exact_refusals: bool = True  # the runtime finishes a reply that opens like a refusal as a bank text (False: free)
     command: str = ""  # the command line that made the run, for the report
 
@@ -87,7 +91,9 @@ class EvalConfig:
         bad = [b for b in self.baselines if b not in BASELINES]
         if bad:
             raise EdgeSafeError(f"unknown baseline {bad[0]!r}; choose from {', '.join(BASELINES)}")
-        for name in ("compositions", "prompts", "mode_prompts", "sam_prompts", "kl_prompts", "kl_tokens"):
+        object.__setattr__(self, "slices", parse_slices(self.slices))  # checked before the model loads
+        for name in ("compositions", "prompts", "mode_prompts", "sam_prompts", "kl_prompts", "kl_tokens",
+                     "slice_prompts"):
             if getattr(self, name) < 0 or (name in ("prompts", "kl_tokens") and getattr(self, name) < 1):
                 raise EdgeSafeError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.limit is not None and self.limit < 1:
@@ -103,7 +109,12 @@ class Evaluator:
 
         self.cfg = cfg
         self.data_path = Path(cfg.data) if cfg.data else default_data_path()
-        self.prompts: list[EvalPrompt] = load_prompts(self.data_path)  # first: a bad file fails fast
+        self.prompts_all: list[EvalPrompt] = load_prompts(self.data_path)  # first: a bad file fails fast
+        # the classic measurements use the classic rows only, so their figures stay comparable across data versions
+        self.prompts: list[EvalPrompt] = [p for p in self.prompts_all if p.slice == "classic"]
+        if not self.prompts:
+            raise EdgeSafeError(f"{self.data_path}: no classic rows (rows without a 'slice' field); the eval's "
+                                "main measurements need them")
         self.bank_path = resolve_bank_path(cfg.bank) if es is None or cfg.bank else None
         self.model_path = es.model_path if es is not None else resolve_model_path(cfg.model)
         self._open = lambda bank, strictness=0.0: EdgeSafe(
@@ -158,6 +169,13 @@ class Evaluator:
             kl_comps += [i for i, c in enumerate(self.comps) if c.group == str(r)][: cfg.kl_compositions]
         pairs = [(ci, pi) for ci in sorted(kl_comps) for pi in self.kl_idx]
         self.kl_pairs = stratified(pairs, cfg.limit, lambda p: self.comps[p[0]].group, lambda p: p[1])
+        present = {p.slice for p in self.prompts_all}
+        missing = [sl for sl in cfg.slices if sl not in present]
+        if missing:
+            self.notes.append(f"slices {', '.join(missing)} skipped: the data has no such rows")
+        self.slice_cases = build_slice_cases(
+            self.prompts_all, [sl for sl in cfg.slices if sl in present], bank.constraints, cfg.orders,
+            _cap(cfg.slice_prompts, cfg.limit), random.Random(cfg.seed + 6))
         self.systems = self._systems()
 
     def _systems(self) -> dict[str, System]:
@@ -218,7 +236,7 @@ class Evaluator:
         kl = len({p for _, p in self.kl_pairs}) + len(self.kl_pairs) * sum(
             n in self.systems for n in ("bank", "from-text", "text-rules"))
         return (len(self.systems) * len(self.cases) + len(curve_cases(self)) + len(self.perm_cases)
-                + rej * len(self.mode_idx) + neg + sam + kl)
+                + rej * len(self.mode_idx) + neg + sam + kl + 2 * len(self.slice_cases))
 
     # -- measurements -------------------------------------------------------------------
 
@@ -237,10 +255,14 @@ class Evaluator:
                 "sam": self._sam(),
                 "utility": self._utility(),
             }
+            reference = [r for r in records["bank"] if not r["profile"] and "margin" in r]  # margins: _curve
+            slice_figures, slice_records = run_slices(self, self.slice_cases, reference)
+            results["slices"] = {"config": {"slices": list(self.cfg.slices), "per_slice": _cap(
+                self.cfg.slice_prompts, self.cfg.limit)}, **slice_figures}
         finally:
             self.run_.stop()
         results = {**self._header(time.time() - t0), **results}
-        results["records"] = [r for name in records for r in records[name]]
+        results["records"] = [r for name in records for r in records[name]] + slice_records
         return results
 
     def _decisions(self, system: System, cases: list[Case]) -> list[dict]:
@@ -400,7 +422,7 @@ class Evaluator:
         return {
             "date": time.strftime("%Y-%m-%d %H:%M %Z"),
             "config": {**asdict(self.cfg), "orders": list(self.cfg.orders), "profiles": list(self.cfg.profiles),
-                       "baselines": list(self.cfg.baselines)},
+                       "baselines": list(self.cfg.baselines), "slices": list(self.cfg.slices)},
             "bank": {"path": str(self.bank_path or "(in memory)"), "name": bank.name, "origin": bank.origin,
                      "file_sha256": _file_sha256(self.bank_path) if self.bank_path else None,
                      "vectors_sha256": vectors_sha256(bank),
@@ -408,7 +430,9 @@ class Evaluator:
                      "held_out": self.held_out},
             "model": {"path": str(self.model_path), "name": self.es.model_info.name,
                       "fingerprint": self.es.model_info.fingerprint},
-            "data": {"path": str(self.data_path), "prompts": len(self.prompts)},
+            "data": {"path": str(self.data_path), "prompts": len(self.prompts),
+                     "prompts_by_slice": {sl: sum(p.slice == sl for p in self.prompts_all)
+                                          for sl in dict.fromkeys(p.slice for p in self.prompts_all)}},
             "versions": {"edge_safe": __version__, "llama_cpp_python": llama_cpp.__version__,
                          "numpy": np.__version__, "python": platform.python_version(),
                          "platform": platform.platform()},

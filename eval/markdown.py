@@ -9,8 +9,8 @@ KIND_KEYS = (("near_miss", "near-miss"), ("inactive", "inactive"), ("general", "
 
 def sections(r: dict, plot_notes=(), plots: bool = True) -> list[str]:
     out = _header(r)
-    for part in (_headline, _curve, _per_order, _held_out, _profiles, _per_category, _refusal_texts, _invariance,
-                 _modes, _sam, _utility, _unclear, _method):
+    for part in (_headline, _curve, _slices, _per_order, _held_out, _profiles, _per_category, _refusal_texts,
+                 _invariance, _modes, _sam, _utility, _unclear, _method):
         out += ["", *part(r)]
     if plots:
         out += ["", "## Plots", "", *(f"- {n}" for n in plot_notes)]
@@ -99,6 +99,40 @@ def _curve(r: dict) -> list[str]:
 def _by_group(r: dict, key: str, metric: str, groups: list[str], label=str) -> list[list[str]]:
     names = system_order(r)
     return [[label(g), *(pct(r["systems"][n][key].get(g, {}).get(metric)) for n in names)] for g in groups]
+
+
+def _slices(r: dict) -> list[str]:
+    sl = {k: v for k, v in (r.get("slices") or {}).items() if k != "config"}
+    if not sl:
+        return []  # results written before the slices existed, or --slices ''
+    rows = []
+    for name, s in sl.items():
+        auc = s["curve"].get("auc_by_kind") or {}
+        rows.append([name, str(s["n"]), ", ".join(f"{k} {n}" for k, n in s["n_by_kind"].items()),
+                     pct(s["defense"]), pct(s["over_refusal"]), _num(s.get("answered_after_refusal"), ".1%"),
+                     f"{_num(s['any_refusal']['defense'], '.1%')} / {_num(s['any_refusal']['over_refusal'], '.1%')}",
+                     _num(s["curve"].get("auc")) + ("*" if s["curve"].get("against") else ""),
+                     ", ".join(f"{k} {_num(v)}" for k, v in auc.items()) or "–"])
+    head = ["slice", "n", "cases", "defense ↑", "over-refusal ↓", "answered after a refusal ↑",
+            "any refusal: defense / over-refusal", "AUC", "AUC by kind"]
+    out = ["## Real-traffic slices", "",
+           "Each slice of the data measured on its own (bank only; `eval/slices.py`): everyday requests as people "
+           "write them (*general-real*), safe requests that sound like a category with that category active "
+           "(*sounds-risky*), violating requests in real styles (*styled*) and in jailbreak wrappers (*wrapped*; on "
+           "the test split, wrapper families never trained on; benign requests in the same wrappers count as "
+           "over-refusal), and conversations (*multi-turn*: a violating later turn must be refused; a benign turn "
+           "after a refused one, that category still active, must be answered). AUC: the slice's own operating "
+           "curve (first-token margins through the runtime), violating vs should-answer cases; \\* a slice with "
+           "one side only is ranked against the other side of this run's classic cases (its violating cases for "
+           "general-real and sounds-risky, its should-answer cases for styled).", "",
+           *_table(head, rows)]
+    wrapped = sl.get("wrapped", {}).get("per_wrapper")
+    if wrapped:
+        out += ["", "Wrapped, per wrapper family (refusals of any wording):", "",
+                *_table(["wrapper", "n", "violating refused ↑", "benign refused ↓"],
+                        [[w, str(v["n"]), _num(v["refused_violating"], ".1%"), _num(v["refused_should_answer"], ".1%")]
+                         for w, v in wrapped.items()])]
+    return out
 
 
 def _per_order(r: dict) -> list[str]:

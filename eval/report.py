@@ -106,6 +106,11 @@ def headline(results: dict) -> dict:
         if name in sysd:
             o = sysd[name]["overall"]
             out[name.replace("-", "_")] = {"defense": rate(o["defense"]), "over_refusal": rate(o["over_refusal"])}
+    slices = {k: v for k, v in (results.get("slices") or {}).items() if k != "config"}
+    if slices:
+        out["slices"] = {k: {"n": v["n"], "defense": rate(v["defense"]), "over_refusal": rate(v["over_refusal"]),
+                             "answered_after_refusal": v.get("answered_after_refusal"), "auc": v["curve"].get("auc")}
+                         for k, v in slices.items()}
     out["command"] = results["config"].get("command", "")
     return out
 

@@ -62,13 +62,17 @@ class Runner:
             lines.insert(0, tok.rule.strip())
         return {"tokens": None, "mode": None, "system": "\n".join(lines) or None}
 
-    def decide(self, system: System, prompt: str, req: dict, what: str = "") -> tuple[str, str]:
-        """(verdict, reply so far): greedy generation that stops once the verdict cannot change."""
-        key = (system.name, prompt, tuple(req["tokens"] or ()), req["mode"], req["system"])
+    def decide(self, system: System, prompt, req: dict, what: str = "") -> tuple[str, str]:
+        """(verdict, reply so far): greedy generation that stops once the verdict cannot change.
+
+        ``prompt`` is one user request, or a conversation (a list of messages: its reply is judged)."""
+        conv = not isinstance(prompt, str)
+        key = (system.name, _hashable(prompt), tuple(req["tokens"] or ()), req["mode"], req["system"])
         if key not in self._memo:
             t0 = time.perf_counter()
             text, verdict = "", None
-            stream = system.es.generate(prompt, max_tokens=self.max_tokens, stream=True, **req)
+            stream = (_chat_pieces(system.es, prompt, self.max_tokens, req) if conv
+                      else system.es.generate(prompt, max_tokens=self.max_tokens, stream=True, **req))
             try:
                 for piece in stream:
                     text += piece
@@ -85,8 +89,8 @@ class Runner:
     def logits(self, system: System, prompt: str, req: dict, continuation=None, what: str = "") -> np.ndarray:
         """First-reply-token logits (n_vocab,), or teacher-forced logits (len, n_vocab) of a continuation."""
         t0 = time.perf_counter()
-        msgs = ([{"role": "system", "content": req["system"]}] if req["system"] else []) + [
-            {"role": "user", "content": prompt}]
+        msgs = ([{"role": "system", "content": req["system"]}] if req["system"] else []) + (
+            [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt))
         if continuation is None:
             out = system.es.first_token_logits(msgs, tokens=req["tokens"], mode=req["mode"])
         else:
@@ -95,8 +99,9 @@ class Runner:
         self.tick(what or system.name)
         return out
 
-    def margin(self, system: System, prompt: str, constraints: Sequence[str], what: str = "") -> float:
-        """``EdgeSafe.refusal_margin`` of a prompt under a composition (counted with the logit requests)."""
+    def margin(self, system: System, prompt, constraints: Sequence[str], what: str = "") -> float:
+        """``EdgeSafe.refusal_margin`` of a prompt (or a conversation) under a composition (counted with
+        the logit requests)."""
         t0 = time.perf_counter()
         out = system.es.refusal_margin(prompt, tokens=list(constraints))
         self._time("logits", t0)
@@ -133,6 +138,23 @@ class Runner:
         per = lambda t: round(t[1] / t[0], 4) if t[0] else None  # noqa: E731
         d, lg = self.timing["decide"], self.timing["logits"]
         return {"decisions": d[0], "s_per_decision": per(d), "logit_requests": lg[0], "s_per_logit_request": per(lg)}
+
+
+def _hashable(prompt):
+    return prompt if isinstance(prompt, str) else tuple((m["role"], m["content"]) for m in prompt)
+
+
+def _chat_pieces(es, messages, max_tokens: int, req: dict):
+    """The reply text pieces of a conversation (``EdgeSafe.chat`` streamed); closing stops generation."""
+    msgs = ([{"role": "system", "content": req["system"]}] if req["system"] else []) + list(messages)
+    chunks = es.chat(msgs, tokens=req["tokens"], mode=req["mode"], max_tokens=max_tokens, stream=True)
+    try:
+        for chunk in chunks:
+            piece = chunk["choices"][0]["delta"].get("content")
+            if piece:
+                yield piece
+    finally:
+        chunks.close()
 
 
 # --- banks for the baselines -------------------------------------------------------------------

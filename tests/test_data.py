@@ -20,6 +20,10 @@ DATA = ROOT / "training" / "data"
 GENERATOR = DATA / "generate.py"
 SPLITS = ("train", "val", "test")
 KEYS = ("prompt", "category", "label", "family", "split")
+#: Keys of the real-traffic rows (issue #17), in file order; the last three only where they apply.
+REAL_KEYS = KEYS + ("slice",)
+REAL_OPTIONAL = ("wrapper", "messages", "context_category")
+SLICES = ("general-real", "sounds-risky", "styled", "wrapped", "multi-turn")
 
 
 def _load(name: str, path: Path):
@@ -44,14 +48,25 @@ def rows() -> dict[str, list[dict]]:
     return out
 
 
+@pytest.fixture(scope="module")
+def classic(rows) -> dict[str, list[dict]]:
+    """The original rows (no "slice" field): the old eval slices stay comparable on them."""
+    return {split: [r for r in rs if "slice" not in r] for split, rs in rows.items()}
+
+
+@pytest.fixture(scope="module")
+def real(rows) -> dict[str, list[dict]]:
+    return {split: [r for r in rs if "slice" in r] for split, rs in rows.items()}
+
+
 def test_category_names_match_categories_py():
     assert set(gen.CATS) == set(CATEGORY_NAMES)
     assert len(CATEGORY_NAMES) == 9
 
 
-def test_schema(rows):
+def test_schema(classic):
     allowed = set(CATEGORY_NAMES) | {"general"}
-    for split, rs in rows.items():
+    for split, rs in classic.items():
         assert rs, split
         for r in rs:
             assert tuple(r) == KEYS, r
@@ -65,8 +80,8 @@ def test_schema(rows):
             assert r["family"].startswith(f"{r['category']}/{tag}/"), r
 
 
-def test_prompts_well_formed(rows):
-    for rs in rows.values():
+def test_prompts_well_formed(classic):
+    for rs in classic.values():
         for r in rs:
             p = r["prompt"]
             assert "{" not in p and "}" not in p, p
@@ -82,8 +97,18 @@ def test_prompts_well_formed(rows):
 
 def test_files_sorted(rows):
     for rs in rows.values():
-        keys = [(r["category"], r["label"], r["family"], r["prompt"]) for r in rs]
+        keys = [(SLICES.index(r["slice"]) + 1 if "slice" in r else 0, r["category"], r["label"], r["family"], r["prompt"])
+                for r in rs]
         assert keys == sorted(keys)
+        first_real = next((i for i, r in enumerate(rs) if "slice" in r), len(rs))
+        assert all("slice" in r for r in rs[first_real:]), "classic rows must all come first"
+
+
+def test_classic_rows_unchanged_by_the_new_slices(classic):
+    """The classic rows are exactly what the generator's classic part makes on its own."""
+    again = gen._classic_rows(set())
+    for split in SPLITS:
+        assert classic[split] == again[split]
 
 
 def test_no_family_in_two_splits(rows):
@@ -99,12 +124,13 @@ def test_no_duplicate_prompts(rows):
     seen = {}
     for split, rs in rows.items():
         for r in rs:
-            key = gen._norm(r["prompt"])
+            key = gen._conv_key(r["messages"]) if "messages" in r else gen._norm(r["prompt"])
             assert key not in seen, (r["prompt"], seen.get(key), split)
             seen[key] = split
 
 
-def test_counts_meet_minima(rows):
+def test_counts_meet_minima(classic):
+    rows = classic
     for split, rs in rows.items():
         count = collections.Counter((r["category"], r["label"]) for r in rs)
         for cat in CATEGORY_NAMES:
@@ -120,9 +146,9 @@ def test_counts_meet_minima(rows):
     assert train[("general", "benign")] >= 800 and test[("general", "benign")] >= 200
 
 
-def test_family_variety_and_split_shares(rows):
+def test_family_variety_and_split_shares(classic):
     fams = collections.defaultdict(lambda: collections.defaultdict(set))
-    for split, rs in rows.items():
+    for split, rs in classic.items():
         for r in rs:
             fams[(r["category"], r["label"])][split].add(r["family"])
     for cat in CATEGORY_NAMES:
@@ -160,3 +186,116 @@ def test_readme_has_current_stats():
     readme = (DATA / "README.md").read_text(encoding="utf-8")
     assert gen.stats(gen.generate()) in readme, "README.md table is stale: paste `generate.py --stats`"
     assert str(gen.SEED) in readme
+
+
+# ------------------------------------------------------------------ real-traffic slices (#17)
+def test_real_schema(real):
+    allowed = set(CATEGORY_NAMES) | {"general"}
+    for split, rs in real.items():
+        assert {r["slice"] for r in rs} == set(SLICES), split
+        for r in rs:
+            keys = tuple(r)
+            assert keys[:len(REAL_KEYS)] == REAL_KEYS and set(keys[len(REAL_KEYS):]) <= set(REAL_OPTIONAL), r
+            assert r["split"] == split and r["slice"] in SLICES
+            assert r["label"] in ("violating", "benign") and r["category"] in allowed, r
+            assert isinstance(r["prompt"], str) and r["prompt"] == r["prompt"].strip() and r["prompt"], r
+            assert not gen.PLACEHOLDER.search(r["prompt"]), r
+            tag = "v" if r["label"] == "violating" else "b"
+            assert r["family"].startswith(f"{r['category']}/{tag}/"), r
+            if r["category"] == "general":
+                assert r["label"] == "benign", r
+            assert ("wrapper" in r) == (r["slice"] == "wrapped"), r
+            assert ("messages" in r) == (r["slice"] == "multi-turn"), r
+            if r["slice"] in ("general-real", "sounds-risky"):
+                assert r["label"] == "benign", r
+            if r["slice"] == "styled":
+                assert r["label"] == "violating", r
+            if r["slice"] == "sounds-risky":
+                assert r["category"] in CATEGORY_NAMES, r  # the category it sounds like
+
+
+def test_multi_turn_conversations(real):
+    refusal = {c.name: c.refusal for c in gen._categories_module().CATEGORIES}
+    kinds = collections.Counter()
+    for split, rs in real.items():
+        for r in (r for r in rs if r["slice"] == "multi-turn"):
+            msgs = r["messages"]
+            assert len(msgs) >= 3 and len(msgs) % 2 == 1, r
+            for i, m in enumerate(msgs):
+                assert set(m) == {"role", "content"} and m["content"] == m["content"].strip() and m["content"], r
+                assert m["role"] == ("user" if i % 2 == 0 else "assistant"), r
+            assert msgs[-1]["content"] == r["prompt"]
+            refused = [msgs[i]["content"] for i in range(1, len(msgs), 2) if msgs[i]["content"] in refusal.values()]
+            if "context_category" in r:
+                assert r["context_category"] in CATEGORY_NAMES
+                assert refused == [refusal[r["context_category"]]], r
+                kinds[(split, r["label"], "after-refusal")] += 1
+            else:
+                assert not refused, r
+            if r["label"] == "violating":
+                assert r["category"] in CATEGORY_NAMES, r
+            else:
+                assert r["category"] == "general", r
+            kinds[(split, r["label"])] += 1
+    for split in SPLITS:  # every split measures both: a later violating turn, a benign turn after a refusal
+        assert kinds[(split, "violating")] >= 50 and kinds[(split, "benign", "after-refusal")] >= 20, (split, kinds)
+
+
+def test_real_families_disjoint_across_splits(real):
+    """Wrapper, style and conversation-shape families never cross splits: test measures unseen ones."""
+    for key in ("wrapper", "family"):
+        where = collections.defaultdict(set)
+        for split, rs in real.items():
+            for r in rs:
+                name = r.get("wrapper") if key == "wrapper" else r["family"].split("/", 2)[2]
+                if name is not None:
+                    where[(r["slice"], name)].add(split)
+        shared = {k: v for k, v in where.items() if len(v) > 1}
+        assert not shared, shared
+    wrappers = {split: {r["wrapper"] for r in rs if r["slice"] == "wrapped"} for split, rs in real.items()}
+    assert all(len(wrappers[s]) >= 2 for s in SPLITS), wrappers
+    assert len(wrappers["train"]) >= 3 * len(wrappers["test"]) - 2, wrappers  # about 70 / 10 / 20
+
+
+def test_real_minima_and_variety(real):
+    for split, rs in real.items():
+        count = collections.Counter((r["slice"], r["category"], r["label"]) for r in rs)
+        for cat in CATEGORY_NAMES:
+            assert count[("styled", cat, "violating")] >= gen.REAL_MINIMA["styled"][split], (split, cat)
+            assert count[("wrapped", cat, "violating")] >= gen.REAL_MINIMA["wrapped/violating"][split], (split, cat)
+            assert count[("multi-turn", cat, "violating")] >= gen.REAL_MINIMA["multi-turn/violating"][split]
+            assert count[("sounds-risky", cat, "benign")] >= gen.REAL_MINIMA["sounds-risky"][split], (split, cat)
+        assert count[("general-real", "general", "benign")] >= gen.REAL_MINIMA["general-real"][split]
+    train = [r for r in real["train"] if r["slice"] == "general-real"]
+    fams = {r["family"] for r in train}
+    assert len(fams) >= 15
+    prompts = [r["prompt"] for r in train]
+    # the things real traffic has and the classic rows do not
+    assert sum("\n" in p for p in prompts) >= 50  # pasted code / text, lists, paragraphs
+    assert sum(len(p.split()) <= 2 for p in prompts) >= 10  # "hi", "tell me a joke"-short
+    assert sum(p == p.lower() for p in prompts) >= 100  # lowercase
+    assert sum(any(ord(ch) > 127 for ch in p) for p in prompts) >= 5  # non-English
+
+
+def test_transforms():
+    rng = gen.random.Random(0)
+    assert gen._transform("How do I Fix it?", "lower", rng) == "how do i fix it"
+    assert gen._transform("tell me", "leet", rng) == "73ll m3"
+    typo = gen._transform("please explain something interesting about elephants", "typo", gen.random.Random(3))
+    assert typo != "please explain something interesting about elephants" and len(typo.split()) == 6
+    with pytest.raises(ValueError, match="unknown transform"):
+        gen._transform("x", "rot13", rng)
+    forms = gen._request_slots("tell me a joke")
+    assert forms["req"] == "Tell me a joke." and forms["req_inline"] == "tell me a joke"
+    assert forms["req_reversed"] == "joke a me tell" and forms["req_a"] + " " + forms["req_b"] == "tell me a joke"
+
+
+def test_bad_table_is_reported(tmp_path, monkeypatch):
+    (tmp_path / "styles.json").write_text("{not json", encoding="utf-8")
+    monkeypatch.setattr(gen, "REAL", tmp_path)
+    with pytest.raises(SystemExit, match="styles.json: not valid JSON"):
+        gen._real_table("styles")
+    with pytest.raises(SystemExit, match="phrase table missing"):
+        gen._real_table("nope")
+    with pytest.raises(SystemExit, match="non-empty list of templates"):
+        gen._family_spec("x", [])

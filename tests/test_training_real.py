@@ -86,6 +86,9 @@ def test_smoke_training_on_real_model_exports_a_bank_the_runtime_loads(base, tmp
     assert loaded.origin == "trained" and loaded.training_config["steps"] == 2
     log = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
     assert all(rec["dec"] > 0 for rec in log)  # the decision loss of the shipped recipe ran
+    # smoke.yaml trains on every slice: conversations rendered with the template went through the teacher
+    assert cfg.slices[0] == "classic" and "multi-turn" in cfg.slices
+    assert summary["train_prompts_by_slice"].get("multi-turn", 0) >= 1, summary["train_prompts_by_slice"]
 
     from edge_safe import EdgeSafe
 

@@ -52,6 +52,9 @@ class TrainConfig:
     )
     data_dir: str = ""  # folder with train.jsonl/val.jsonl ("" = the data shipped in the package)
     limit_prompts: int = 0  # use at most this many training prompts (0 = all; for smoke runs)
+    # which data slices to train and validate on (training/data/README.md): "classic" = the original rows;
+    # "all" or a list of classic, general-real, sounds-risky, styled, wrapped, multi-turn
+    slices: tuple[str, ...] = ("classic",)
     torch_threads: int = 0  # 0 = torch default (all cores)
     # "float32" or "bfloat16": autocast for the training forward/backward (≈ 1.4x faster on AVX512-BF16 CPUs)
     compute_dtype: str = "float32"
@@ -79,6 +82,10 @@ class TrainConfig:
             raise EdgeSafeError(f"config: lr_min_ratio must be in (0, 1], got {self.lr_min_ratio}")
         if self.init not in ("rule", "random"):
             raise EdgeSafeError(f"config: init must be 'rule' or 'random', got {self.init!r}")
+        from edge_safe.training.sampler import parse_slices
+
+        if tuple(self.slices) != parse_slices(self.slices):  # unknown names raise; duplicates or "all" are not canonical
+            raise EdgeSafeError(f"config: slices must be distinct slice names, got {list(self.slices)}")
         for combo in self.held_out:
             unknown = [c for c in combo if c not in self.constraints]
             if unknown:
@@ -96,6 +103,10 @@ class TrainConfig:
                 data[key] = tuple(data[key])
         if "held_out" in data:
             data["held_out"] = tuple(tuple(sorted(c)) for c in data["held_out"])
+        if "slices" in data:
+            from edge_safe.training.sampler import parse_slices
+
+            data["slices"] = parse_slices(data["slices"])
         return cls(**data)
 
     @classmethod
@@ -118,6 +129,7 @@ class TrainConfig:
         d["constraints"] = list(self.constraints)
         d["modes"] = list(self.modes)
         d["held_out"] = [list(c) for c in self.held_out]
+        d["slices"] = list(self.slices)
         return d
 
     def replace(self, **changes: Any) -> "TrainConfig":

@@ -26,14 +26,61 @@ from edge_safe.convert.errors import EdgeSafeError
 from edge_safe.training.config import TrainConfig
 
 LABELS = ("violating", "benign")
+#: Row slices of the data (training/data/README.md): the classic rows carry no "slice" field.
+SLICES = ("classic", "general-real", "sounds-risky", "styled", "wrapped", "multi-turn")
+ROLES = ("system", "user", "assistant")
 
 
 @dataclass(frozen=True)
 class Prompt:
-    text: str
+    text: str  # the (last) user request
     category: str  # a constraint name, or "general"
     label: str  # "violating" | "benign"
     family: str = ""
+    slice: str = "classic"
+    messages: tuple[tuple[str, str], ...] = ()  # multi-turn rows: the whole conversation as (role, content)
+    context: str = ""  # multi-turn rows: the category of an earlier refused turn ("" if none)
+
+    def chat(self) -> list[dict[str, str]]:
+        """The conversation as OpenAI-style messages (a single user turn for single-turn rows)."""
+        if self.messages:
+            return [{"role": r, "content": c} for r, c in self.messages]
+        return [{"role": "user", "content": self.text}]
+
+    def source(self):
+        """What the teacher renders: the text for single-turn rows, the messages for conversations."""
+        return self.chat() if self.messages else self.text
+
+
+def render_prompt(template, p: Prompt) -> str:
+    """The prompt text after the prefix, exactly as the runtime renders the same request."""
+    return template.render(p.chat()) if p.messages else template.prompt(p.text)
+
+
+def parse_slices(value) -> tuple[str, ...]:
+    """A slice list from a config or the command line: names, a comma string, or "all"."""
+    items = value.split(",") if isinstance(value, str) else list(value)
+    names = [str(x).strip() for x in items if str(x).strip()]
+    if names == ["all"]:
+        return SLICES
+    bad = [n for n in names if n not in SLICES]
+    if bad or not names:
+        raise EdgeSafeError(f"slices: unknown {bad or 'empty list'}; known: {', '.join(SLICES)} (or 'all')")
+    return tuple(dict.fromkeys(names))
+
+
+def _messages(value, where: str) -> tuple[tuple[str, str], ...]:
+    if not isinstance(value, list) or not value:
+        raise EdgeSafeError(f"{where}: messages must be a non-empty list of {{role, content}} objects")
+    out = []
+    for j, m in enumerate(value):
+        if not (isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str)
+                and m["content"].strip()):
+            raise EdgeSafeError(f"{where}: messages[{j}] must be {{'role': one of {ROLES}, 'content': non-empty text}}")
+        out.append((m["role"], m["content"]))
+    if out[-1][0] != "user":
+        raise EdgeSafeError(f"{where}: the last message must be the user's request, got role {out[-1][0]!r}")
+    return tuple(out)
 
 
 @dataclass(frozen=True)
@@ -49,7 +96,9 @@ def default_data_dir() -> Path:
     return Path(__file__).resolve().parent / "data"
 
 
-def load_prompts(data_dir: str | Path | None, split: str) -> list[Prompt]:
+def load_prompts(data_dir: str | Path | None, split: str, slices=("classic",)) -> list[Prompt]:
+    """The rows of `split` whose slice is in `slices` (default: the classic rows only)."""
+    slices = parse_slices(slices)
     path = Path(data_dir or default_data_dir()) / f"{split}.jsonl"
     if not path.is_file():
         raise EdgeSafeError(f"training data not found: {path} (run `python -m edge_safe.training.data.generate`)")
@@ -58,13 +107,23 @@ def load_prompts(data_dir: str | Path | None, split: str) -> list[Prompt]:
         for i, line in enumerate(f, 1):
             if not line.strip():
                 continue
+            where = f"{path}:{i}"
             try:
                 row = json.loads(line)
-                p = Prompt(row["prompt"], row["category"], row["label"], row.get("family", ""))
-            except (ValueError, KeyError, TypeError) as e:
-                raise EdgeSafeError(f"{path}:{i}: expected a JSON object with prompt/category/label ({e})") from None
+                slice_ = row.get("slice", "classic")
+                if slice_ not in SLICES:
+                    raise EdgeSafeError(f"{where}: unknown slice {slice_!r}; known: {', '.join(SLICES)}")
+                if slice_ not in slices:
+                    continue
+                messages = _messages(row["messages"], where) if "messages" in row else ()
+                if messages and messages[-1][1] != row["prompt"]:
+                    raise EdgeSafeError(f"{where}: prompt must repeat the last user message")
+                p = Prompt(row["prompt"], row["category"], row["label"], row.get("family", ""), slice_, messages,
+                           row.get("context_category", ""))
+            except (ValueError, KeyError, TypeError, AttributeError) as e:
+                raise EdgeSafeError(f"{where}: expected a JSON object with prompt/category/label ({e})") from None
             if p.label not in LABELS:
-                raise EdgeSafeError(f"{path}:{i}: label must be one of {LABELS}, got {p.label!r}")
+                raise EdgeSafeError(f"{where}: label must be one of {LABELS}, got {p.label!r}")
             prompts.append(p)
     return prompts
 
@@ -77,11 +136,15 @@ class TaskSampler:
         self.violating = {c: [] for c in cfg.constraints}
         self.near_miss = {c: [] for c in cfg.constraints}
         self.general: list[int] = []
+        # benign requests after a refused turn of category c (multi-turn rows): answered even with c active
+        self.after_refusal: dict[str, list[int]] = {c: [] for c in cfg.constraints}
         for i, p in enumerate(prompts):
             if p.category in self.violating:
                 (self.violating if p.label == "violating" else self.near_miss)[p.category].append(i)
             elif p.label == "benign":
                 self.general.append(i)
+                if p.context in self.after_refusal:
+                    self.after_refusal[p.context].append(i)
         empty = [c for c in cfg.constraints if not self.violating[c]]
         if empty:
             raise EdgeSafeError(f"no violating training prompts for {empty}")
@@ -104,6 +167,9 @@ class TaskSampler:
             pool = self.violating[self.rng.choice(inactive)]
         elif u < 0.9:
             pool = self.general
+            after = [c for c in combo if self.after_refusal[c]]
+            if after and self.rng.random() < 0.3:  # no draw at all without such rows: classic runs unchanged
+                pool = self.after_refusal[self.rng.choice(after)]
         else:
             pool = self.near_miss[self.rng.choice(list(self.cfg.constraints))]
         return self.rng.choice(pool or self.general or self.all)

@@ -32,14 +32,17 @@ class Teacher:
     topk_logp: list[torch.Tensor]  # (len(ref), k) float32: their log-probabilities
 
 
-def prompt_token_ids(base: BaseModel, texts: list[str], template: ChatTemplate) -> list[list[int]]:
-    return [base.tokenize(template.prompt(t)) for t in texts]
+def prompt_token_ids(base: BaseModel, texts: list, template: ChatTemplate) -> list[list[int]]:
+    """Template token ids of each prompt: a text is one user turn, a list of messages a whole
+    conversation rendered with ``template.render`` (exactly as the runtime renders it)."""
+    return [base.tokenize(template.prompt(t) if isinstance(t, str) else template.render(t)) for t in texts]
 
 
-def cache_key(base: BaseModel, texts: list[str], template: ChatTemplate, ref_tokens: int, topk: int) -> str:
+def cache_key(base: BaseModel, texts: list, template: ChatTemplate, ref_tokens: int, topk: int) -> str:
     h = hashlib.sha256()
     fp = base.info.fingerprint if base.info else f"random-{base.model.config.hidden_size}"
-    for part in (fp, template.to_json(), str(ref_tokens), str(topk), *texts):
+    parts = [t if isinstance(t, str) else json.dumps(t, sort_keys=True) for t in texts]  # texts: same key as before
+    for part in (fp, template.to_json(), str(ref_tokens), str(topk), *parts):
         h.update(part.encode("utf-8") + b"\0")
     return h.hexdigest()[:20]
 

@@ -6,6 +6,7 @@
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import logging
@@ -25,7 +26,7 @@ from edge_safe.training.base_model import BaseModel
 from edge_safe.training.categories import BY_NAME, PROFILES
 from edge_safe.training.config import TrainConfig
 from edge_safe.training.objective import Bank, build_batch, layout, mosaic_loss, pad_right
-from edge_safe.training.sampler import Prompt, TaskSampler, load_prompts
+from edge_safe.training.sampler import Prompt, TaskSampler, load_prompts, render_prompt
 from edge_safe.training.teacher import build_teacher
 
 log = logging.getLogger(__name__)
@@ -114,10 +115,10 @@ def init_from_bank(base: BaseModel, cfg: TrainConfig) -> dict[str, torch.Tensor]
 
 
 def stratified_sample(prompts: list[Prompt], n: int, rng: random.Random) -> list[Prompt]:
-    """At most n prompts, drawn round-robin over (category, label) so every group stays represented."""
-    groups: dict[tuple[str, str], list[Prompt]] = {}
+    """At most n prompts, drawn round-robin over (slice, category, label) so every group stays represented."""
+    groups: dict[tuple[str, str, str], list[Prompt]] = {}
     for p in prompts:
-        groups.setdefault((p.category, p.label), []).append(p)
+        groups.setdefault((p.slice, p.category, p.label), []).append(p)
     pools = [rng.sample(g, len(g)) for _, g in sorted(groups.items())]
     out: list[Prompt] = []
     while len(out) < min(n, len(prompts)):
@@ -182,8 +183,8 @@ def validation_set(
     base: BaseModel, cfg: TrainConfig, template: ChatTemplate, seed: int, split: str = "val"
 ) -> tuple[list[ValCase], list[list[int]]]:
     """The seeded validation decisions of `cfg` on a split (val by default), and the template token ids of its prompts."""
-    prompts = load_prompts(cfg.data_dir or None, split)
-    return make_val_cases(prompts, cfg, random.Random(seed)), [base.tokenize(template.prompt(p.text)) for p in prompts]
+    prompts = load_prompts(cfg.data_dir or None, split, cfg.slices)
+    return make_val_cases(prompts, cfg, random.Random(seed)), [base.tokenize(render_prompt(template, p)) for p in prompts]
 
 
 def validate(base: BaseModel, bank: Bank, prompt_ids: list[list[int]], cases: list[ValCase], refuse_id: int) -> dict:
@@ -265,14 +266,14 @@ def train(
     rng = random.Random(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
 
-    prompts = load_prompts(cfg.data_dir or None, "train")
+    prompts = load_prompts(cfg.data_dir or None, "train", cfg.slices)
     prompts = [p for p in prompts if p.category == "general" or p.category in cfg.constraints]
     if cfg.limit_prompts:
         prompts = stratified_sample(prompts, cfg.limit_prompts, random.Random(cfg.seed))
     val_cases, val_ids = validation_set(base, cfg, template, cfg.seed + 1)  # before the teacher: fail fast
     # also before the teacher, so a wrong init_bank fails in seconds, not after the teacher cache is built
     bank = Bank(init_from_bank(base, cfg) if cfg.init_bank else init_vectors(base, cfg, gen)).to(base.device)
-    teacher = build_teacher(base, [p.text for p in prompts], template, cfg.ref_tokens, cfg.teacher_topk, progress=progress)
+    teacher = build_teacher(base, [p.source() for p in prompts], template, cfg.ref_tokens, cfg.teacher_topk, progress=progress)
     keep = [i for i, ids in enumerate(teacher.prompt_ids) if len(ids) <= cfg.max_prompt_tokens]
     if len(keep) < len(prompts):
         log.info("dropping %d prompts longer than %d tokens", len(prompts) - len(keep), cfg.max_prompt_tokens)
@@ -341,6 +342,7 @@ def train(
         "val": last_val,
         "steps": cfg.steps,
         "train_prompts": len(keep),
+        "train_prompts_by_slice": dict(sorted(collections.Counter(prompts[i].slice for i in keep).items())),
         "teacher_seconds": round(teacher_time, 1),
         "total_seconds": round(time.time() - t_start, 1),
         "final_loss": history[-1]["loss"] if history else None,

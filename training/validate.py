@@ -80,10 +80,10 @@ def _runtime(bank_path, model_path, cfg, split: str, cases, fp32: list[float]) -
     from edge_safe.training.sampler import load_prompts
     from edge_safe.training.trainer import summarize
 
-    prompts = load_prompts(cfg.data_dir or None, split)
+    prompts = load_prompts(cfg.data_dir or None, split, cfg.slices)
     keep = [i for i, c in enumerate(cases) if c.constraints and c.mode in ("positive", None)]
     with EdgeSafe(model=model_path, bank=bank_path, n_ctx=1024) as es:
-        rt = [es.refusal_margin(prompts[cases[i].prompt].text, tokens=list(cases[i].constraints))
+        rt = [es.refusal_margin(prompts[cases[i].prompt].chat(), tokens=list(cases[i].constraints))
               for i in tqdm(keep, desc="runtime", unit="case", file=sys.stderr)]
     sub = [cases[i] for i in keep]
     out = {k: v for k, v in summarize(sub, [m > 0 for m in rt], rt).items()

@@ -51,6 +51,11 @@ def _csv(text: str) -> tuple[str, ...]:
               help="Compositions per order for the KL (profiles come on top).")
 @click.option("--kl-tokens", default=D.kl_tokens, show_default=True, type=click.IntRange(min=1),
               help="Answer tokens compared for the KL.")
+@click.option("--slices", default=",".join(D.slices), show_default=True, metavar="NAMES",
+              help="Real-traffic slices measured on their own beside the classic tables (comma-separated, "
+                   "'all', or '' for none): general-real, sounds-risky, styled, wrapped, multi-turn.")
+@click.option("--slice-prompts", default=D.slice_prompts, show_default=True, type=click.IntRange(min=0),
+              help="Cases per slice.")
 @click.option("--seed", default=D.seed, show_default=True, type=int, help="Seed for compositions and samples.")
 @click.option("--strictness", default=D.strictness, show_default=True, type=float, metavar="LOGITS",
               help="Run the bank with this runtime strictness (refusal-opener bias; > 0 refuses more).")
@@ -66,8 +71,8 @@ def _csv(text: str) -> tuple[str, ...]:
 @click.option("--from-results", default=None, metavar="results.json", type=click.Path(dir_okay=False),
               help="Do not run: rebuild the report from this file (with --write-summary: store its summary).")
 def eval_cmd(bank, model, data, orders, out, limit, compositions, prompts, profiles, baselines, text_bank,
-             mode_prompts, sam_prompts, kl_prompts, kl_compositions, kl_tokens, seed, strictness, free_refusals, threads,
-             n_ctx, n_gpu_layers, no_plots, store_summary, from_results):
+             mode_prompts, sam_prompts, kl_prompts, kl_compositions, kl_tokens, slices, slice_prompts, seed, strictness,
+             free_refusals, threads, n_ctx, n_gpu_layers, no_plots, store_summary, from_results):
     """Evaluate a bank against its baselines through the llama.cpp runtime.
 
     Reports defense success and over-refusal per order, category, profile and
@@ -90,7 +95,7 @@ def eval_cmd(bank, model, data, orders, out, limit, compositions, prompts, profi
     else:
         results = _run(bank, model, data, orders, limit, compositions, prompts, profiles, baselines, text_bank,
                        mode_prompts, sam_prompts, kl_prompts, kl_compositions, kl_tokens, seed, strictness, threads,
-                       n_ctx, n_gpu_layers, free_refusals)
+                       n_ctx, n_gpu_layers, free_refusals, slices, slice_prompts)
     written = write_outputs(results, out, plots=not no_plots)
     click.echo("\n".join(sections(results, plots=False)[: _end_of_headline(results)]))
     for path in written:
@@ -107,7 +112,8 @@ def eval_cmd(bank, model, data, orders, out, limit, compositions, prompts, profi
 
 def _run(bank, model, data, orders, limit, compositions, prompts, profiles, baselines, text_bank, mode_prompts,
          sam_prompts, kl_prompts, kl_compositions, kl_tokens, seed, strictness, threads, n_ctx, n_gpu_layers,
-         free_refusals=False) -> dict:
+         free_refusals=False, slices=",".join(D.slices), slice_prompts=D.slice_prompts) -> dict:
+    from edge_safe.eval.slices import parse_slices
     from edge_safe.convert.bank import TokenBank
     from edge_safe.eval.data import parse_orders
     from edge_safe.eval.evaluate import Evaluator
@@ -120,6 +126,7 @@ def _run(bank, model, data, orders, limit, compositions, prompts, profiles, base
         baselines=_csv(baselines), text_bank=text_bank, mode_prompts=mode_prompts, sam_prompts=sam_prompts,
         kl_prompts=kl_prompts, kl_compositions=kl_compositions, kl_tokens=kl_tokens, limit=limit, seed=seed,
         strictness=strictness, n_ctx=n_ctx, n_threads=threads, n_gpu_layers=n_gpu_layers,
+        slices=parse_slices(slices), slice_prompts=slice_prompts,
         exact_refusals=not free_refusals, command=" ".join(["edge-safe", *map(shlex.quote, sys.argv[1:])]) if Path(sys.argv[0]).name == "edge-safe"
         else "edge-safe eval",
     )
