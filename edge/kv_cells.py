@@ -120,8 +120,8 @@ def parse(blob: bytes, *, max_layers: int = 4096, max_cells: int = 1 << 22) -> S
         if n_stream != 1:
             raise layout_error(f"section {len(sections)} has {n_stream} streams, expected 1")
         n_cells = r.take("I")
-        if n_cells > max_cells:
-            raise layout_error(f"section {len(sections)} claims {n_cells} cells")
+        if n_cells > max_cells or 12 * n_cells > len(r.b) - r.o:  # each cell takes >= 12 bytes
+            raise layout_error(f"section {len(sections)} claims {n_cells} cells, more than its bytes can hold")
         if n_cells == 0:
             raise layout_error(f"section {len(sections)} is empty; parse the state of a non-empty sequence")
         pos = np.empty(n_cells, dtype=np.int32)

@@ -52,11 +52,11 @@ class RequestStats:
     prefix_source: str  # "reused" (already in KV) | "cache" (snapshot restored) | "built" (prefilled)
     prompt_tokens: int  # BOS + conversation text tokens
     prefilled_tokens: int  # conversation tokens decoded for this request (the rest were in KV)
-    deep_cells: int = 0  # KV cells written for deep control tokens (they take no position and no prefill)
     completion_tokens: int = 0
     ttft_s: float = 0.0  # call -> first generated token sampled
     decode_s: float = 0.0  # first -> last generated token
     finish_reason: str | None = None
+    deep_cells: int = 0  # KV cells written for deep control tokens (they take no position and no prefill)
 
 
 @dataclass
@@ -75,7 +75,7 @@ class _Request:
 
     def __post_init__(self):
         self.stats = RequestStats(self.constraints, self.mode, len(self.vectors), "", 1 + len(self.prompt), 0,
-                                  self.n_deep)
+                                  deep_cells=self.n_deep)
 
     @property
     def n_deep(self) -> int:

@@ -137,6 +137,7 @@ def corruptions():
     yield "two streams", HEADER + struct.pack("<II", 2, 1) + good[16:], "has 2 streams, expected 1"
     yield "v_trans 7", HEADER + section(1, 1, 8, v_trans=7), "v_trans=7"
     yield "header only", HEADER, "holds no KV section"
+    yield "huge cell count", HEADER + struct.pack("<II", 1, 10**6) + bytes(100), "claims 1000000 cells"
     yield "empty section", HEADER + struct.pack("<II", 1, 0), "is empty"
     yield "garbage", bytes(range(256)) * 4, "the KV state blob does not have the layout edge-safe expects"
 
