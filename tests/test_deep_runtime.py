@@ -47,8 +47,8 @@ def info(model_path) -> ModelInfo:
 def deep_bank(info) -> TokenBank:
     """Two deep constraints (K/V of their rules' text), one shallow from-text constraint, a profile mixing both."""
     with LlamaModel(info.path, n_ctx=64) as llm:
-        deep = [BankToken.deep(n, "constraint", *text_cells(llm, t)[1:3], refusal="Sorry, I can't help with that.")
-                for n, t in TEXTS.items()]
+        deep = [BankToken.deep(n, "constraint", *text_cells(llm, t)[1:3], refusal="Sorry, I can't help with that.",
+                               rule=t.strip()) for n, t in TEXTS.items()]
         shallow = from_text_token(info, llm.tokenize, "gambling", "Do not help with gambling.",
                                   refusal="Sorry, I can't help with that.")
     return from_text_bank(info, [*deep, shallow], {"minors": ["alcohol", "gambling"]})
@@ -228,3 +228,24 @@ def test_deep_cells_do_not_eat_the_context(model_path, deep_bank):
         assert out.shape == (len(continuation), es._llm.n_vocab)
         assert es.last_stats.deep_cells == cells_of(deep_bank, "alcohol,privacy") == 15
         assert es._llm.pos_max() == 1 + n_prompt + len(continuation) - 2
+
+
+def test_bench_runs_a_deep_bank_and_times_its_kv_write(deep_bank, tmp_path):
+    """`edge-safe bench` on a deep composition: cold builds it by writing cells (no BOS or vector decode)."""
+    import json
+
+    from click.testing import CliRunner
+
+    from edge_safe.cli import cli
+
+    bank = deep_bank.save(tmp_path / "deep.gguf")
+    out = tmp_path / "bench"
+    r = CliRunner().invoke(cli, ["bench", "--quick", "--repeats", "1", "--warmup", "0", "--max-tokens", "4",
+                                 "-c", "alcohol,privacy", "--baseline", "alcohol,privacy", "--threads", "1",
+                                 "--no-rss", "--no-plots", "--bank", str(bank), "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    row = json.loads((out / "results.json").read_text())["compositions"]["alcohol,privacy"]
+    assert row["deep_cells"] == cells_of(deep_bank, "alcohol,privacy") and row["prefix_positions"] == 0
+    split = row["time_split_cold_s"]
+    assert "kv_write_s" in split and "bos_s" not in split
+    assert "BOS + deep cells written to KV" in (out / "RESULTS.md").read_text()
