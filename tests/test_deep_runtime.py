@@ -182,6 +182,9 @@ def test_deep_and_shallow_requests_interleaved_through_the_server(model_path, de
 
     with EdgeSafe(model_path, deep_bank, n_ctx=256) as es:
         client = TestClient(create_app(es))
+        listed = {t["id"]: t for t in client.get("/v1/tokens").json()["data"]}
+        assert listed["alcohol"]["depth"] == "deep" and "depth" not in listed["gambling"]
+        assert listed["alcohol"]["n_vectors"] == deep_bank.tokens["alcohol"].n_vectors
         body = lambda tokens: {"messages": [{"role": "user", "content": Q}], "max_tokens": 4, "tokens": tokens}  # noqa: E731
         first = {}
         for tokens in ["alcohol", "gambling", "", "alcohol,privacy", "minors", "alcohol", "", "gambling", "minors"]:

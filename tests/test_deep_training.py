@@ -52,7 +52,7 @@ def test_kv_of_inputs_as_a_prefix_equals_the_vectors_in_the_sequence(base):
     """K/V computed for vectors after BOS, put in the cache, then tokens at the positions they would have had:
     the same hidden states as the vectors decoded inline (the deep prefix is what the vectors leave in the cache)."""
     vectors = torch.randn(3, 64, generator=torch.Generator().manual_seed(1))
-    keys, values = kv_of_inputs(base, vectors)
+    keys, values = kv_of_inputs(base, vectors, before_prompt=False)
     assert keys.shape == values.shape == (3, N_LAYER, WIDTH)
     bank = DeepBank({"alcohol": (keys, values)}, bos_cell(base))
     ids = [9, 10, 11]
@@ -68,6 +68,24 @@ def test_kv_of_inputs_as_a_prefix_equals_the_vectors_in_the_sequence(base):
     inline = torch.cat([base.embed(torch.tensor([base.bos_id])), vectors, base.embed(torch.tensor(ids))])[None]
     plain = base.model.model(inputs_embeds=inline).last_hidden_state[0, 4:]
     torch.testing.assert_close(deep, plain, rtol=1e-4, atol=1e-4)
+
+
+@torch.no_grad()
+def test_keys_before_the_prompt_are_the_keys_rotated_back_by_the_token_length(base):
+    """Layer 0's key of an input depends on its position only through RoPE: the key of v decoded at position 5
+    equals v's key at position 1 moved by +4, and before_prompt moves a token's keys to 1-m..0."""
+    from edge_safe.training.objective import rotate_keys
+
+    g = torch.Generator().manual_seed(2)
+    v, filler = torch.randn(1, 64, generator=g), torch.randn(4, 64, generator=g)
+    at1, _ = kv_of_inputs(base, v, before_prompt=False)
+    at5, _ = kv_of_inputs(base, torch.cat([filler, v]), before_prompt=False)
+    torch.testing.assert_close(rotate_keys(base, at1, 4)[:, 0], at5[4:, 0], rtol=1e-5, atol=1e-5)
+    assert (at1[:, 0] - at5[4:, 0]).abs().max() > 1e-2  # the position does change the key
+    vectors = torch.cat([filler, v])
+    shifted, values = kv_of_inputs(base, vectors)
+    torch.testing.assert_close(rotate_keys(base, shifted, 5), at5, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(values, kv_of_inputs(base, vectors, before_prompt=False)[1])
 
 
 @torch.no_grad()

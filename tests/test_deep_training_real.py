@@ -74,7 +74,7 @@ def test_hf_keys_and_values_are_llamacpps_layer_for_layer(base, model_path):
         llm.decode_tokens(ids, 1, want_logits=False)
         state = kv_cells.parse(llm.save_seq())
         k_cpp, v_cpp = kv_cells.cells(state, kv_cells.check_geometry(state, "gemma3", 18, 256, 256), slice(1, None))
-    k_hf, v_hf = (t.numpy() for t in kv_of_inputs(base, base.embed(torch.tensor(ids))))
+    k_hf, v_hf = (t.numpy() for t in kv_of_inputs(base, base.embed(torch.tensor(ids)), before_prompt=False))
     assert k_hf.shape == k_cpp.shape == (len(ids), 18, 256)
     for layer in range(18):
         corr = [np.corrcoef(k_hf[:, layer].ravel(), k_cpp[:, j].ravel())[0, 1] for j in range(18)]

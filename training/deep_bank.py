@@ -4,7 +4,7 @@
 
 The result is the step 0 of ``kind: deep`` training from that bank (``init_bank``): through the
 runtime it costs no prefill, and it acts like the shallow bank up to positions (its prompt
-starts right after BOS instead of after the vectors). Useful to benchmark deep tokens
+starts right after BOS instead of after the vectors; the keys are rotated to sit right before it). Useful to benchmark deep tokens
 (``edge-safe bench --bank``) and as a baseline for trained ones.
 """
 from __future__ import annotations

@@ -114,10 +114,44 @@ def _layer_kv(cache, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @torch.no_grad()
-def kv_of_inputs(base: BaseModel, vectors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def kv_of_inputs(base: BaseModel, vectors: torch.Tensor, before_prompt: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """The keys and values the frozen model computes for ``vectors`` (m, d) laid out after BOS at positions
     1..m: (m, n_layer, n_kv_heads * head_dim) each, as llama.cpp stores them. Initialises a deep token from
-    input vectors (a shallow token, topic words), so its step 0 acts like those vectors."""
+    input vectors (a shallow token, topic words), so its step 0 acts like those vectors.
+
+    ``before_prompt``: the keys are then rotated back by m positions (RoPE composes), as if the vectors had
+    sat at 1-m..0, right before a prompt that starts at position 1 -- where the deep layout puts it -- so the
+    prompt sees them at the distances it saw the vectors at in the shallow layout (the values carry no
+    position). Without it the keys keep positions 1..m, which the prompt then overlaps."""
+    keys, values = _kv_at(base, vectors)
+    return (rotate_keys(base, keys, -len(vectors)) if before_prompt and len(vectors) else keys), values
+
+
+@torch.no_grad()
+def rotate_keys(base: BaseModel, keys: torch.Tensor, delta: int) -> torch.Tensor:
+    """Post-RoPE keys (m, n_layer, width) moved by ``delta`` positions: RoPE(k, p) -> RoPE(k, p + delta), each
+    layer with its own rotary embedding (Gemma 3: local base for sliding layers, global for full ones)."""
+    import sys
+
+    n_layer, n_heads, head_dim = kv_geometry(base)
+    inner = base.model.model
+    apply_rope = sys.modules[type(inner).__module__].apply_rotary_pos_emb
+    layer_types = getattr(base.model.config, "layer_types", None)
+    m = keys.shape[0]
+    pos = torch.full((1, m), int(delta), device=keys.device)
+    out = []
+    for layer in range(n_layer):
+        args = (layer_types[layer],) if layer_types else ()
+        cos, sin = inner.rotary_emb(keys, pos, *args)  # (1, m, head_dim)
+        k = keys[:, layer].reshape(m, n_heads, head_dim).transpose(0, 1)[None]  # (1, H, m, head_dim)
+        _, rotated = apply_rope(k, k, cos.to(k.dtype), sin.to(k.dtype))
+        out.append(rotated[0].transpose(0, 1).reshape(m, n_heads * head_dim))
+    return torch.stack(out, dim=1)
+
+
+@torch.no_grad()
+def _kv_at(base: BaseModel, vectors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """K/V rows of ``vectors`` decoded after BOS at positions 1..m (no rotation back)."""
     n_layer, n_heads, head_dim = kv_geometry(base)
     x = torch.cat([base.embed(torch.tensor([base.bos_id])), vectors.to(base.device).float()])[None]
     cache = _new_cache(base)

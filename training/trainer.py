@@ -126,9 +126,9 @@ def init_deep(base: BaseModel, cfg: TrainConfig, gen: torch.Generator) -> DeepBa
     """Deep tokens at step 0: the keys/values the frozen model computes for input vectors laid out after BOS.
 
     Without ``init_bank`` the vectors are :func:`init_vectors`' (the rule's topic words, or random). With a
-    *shallow* ``init_bank`` they are that bank's trained vectors, so step 0 acts like that bank (up to the
-    positions: the runtime writes deep cells at position 0 and starts the prompt at 1); a *deep* ``init_bank``
-    is resumed as is. Names and positions per token must match the config."""
+    *shallow* ``init_bank`` they are that bank's trained vectors, so step 0 acts like that bank (keys rotated
+    to sit right before the prompt, see :func:`kv_of_inputs`); a *deep* ``init_bank`` is resumed as is.
+    Names and positions per token must match the config."""
     if not cfg.init_bank:
         vectors = init_vectors(base, cfg, gen)
         return DeepBank({n: kv_of_inputs(base, v) for n, v in vectors.items()}, bos_cell(base))
