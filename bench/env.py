@@ -31,6 +31,7 @@ def machine_info() -> dict:
     import numpy as np
 
     from edge_safe import __version__
+    from edge_safe._llama import amx_in_build, resolve_cpu_repack
 
     try:
         usable = len(os.sched_getaffinity(0))
@@ -42,6 +43,8 @@ def machine_info() -> dict:
         "python": platform.python_version(),
         "llama_cpp_python": llama_cpp.__version__, "numpy": np.__version__, "edge_safe": __version__,
         "load_average": load_average(), "git_commit": _git_commit(),
+        "llama_cpp_system": llama_cpp.llama_print_system_info().decode(errors="replace").strip(),
+        "amx_build": amx_in_build(), "cpu_repack": resolve_cpu_repack(),  # every system loads with this
     }
 
 
@@ -125,9 +128,9 @@ def _child(spec: dict) -> dict:
         es.generate(spec["question"], tokens=spec["tokens"], mode=spec["mode"], max_tokens=spec["max_tokens"])
         extra = {"snapshot_bytes": es.prefix_cache.nbytes}
     else:
-        import llama_cpp
+        from edge_safe._llama import plain_llama
 
-        llm = llama_cpp.Llama(spec["model"], n_batch=spec["n_batch"], n_threads_batch=spec["n_threads"],
+        llm = plain_llama(spec["model"], n_batch=spec["n_batch"], n_threads_batch=spec["n_threads"],
                               verbose=False, **kw)
         loaded = _rss("VmRSS")
         for text, n in spec["calls"]:

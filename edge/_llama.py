@@ -14,12 +14,18 @@ Facts this module relies on (see DESIGN.md):
   decode here is chunked by ``n_batch``; positions are always consecutive.
 - Gemma 3 uses sliding-window attention layers; ``swa_full=True`` keeps the whole
   window so that partial ``llama_memory_seq_rm`` and sequence snapshots work.
+- On Intel CPUs with AMX, a native build of llama.cpp repacks Q4_K weights into its AMX
+  buffer and the first decode dies with SIGSEGV (llama.cpp issue 20824). Every model this
+  project loads goes through :func:`resolve_cpu_repack`: by default the extra (repacked)
+  CPU buffer types are off exactly when the build has AMX, and kept everywhere else.
 """
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import os
+import threading
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Sequence
@@ -33,6 +39,8 @@ log = logging.getLogger(__name__)
 native_log = logging.getLogger("edge_safe.llama_cpp")
 
 SEQ = 0  # the one sequence this runtime uses
+ENV_CPU_REPACK = "EDGE_SAFE_CPU_REPACK"  # auto | on | off, for every model loaded in the process
+CPU_REPACK_CHOICES = ("auto", "on", "off")
 
 # enum ggml_log_level {NONE, DEBUG, INFO, WARN, ERROR, CONT}; CONT continues the previous line.
 _LEVELS = {0: logging.DEBUG, 1: logging.DEBUG, 2: logging.INFO, 3: logging.WARNING, 4: logging.ERROR}
@@ -75,6 +83,77 @@ def default_threads() -> int:
     return max(1, cores // 2)
 
 
+@functools.lru_cache(maxsize=1)
+def amx_in_build() -> bool:
+    """True when this llama.cpp build uses Intel AMX (its system info says ``AMX_INT8 = 1``)."""
+    return b"AMX_INT8 = 1" in C.llama_print_system_info()
+
+
+def resolve_cpu_repack(setting: str | bool | None = None) -> bool:
+    """Whether to load with llama.cpp's extra CPU buffer types (``use_extra_bufts``: the repacked
+    Q4_K kernels, and the AMX buffer where the build has it).
+
+    ``setting`` (else ``$EDGE_SAFE_CPU_REPACK``, else ``auto``): ``on``/``True`` keeps them,
+    ``off``/``False`` drops them, ``auto`` drops them only when the build has AMX, whose
+    repacked Q4_K matmul crashes the first decode (llama.cpp issue 20824); elsewhere (AVX2,
+    AVX-512 without AMX, ARM) the repacked kernels are safe and faster, so they stay on.
+    """
+    where = "cpu_repack"
+    if setting is None:
+        setting, where = os.environ.get(ENV_CPU_REPACK) or "auto", f"${ENV_CPU_REPACK}"
+    if isinstance(setting, bool):
+        return setting
+    value = str(setting).strip().lower()
+    if value not in CPU_REPACK_CHOICES:
+        raise EdgeSafeError(f"{where} must be one of {', '.join(CPU_REPACK_CHOICES)}; got {setting!r}")
+    if value == "auto":
+        if amx_in_build():
+            _note_amx()
+            return False
+        return True
+    return value == "on"
+
+
+@functools.lru_cache(maxsize=1)
+def _note_amx() -> None:
+    log.info("llama.cpp was built with AMX: loading models without its repacked CPU buffers (AMX Q4_K "
+             "matmul crashes, llama.cpp issue 20824); %s=on forces them", ENV_CPU_REPACK)
+
+
+_params_lock = threading.Lock()
+
+
+def plain_llama(model_path: str | os.PathLike, *, cpu_repack: str | bool | None = None, **kwargs) -> "C.Llama":
+    """llama-cpp-python's high-level ``Llama`` loaded with the same CPU buffer choice as
+    :class:`LlamaModel` (for baselines that must compare like with like).
+
+    ``Llama`` takes no ``use_extra_bufts`` argument; its constructor reads
+    ``llama_model_default_params()``, which is wrapped for the duration of the call.
+    """
+    import llama_cpp.llama as high
+
+    use = resolve_cpu_repack(cpu_repack)
+    low = high.llama_cpp
+    original = low.llama_model_default_params
+
+    def params():
+        p = original()
+        p.use_extra_bufts = use
+        return p
+
+    with _params_lock:
+        low.llama_model_default_params = params
+        try:
+            llm = C.Llama(model_path=str(model_path), **kwargs)
+        finally:
+            low.llama_model_default_params = original
+    if bool(llm.model_params.use_extra_bufts) != use:  # a llama-cpp-python that builds its params otherwise
+        llm.close()
+        raise EdgeSafeError("this llama-cpp-python version does not let edge-safe choose the CPU buffer types "
+                            f"of a plain Llama; pin llama-cpp-python 0.3.x (have {C.__version__})")
+    return llm
+
+
 class VocabTokenizer:
     """A GGUF's own tokenizer, loaded vocab-only (no weights, about a second).
 
@@ -109,6 +188,7 @@ class LlamaModel:
         n_batch: int = 512,
         n_gpu_layers: int = 0,
         n_threads: int | None = None,
+        cpu_repack: str | bool | None = None,
         *,
         flash_attn: bool | None = None,
         kv_type: str | None = None,
@@ -116,6 +196,7 @@ class LlamaModel:
     ):
         _init_backend()
         self.path = Path(path)
+        self.cpu_repack = resolve_cpu_repack(cpu_repack)  # use_extra_bufts, decided before anything loads
         # KV-cache settings (None: llama.cpp's defaults, flash attention auto and an f16 cache); extra_cells
         # enlarges the cache beyond n_ctx for cells that take no position (deep control tokens)
         self._flash_attn, self._kv_type, self._extra_cells = flash_attn, kv_type, int(extra_cells)
@@ -129,6 +210,7 @@ class LlamaModel:
     def _open(self, n_ctx: int, n_batch: int, n_gpu_layers: int, n_threads: int | None) -> None:
         mparams = C.llama_model_default_params()
         mparams.n_gpu_layers = int(n_gpu_layers)
+        mparams.use_extra_bufts = self.cpu_repack
         model = C.llama_model_load_from_file(str(self.path).encode(), mparams)
         if not model:
             raise ModelNotFoundError(f"llama.cpp could not load {self.path} (is it a GGUF model file? run with -v for details)")
@@ -166,8 +248,8 @@ class LlamaModel:
         self._stack.callback(C.llama_batch_free, self._emb)
         self._views = {id(b): self._batch_views(b) for b in (self._tok, self._emb)}
         self._piece_buf = ctypes.create_string_buffer(256)
-        log.info("loaded %s: n_embd=%d n_vocab=%d n_ctx=%d n_batch=%d threads=%d",
-                 self.path.name, self.n_embd, self.n_vocab, self.n_ctx, self.n_batch, threads)
+        log.info("loaded %s: n_embd=%d n_vocab=%d n_ctx=%d n_batch=%d threads=%d cpu_repack=%s",
+                 self.path.name, self.n_embd, self.n_vocab, self.n_ctx, self.n_batch, threads, self.cpu_repack)
 
     def _kv_params(self, cparams) -> None:
         """Flash attention on/off (off: llama.cpp stores V transposed) and the K/V cache type."""

@@ -34,6 +34,7 @@ from edge_safe.convert.layout import ChatTemplate, check_layout, prefix_names
 from edge_safe.convert.model import ModelInfo
 from edge_safe.models import resolve_bank_path, resolve_model_path
 from edge_safe.prefix_cache import DEFAULT_PREFIX_CACHE_BYTES, PrefixCache
+from edge_safe.refusals import RefusalGuide, Sequences, refusal_sequences
 from edge_safe.sampling import check_sampling, check_strictness, sample
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,7 @@ class RequestStats:
     ttft_s: float = 0.0  # call -> first generated token sampled
     decode_s: float = 0.0  # first -> last generated token
     finish_reason: str | None = None
+    refusal: str | None = None  # the token whose refusal text the runtime completed exactly (None: no refusal)
     deep_cells: int = 0  # KV cells written for deep control tokens (they take no position and no prefill)
 
 
@@ -70,6 +72,7 @@ class _Request:
     t_call: float
     strictness: float = 0.0  # added to the refusal openers' logits until the reply's first visible token
     openers: list[int] = field(default_factory=list)  # those token ids (empty: no bias applies)
+    refusals: Sequences = field(default_factory=list)  # refusals a reply opening with "Sorry" is finished as
     deep: tuple[np.ndarray, np.ndarray] | None = None  # deep entries' (keys, values), written at position 0
     stats: RequestStats = field(init=False)
 
@@ -109,10 +112,13 @@ class EdgeSafe:
         n_batch: int = 512,
         prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES,
         strictness: float = 0.0,
+        cpu_repack: str | bool | None = None,
+        exact_refusals: bool = True,
         flash_attn: bool | None = None,
         kv_type: str | None = None,
     ):
         self.strictness = check_strictness(strictness)
+        self.exact_refusals = bool(exact_refusals)  # finish a reply that opens like a refusal as one, word for word
         self.model_path = resolve_model_path(model)
         self.bank = bank if isinstance(bank, TokenBank) else TokenBank.load(resolve_bank_path(bank))
         check_layout(self.bank.layout)
@@ -127,9 +133,10 @@ class EdgeSafe:
         self._owner: int | None = None  # thread holding the lock, to refuse re-entry instead of deadlocking
         self._held: tuple[tuple[str, ...], list[int]] | None = None  # (prefix key, prompt tokens in KV)
         self._openers: dict[str, set[int]] = {}  # constraint -> the token ids its refusal can start with
+        self._refusal_ids: dict[str, Sequences] = {}  # token -> its refusal's token ids, as written after the header
         deep_cells = sum(t.n_vectors for t in self.bank.tokens.values() if t.is_deep)
         self._llm = LlamaModel(self.model_path, n_ctx=n_ctx, n_batch=n_batch,
-                               n_gpu_layers=n_gpu_layers, n_threads=n_threads,
+                               n_gpu_layers=n_gpu_layers, n_threads=n_threads, cpu_repack=cpu_repack,
                                flash_attn=flash_attn, kv_type=kv_type, extra_cells=deep_cells)
         if self._llm.n_embd != self.bank.n_embd:  # check_model already compared the GGUF header
             self.close()
@@ -370,9 +377,7 @@ class EdgeSafe:
         constraints, mode = self.compose(tokens, mode)
         names = prefix_names(mode, constraints)
         vectors = self.bank.prefix_vectors(names) if names else np.zeros((0, self._llm.n_embd), np.float32)
-        deep = self.bank.deep_cells(names) if self._bos_state is not None and names else None
-        if deep is not None and not len(deep[0]):
-            deep = None
+        deep = self._deep_of(names)
         text = self.template.render(messages)
         prompt = self._llm.tokenize(text, add_bos=False, special=False)  # typed text is text
         needed = 1 + len(vectors) + len(prompt) + extra
@@ -386,7 +391,24 @@ class EdgeSafe:
         stops = tuple(self.template.stop) + _as_stops(stop)
         biased = strictness and constraints and mode in (DEFAULT_MODE, None)  # not rejective/negative
         openers = self.refusal_openers(constraints) if biased else []
-        return _Request(constraints, mode, tuple(names), vectors, prompt, stops, t_call, strictness, openers, deep)
+        return _Request(constraints, mode, tuple(names), vectors, prompt, stops, t_call, strictness, openers,
+                        self._guided(constraints, mode), deep)
+
+    def _guided(self, constraints: list[str], mode: str | None) -> Sequences:
+        """The refusals a reply of this request is finished as once it opens like one: the active
+        constraints' (in the positive mode, or a bank without modes), the rejective mode's own; none
+        in the negative mode (unrestricted: a reply that starts "Sorry" is free text there)."""
+        if not self.exact_refusals:
+            return []
+        names = [mode] if mode == "rejective" else constraints if mode in (DEFAULT_MODE, None) else []
+        todo = [n for n in names if n not in self._refusal_ids]
+        if todo:
+            header = self.template.render([{"role": "user", "content": "x"}])
+            tok = lambda text: self._llm.tokenize(text, add_bos=False, special=False)  # noqa: E731
+            for n in todo:
+                refusal = self.bank.tokens[n].refusal
+                self._refusal_ids[n] = refusal_sequences(tok, header, {n: refusal}) if refusal else []
+        return [seq for n in names for seq in self._refusal_ids[n]]
 
     def refusal_openers(self, constraints: Sequence[str]) -> list[int]:
         """Token ids that start the active constraints' refusals, sorted and distinct: the first token of
@@ -460,6 +482,13 @@ class EdgeSafe:
             raise kv_cells.layout_error(f"the BOS-only state holds cells at positions {held}, expected one at 0")
         return state, kv_cells.check_geometry(state, self.model_info.arch, n_layer, n_k, n_v)
 
+    def _deep_of(self, names: Sequence[str]) -> tuple[np.ndarray, np.ndarray] | None:
+        """The deep entries' (keys, values) among ``names``, or None when none is deep."""
+        if self._bos_state is None or not names:
+            return None
+        keys, values = self.bank.deep_cells(names)
+        return (keys, values) if len(keys) else None
+
     def _deep_state(self, req: _Request) -> bytes:
         """The blob of [BOS] + the request's deep cells, all at position 0 of sequence 0."""
         state, groups = self._bos_state
@@ -484,11 +513,14 @@ class EdgeSafe:
             t_first = None
             n_past = 1 + len(req.vectors) + len(req.prompt)
             biased = bool(req.openers)  # until the reply's first visible token (a "\n\n" may come first)
+            guide = RefusalGuide(req.refusals, choose=lambda names: self._violated(req, names)) if req.refusals else None
             for i in range(max_tokens):
                 logits = llm.logits()
                 if biased:
                     logits = logits.copy()  # llama.cpp's buffer stays as decoded
                     logits[req.openers] += req.strictness
+                if guide is not None:
+                    logits = guide.constrain(logits)  # a masked copy while the reply is on a refusal
                 tok = sample(logits, temperature, top_p, rng)
                 if t_first is None:
                     t_first = time.perf_counter()
@@ -498,10 +530,24 @@ class EdgeSafe:
                     break
                 st.completion_tokens += 1
                 raw = llm.token_to_piece(tok)
-                biased = biased and not raw.strip()
+                visible = bool(raw.strip())
+                biased = biased and not visible
                 piece, stopped = out.feed(raw)
                 if piece:
                     yield piece
+                if guide is not None and guide.step(tok, visible):
+                    st.refusal, stopped = guide.refusal, True  # the refusal is complete: the reply ends with it
+                rest = guide.remaining() if guide is not None and not stopped else None
+                if rest is not None:  # one refusal left: write it out, no decoding needed
+                    room = max_tokens - 1 - i
+                    for t in rest[:room]:
+                        st.completion_tokens += 1
+                        piece, _ = out.feed(llm.token_to_piece(t))
+                        if piece:
+                            yield piece
+                    if len(rest) <= room:
+                        st.refusal, st.finish_reason = guide.refusal, "stop"
+                    break
                 if stopped:
                     st.finish_reason = "stop"
                     break
@@ -517,6 +563,24 @@ class EdgeSafe:
             log.debug("request %s mode=%s: prefix %s, %d prefilled, %d generated, ttft %.3fs, %s",
                       req.constraints, req.mode, st.prefix_source, st.prefilled_tokens,
                       st.completion_tokens, st.ttft_s, st.finish_reason)
+
+    def _violated(self, req: _Request, names: list[str]) -> str:
+        """Which of several active constraints a refusal should name: the one that, active alone (same
+        mode, same conversation), refuses the request most surely (largest refusal-opener margin).
+        Leaves the KV holding the last of those compositions, and says so in ``_held``."""
+        best: tuple[float, int, str] | None = None
+        for rank, name in enumerate(names):
+            key = tuple(prefix_names(req.mode, [name]))
+            sub = _Request([name], req.mode, key, self.bank.prefix_vectors(key), req.prompt, (), req.t_call,
+                           deep=self._deep_of(key))
+            self._prefill(sub)
+            logits = self._llm.logits().copy()
+            idx = self.refusal_openers([name])
+            top = float(logits[idx].max())
+            logits[idx] = -np.inf
+            margin = top - float(logits.max())
+            best = max(best, (margin, -rank, name)) if best else (margin, -rank, name)
+        return best[2]
 
     def _chunks(self, head: dict, req: _Request, pieces: Iterator[str]) -> Iterator[dict]:
         def chunk(delta: dict, finish: str | None = None) -> dict:
@@ -537,8 +601,9 @@ class EdgeSafe:
         yield last
 
     def _extra(self, req: _Request, content: str) -> dict:
+        refused_by = req.stats.refusal or self.bank.refusal_of(content)
         out = {"tokens": list(req.constraints), "mode": req.mode, "prefix_positions": len(req.vectors),
-               "strictness": req.strictness, "refusal": self.bank.is_refusal(content)}
+               "strictness": req.strictness, "refusal": refused_by is not None, "refused_by": refused_by}
         if req.n_deep:
             out["deep_cells"] = req.n_deep
         return out

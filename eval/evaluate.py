@@ -80,6 +80,7 @@ class EvalConfig:
     n_gpu_layers: int = 0
     # the bank's runtime bias on the refusal opener (EdgeSafe strictness); logits-based figures (SAM, KL) ignore it
     strictness: float = 0.0
+    exact_refusals: bool = True  # the runtime finishes a reply that opens like a refusal as a bank text (False: free)
     command: str = ""  # the command line that made the run, for the report
 
     def __post_init__(self):
@@ -107,7 +108,7 @@ class Evaluator:
         self.model_path = es.model_path if es is not None else resolve_model_path(cfg.model)
         self._open = lambda bank, strictness=0.0: EdgeSafe(
             model=self.model_path, bank=bank, n_ctx=cfg.n_ctx, n_gpu_layers=cfg.n_gpu_layers,
-            n_threads=cfg.n_threads, strictness=strictness)
+            n_threads=cfg.n_threads, strictness=strictness, exact_refusals=cfg.exact_refusals)
         self._owned: list = []
         self.es = es if es is not None else self._own(self._open(self.bank_path, cfg.strictness))
         self.bank: TokenBank = self.es.bank
@@ -267,7 +268,13 @@ class Evaluator:
             "per_category": per_category(main),
             "per_composition": summarize_by(records, lambda r: r["comp"]),
             "right_refusal": {"n": len(defended),
-                              "own_category": sum(r["refusal_of"] == r["category"] for r in defended)},
+                              "own_category": sum(r["refusal_of"] == r["category"] for r in defended),
+                              "per_order": {g: {"n": len(d), "own_category": sum(r["refusal_of"] == r["category"] for r in d)}
+                                            for g, d in _groups(defended, lambda r: r["group"]).items()}},
+            "refusal_texts": {what: {"refusal_like": sum(map(refusal_like, rs)),
+                                     "bank_text": sum(r["verdict"] == REFUSAL for r in rs)}
+                              for what, rs in (("violating", [r for r in main if r["kind"] == "violating"]),
+                                               ("all", main))},
         }
 
     def _curve(self, bank_records: list[dict]) -> dict:
@@ -445,3 +452,10 @@ def vectors_sha256(bank: TokenBank) -> str:
         h.update(f"{name}\0{tok.kind}\0{tok.refusal}\0".encode())
         h.update(np.ascontiguousarray(tok.vectors, dtype=np.float32).tobytes())
     return h.hexdigest()
+
+
+def _groups(records: list[dict], key) -> dict[str, list[dict]]:
+    out: dict[str, list[dict]] = {}
+    for r in records:
+        out.setdefault(str(key(r)), []).append(r)
+    return out

@@ -9,8 +9,8 @@ KIND_KEYS = (("near_miss", "near-miss"), ("inactive", "inactive"), ("general", "
 
 def sections(r: dict, plot_notes=(), plots: bool = True) -> list[str]:
     out = _header(r)
-    for part in (_headline, _curve, _per_order, _held_out, _profiles, _per_category, _invariance, _modes, _sam,
-                 _utility, _unclear, _method):
+    for part in (_headline, _curve, _per_order, _held_out, _profiles, _per_category, _refusal_texts, _invariance,
+                 _modes, _sam, _utility, _unclear, _method):
         out += ["", *part(r)]
     if plots:
         out += ["", "## Plots", "", *(f"- {n}" for n in plot_notes)]
@@ -160,6 +160,34 @@ def _per_category(r: dict) -> list[str]:
     if right.get("n"):
         out += ["", f"Of the bank's {right['n']} defended cases, {right['own_category']} used the refusal of the "
                 "prompt's own category (the rest refused with another active category's text)."]
+    return out
+
+
+def _refusal_texts(r: dict) -> list[str]:
+    """Exact refusals: how many refusal-like replies are a bank text, and which constraint they name."""
+    bank = r["systems"]["bank"]
+    texts, right = bank.get("refusal_texts"), bank.get("right_refusal", {})
+    if not texts:
+        return []
+    exact = r["config"].get("exact_refusals", False)
+    out = ["## Exact refusals", "",
+           ("The runtime finished every reply that opened like a refusal as one of the active refusal texts "
+            "(`EdgeSafe(exact_refusals=True)`, the default), choosing among several active ones the constraint "
+            "that alone refuses the request most surely." if exact else
+            "Free decoding after the refusal opener (`--free-refusals`): what the bank writes on its own."), "",
+           "| cases | refusal-like replies | of which a bank text | share |", "|---|---|---|---|"]
+    for what, label in (("violating", "violating"), ("all", "all (violating and should-answer)")):
+        t = texts[what]
+        share = f"{t['bank_text'] / t['refusal_like']:.1%}" if t["refusal_like"] else "–"
+        out.append(f"| {label} | {t['refusal_like']} | {t['bank_text']} | {share} |")
+    if right.get("per_order"):
+        out += ["", "Defended cases whose refusal names the prompt's own (violated) category, by number of active "
+                "constraints (every test prompt violates one category):", "",
+                "| active constraints | defended | naming the violated one | share |", "|---|---|---|---|"]
+        for g, c in right["per_order"].items():
+            out.append(f"| {g} | {c['n']} | {c['own_category']} | {c['own_category'] / c['n']:.1%} |")
+        n, own = right["n"], right["own_category"]
+        out.append(f"| all | {n} | {own} | {own / n:.1%} |")
     return out
 
 

@@ -70,6 +70,12 @@ def headline(results: dict) -> dict:
         "per_order": {g: {"defense": rate(s["defense"]), "over_refusal": rate(s["over_refusal"])}
                       for g, s in bank["per_order"].items()},
     }
+    texts, right = bank.get("refusal_texts", {}).get("violating"), bank.get("right_refusal", {})
+    if texts and texts["refusal_like"]:
+        out["refusals_that_are_bank_texts"] = round(texts["bank_text"] / texts["refusal_like"], 4)
+    if right.get("n"):
+        out["refusals_naming_the_violated_constraint"] = round(right["own_category"] / right["n"], 4)
+    out["exact_refusals"] = results["config"].get("exact_refusals", False)
     if bank.get("held_out", {}).get("held-out"):
         h = bank["held_out"]["held-out"]
         out["held_out"] = {"defense": rate(h["defense"]), "over_refusal": rate(h["over_refusal"])}

@@ -47,10 +47,10 @@ def info(model_path) -> ModelInfo:
 def deep_bank(info) -> TokenBank:
     """Two deep constraints (K/V of their rules' text), one shallow from-text constraint, a profile mixing both."""
     with LlamaModel(info.path, n_ctx=64) as llm:
-        deep = [BankToken.deep(n, "constraint", *text_cells(llm, t)[1:3], refusal="Sorry, I can't help with that.",
+        deep = [BankToken.deep(n, "constraint", *text_cells(llm, t)[1:3], refusal=f"Sorry, I can't help with {n}.",
                                rule=t.strip()) for n, t in TEXTS.items()]
         shallow = from_text_token(info, llm.tokenize, "gambling", "Do not help with gambling.",
-                                  refusal="Sorry, I can't help with that.")
+                                  refusal="Sorry, I can't help with gambling.")
     return from_text_bank(info, [*deep, shallow], {"minors": ["alcohol", "gambling"]})
 
 
@@ -252,3 +252,21 @@ def test_bench_runs_a_deep_bank_and_times_its_kv_write(deep_bank, tmp_path):
     split = row["time_split_cold_s"]
     assert "kv_write_s" in split and "bos_s" not in split
     assert "BOS + deep cells written to KV" in (out / "RESULTS.md").read_text()
+
+
+def test_an_exact_refusal_choosing_among_deep_constraints_caches_their_true_compositions(model_path, deep_bank):
+    """With several constraints active, a reply forced to open like a refusal is finished as the refusal of the
+    one that refuses most surely alone; the single compositions it builds for that hold their deep cells, so the
+    snapshots they leave in the prefix cache are the real ones."""
+    with EdgeSafe(model_path, deep_bank, n_ctx=256, prefix_cache_bytes=0) as fresh:
+        want = {t: fresh.first_token_logits(Q, tokens=t) for t in ("alcohol", "privacy", "gambling")}
+    with EdgeSafe(model_path, deep_bank, n_ctx=256) as es:
+        reply = es.chat([{"role": "user", "content": Q}], tokens="alcohol,privacy,gambling", strictness=20,
+                        max_tokens=16)
+        assert reply["edge_safe"]["refusal"] and reply["edge_safe"]["deep_cells"] == cells_of(deep_bank, "alcohol,privacy")
+        assert reply["edge_safe"]["refused_by"] in ("alcohol", "privacy", "gambling")
+        assert {("alcohol",), ("privacy",), ("gambling",)} <= set(es.prefix_cache.keys())
+        for tokens, logits in want.items():
+            es.reset()
+            got = es.first_token_logits(Q, tokens=tokens)
+            assert es.last_stats.prefix_source == "cache" and np.abs(got - logits).max() <= 1e-4, tokens

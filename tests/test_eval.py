@@ -255,7 +255,13 @@ def test_quick_cli_run_writes_results_report_and_plots(quick_run):
     assert all(isinstance(x["margin"], float) for x in bank_records if not x["profile"])
     # the margins predict the replies: refused (any wording) exactly when margin > 0, up to llama.cpp's noise
     assert curve["check"]["agreement"] >= 0.75
-    for section in ("## Operating curve", "## Per order", "## Trained vs held-out", "## Profiles", "## Per category", "## Order invariance",
+    assert r["config"]["exact_refusals"] is True
+    texts = r["systems"]["bank"]["refusal_texts"]
+    bank_like = [x for x in bank_records if not x["profile"] and x["verdict"] != "answer" and x["reply"].strip()]
+    assert texts["all"]["refusal_like"] == len(bank_like)
+    assert texts["all"]["bank_text"] == sum(x["verdict"] == "refusal" for x in bank_like)
+    for section in ("## Operating curve", "## Per order", "## Trained vs held-out", "## Profiles", "## Per category",
+                    "## Exact refusals", "## Order invariance",
                     "## Modes", "## Safety Alignment Margin", "## Utility", "## Unclear replies"):
         assert section in md
     for png in ("per_order.png", "per_category.png", "operating_curve.png"):

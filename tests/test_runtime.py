@@ -207,7 +207,7 @@ def test_chat_is_openai_shaped(es):
     assert r["usage"]["total_tokens"] == r["usage"]["prompt_tokens"] + r["usage"]["completion_tokens"]
     n_vectors = sum(len(es.bank.tokens[n].vectors) for n in ("positive", "privacy"))
     assert r["edge_safe"] == {"tokens": ["privacy"], "mode": "positive", "prefix_positions": n_vectors, "strictness": 0.0,
-                              "refusal": False}
+                              "refusal": False, "refused_by": None}
     chunks = list(es.chat([{"role": "user", "content": Q}], max_tokens=8, stream=True))
     assert chunks[0]["choices"][0]["delta"] == {"role": "assistant"}
     assert all(c["object"] == "chat.completion.chunk" and c["id"] == chunks[0]["id"] for c in chunks)

@@ -184,7 +184,8 @@ def test_chat_with_tokens_in_extra_body_says_what_was_applied(client, es):
     assert reply.object == "chat.completion" and reply.model == es.model_name
     assert reply.edge_safe == {"tokens": ["privacy"], "mode": "rejective",
                                "prefix_positions": positions(es, "rejective", "privacy"), "strictness": 0.0,
-                               "refusal": es.is_refusal(reply.choices[0].message.content)}
+                               "refusal": es.is_refusal(reply.choices[0].message.content),
+                               "refused_by": es.bank.refusal_of(reply.choices[0].message.content)}
     assert reply.choices[0].message.content == alone(es, tokens="eu", mode="rejective")
     assert reply.usage.completion_tokens >= 1 and reply.choices[0].finish_reason in ("stop", "length")
 

@@ -8,11 +8,16 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 
 import click
 
 from edge_safe import __version__
 from edge_safe.convert.errors import EdgeSafeError
+
+# Kept here (not imported from edge_safe._llama) so `edge-safe --help` never loads llama.cpp.
+ENV_CPU_REPACK = "EDGE_SAFE_CPU_REPACK"
+CPU_REPACK_CHOICES = ("auto", "on", "off")
 
 # name -> "module:attribute"; one line per subcommand.
 COMMANDS = {
@@ -56,7 +61,11 @@ class LazyGroup(click.Group):
 )
 @click.version_option(__version__, prog_name="edge-safe")
 @click.option("-v", "--verbose", count=True, help="More log output on stderr (-vv for debug).")
-def cli(verbose: int) -> None:
+@click.option("--cpu-repack", type=click.Choice(CPU_REPACK_CHOICES, case_sensitive=False), default=None,
+              envvar=ENV_CPU_REPACK, show_envvar=True,
+              help="llama.cpp's repacked CPU weights for every model the command loads: auto (default) turns "
+                   "them off only where llama.cpp is built with Intel AMX, whose repacked Q4_K kernels crash.")
+def cli(verbose: int, cpu_repack: str | None) -> None:
     """Composable safety control tokens for on-device LLMs.
 
     \b
@@ -67,6 +76,8 @@ def cli(verbose: int) -> None:
     """
     level = logging.WARNING - 10 * verbose
     logging.basicConfig(level=max(level, logging.DEBUG), format="%(levelname)s %(name)s: %(message)s")
+    if cpu_repack:  # through the environment: eval's runtimes, bench's baselines and its child processes alike
+        os.environ[ENV_CPU_REPACK] = cpu_repack.lower()
 
 
 def main() -> None:

@@ -1,0 +1,114 @@
+"""Exact refusals: once a reply opens like a refusal, the runtime finishes it as one of the active
+tokens' refusal texts, word for word.
+
+A bank decides refuse/answer at the first visible reply token (the refusal opener, " Sorry" or
+"Sorry"); what follows was free text, and a 270M model often trailed off ("Sorry, I can't help
+you with alcohol.") or named another active category. Here the continuation is decoded over a
+trie of the active refusals (each tokenized as the model writes it after the reply header, with
+and without the leading space): at every step only tokens that keep the reply on some refusal
+are allowed, greedy (or sampled) among those, so the model still picks *which* refusal at the
+token where they differ, and the reply ends as soon as one is complete.
+
+Telling a refusal from a reply that merely starts with the opener word ("Sorry to hear that,
+here is how ..."): at the token right after the opener the model's own best continuation is
+compared with the best token that continues a refusal. Within ``ESCAPE_LOGITS`` of each other,
+the reply is a refusal and is finished exactly; further apart, the model clearly means something
+else and decodes freely. Measured on the eval's cases (eval/README.md, "Exact refusals").
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import numpy as np
+
+ESCAPE_LOGITS = 4.0  # a refusal continuation this far below the model's best token is not a refusal
+
+Sequences = list[tuple[str, tuple[int, ...]]]  # (token name, refusal token ids)
+
+
+def refusal_sequences(tokenize: Callable[[str], list[int]], header: str, refusals: dict[str, str]) -> Sequences:
+    """Each refusal's token ids as the model writes it after ``header`` (the rendered prompt up to
+    the reply): with a leading space (as trained: ``<prompt> <refusal>``) and without."""
+    head = tokenize(header)
+    out: Sequences = []
+    for name, text in refusals.items():
+        spaced = tokenize(header + " " + text)
+        variants = {tuple(tokenize(text))}
+        if spaced[: len(head)] == head and len(spaced) > len(head):
+            variants.add(tuple(spaced[len(head):]))
+        out += [(name, v) for v in sorted(variants) if v]
+    return out
+
+
+class RefusalGuide:
+    """The per-request state: waiting for the first visible token, then (maybe) on a refusal.
+
+    ``constrain(logits)`` returns the logits to sample from (a masked copy while on a refusal);
+    ``step(token, visible)`` records the sampled token and returns True once a refusal is complete;
+    ``remaining()`` gives the rest of the refusal once only one is left, so it can be written out
+    without decoding. ``choose(names)``, when given, picks the refusal among several active ones
+    at the token after the opener (the runtime asks each candidate constraint alone).
+    """
+
+    def __init__(self, sequences: Sequences, escape: float = ESCAPE_LOGITS,
+                 choose: Callable[[list[str]], str] | None = None):
+        self.cands = list(sequences)
+        self.escape = escape
+        self.choose = choose
+        self.state = "waiting"  # -> "opened" -> "forced" | "off"; "done" once complete
+        self.j = 0  # tokens of the refusal written so far
+        self.refusal: str | None = None  # the name of the refusal being written / completed
+
+    @property
+    def active(self) -> bool:
+        return self.state in ("opened", "forced")
+
+    def constrain(self, logits: np.ndarray) -> np.ndarray:
+        if not self.active:
+            return logits
+        allowed = np.fromiter({ids[self.j] for _, ids in self.cands}, dtype=np.int64)
+        if self.state == "opened":  # the token after the opener decides: refusal, or a reply that starts "Sorry"
+            if float(logits[allowed].max()) < float(logits.max()) - self.escape:
+                self.state = "off"
+                return logits
+            self.state = "forced"
+            names = sorted({n for n, _ in self.cands})
+            if len(names) > 1 and self.choose is not None:
+                logits = np.array(logits)  # choose() may decode, which overwrites llama.cpp's logits buffer
+                keep = self.choose(names)
+                self.cands = [(n, ids) for n, ids in self.cands if n == keep]
+                allowed = np.fromiter({ids[self.j] for _, ids in self.cands}, dtype=np.int64)
+        masked = np.full_like(logits, -np.inf)
+        masked[allowed] = logits[allowed]
+        return masked
+
+    def step(self, token: int, visible: bool) -> bool:
+        """Record the sampled token; True when it completed a refusal (the reply ends there)."""
+        if self.state == "waiting":
+            if not visible:
+                return False  # blank tokens before the reply: the opener may still come
+            self.cands = [(n, ids) for n, ids in self.cands if ids[0] == token]
+            self.state = "opened" if self.cands else "off"
+            self.j = 1
+        elif self.state == "forced":
+            self.cands = [(n, ids) for n, ids in self.cands if ids[self.j] == token]
+            self.j += 1
+        else:
+            return False
+        done = [n for n, ids in self.cands if len(ids) == self.j]
+        if done and self.state != "off":
+            self.refusal, self.state = done[0], "done"
+            return True
+        return False
+
+    def remaining(self) -> tuple[int, ...] | None:
+        """The refusal's tokens still to write, once it is on a refusal and only one is left."""
+        if self.state != "forced" or len(self.cands) != 1:
+            return None
+        self.refusal = self.cands[0][0]
+        return self.cands[0][1][self.j:]
+
+
+def names_with_refusals(names: Sequence[str], refusals: dict[str, str]) -> dict[str, str]:
+    """The refusal texts of the given tokens (in order), skipping tokens without one."""
+    return {n: refusals[n] for n in names if refusals.get(n)}
