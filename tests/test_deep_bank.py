@@ -221,3 +221,11 @@ def test_cli_inspect_validate_and_edit_a_deep_bank(tmp_path, mixed):
     assert run("merge", path, tmp_path / "c.gguf", "-o", tmp_path / "m.gguf").exit_code == 1  # F16 copy differs
     assert run("merge", path, tmp_path / "c.gguf", "-o", tmp_path / "m.gguf", "--on-clash", "ours").exit_code == 0
     assert TokenBank.load(tmp_path / "m.gguf").deep_geometry == (N_LAYER, K, V)
+
+
+def test_the_eval_hash_of_what_the_runtime_injects_covers_deep_rows(mixed):
+    from edge_safe.eval.evaluate import vectors_sha256
+
+    tok = mixed.tokens["deep1"]
+    changed = replace(mixed, tokens={**mixed.tokens, "deep1": replace(tok, values=tok.values + 1)})
+    assert vectors_sha256(changed) != vectors_sha256(mixed)
