@@ -257,7 +257,9 @@ class Benchmark:
             cold, warm = self.samples[("cold", lb)], self.samples[("warm", lb)]
             row = {
                 "constraints": list(c.constraints), "mode": c.mode, "key": list(c.key),
-                "prefix_positions": sum(es.bank.tokens[n].n_vectors for n in c.key),
+                "prefix_positions": sum(es.bank.tokens[n].n_vectors for n in c.key if not es.bank.tokens[n].is_deep),
+                **({"deep_cells": deep} if (deep := sum(es.bank.tokens[n].n_vectors for n in c.key
+                                                         if es.bank.tokens[n].is_deep)) else {}),
                 "ttft_cold_s": self._summary("cold", lb, "ttft_s", bare_ttft),
                 "ttft_warm_s": self._summary("warm", lb, "ttft_s", bare_ttft),
                 "restore_s": self._summary("warm", lb, "restore_s"),
@@ -266,7 +268,7 @@ class Benchmark:
                 "time_split_cold_s": _split(cold), "time_split_warm_s": _split(warm),
                 "snapshot_bytes": snapshots[lb], "peak_rss": rss.get(lb),
             }
-            row["snapshot_bytes_per_position"] = round(snapshots[lb] / (1 + row["prefix_positions"]))
+            row["snapshot_bytes_per_position"] = round(snapshots[lb] / (1 + row["prefix_positions"] + row.get("deep_cells", 0)))
             comps[lb] = row
         if "none" in comps:  # the same decode harness without tokens: isolates what the prefix costs
             none_tps = comps["none"]["decode_tokens_per_s"]["median"]

@@ -15,7 +15,6 @@ import json
 import statistics
 import sys
 import time
-from pathlib import Path
 
 from edge_safe._llama import LlamaModel, amx_in_build, resolve_cpu_repack
 from edge_safe.models import resolve_model_path

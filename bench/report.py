@@ -235,7 +235,8 @@ def _time_split(r: dict) -> list[str]:
     return lines
 
 
-SPLIT_NAMES = {"kv_clear_s": "KV clear", "bos_s": "BOS decode", "vectors_s": "vector prefill",
+SPLIT_NAMES = {"kv_clear_s": "KV clear", "bos_s": "BOS decode", "kv_write_s": "BOS + deep cells written to KV",
+               "vectors_s": "vector prefill",
                "snapshot_s": "snapshot save", "restore_s": "snapshot restore",
                "restore_clear_s": "(of which KV clear)", "prompt_prefill_s": "prompt prefill + first logits",
                "other_s": "render, tokenize, sampling, Python"}

@@ -109,7 +109,11 @@ class EdgeBench:
         _expect(st, "built" if cold else "cache", comp, "cold" if cold else "warm")
         p, decodes = self.probe, [e for e in self.probe.events if e[0] == "decode_tokens"]
         parts = {"prompt_prefill_s": decodes[-1][3] - decodes[-1][2]}  # the prompt batch, with the first logits
-        if cold:  # clear, BOS, vectors, snapshot, prompt
+        if cold and st.deep_cells:  # deep cells written with BOS (no decode), shallow vectors, snapshot, prompt
+            parts.update(kv_write_s=p.seconds("load_seq"), vectors_s=p.seconds("decode_embeddings"),
+                         snapshot_s=p.seconds("save_seq"))
+            positions = st.prefix_positions + st.prefilled_tokens  # decoded positions: BOS is written with the cells
+        elif cold:  # clear, BOS, vectors, snapshot, prompt
             parts.update(kv_clear_s=p.seconds("clear"), bos_s=decodes[0][3] - decodes[0][2],
                          vectors_s=p.seconds("decode_embeddings"), snapshot_s=p.seconds("save_seq"))
             positions = 1 + st.prefix_positions + st.prefilled_tokens

@@ -20,7 +20,7 @@ import numpy as np
 
 from .bank_io import read_bank, write_bank
 from .errors import BankFormatError, BankMismatchError, EdgeSafeError, UnknownTokenError, unknown_name_message
-from .keys import NAME_HINT, NAME_RE, TENSOR_DTYPES, Kind, Origin
+from .keys import DEEP_POSITIONS, KNOWN_DEEP_POSITIONS, NAME_HINT, NAME_RE, TENSOR_DTYPES, Depth, Kind, Origin
 from .layout import LAYOUT_V1, QA_TEMPLATE, ChatTemplate, check_layout
 from .merge import merge_banks
 from .model import ModelInfo
@@ -33,7 +33,7 @@ ON_CLASH = ("error", "ours", "theirs", "rename")
 
 @dataclass(frozen=True, eq=False)
 class BankToken:
-    """One bank entry: a constraint or a mode, as prefix vectors."""
+    """One bank entry: a constraint or a mode, as prefix vectors (shallow) or per-layer K/V rows (deep)."""
 
     name: str  # slug used everywhere: CLI, GGUF (tensor bank.<name>), HTTP, logs
     kind: str  # Kind.CONSTRAINT (composable) | Kind.MODE (at most one per request)
@@ -42,12 +42,36 @@ class BankToken:
     refusal: str = ""  # fixed reply this token trains towards ("" for modes that do not refuse)
     rule: str = ""  # the same constraint as a natural-language rule (text baseline)
     origin: str = ""  # how these vectors were made when it differs from the bank's origin ("" = same)
+    # Deep tokens only (then ``vectors`` is empty): float32 (n_positions, n_layer, n_embd_k_gqa) keys,
+    # post-norm and post-RoPE as the KV cache stores them, and (n_positions, n_layer, n_embd_v_gqa)
+    # values, in model layer order.
+    keys: np.ndarray | None = None
+    values: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "vectors", np.asarray(self.vectors, dtype=np.float32))
+        for what in ("keys", "values"):
+            if getattr(self, what) is not None:
+                object.__setattr__(self, what, np.asarray(getattr(self, what), dtype=np.float32))
+
+    @classmethod
+    def deep(cls, name: str, kind: str, keys: np.ndarray, values: np.ndarray, **fields) -> "BankToken":
+        """A deep token: key and value rows per position and layer, no input vectors."""
+        return cls(name, kind, np.zeros((0, 0), np.float32), keys=keys, values=values, **fields)
+
+    @property
+    def depth(self) -> str:
+        return Depth.DEEP if self.keys is not None or self.values is not None else Depth.SHALLOW
+
+    @property
+    def is_deep(self) -> bool:
+        return self.depth == Depth.DEEP
 
     @property
     def n_vectors(self) -> int:
+        """Prefix positions of the token: vectors (shallow) or KV cells (deep)."""
+        if self.is_deep:
+            return int(self.keys.shape[0]) if self.keys is not None and self.keys.ndim else 0
         return int(self.vectors.shape[0]) if self.vectors.ndim else 0
 
 
@@ -68,6 +92,7 @@ class TokenBank:
     origin: str = Origin.TRAINED  # "trained" | "from-text" | "imported"
     training_config: dict = field(default_factory=dict)  # the resolved training config
     eval_summary: dict = field(default_factory=dict)  # headline evaluation numbers
+    deep_positions: str = DEEP_POSITIONS  # where deep cells sit (keys.DEEP_POSITIONS); stored only with deep tokens
 
     # --- files ---------------------------------------------------------------
 
@@ -98,6 +123,7 @@ class TokenBank:
             raise BankFormatError("the bank has no tokens; add one (edge-safe convert from-text ...) or train one")
         for key, tok in self.tokens.items():
             _validate_token(key, tok, self.n_embd)
+        _validate_deep(self)
         _validate_profiles(self.profiles, self.tokens)
         for what in ("training_config", "eval_summary"):
             _check_json_object(what, getattr(self, what))
@@ -108,11 +134,16 @@ class TokenBank:
             f"pass --model <the model it was trained on: {self.base_name}>, "
             f"or a --bank built for {info.name}"
         )
-        for what, ours, theirs in (
-            ("architecture", self.arch, info.arch),
-            ("n_embd", self.n_embd, info.n_embd),
-            ("base model fingerprint", self.base_fingerprint, info.fingerprint),
-        ):
+        checks = [("architecture", self.arch, info.arch), ("n_embd", self.n_embd, info.n_embd)]
+        geometry = self.deep_geometry
+        if geometry is not None:  # deep rows must match the model's layers and K/V widths exactly
+            checks += [
+                ("layer count (deep tokens hold one key/value row per layer)", geometry[0], info.n_layer),
+                ("key row width n_embd_k_gqa (head_count_kv x key_length)", geometry[1], info.n_embd_k_gqa),
+                ("value row width n_embd_v_gqa (head_count_kv x value_length)", geometry[2], info.n_embd_v_gqa),
+            ]
+        checks.append(("base model fingerprint", self.base_fingerprint, info.fingerprint))
+        for what, ours, theirs in checks:
             if ours != theirs:
                 raise BankMismatchError(
                     f"the bank does not fit the model {info.path}: {what} expected {_short(ours)} "
@@ -161,14 +192,43 @@ class TokenBank:
             raise UnknownTokenError(f"{mode!r} is a constraint, not a mode; pass it in tokens instead")
         raise UnknownTokenError(unknown_name_message("mode", mode, self.modes))
 
+    @property
+    def deep_geometry(self) -> tuple[int, int, int] | None:
+        """(n_layer, n_embd_k_gqa, n_embd_v_gqa) of the bank's deep tokens, or None when it has none."""
+        for t in self.tokens.values():
+            if t.is_deep and t.keys is not None and t.values is not None and t.keys.ndim == 3 and t.values.ndim == 3:
+                return int(t.keys.shape[1]), int(t.keys.shape[2]), int(t.values.shape[2])
+        return None
+
+    def depths(self, names: Sequence[str]) -> list[str]:
+        """Depth of each named entry."""
+        self._known(names)
+        return [self.tokens[n].depth for n in names]
+
     def prefix_vectors(self, names: Sequence[str]) -> np.ndarray:
-        """The named entries' vectors, concatenated in the given order: float32 (sum n_vectors, n_embd)."""
+        """The named *shallow* entries' vectors, concatenated in the given order: float32 (sum n_vectors, n_embd).
+
+        Deep entries have no input vectors and are skipped (their cells: :meth:`deep_cells`)."""
+        self._known(names)
+        shallow = [self.tokens[n].vectors for n in names if not self.tokens[n].is_deep]
+        if not shallow:
+            return np.zeros((0, self.n_embd), dtype=np.float32)
+        return np.concatenate(shallow, axis=0)
+
+    def deep_cells(self, names: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """The named *deep* entries' keys and values, concatenated in the given order:
+        float32 (sum n_positions, n_layer, n_embd_k_gqa) and (..., n_embd_v_gqa); empty when none is deep."""
+        self._known(names)
+        deep = [self.tokens[n] for n in names if self.tokens[n].is_deep]
+        if not deep:
+            n_layer, k, v = self.deep_geometry or (0, 0, 0)
+            return np.zeros((0, n_layer, k), np.float32), np.zeros((0, n_layer, v), np.float32)
+        return np.concatenate([t.keys for t in deep]), np.concatenate([t.values for t in deep])
+
+    def _known(self, names: Sequence[str]) -> None:
         for n in names:
             if n not in self.tokens:
                 raise UnknownTokenError(unknown_name_message("token", n, self.tokens))
-        if not names:
-            return np.zeros((0, self.n_embd), dtype=np.float32)
-        return np.concatenate([self.tokens[n].vectors for n in names], axis=0)
 
     def refusals(self) -> dict[str, str]:
         """name -> refusal text, for entries that have one."""
@@ -326,17 +386,56 @@ def _validate_token(key: str, tok: BankToken, n_embd: int) -> None:
         _check_text(f"token {key!r} {what}", getattr(tok, what))
     if tok.origin not in ("",) + Origin.ALL:
         raise BankFormatError(f"token {key!r} has origin {tok.origin!r}; expected '' or one of {', '.join(Origin.ALL)}")
+    if tok.is_deep:
+        return _validate_deep_token(key, tok)
     v = tok.vectors
     if v.ndim != 2 or v.shape[0] < 1 or v.shape[1] != n_embd:
         raise BankFormatError(
             f"token {key!r} has vectors of shape {list(v.shape)}, expected [n_vectors >= 1, n_embd {n_embd}]"
         )
+    _check_finite(key, v, ("vector", "column"))
+
+
+def _check_finite(key: str, v: np.ndarray, axes: tuple[str, ...]) -> None:
     bad = ~np.isfinite(v)
     if bad.any():
-        row, col = (int(i) for i in np.argwhere(bad)[0])
+        first = ", ".join(f"{a} {int(i)}" for a, i in zip(axes, np.argwhere(bad)[0]))
         raise BankFormatError(
-            f"token {key!r} has {int(bad.sum())} NaN/Inf values (first at vector {row}, column {col}); "
+            f"token {key!r} has {int(bad.sum())} NaN/Inf values (first at {first}); "
             "the vectors are broken (diverged training?): retrain or re-export them"
+        )
+
+
+def _validate_deep_token(key: str, tok: BankToken) -> None:
+    if tok.vectors.size:
+        raise BankFormatError(f"token {key!r} has both input vectors and key/value rows; a token is shallow or deep")
+    k, v = tok.keys, tok.values
+    if k is None or v is None:
+        raise BankFormatError(f"deep token {key!r} needs both keys and values; got only {'keys' if v is None else 'values'}")
+    if k.ndim != 3 or v.ndim != 3 or k.shape[0] < 1 or k.shape[:2] != v.shape[:2] or min(k.shape + v.shape) < 1:
+        raise BankFormatError(
+            f"deep token {key!r} has keys of shape {list(k.shape)} and values of shape {list(v.shape)}; expected "
+            "[n_positions >= 1, n_layer, n_embd_k_gqa] and [n_positions, n_layer, n_embd_v_gqa]"
+        )
+    _check_finite(key, k, ("key position", "layer", "column"))
+    _check_finite(key, v, ("value position", "layer", "column"))
+
+
+def _validate_deep(bank: TokenBank) -> None:
+    """Every deep token has the same layers and widths (one model's KV geometry)."""
+    geometry = bank.deep_geometry
+    for name, tok in bank.tokens.items():
+        if tok.is_deep:
+            got = (int(tok.keys.shape[1]), int(tok.keys.shape[2]), int(tok.values.shape[2]))
+            if got != geometry:
+                raise BankFormatError(
+                    f"deep token {name!r} has {got[0]} layers x (K {got[1]}, V {got[2]}) but other deep tokens have "
+                    f"{geometry[0]} x (K {geometry[1]}, V {geometry[2]}); all deep tokens must fit one model"
+                )
+    if bank.deep_positions not in KNOWN_DEEP_POSITIONS:
+        raise BankFormatError(
+            f"the bank places deep cells by scheme {bank.deep_positions!r}, which this edge-safe does not know "
+            f"(known: {', '.join(KNOWN_DEEP_POSITIONS)}); upgrade edge-safe"
         )
 
 

@@ -26,10 +26,14 @@ from .gguf_file import GGUFScanError, Header, parse_header, scan_file
 from .keys import (
     ADAPTER_TYPE_TOKEN_BANK,
     FORMAT_VERSION,
+    FORMAT_VERSION_DEEP,
     GENERAL_TYPE_ADAPTER,
+    MAX_FORMAT_VERSION,
     TENSOR_PREFIX,
+    Depth,
     Keys,
     Model,
+    deep_tensor_names,
     tensor_name,
 )
 from .layout import ChatTemplate
@@ -108,13 +112,24 @@ def _build_writer(bank: Any, dtype: str) -> GGUFWriter:
         strings[Keys.General.DESCRIPTION] = bank.description
     for key, value in strings.items():
         _put(w, key, value, GGUFValueType.STRING)
-    _put(w, Keys.Bank.FORMAT_VERSION, FORMAT_VERSION, GGUFValueType.UINT32)
+    geometry = bank.deep_geometry
+    version = FORMAT_VERSION if geometry is None else FORMAT_VERSION_DEEP  # shallow banks stay readable by v1
+    _put(w, Keys.Bank.FORMAT_VERSION, version, GGUFValueType.UINT32)
     _put(w, Keys.Bank.N_EMBD, int(bank.n_embd), GGUFValueType.UINT32)
     _put(w, _T.NAMES, [t.name for t in toks], GGUFValueType.ARRAY, GGUFValueType.STRING)
     _put(w, _T.KINDS, [t.kind for t in toks], GGUFValueType.ARRAY, GGUFValueType.STRING)
     _put(w, _T.N_VECTORS, [t.n_vectors for t in toks], GGUFValueType.ARRAY, GGUFValueType.UINT32)
+    if geometry is not None:
+        _put(w, _T.DEPTHS, json.dumps([t.depth for t in toks]), GGUFValueType.STRING)
+        for key, value in zip((Keys.Deep.N_LAYER, Keys.Deep.N_EMBD_K, Keys.Deep.N_EMBD_V), geometry):
+            _put(w, key, int(value), GGUFValueType.UINT32)
+        _put(w, Keys.Deep.POSITIONS, bank.deep_positions, GGUFValueType.STRING)
     for t in toks:
-        w.add_tensor(tensor_name(t.name), _encode(t.name, t.vectors, dtype))
+        if t.is_deep:
+            for tname, rows in zip(deep_tensor_names(t.name), (t.keys, t.values)):
+                w.add_tensor(tname, _encode(t.name, rows, dtype))
+        else:
+            w.add_tensor(tensor_name(t.name), _encode(t.name, t.vectors, dtype))
     return w
 
 
@@ -160,12 +175,22 @@ def read_bank(path: Path) -> dict[str, Any]:
         "origin": kv.json_strings(_T.ORIGINS, n, optional=True),
     }
     n_embd = kv.integer(Keys.Bank.N_EMBD)
-    vectors = _read_tensors(path, header, data, names, kv.integers(_T.N_VECTORS, n), n_embd)
+    depths = kv.json_strings(_T.DEPTHS, n, optional=True, empty=Depth.SHALLOW)
+    bad = [d for d in depths if d not in Depth.ALL]
+    if bad:
+        raise BankFormatError(f"{path}: {_T.DEPTHS} holds {bad[0]!r}; expected one of {', '.join(Depth.ALL)}")
+    geometry, positions = None, None
+    if Depth.DEEP in depths:
+        geometry = tuple(kv.integer(k) for k in (Keys.Deep.N_LAYER, Keys.Deep.N_EMBD_K, Keys.Deep.N_EMBD_V))
+        positions = kv.string(Keys.Deep.POSITIONS)
+    n_vectors = kv.integers(_T.N_VECTORS, n)
+    arrays = _read_tensors(path, header, data, names, n_vectors, n_embd, depths, geometry)
     tokens = [
-        {"name": name, "vectors": vectors[name], **{k: col[i] for k, col in columns.items()}}
+        {"name": name, **arrays[name], **{k: col[i] for k, col in columns.items()}}
         for i, name in enumerate(names)
     ]
-    return {
+    extra = {"deep_positions": positions} if positions is not None else {}
+    return {**extra,
         "arch": kv.string(Keys.General.ARCHITECTURE),
         "n_embd": n_embd,
         "base_fingerprint": kv.string(Keys.Bank.BASE_FINGERPRINT),
@@ -244,9 +269,10 @@ def _check_version(path: Path, h: Header) -> None:
     version = h.kv.get(Keys.Bank.FORMAT_VERSION)
     if not isinstance(version, int) or version < 1:
         raise BankFormatError(f"{path}: {Keys.Bank.FORMAT_VERSION} is missing or invalid ({version!r}); re-export the bank")
-    if version > FORMAT_VERSION:
+    if version > MAX_FORMAT_VERSION:
         raise BankFormatError(
-            f"{path} uses token-bank format version {version}, but this edge-safe reads version {FORMAT_VERSION}; "
+            f"{path} uses token-bank format version {version}, but this edge-safe reads versions up to "
+            f"{MAX_FORMAT_VERSION}; "
             "upgrade edge-safe (pip install -U edge-safe)"
         )
 
@@ -259,26 +285,44 @@ def _check_unique(path: Path, names: list[str]) -> None:
         seen.add(n)
 
 
-def _read_tensors(path, h: Header, data: bytes, names, n_vectors, n_embd) -> dict[str, np.ndarray]:
-    extra = [t for t in h.tensors if not t.startswith(TENSOR_PREFIX) or t[len(TENSOR_PREFIX) :] not in names]
+def _read_tensors(path, h: Header, data: bytes, names, n_vectors, n_embd, depths, geometry) -> dict[str, dict]:
+    """Per token ``{"vectors": ...}`` (shallow) or ``{"vectors": empty, "keys": ..., "values": ...}`` (deep)."""
+    expected = set()
+    for name, depth in zip(names, depths):
+        expected.update(deep_tensor_names(name) if depth == Depth.DEEP else (tensor_name(name),))
+    extra = [t for t in h.tensors if t not in expected]
     if extra:
         raise BankFormatError(f"{path}: tensor {extra[0]!r} has no entry in {_T.NAMES}; the file is inconsistent")
     out = {}
-    for name, n in zip(names, n_vectors):
-        info = h.tensors.get(tensor_name(name))
-        if info is None:
-            raise BankFormatError(f"{path}: token {name!r} has no tensor {tensor_name(name)!r}; re-export the bank")
-        if info.qtype not in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
-            raise BankFormatError(f"{path}: tensor {info.name!r} is {info.qtype.name}; a bank stores F32 or F16")
-        if info.shape != (n, n_embd):
-            raise BankFormatError(
-                f"{path}: tensor {info.name!r} has shape {list(info.shape)} but the metadata says "
-                f"[n_vectors {n}, n_embd {n_embd}]; the file is inconsistent, re-export it"
+    for name, n, depth in zip(names, n_vectors, depths):
+        if depth == Depth.DEEP:
+            n_layer, k, v = geometry
+            keys, values = (
+                _tensor(path, h, data, tname, (n, n_layer, width), ("n_positions", "n_layer", "width"))
+                for tname, width in zip(deep_tensor_names(name), (k, v))
             )
-        dtype = np.float32 if info.qtype == GGMLQuantizationType.F32 else np.float16
-        raw = np.frombuffer(data, dtype=dtype, count=n * n_embd, offset=info.offset)
-        out[name] = raw.reshape(n, n_embd).astype(np.float32)
+            out[name] = {"vectors": np.zeros((0, 0), np.float32), "keys": keys, "values": values}
+        else:
+            out[name] = {"vectors": _tensor(path, h, data, tensor_name(name), (n, n_embd), ("n_vectors", "n_embd"))}
     return out
+
+
+def _tensor(path, h: Header, data: bytes, tname: str, shape: tuple[int, ...], labels: tuple[str, ...]) -> np.ndarray:
+    info = h.tensors.get(tname)
+    if info is None:
+        raise BankFormatError(f"{path}: token tensor {tname!r} is missing; re-export the bank")
+    if info.qtype not in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
+        raise BankFormatError(f"{path}: tensor {info.name!r} is {info.qtype.name}; a bank stores F32 or F16")
+    if info.shape != shape:
+        raise BankFormatError(
+            f"{path}: tensor {info.name!r} has shape {list(info.shape)} but the metadata says "
+            f"[{', '.join(f'{k} {v}' for k, v in zip(labels, shape))}]; the file is inconsistent, re-export it"
+        )
+    dtype = np.float32 if info.qtype == GGMLQuantizationType.F32 else np.float16
+    count = int(np.prod(shape))
+    if info.offset + count * np.dtype(dtype).itemsize > len(data):
+        raise BankFormatError(f"{path}: tensor {info.name!r} runs past the end of the file; it is truncated")
+    return np.frombuffer(data, dtype=dtype, count=count, offset=info.offset).reshape(shape).astype(np.float32)
 
 
 class _Fields:
@@ -324,9 +368,9 @@ class _Fields:
         except BankFormatError as e:
             raise BankFormatError(f"{self.path}: {e}") from None
 
-    def json_strings(self, key: str, n: int, optional: bool = False) -> list[str]:
+    def json_strings(self, key: str, n: int, optional: bool = False, empty: str = "") -> list[str]:
         if optional and key not in self.kv:
-            return [""] * n
+            return [empty] * n
         value = self.json(key, list)
         if not all(isinstance(v, str) for v in value):
             raise BankFormatError(f"{self.path}: key {key} must be a JSON list of strings; re-export the bank")

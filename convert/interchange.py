@@ -21,7 +21,7 @@ import numpy as np
 from .bank import BankToken, TokenBank
 from .bank_io import atomic_path
 from .errors import BankFormatError, EdgeSafeError
-from .keys import FORMAT_VERSION, Interchange, Kind, Origin
+from .keys import DEEP_POSITIONS, DEEP_SUFFIXES, FORMAT_VERSION, FORMAT_VERSION_DEEP, MAX_FORMAT_VERSION, Depth, Interchange, Kind, Origin
 from .layout import LAYOUT_V1, ChatTemplate
 from .model import ModelInfo
 
@@ -32,9 +32,11 @@ _TOKEN_FIELDS = ("kind", "description", "refusal", "rule", "origin")
 
 def bank_meta(bank: TokenBank) -> dict[str, Any]:
     """Everything but the vectors, as one JSON-ready object."""
+    deep = bank.deep_geometry is not None
+    extra = {"deep_positions": bank.deep_positions} if deep else {}
     return {
         "format": Interchange.FORMAT,
-        "format_version": FORMAT_VERSION,
+        "format_version": FORMAT_VERSION_DEEP if deep else FORMAT_VERSION,
         "name": bank.name,
         "description": bank.description,
         "origin": bank.origin,
@@ -44,11 +46,45 @@ def bank_meta(bank: TokenBank) -> dict[str, Any]:
         "base_name": bank.base_name,
         "layout": bank.layout,
         "template": json.loads(bank.template.to_json()),
-        "tokens": [{"name": t.name, **{f: getattr(t, f) for f in _TOKEN_FIELDS}} for t in bank.tokens.values()],
+        "tokens": [{"name": t.name, **{f: getattr(t, f) for f in _TOKEN_FIELDS},
+                    **({"depth": Depth.DEEP} if t.is_deep else {})} for t in bank.tokens.values()],
         "profiles": bank.profiles,
         "training_config": bank.training_config,
         "eval_summary": bank.eval_summary,
+        **extra,
     }
+
+
+def token_arrays(bank: TokenBank) -> dict[str, np.ndarray]:
+    """One array per shallow token (``name``: (n_vectors, n_embd)) and two per deep token
+    (``name.k`` / ``name.v``: (n_positions, n_layer, width)); token names never contain a dot."""
+    out = {}
+    for n, t in bank.tokens.items():
+        if t.is_deep:
+            out[n + DEEP_SUFFIXES[0]], out[n + DEEP_SUFFIXES[1]] = t.keys, t.values
+        else:
+            out[n] = t.vectors
+    return out
+
+
+def _group_arrays(arrays: Mapping[str, np.ndarray], source: Path) -> dict[str, dict[str, np.ndarray]]:
+    """``{token: {"vectors": a}}`` or ``{token: {"keys": k, "values": v}}`` from interchange array names."""
+    out: dict[str, dict[str, np.ndarray]] = {}
+    for key, a in arrays.items():
+        for suffix, field_name in zip(DEEP_SUFFIXES, ("keys", "values")):
+            if key.endswith(suffix):
+                out.setdefault(key[: -len(suffix)], {})[field_name] = a
+                break
+        else:
+            out.setdefault(key, {})["vectors"] = a
+    for name, parts in out.items():
+        if "vectors" in parts and len(parts) > 1:
+            raise BankFormatError(f"{source}: {name!r} has both vectors and {name}.k/{name}.v arrays; keep one kind")
+        if "vectors" not in parts and len(parts) != 2:
+            have, miss = next(iter(parts)), ({"keys", "values"} - set(parts)).pop()
+            raise BankFormatError(f"{source}: deep token {name!r} has {have} but no {miss} "
+                                  f"({name}{DEEP_SUFFIXES[0]} and {name}{DEEP_SUFFIXES[1]} go together)")
+    return out
 
 
 def bank_from_parts(
@@ -58,6 +94,7 @@ def bank_from_parts(
     meta = dict(meta or {})
     _check_meta_version(meta, source)
     base = _base_fields(meta, source, info)
+    vectors = _group_arrays(vectors, source)
     entries = meta.get("tokens") or [{"name": n} for n in vectors]
     if not isinstance(entries, list) or not all(isinstance(e, dict) and "name" in e for e in entries):
         raise BankFormatError(f"{source}: metadata 'tokens' must be a list of objects with a 'name'")
@@ -71,9 +108,17 @@ def bank_from_parts(
     for e in entries:
         fields = {f: e.get(f, "") for f in _TOKEN_FIELDS}
         fields["kind"] = fields["kind"] or Kind.CONSTRAINT
-        v = np.asarray(vectors[e["name"]], dtype=np.float32)
+        parts = vectors[e["name"]]
+        if "vectors" not in parts:
+            tokens[e["name"]] = BankToken.deep(e["name"], keys=parts["keys"], values=parts["values"], **fields)
+            continue
+        if e.get("depth", Depth.SHALLOW) != Depth.SHALLOW:
+            raise BankFormatError(f"{source}: token {e['name']!r} is listed as {e['depth']} but has one array of "
+                                  f"vectors; a deep token has {e['name']}.k and {e['name']}.v")
+        v = np.asarray(parts["vectors"], dtype=np.float32)
         tokens[e["name"]] = BankToken(name=e["name"], vectors=v.reshape(1, -1) if v.ndim == 1 else v, **fields)
     bank = TokenBank(
+        deep_positions=meta.get("deep_positions", DEEP_POSITIONS),
         tokens=tokens,
         profiles={p: list(ms) for p, ms in dict(meta.get("profiles") or {}).items()},
         layout=meta.get("layout", LAYOUT_V1),
@@ -95,7 +140,7 @@ def bank_from_parts(
 def export_npz(bank: TokenBank, path: str | os.PathLike, *, force: bool = False) -> Path:
     """Write ``{name: float32 (n_vectors, n_embd)}`` plus ``__meta__`` (a JSON string) to a .npz."""
     path = Path(path).expanduser()
-    arrays = {n: t.vectors for n, t in bank.tokens.items()}
+    arrays = token_arrays(bank)
     arrays[Interchange.NPZ_META] = np.array(json.dumps(bank_meta(bank)))
     with atomic_path(path, force=force) as tmp, open(tmp, "wb") as f:
         np.savez(f, **arrays)
@@ -120,7 +165,7 @@ def export_torch(bank: TokenBank, path: str | os.PathLike, *, force: bool = Fals
     torch = _import_torch()
     path = Path(path).expanduser()
     obj = {
-        Interchange.TORCH_TOKENS: {n: torch.from_numpy(t.vectors.copy()) for n, t in bank.tokens.items()},
+        Interchange.TORCH_TOKENS: {n: torch.from_numpy(a.copy()) for n, a in token_arrays(bank).items()},
         Interchange.TORCH_META: bank_meta(bank),
     }
     with atomic_path(path, force=force) as tmp:
@@ -186,10 +231,10 @@ def _check_meta_version(meta: dict, source: Path) -> None:
     if meta.get("format", Interchange.FORMAT) != Interchange.FORMAT:
         raise BankFormatError(f"{source}: metadata format is {meta.get('format')!r}, expected {Interchange.FORMAT!r}")
     version = meta.get("format_version", FORMAT_VERSION)
-    if not isinstance(version, int) or version > FORMAT_VERSION:
+    if not isinstance(version, int) or version > MAX_FORMAT_VERSION:
         raise BankFormatError(
-            f"{source} uses token-bank format version {version!r}, but this edge-safe reads version "
-            f"{FORMAT_VERSION}; upgrade edge-safe (pip install -U edge-safe)"
+            f"{source} uses token-bank format version {version!r}, but this edge-safe reads versions up to "
+            f"{MAX_FORMAT_VERSION}; upgrade edge-safe (pip install -U edge-safe)"
         )
 
 
@@ -206,4 +251,4 @@ def _base_fields(meta: dict, source: Path, info: ModelInfo | None) -> dict[str, 
     return {k: meta.get(k, from_model[k]) for k in keys}
 
 
-__all__ = ["bank_meta", "bank_from_parts", "export_npz", "import_npz", "export_torch", "import_torch"]
+__all__ = ["bank_meta", "token_arrays", "bank_from_parts", "export_npz", "import_npz", "export_torch", "import_torch"]

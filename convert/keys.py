@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import re
 
-#: Version of the ``edge_safe.*`` metadata layout. A reader refuses newer versions.
+#: Version of the ``edge_safe.*`` metadata layout written for banks of shallow tokens only
+#: (so older readers keep reading them). A reader refuses versions above MAX_FORMAT_VERSION.
 FORMAT_VERSION = 1
+#: Written when a bank holds deep tokens (per-layer key/value rows): version-1 readers refuse it.
+FORMAT_VERSION_DEEP = 2
+MAX_FORMAT_VERSION = FORMAT_VERSION_DEEP
 
 
 class Keys:
@@ -49,12 +53,26 @@ class Keys:
         REFUSALS = "edge_safe.tokens.refusals"
         RULES = "edge_safe.tokens.rules"
         ORIGINS = "edge_safe.tokens.origins"  # "" = the bank's origin
+        DEPTHS = "edge_safe.tokens.depths"  # JSON list of Depth values; absent = all shallow
+
+    class Deep:
+        """Geometry of deep tokens, written when the bank has any: checked against the model."""
+
+        N_LAYER = "edge_safe.deep.n_layer"  # uint32: layers (rows per position), model layer order
+        N_EMBD_K = "edge_safe.deep.n_embd_k_gqa"  # uint32: width of one key row (n_head_kv x key_length)
+        N_EMBD_V = "edge_safe.deep.n_embd_v_gqa"  # uint32: width of one value row
+        POSITIONS = "edge_safe.deep.positions"  # string: where the cells sit (DEEP_POSITIONS)
 
 
 class Model:
     """Keys and tensors read from a *base model* GGUF."""
 
     EMBEDDING_LENGTH = "{arch}.embedding_length"
+    BLOCK_COUNT = "{arch}.block_count"
+    HEAD_COUNT = "{arch}.attention.head_count"
+    HEAD_COUNT_KV = "{arch}.attention.head_count_kv"
+    KEY_LENGTH = "{arch}.attention.key_length"
+    VALUE_LENGTH = "{arch}.attention.value_length"
     TOKEN_EMBD = "token_embd.weight"
     ALIGNMENT = "general.alignment"
 
@@ -66,11 +84,33 @@ ADAPTER_TYPE_TOKEN_BANK = "token_bank"
 #: One tensor per token: ``bank.<name>``, shape [n_vectors, n_embd] (numpy order).
 TENSOR_PREFIX = "bank."
 TENSOR_DTYPES = ("F32", "F16")
+#: A deep token has two tensors instead: ``bank.<name>.k`` and ``bank.<name>.v``,
+#: shape [n_positions, n_layer, n_embd_k_gqa / n_embd_v_gqa] (numpy order).
+DEEP_SUFFIXES = (".k", ".v")
+
+#: Where deep cells sit: every cell gets BOS's position 0, the conversation starts right
+#: after BOS (and after any shallow vectors), so a composition is a set.
+DEEP_POSITIONS = "bos/v1"
+KNOWN_DEEP_POSITIONS = (DEEP_POSITIONS,)
 
 
 def tensor_name(token: str) -> str:
-    """GGUF tensor name of a token's vectors."""
+    """GGUF tensor name of a (shallow) token's vectors."""
     return TENSOR_PREFIX + token
+
+
+def deep_tensor_names(token: str) -> tuple[str, str]:
+    """GGUF tensor names of a deep token's keys and values."""
+    return tuple(TENSOR_PREFIX + token + s for s in DEEP_SUFFIXES)  # type: ignore[return-value]
+
+
+class Depth:
+    """Where a token acts: ``shallow`` = input vectors decoded after BOS; ``deep`` = key/value
+    rows per layer written into the KV cache (no forward pass)."""
+
+    SHALLOW = "shallow"
+    DEEP = "deep"
+    ALL = (SHALLOW, DEEP)
 
 
 class Kind:
@@ -105,6 +145,6 @@ class Interchange:
     """Names used by the plain-numpy and PyTorch interchange files."""
 
     NPZ_META = "__meta__"  # JSON string array in the .npz; every other array is a token
-    TORCH_TOKENS = "state_dict"  # {name: tensor (n_vectors, n_embd)}
+    TORCH_TOKENS = "state_dict"  # {name: tensor (n_vectors, n_embd)}; deep: {name.k, name.v: (n, n_layer, width)}
     TORCH_META = "metadata"  # same JSON object as NPZ_META
     FORMAT = "edge-safe-token-bank"  # meta["format"]

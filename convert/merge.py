@@ -57,6 +57,7 @@ def check_compatible(a: Any, b: Any) -> None:
         ("base model fingerprint", a.base_fingerprint, b.base_fingerprint),
         ("prompt layout", a.layout, b.layout),
         ("chat template", a.template, b.template),
+        *_deep_checks(a, b),
     ):
         if x != y:
             shown = (x.name, y.name) if what == "chat template" else (x, y)
@@ -66,12 +67,26 @@ def check_compatible(a: Any, b: Any) -> None:
             )
 
 
+def _deep_checks(a: Any, b: Any) -> list[tuple[str, Any, Any]]:
+    """Deep tokens of both banks must share one KV geometry and placement."""
+    ga, gb = a.deep_geometry, b.deep_geometry
+    if ga is None or gb is None:
+        return []
+    return [("deep-token geometry (n_layer, n_embd_k_gqa, n_embd_v_gqa)", ga, gb),
+            ("deep-cell positions", a.deep_positions, b.deep_positions)]
+
+
 def _with_origin(tok: Any, bank: Any) -> Any:
     return replace(tok, origin=tok.origin or bank.origin)
 
 
 def _same_token(a: Any, b: Any) -> bool:
-    return a.kind == b.kind and a.vectors.shape == b.vectors.shape and np.array_equal(a.vectors, b.vectors)
+    same = a.kind == b.kind and a.depth == b.depth and _same(a.vectors, b.vectors)
+    return same and (not a.is_deep or (_same(a.keys, b.keys) and _same(a.values, b.values)))
+
+
+def _same(x: np.ndarray, y: np.ndarray) -> bool:
+    return x.shape == y.shape and np.array_equal(x, y)
 
 
 def _free_name(name: str, taken: set[str]) -> str:

@@ -58,12 +58,16 @@ class ModelInfo:
     n_vocab: int
     name: str
     _embd: TensorInfo = field(repr=False, compare=False, default=None)  # type: ignore[assignment]
+    # KV geometry (what deep tokens must match); 0 when the header does not say
+    n_layer: int = 0
+    n_embd_k_gqa: int = 0  # width of one layer's key row: head_count_kv x key_length
+    n_embd_v_gqa: int = 0
 
     @classmethod
     def read(cls, path: str | os.PathLike) -> "ModelInfo":
         """Read a model's header; every failure is a one-line :class:`ModelNotFoundError`."""
         path = Path(path).expanduser()
-        kv, tensors = _read_header(path)
+        kv, tensors, types = _read_header(path)
         if kv.get(Keys.Adapter.TYPE) == ADAPTER_TYPE_TOKEN_BANK:
             raise ModelNotFoundError(
                 f"{path} is a token bank, not a model; pass it as --bank and the base model as --model"
@@ -89,7 +93,8 @@ class ModelInfo:
                 f"{Model.TOKEN_EMBD} has {n_embd} columns; the file is inconsistent"
             )
         name = kv.get(Keys.General.NAME) or path.stem
-        return cls(path=path, arch=arch, n_embd=int(n_embd), n_vocab=int(n_vocab), name=str(name), _embd=embd)
+        return cls(path=path, arch=arch, n_embd=int(n_embd), n_vocab=int(n_vocab), name=str(name), _embd=embd,
+                   **_kv_geometry(kv, types, arch, int(n_embd)))
 
     @cached_property
     def fingerprint(self) -> str:
@@ -128,7 +133,24 @@ class ModelInfo:
         return np.memmap(self.path, dtype=np.uint8, mode="r", offset=self._embd.offset, shape=(self._embd.n_bytes,))
 
 
-def _read_header(path: Path) -> tuple[dict, dict[str, TensorInfo]]:
+def _kv_geometry(kv: dict, types: dict, arch: str, n_embd: int) -> dict[str, int]:
+    """Layers and K/V row widths from a model header (0 where a value is missing or varies per layer)."""
+    def num(key: str, default: int = 0) -> int:
+        key = key.format(arch=arch)
+        if key not in kv:
+            return default
+        value = kv[key]
+        scalar = len(types.get(key, ())) == 1  # an array (per-layer values) is skipped: its length is no count
+        return int(value) if scalar and isinstance(value, int) and not isinstance(value, bool) else 0
+
+    n_head = num(Model.HEAD_COUNT)
+    n_head_kv = num(Model.HEAD_COUNT_KV, n_head)
+    head = n_embd // n_head if n_head else 0
+    return {"n_layer": num(Model.BLOCK_COUNT), "n_embd_k_gqa": n_head_kv * num(Model.KEY_LENGTH, head),
+            "n_embd_v_gqa": n_head_kv * num(Model.VALUE_LENGTH, head)}
+
+
+def _read_header(path: Path) -> tuple[dict, dict[str, TensorInfo], dict]:
     """Metadata and tensor infos of a model GGUF, or a one-line ModelNotFoundError."""
     if not path.is_file():
         raise ModelNotFoundError(f"model file not found: {path} (pass --model PATH to a .gguf file)")
@@ -140,7 +162,7 @@ def _read_header(path: Path) -> tuple[dict, dict[str, TensorInfo]]:
         raise ModelNotFoundError(f"{path} is not a GGUF file ({e}); pass --model PATH to a llama.cpp .gguf model") from e
     except (GGUFScanError, OSError) as e:  # empty file, truncation, garbage
         raise ModelNotFoundError(f"{path} is not a readable GGUF model ({e}); pass --model PATH to a .gguf file") from e
-    return header.kv, header.tensors
+    return header.kv, header.tensors, header.types
 
 
 # --- fingerprint cache -----------------------------------------------------

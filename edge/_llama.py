@@ -189,10 +189,17 @@ class LlamaModel:
         n_gpu_layers: int = 0,
         n_threads: int | None = None,
         cpu_repack: str | bool | None = None,
+        *,
+        flash_attn: bool | None = None,
+        kv_type: str | None = None,
+        extra_cells: int = 0,
     ):
         _init_backend()
         self.path = Path(path)
         self.cpu_repack = resolve_cpu_repack(cpu_repack)  # use_extra_bufts, decided before anything loads
+        # KV-cache settings (None: llama.cpp's defaults, flash attention auto and an f16 cache); extra_cells
+        # enlarges the cache beyond n_ctx for cells that take no position (deep control tokens)
+        self._flash_attn, self._kv_type, self._extra_cells = flash_attn, kv_type, int(extra_cells)
         self._stack = ExitStack()
         try:
             self._open(n_ctx, n_batch, n_gpu_layers, n_threads)
@@ -217,18 +224,20 @@ class LlamaModel:
 
         threads = n_threads or default_threads()
         cparams = C.llama_context_default_params()
-        cparams.n_ctx = int(n_ctx)
+        cparams.n_ctx = int(n_ctx) + self._extra_cells
         cparams.n_batch = cparams.n_ubatch = int(min(n_batch, n_ctx))
         cparams.n_seq_max = 1
         cparams.n_threads = cparams.n_threads_batch = self.n_threads = threads
         cparams.swa_full = True  # keep the full window: partial seq_rm + snapshots stay exact
         cparams.no_perf = True
+        self._kv_params(cparams)
         ctx = C.llama_init_from_model(model, cparams)
         if not ctx:
             raise EdgeSafeError(f"llama.cpp could not create a context with n_ctx={n_ctx} (try a smaller --n-ctx)")
         self._stack.callback(C.llama_free, ctx)
         self.ctx = ctx
-        self.n_ctx = min(int(n_ctx), C.llama_n_ctx(ctx))  # llama.cpp pads n_ctx up (to 256); keep the asked limit
+        # llama.cpp pads n_ctx up (to 256); keep the asked limit
+        self.n_ctx = min(int(n_ctx), C.llama_n_ctx(ctx) - self._extra_cells)
         self.n_batch = C.llama_n_batch(ctx)
         self.memory = C.llama_get_memory(ctx)
 
@@ -241,6 +250,20 @@ class LlamaModel:
         self._piece_buf = ctypes.create_string_buffer(256)
         log.info("loaded %s: n_embd=%d n_vocab=%d n_ctx=%d n_batch=%d threads=%d cpu_repack=%s",
                  self.path.name, self.n_embd, self.n_vocab, self.n_ctx, self.n_batch, threads, self.cpu_repack)
+
+    def _kv_params(self, cparams) -> None:
+        """Flash attention on/off (off: llama.cpp stores V transposed) and the K/V cache type."""
+        if self._flash_attn is not None:
+            cparams.flash_attn_type = 1 if self._flash_attn else 0  # LLAMA_FLASH_ATTN_TYPE_ENABLED / _DISABLED
+        if self._kv_type is not None:
+            types = {"f32": 0, "f16": 1, "q4_0": 2, "q8_0": 8, "bf16": 30}  # ggml_type ids
+            if self._kv_type not in types:
+                raise EdgeSafeError(f"unknown KV cache type {self._kv_type!r}; use one of {', '.join(types)}")
+            cparams.type_k = cparams.type_v = types[self._kv_type]
+
+    @property
+    def n_layer(self) -> int:
+        return int(C.llama_model_n_layer(self.model))
 
     def _batch_views(self, b) -> dict[str, np.ndarray]:
         n = self.n_batch

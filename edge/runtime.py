@@ -25,6 +25,8 @@ from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 
+from edge_safe import kv_cells
+from edge_safe._llama import SEQ as _SEQ
 from edge_safe._llama import LlamaModel
 from edge_safe.convert.bank import TokenBank
 from edge_safe.convert.errors import EdgeSafeError, PromptTooLongError
@@ -56,6 +58,7 @@ class RequestStats:
     decode_s: float = 0.0  # first -> last generated token
     finish_reason: str | None = None
     refusal: str | None = None  # the token whose refusal text the runtime completed exactly (None: no refusal)
+    deep_cells: int = 0  # KV cells written for deep control tokens (they take no position and no prefill)
 
 
 @dataclass
@@ -70,10 +73,16 @@ class _Request:
     strictness: float = 0.0  # added to the refusal openers' logits until the reply's first visible token
     openers: list[int] = field(default_factory=list)  # those token ids (empty: no bias applies)
     refusals: Sequences = field(default_factory=list)  # refusals a reply opening with "Sorry" is finished as
+    deep: tuple[np.ndarray, np.ndarray] | None = None  # deep entries' (keys, values), written at position 0
     stats: RequestStats = field(init=False)
 
     def __post_init__(self):
-        self.stats = RequestStats(self.constraints, self.mode, len(self.vectors), "", 1 + len(self.prompt), 0)
+        self.stats = RequestStats(self.constraints, self.mode, len(self.vectors), "", 1 + len(self.prompt), 0,
+                                  deep_cells=self.n_deep)
+
+    @property
+    def n_deep(self) -> int:
+        return 0 if self.deep is None else len(self.deep[0])
 
 
 class EdgeSafe:
@@ -81,6 +90,14 @@ class EdgeSafe:
 
     >>> es = EdgeSafe()
     >>> es.generate("How do I mix a mojito?", tokens="minors,eu")
+
+    A bank may hold *deep* tokens (key/value rows per layer) besides shallow ones (input
+    vectors). A request's deep cells are written into the KV cache at BOS's position 0,
+    with no forward pass; its shallow vectors are decoded after BOS at positions 1.. as
+    ever, and the conversation follows them. Deep cells take no position: the context is
+    enlarged by the bank's deep cells, so ``n_ctx`` positions stay for the conversation.
+    ``flash_attn`` / ``kv_type`` set llama.cpp's flash attention and KV-cache type
+    (default: llama.cpp's); deep tokens need an f16 or f32 cache.
     """
 
     def __init__(
@@ -97,6 +114,8 @@ class EdgeSafe:
         strictness: float = 0.0,
         cpu_repack: str | bool | None = None,
         exact_refusals: bool = True,
+        flash_attn: bool | None = None,
+        kv_type: str | None = None,
     ):
         self.strictness = check_strictness(strictness)
         self.exact_refusals = bool(exact_refusals)  # finish a reply that opens like a refusal as one, word for word
@@ -115,11 +134,20 @@ class EdgeSafe:
         self._held: tuple[tuple[str, ...], list[int]] | None = None  # (prefix key, prompt tokens in KV)
         self._openers: dict[str, set[int]] = {}  # constraint -> the token ids its refusal can start with
         self._refusal_ids: dict[str, Sequences] = {}  # token -> its refusal's token ids, as written after the header
+        deep_cells = sum(t.n_vectors for t in self.bank.tokens.values() if t.is_deep)
         self._llm = LlamaModel(self.model_path, n_ctx=n_ctx, n_batch=n_batch,
-                               n_gpu_layers=n_gpu_layers, n_threads=n_threads, cpu_repack=cpu_repack)
+                               n_gpu_layers=n_gpu_layers, n_threads=n_threads, cpu_repack=cpu_repack,
+                               flash_attn=flash_attn, kv_type=kv_type, extra_cells=deep_cells)
         if self._llm.n_embd != self.bank.n_embd:  # check_model already compared the GGUF header
             self.close()
             raise EdgeSafeError(f"llama.cpp reports n_embd {self._llm.n_embd}, the bank has {self.bank.n_embd}")
+        self._bos_state: tuple[kv_cells.SeqState, list[list[int]]] | None = None  # parsed BOS-only KV state
+        if deep_cells:
+            try:
+                self._bos_state = self._parse_bos_state()  # fail now (quantized cache, unknown blob), not mid-request
+            except BaseException:
+                self.close()
+                raise
 
     # -- names ------------------------------------------------------------------------
 
@@ -349,6 +377,7 @@ class EdgeSafe:
         constraints, mode = self.compose(tokens, mode)
         names = prefix_names(mode, constraints)
         vectors = self.bank.prefix_vectors(names) if names else np.zeros((0, self._llm.n_embd), np.float32)
+        deep = self._deep_of(names)
         text = self.template.render(messages)
         prompt = self._llm.tokenize(text, add_bos=False, special=False)  # typed text is text
         needed = 1 + len(vectors) + len(prompt) + extra
@@ -363,7 +392,7 @@ class EdgeSafe:
         biased = strictness and constraints and mode in (DEFAULT_MODE, None)  # not rejective/negative
         openers = self.refusal_openers(constraints) if biased else []
         return _Request(constraints, mode, tuple(names), vectors, prompt, stops, t_call, strictness, openers,
-                        self._guided(constraints, mode))
+                        self._guided(constraints, mode), deep)
 
     def _guided(self, constraints: list[str], mode: str | None) -> Sequences:
         """The refusals a reply of this request is finished as once it opens like one: the active
@@ -416,8 +445,11 @@ class EdgeSafe:
                 llm.load_seq(blob)
                 req.stats.prefix_source = "cache"
             else:
-                llm.clear()
-                llm.decode_tokens([llm.bos], 0, want_logits=False)
+                if req.deep is not None:  # BOS + the deep cells at position 0, written, not decoded
+                    llm.load_seq(self._deep_state(req))
+                else:
+                    llm.clear()
+                    llm.decode_tokens([llm.bos], 0, want_logits=False)
                 if len(req.vectors):
                     llm.decode_embeddings(req.vectors, 1)
                 if self.prefix_cache.max_bytes:
@@ -429,6 +461,39 @@ class EdgeSafe:
         llm.decode_tokens(req.prompt[common:], n_prefix + common)
         self._held[1].extend(req.prompt[common:])
         req.stats.prefilled_tokens = len(req.prompt) - common
+
+    def _parse_bos_state(self) -> tuple[kv_cells.SeqState, list[list[int]]]:
+        """The KV state of the BOS-only sequence, parsed, and which model layers each of its sections holds.
+
+        Every field of the blob is read from this real state (kv_cells), and its layers, row widths and
+        cache types are checked against the bank's deep tokens before anything is written."""
+        llm = self._llm
+        n_layer, n_k, n_v = self.bank.deep_geometry
+        if llm.n_layer != n_layer:
+            raise EdgeSafeError(f"llama.cpp reports {llm.n_layer} layers, the bank's deep tokens have {n_layer}; "
+                                f"pass the model the bank was made for ({self.bank.base_name})")
+        self._held = None
+        llm.clear()
+        llm.decode_tokens([llm.bos], 0, want_logits=False)
+        state = kv_cells.parse(llm.save_seq())
+        llm.clear()
+        held = [s.pos.tolist() for s in state.sections]
+        if any(p != [0] for p in held):
+            raise kv_cells.layout_error(f"the BOS-only state holds cells at positions {held}, expected one at 0")
+        return state, kv_cells.check_geometry(state, self.model_info.arch, n_layer, n_k, n_v)
+
+    def _deep_of(self, names: Sequence[str]) -> tuple[np.ndarray, np.ndarray] | None:
+        """The deep entries' (keys, values) among ``names``, or None when none is deep."""
+        if self._bos_state is None or not names:
+            return None
+        keys, values = self.bank.deep_cells(names)
+        return (keys, values) if len(keys) else None
+
+    def _deep_state(self, req: _Request) -> bytes:
+        """The blob of [BOS] + the request's deep cells, all at position 0 of sequence 0."""
+        state, groups = self._bos_state
+        keys, values = req.deep
+        return kv_cells.serialise(kv_cells.with_cells(state, keys, values, groups, pos=0, seq_id=_SEQ))
 
     def _stream(self, req: _Request, max_tokens: int, temperature: float, top_p: float,
                 seed: int | None) -> Iterator[str]:
@@ -506,7 +571,8 @@ class EdgeSafe:
         best: tuple[float, int, str] | None = None
         for rank, name in enumerate(names):
             key = tuple(prefix_names(req.mode, [name]))
-            sub = _Request([name], req.mode, key, self.bank.prefix_vectors(key), req.prompt, (), req.t_call)
+            sub = _Request([name], req.mode, key, self.bank.prefix_vectors(key), req.prompt, (), req.t_call,
+                           deep=self._deep_of(key))
             self._prefill(sub)
             logits = self._llm.logits().copy()
             idx = self.refusal_openers([name])
@@ -536,8 +602,11 @@ class EdgeSafe:
 
     def _extra(self, req: _Request, content: str) -> dict:
         refused_by = req.stats.refusal or self.bank.refusal_of(content)
-        return {"tokens": list(req.constraints), "mode": req.mode, "prefix_positions": len(req.vectors),
-                "strictness": req.strictness, "refusal": refused_by is not None, "refused_by": refused_by}
+        out = {"tokens": list(req.constraints), "mode": req.mode, "prefix_positions": len(req.vectors),
+               "strictness": req.strictness, "refusal": refused_by is not None, "refused_by": refused_by}
+        if req.n_deep:
+            out["deep_cells"] = req.n_deep
+        return out
 
 
 class _StopFilter:

@@ -475,6 +475,9 @@ def vectors_sha256(bank: TokenBank) -> str:
     for name, tok in bank.tokens.items():
         h.update(f"{name}\0{tok.kind}\0{tok.refusal}\0".encode())
         h.update(np.ascontiguousarray(tok.vectors, dtype=np.float32).tobytes())
+        if tok.is_deep:  # deep tokens: their key/value rows are what the runtime writes
+            h.update(np.ascontiguousarray(tok.keys, dtype=np.float32).tobytes())
+            h.update(np.ascontiguousarray(tok.values, dtype=np.float32).tobytes())
     return h.hexdigest()
 
 

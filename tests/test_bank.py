@@ -228,10 +228,10 @@ def test_a_lora_is_not_a_bank(tmp_path):
 
 
 def test_newer_format_version(tmp_path, random_bank):
-    path = write_raw(tmp_path / "b.gguf", random_bank(), override={Keys.Bank.FORMAT_VERSION: (2, U32, None)})
+    path = write_raw(tmp_path / "b.gguf", random_bank(), override={Keys.Bank.FORMAT_VERSION: (3, U32, None)})
     with pytest.raises(
         BankFormatError,
-        match="uses token-bank format version 2, but this edge-safe reads version 1; upgrade",
+        match="uses token-bank format version 3, but this edge-safe reads versions up to 2; upgrade",
     ):
         TokenBank.load(path)
 

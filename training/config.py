@@ -58,6 +58,10 @@ class TrainConfig:
     torch_threads: int = 0  # 0 = torch default (all cores)
     # "float32" or "bfloat16": autocast for the training forward/backward (≈ 1.4x faster on AVX512-BF16 CPUs)
     compute_dtype: str = "float32"
+    # "shallow": input vectors after BOS; "deep": key/value rows per layer written into the KV cache at BOS's
+    # position (n_vectors = positions). Deep: `init` picks the vectors whose K/V start each token, a shallow
+    # init_bank starts from the K/V its vectors produce, and each tensor's lr is `lr` x its initial std.
+    kind: str = "shallow"
 
     def __post_init__(self) -> None:
         bad = [c for c in self.constraints if c not in CATEGORY_NAMES]
@@ -80,6 +84,8 @@ class TrainConfig:
             raise EdgeSafeError(f"config: compute_dtype must be 'float32' or 'bfloat16', got {self.compute_dtype!r}")
         if not 0 < self.lr_min_ratio <= 1:
             raise EdgeSafeError(f"config: lr_min_ratio must be in (0, 1], got {self.lr_min_ratio}")
+        if self.kind not in ("shallow", "deep"):
+            raise EdgeSafeError(f"config: kind must be 'shallow' or 'deep', got {self.kind!r}")
         if self.init not in ("rule", "random"):
             raise EdgeSafeError(f"config: init must be 'rule' or 'random', got {self.init!r}")
         from edge_safe.training.sampler import parse_slices

@@ -14,9 +14,17 @@ Loss per example (averaged over its target positions, then over the batch):
   token is the refusal opener" (see `decision_loss`).
 Logits are computed only at positions that carry loss: the 262 k-word output
 layer dominates CPU cost.
+
+Deep tokens (``kind: deep``, :class:`DeepBank`) are key/value rows per layer instead
+of input vectors: the prefix is the frozen model's KV cache (``DynamicCache``) holding
+the BOS cell and each example's composition (padded and masked in the cache
+dimension), and the conversation is decoded after it with explicit ``position_ids``
+1, 2, ... -- the runtime's layout, where every deep cell sits at BOS's position 0 and
+keys are used as stored (post-norm, post-RoPE).
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -47,6 +55,187 @@ class Bank(torch.nn.Module):
         return torch.cat([self.vectors[n] for n in names], dim=0)  # (sum m, d)
 
 
+class DeepBank(torch.nn.Module):
+    """Trainable deep tokens: per name, keys (n, n_layer, n_kv_heads * head_dim) and values of the
+    same layout, model layer order (what the runtime writes into llama.cpp's KV cache), plus the
+    frozen BOS cell (n_layer, width) every sequence starts with."""
+
+    def __init__(self, init: dict[str, tuple[torch.Tensor, torch.Tensor]], bos: tuple[torch.Tensor, torch.Tensor]):
+        super().__init__()
+        self.names = list(init)
+        self.keys = torch.nn.ParameterDict({k: torch.nn.Parameter(kv[0].clone().float()) for k, kv in init.items()})
+        self.values = torch.nn.ParameterDict({k: torch.nn.Parameter(kv[1].clone().float()) for k, kv in init.items()})
+        self.register_buffer("bos_keys", bos[0].clone().float())
+        self.register_buffer("bos_values", bos[1].clone().float())
+
+    def cells(self, names: tuple[str, ...] | list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The composition's keys and values: (sum n, n_layer, width) each (empty when no names)."""
+        if not names:
+            return self.bos_keys.new_zeros(0, *self.bos_keys.shape), self.bos_values.new_zeros(0, *self.bos_values.shape)
+        return torch.cat([self.keys[n] for n in names]), torch.cat([self.values[n] for n in names])
+
+
+def trainable_bank(base: BaseModel, bank) -> "Bank | DeepBank":
+    """A loaded TokenBank as trainable parameters: :class:`Bank` (shallow) or :class:`DeepBank` (all deep)."""
+    depths = {t.depth for t in bank.tokens.values()}
+    if depths == {"shallow"}:
+        return Bank.from_token_bank(bank)
+    if depths != {"deep"}:
+        from edge_safe.convert.errors import EdgeSafeError
+
+        raise EdgeSafeError("training and validation take a bank of shallow tokens or of deep tokens, not a mix")
+    init = {n: (torch.tensor(t.keys), torch.tensor(t.values)) for n, t in bank.tokens.items()}
+    return DeepBank(init, bos_cell(base))
+
+
+def kv_geometry(base: BaseModel) -> tuple[int, int, int]:
+    """(n_layer, n_kv_heads, head_dim) of the model's attention."""
+    cfg = base.model.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    return cfg.num_hidden_layers, cfg.num_key_value_heads, head_dim
+
+
+def _cache_kwarg(base: BaseModel) -> str:
+    """transformers 5.x renames ``past_key_values`` to ``cache``; use whichever this version takes."""
+    params = inspect.signature(base.model.model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _new_cache(base: BaseModel):
+    from transformers import DynamicCache
+
+    return DynamicCache(config=base.model.config)
+
+
+def _layer_kv(cache, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    if hasattr(cache, "layers"):
+        return cache.layers[layer].keys, cache.layers[layer].values
+    return cache.key_cache[layer], cache.value_cache[layer]  # older transformers
+
+
+@torch.no_grad()
+def kv_of_inputs(base: BaseModel, vectors: torch.Tensor, before_prompt: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """The keys and values the frozen model computes for ``vectors`` (m, d) laid out after BOS at positions
+    1..m: (m, n_layer, n_kv_heads * head_dim) each, as llama.cpp stores them. Initialises a deep token from
+    input vectors (a shallow token, topic words), so its step 0 acts like those vectors.
+
+    ``before_prompt``: the keys are then rotated back by m positions (RoPE composes), as if the vectors had
+    sat at 1-m..0, right before a prompt that starts at position 1 -- where the deep layout puts it -- so the
+    prompt sees them at the distances it saw the vectors at in the shallow layout (the values carry no
+    position). Without it the keys keep positions 1..m, which the prompt then overlaps."""
+    keys, values = _kv_at(base, vectors)
+    return (rotate_keys(base, keys, -len(vectors)) if before_prompt and len(vectors) else keys), values
+
+
+@torch.no_grad()
+def rotate_keys(base: BaseModel, keys: torch.Tensor, delta: int) -> torch.Tensor:
+    """Post-RoPE keys (m, n_layer, width) moved by ``delta`` positions: RoPE(k, p) -> RoPE(k, p + delta), each
+    layer with its own rotary embedding (Gemma 3: local base for sliding layers, global for full ones)."""
+    import sys
+
+    n_layer, n_heads, head_dim = kv_geometry(base)
+    inner = base.model.model
+    apply_rope = sys.modules[type(inner).__module__].apply_rotary_pos_emb
+    layer_types = getattr(base.model.config, "layer_types", None)
+    m = keys.shape[0]
+    pos = torch.full((1, m), int(delta), device=keys.device)
+    out = []
+    for layer in range(n_layer):
+        args = (layer_types[layer],) if layer_types else ()
+        cos, sin = inner.rotary_emb(keys, pos, *args)  # (1, m, head_dim)
+        k = keys[:, layer].reshape(m, n_heads, head_dim).transpose(0, 1)[None]  # (1, H, m, head_dim)
+        _, rotated = apply_rope(k, k, cos.to(k.dtype), sin.to(k.dtype))
+        out.append(rotated[0].transpose(0, 1).reshape(m, n_heads * head_dim))
+    return torch.stack(out, dim=1)
+
+
+@torch.no_grad()
+def _kv_at(base: BaseModel, vectors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """K/V rows of ``vectors`` decoded after BOS at positions 1..m (no rotation back)."""
+    n_layer, n_heads, head_dim = kv_geometry(base)
+    x = torch.cat([base.embed(torch.tensor([base.bos_id])), vectors.to(base.device).float()])[None]
+    cache = _new_cache(base)
+    base.model.model(inputs_embeds=x, use_cache=True, **{_cache_kwarg(base): cache})
+    ks, vs = [], []
+    for layer in range(n_layer):
+        k, v = _layer_kv(cache, layer)  # (1, H, 1 + m, head_dim)
+        ks.append(k[0, :, 1:].transpose(0, 1).reshape(-1, n_heads * head_dim))
+        vs.append(v[0, :, 1:].transpose(0, 1).reshape(-1, n_heads * head_dim))
+    return torch.stack(ks, dim=1).float(), torch.stack(vs, dim=1).float()
+
+
+@torch.no_grad()
+def bos_cell(base: BaseModel) -> tuple[torch.Tensor, torch.Tensor]:
+    """BOS's own keys and values (n_layer, width): at run time BOS is decoded before any deep cell exists."""
+    n_layer, n_heads, head_dim = kv_geometry(base)
+    cache = _new_cache(base)
+    base.model.model(input_ids=torch.tensor([[base.bos_id]], device=base.device), use_cache=True,
+                     **{_cache_kwarg(base): cache})
+    pairs = [_layer_kv(cache, layer) for layer in range(n_layer)]
+    return (torch.stack([k[0, :, 0].reshape(-1) for k, _ in pairs]).float(),
+            torch.stack([v[0, :, 0].reshape(-1) for _, v in pairs]).float())
+
+
+@dataclass
+class DeepPrefix:
+    """A batch's deep prefix: per layer (B, n_kv_heads, C, head_dim) keys and values, C = 1 (BOS) + the longest
+    composition's cells, and a (B, C) mask that is 0 on the padding cells."""
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    mask: torch.Tensor
+
+
+def deep_prefix(base: BaseModel, bank: DeepBank, cells: list[tuple[torch.Tensor, torch.Tensor]]) -> DeepPrefix:
+    _, n_heads, head_dim = kv_geometry(base)
+    width = 1 + max(len(k) for k, _ in cells)
+    rows_k, rows_v = [], []
+    mask = torch.zeros(len(cells), width, dtype=torch.long, device=bank.bos_keys.device)
+    for b, (k, v) in enumerate(cells):
+        pad = width - 1 - len(k)
+        rows_k.append(torch.cat([bank.bos_keys[None], k, k.new_zeros(pad, *k.shape[1:])]))
+        rows_v.append(torch.cat([bank.bos_values[None], v, v.new_zeros(pad, *v.shape[1:])]))
+        mask[b, : 1 + len(k)] = 1
+    K, V = torch.stack(rows_k), torch.stack(rows_v)  # (B, C, n_layer, width)
+    B, C, n_layer, _ = K.shape
+    split = lambda t, layer: t[:, :, layer].reshape(B, C, n_heads, head_dim).transpose(1, 2)  # noqa: E731
+    return DeepPrefix([split(K, i) for i in range(n_layer)], [split(V, i) for i in range(n_layer)], mask)
+
+
+def forward_hidden(base: BaseModel, embeds: torch.Tensor, mask: torch.Tensor,
+                   prefix: DeepPrefix | None = None) -> torch.Tensor:
+    """Last hidden states (B, T, d) of right-padded inputs, after a deep prefix when given.
+
+    Shallow: ``embeds`` holds [BOS][vectors][tokens] at positions 0.. . Deep: ``embeds`` holds the tokens
+    only, at positions 1.. (BOS and every deep cell are at 0, in the cache)."""
+    if prefix is None:
+        return base.model.model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+    cache = _new_cache(base)
+    for layer, (k, v) in enumerate(zip(prefix.keys, prefix.values)):
+        cache.update(k.to(embeds.dtype), v.to(embeds.dtype), layer)
+    B, T = mask.shape
+    positions = torch.arange(1, T + 1, device=embeds.device).expand(B, T)
+    full = torch.cat([prefix.mask, mask], dim=1)
+    out = base.model.model(inputs_embeds=embeds, attention_mask=full, position_ids=positions, use_cache=True,
+                           **{_cache_kwarg(base): cache})
+    return out.last_hidden_state
+
+
+def batch_inputs(base: BaseModel, bank: "Bank | DeepBank",
+                 rows: list[tuple[str | None, tuple[str, ...], list[int]]]) -> tuple[torch.Tensor, torch.Tensor, DeepPrefix | None]:
+    """(embeds, mask, deep prefix or None) of (mode, constraints, ids) rows, right-padded; the last real
+    position of each row is where its ids end (as in :func:`layout`)."""
+    if isinstance(bank, DeepBank):
+        seqs, cells = [], []
+        for mode, constraints, ids in rows:
+            seqs.append(base.embed(torch.tensor(list(ids))))
+            cells.append(bank.cells(((mode,) if mode else ()) + tuple(constraints)))
+        embeds, mask = pad_right(seqs)
+        return embeds, mask, deep_prefix(base, bank, cells)
+    embeds, mask = pad_right([layout(base, bank, m, c, ids) for m, c, ids in rows])
+    return embeds, mask, None
+
+
 @dataclass
 class Batch:
     embeds: torch.Tensor  # (B, T, d)
@@ -60,6 +249,7 @@ class Batch:
     topk_logp: torch.Tensor  # (N, k)
     first: torch.Tensor  # (B,) index into the N loss positions of each example's first target token
     refuses: torch.Tensor  # (B,) bool: the example's target is a refusal
+    prefix: DeepPrefix | None = None  # deep tokens: the KV prefix the embeds follow
 
 
 def layout(base: BaseModel, bank: Bank, mode: str | None, constraints: tuple[str, ...], ids: list[int]) -> torch.Tensor:
@@ -70,17 +260,19 @@ def layout(base: BaseModel, bank: Bank, mode: str | None, constraints: tuple[str
 
 
 def build_batch(
-    base: BaseModel, bank: Bank, teacher: Teacher, refusal_ids: dict[str, list[int]],
+    base: BaseModel, bank: "Bank | DeepBank", teacher: Teacher, refusal_ids: dict[str, list[int]],
     examples: list[Example], first_token_weight: float, refusal_weight: float = 1.0,
 ) -> Batch:
-    seqs, rows, cols, targets, weights, kl, tids, tlp, first = [], [], [], [], [], [], [], [], []
+    inputs, rows, cols, targets, weights, kl, tids, tlp, first = [], [], [], [], [], [], [], [], []
     k = teacher.topk_ids[0].shape[1]
+    deep = isinstance(bank, DeepBank)
     for b, ex in enumerate(examples):
         prompt = teacher.prompt_ids[ex.prompt]
         target = refusal_ids[ex.refuse] if ex.refuse else teacher.ref_ids[ex.prompt]
-        x = layout(base, bank, ex.mode, ex.constraints, prompt + target[:-1])
-        seqs.append(x)
-        start = x.shape[0] - len(target)  # logits at `start` predict target[0]
+        ids = prompt + target[:-1]
+        inputs.append((ex.mode, ex.constraints, ids))
+        n_prefix = 0 if deep else 1 + len(bank.prefix(((ex.mode,) if ex.mode else ()) + tuple(ex.constraints)))
+        start = n_prefix + len(ids) - len(target)  # logits at `start` predict target[0]
         w = torch.ones(len(target))
         w[0] = first_token_weight
         w = w / w.sum() * (refusal_weight if ex.refuse else 1.0)
@@ -98,13 +290,13 @@ def build_batch(
         else:
             tids.append(torch.zeros(len(target), k, dtype=torch.long))
             tlp.append(torch.zeros(len(target), k))
-    embeds, mask = pad_right(seqs)
+    embeds, mask, prefix = batch_inputs(base, bank, inputs)
     dev = embeds.device
     return Batch(
         embeds, mask, torch.tensor(rows, device=dev), torch.tensor(cols, device=dev),
         torch.tensor(targets, device=dev), torch.cat(weights).to(dev), torch.tensor(kl, device=dev),
         torch.cat(tids).to(dev), torch.cat(tlp).to(dev), torch.tensor(first, device=dev),
-        torch.tensor([ex.refuse is not None for ex in examples], device=dev),
+        torch.tensor([ex.refuse is not None for ex in examples], device=dev), prefix,
     )
 
 
@@ -121,7 +313,7 @@ def pad_right(seqs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
 
 def loss_positions_logp(base: BaseModel, batch: Batch) -> torch.Tensor:
     """Log-probabilities over the vocabulary at the loss positions only: (N, V)."""
-    hidden = base.model.model(inputs_embeds=batch.embeds, attention_mask=batch.mask).last_hidden_state
+    hidden = forward_hidden(base, batch.embeds, batch.mask, batch.prefix)
     h = hidden[batch.rows, batch.cols]  # (N, d)
     return torch.log_softmax(base.model.lm_head(h).float(), dim=-1)
 

@@ -25,7 +25,16 @@ from edge_safe.eval.curve import auc  # the eval's AUC: training and runtime fig
 from edge_safe.training.base_model import BaseModel
 from edge_safe.training.categories import BY_NAME, PROFILES
 from edge_safe.training.config import TrainConfig
-from edge_safe.training.objective import Bank, build_batch, layout, mosaic_loss, pad_right
+from edge_safe.training.objective import (
+    Bank,
+    DeepBank,
+    batch_inputs,
+    bos_cell,
+    build_batch,
+    forward_hidden,
+    kv_of_inputs,
+    mosaic_loss,
+)
 from edge_safe.training.sampler import Prompt, TaskSampler, load_prompts, render_prompt
 from edge_safe.training.teacher import build_teacher
 
@@ -114,6 +123,47 @@ def init_from_bank(base: BaseModel, cfg: TrainConfig) -> dict[str, torch.Tensor]
     return vectors
 
 
+def init_deep(base: BaseModel, cfg: TrainConfig, gen: torch.Generator) -> DeepBank:
+    """Deep tokens at step 0: the keys/values the frozen model computes for input vectors laid out after BOS.
+
+    Without ``init_bank`` the vectors are :func:`init_vectors`' (the rule's topic words, or random). With a
+    *shallow* ``init_bank`` they are that bank's trained vectors, so step 0 acts like that bank (keys rotated
+    to sit right before the prompt, see :func:`kv_of_inputs`); a *deep* ``init_bank`` is resumed as is.
+    Names and positions per token must match the config."""
+    if not cfg.init_bank:
+        vectors = init_vectors(base, cfg, gen)
+        return DeepBank({n: kv_of_inputs(base, v) for n, v in vectors.items()}, bos_cell(base))
+    from edge_safe.convert.bank import TokenBank
+
+    bank = TokenBank.load(cfg.init_bank)
+    if base.info is not None:
+        bank.check_model(base.info)
+    init = {}
+    for name in list(cfg.modes) + list(cfg.constraints):
+        n = cfg.n_mode_vectors if name in cfg.modes else cfg.n_vectors
+        tok = bank.tokens.get(name)
+        if tok is None or tok.n_vectors != n:
+            got = "no such token" if tok is None else f"{tok.n_vectors} positions"
+            raise EdgeSafeError(f"init_bank {cfg.init_bank}: {name!r} has {got}, the config needs {n}; use a bank "
+                                "trained with the same n_vectors/n_mode_vectors, or drop init_bank")
+        if tok.is_deep:
+            init[name] = (torch.tensor(tok.keys), torch.tensor(tok.values))
+        else:
+            init[name] = kv_of_inputs(base, torch.tensor(tok.vectors))
+    return DeepBank(init, bos_cell(base))
+
+
+def param_groups(bank: "Bank | DeepBank", cfg: TrainConfig) -> list[dict]:
+    """Adam parameter groups, each with an lr ``scale`` (the lr of a step is learning_rate() x scale).
+
+    Shallow: one group, scale 1. Deep: one group per tensor, scale = that tensor's initial standard deviation,
+    because keys and values differ in magnitude by layer and kind (DESIGN.md: lr per tensor = c x its std)."""
+    if not isinstance(bank, DeepBank):
+        return [{"params": list(bank.parameters()), "scale": 1.0}]
+    return [{"params": [p], "scale": float(p.detach().std()) or 1.0}
+            for p in list(bank.keys.values()) + list(bank.values.values())]
+
+
 def stratified_sample(prompts: list[Prompt], n: int, rng: random.Random) -> list[Prompt]:
     """At most n prompts, drawn round-robin over (slice, category, label) so every group stays represented."""
     groups: dict[tuple[str, str, str], list[Prompt]] = {}
@@ -187,23 +237,22 @@ def validation_set(
     return make_val_cases(prompts, cfg, random.Random(seed)), [base.tokenize(render_prompt(template, p)) for p in prompts]
 
 
-def validate(base: BaseModel, bank: Bank, prompt_ids: list[list[int]], cases: list[ValCase], refuse_id: int) -> dict:
+def validate(base: BaseModel, bank: "Bank | DeepBank", prompt_ids: list[list[int]], cases: list[ValCase], refuse_id: int) -> dict:
     """First-token decisions (refusal opener or not) under each case's composition."""
     margins = val_margins(base, bank, prompt_ids, cases, refuse_id)
     return summarize(cases, [m > 0 for m in margins], margins)
 
 
 @torch.no_grad()
-def val_margins(base: BaseModel, bank: Bank, prompt_ids: list[list[int]], cases: list[ValCase],
+def val_margins(base: BaseModel, bank: "Bank | DeepBank", prompt_ids: list[list[int]], cases: list[ValCase],
                 refuse_id: int) -> list[float]:
     """Refusal-opener logit minus the best other logit at the first reply token, per case (> 0: refuses)."""
     margins: list[float] = []
     for start in range(0, len(cases), 32):
         chunk = cases[start:start + 32]
-        seqs = [layout(base, bank, c.mode, c.constraints, prompt_ids[c.prompt]) for c in chunk]
-        x, mask = pad_right(seqs)
-        hidden = base.model.model(inputs_embeds=x, attention_mask=mask).last_hidden_state
-        last = hidden[torch.arange(len(seqs), device=x.device), mask.sum(1) - 1]
+        x, mask, prefix = batch_inputs(base, bank, [(c.mode, c.constraints, prompt_ids[c.prompt]) for c in chunk])
+        hidden = forward_hidden(base, x, mask, prefix)
+        last = hidden[torch.arange(len(chunk), device=x.device), mask.sum(1) - 1]
         logits = base.model.lm_head(last).float()
         refuse = logits[:, refuse_id].clone()
         logits[:, refuse_id] = float("-inf")
@@ -272,7 +321,10 @@ def train(
         prompts = stratified_sample(prompts, cfg.limit_prompts, random.Random(cfg.seed))
     val_cases, val_ids = validation_set(base, cfg, template, cfg.seed + 1)  # before the teacher: fail fast
     # also before the teacher, so a wrong init_bank fails in seconds, not after the teacher cache is built
-    bank = Bank(init_from_bank(base, cfg) if cfg.init_bank else init_vectors(base, cfg, gen)).to(base.device)
+    if cfg.kind == "deep":
+        bank = init_deep(base, cfg, gen).to(base.device)
+    else:
+        bank = Bank(init_from_bank(base, cfg) if cfg.init_bank else init_vectors(base, cfg, gen)).to(base.device)
     teacher = build_teacher(base, [p.source() for p in prompts], template, cfg.ref_tokens, cfg.teacher_topk, progress=progress)
     keep = [i for i, ids in enumerate(teacher.prompt_ids) if len(ids) <= cfg.max_prompt_tokens]
     if len(keep) < len(prompts):
@@ -284,7 +336,7 @@ def train(
     sampler = TaskSampler([prompts[i] for i in keep], cfg, rng)
     sampler_index = keep  # sampler indices -> prompt indices
 
-    opt = torch.optim.Adam(bank.parameters(), lr=cfg.lr)
+    opt = torch.optim.Adam(param_groups(bank, cfg), lr=cfg.lr)
     step0, history = 0, []
     ckpt = out_dir / CHECKPOINT
     if resume and ckpt.exists():
@@ -315,7 +367,7 @@ def train(
         ]
         t0 = time.time()
         for group in opt.param_groups:
-            group["lr"] = learning_rate(cfg, step)
+            group["lr"] = learning_rate(cfg, step) * group.get("scale", 1.0)
         batch = build_batch(base, bank, teacher, refusal_ids, examples, cfg.first_token_weight, cfg.refusal_weight)
         with _autocast(cfg, base):
             loss, stats = mosaic_loss(base, batch, cfg.kl_weight, cfg.decision_weight, refuse_id)
@@ -384,6 +436,11 @@ def export_bank(bank: Bank, base: BaseModel, cfg: TrainConfig, summary: dict, te
     for name in bank.names:  # modes first, then constraints, as laid out
         spec = BY_NAME[name]
         kind = "mode" if name in cfg.modes else "constraint"
+        if isinstance(bank, DeepBank):
+            keys, values = (t[name].detach().float().cpu().numpy() for t in (bank.keys, bank.values))
+            tokens[name] = BankToken.deep(name, kind, keys, values, description=spec.description,
+                                          refusal=spec.refusal, rule=spec.rule)
+            continue
         vec = bank.vectors[name].detach().float().cpu().numpy()
         tokens[name] = BankToken(name, kind, vec, spec.description, spec.refusal, spec.rule)
     profiles = {p: list(c) for p, c in PROFILES.items() if all(x in cfg.constraints for x in c)}

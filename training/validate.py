@@ -50,7 +50,7 @@ def validate_bank(bank_path: str, model: str | None = None, size: int = 400, see
     from edge_safe.models import resolve_model_path
     from edge_safe.training.base_model import load_gguf_model
     from edge_safe.training.config import TrainConfig
-    from edge_safe.training.objective import Bank
+    from edge_safe.training.objective import trainable_bank
     from edge_safe.training.trainer import decision_id, refusal_target_ids, summarize, val_margins, validation_set
 
     bank = TokenBank.load(bank_path)
@@ -64,7 +64,7 @@ def validate_bank(bank_path: str, model: str | None = None, size: int = 400, see
     base = load_gguf_model(model_path)
     cases, ids = validation_set(base, cfg, bank.template, seed, split)
     refuse_id = decision_id(refusal_target_ids(base, bank.template, list(cfg.constraints)))
-    margins = val_margins(base, Bank.from_token_bank(bank).to(base.device), ids, cases, refuse_id)
+    margins = val_margins(base, trainable_bank(base, bank).to(base.device), ids, cases, refuse_id)
     out = summarize(cases, [m > 0 for m in margins], margins)
     if runtime:
         out["runtime"] = _runtime(bank_path, model_path, cfg, split, cases, margins)

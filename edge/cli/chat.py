@@ -256,7 +256,8 @@ def tokens(bank, as_json):
         data = {
             "bank": str(path),
             "tokens": {n: {"kind": b.tokens[n].kind, "description": b.tokens[n].description,
-                           "n_vectors": int(len(b.tokens[n].vectors))} for n in b.tokens},
+                           "n_vectors": b.tokens[n].n_vectors,
+                           **({"depth": "deep"} if b.tokens[n].is_deep else {})} for n in b.tokens},
             "profiles": {k: list(v) for k, v in b.profiles.items()},
         }
         click.echo(json.dumps(data, indent=2, ensure_ascii=False))

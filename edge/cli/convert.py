@@ -17,7 +17,7 @@ import click
 from edge_safe.convert import interchange
 from edge_safe.convert.bank import TokenBank, from_text_bank, from_text_token
 from edge_safe.convert.bank_io import stored_dtype
-from edge_safe.convert.keys import FORMAT_VERSION, TENSOR_DTYPES, Kind, Origin
+from edge_safe.convert.keys import TENSOR_DTYPES, Kind, Origin
 from edge_safe.convert.model import ModelInfo
 from edge_safe.models import resolve_model_path
 
@@ -92,7 +92,8 @@ def validate(bank: Path, model: Path | None) -> None:
         b.check_model(info)
     click.echo(f"OK: {bank} is a valid token bank ({_counts(b)}; base {b.base_name})")
     if info is not None:
-        click.echo(f"OK: it fits {info.path} ({info.arch}, n_embd {info.n_embd}, fingerprint matches)")
+        deep = f", {info.n_layer} layers x K/V {info.n_embd_k_gqa}" if b.deep_geometry is not None else ""
+        click.echo(f"OK: it fits {info.path} ({info.arch}, n_embd {info.n_embd}{deep}, fingerprint matches)")
 
 
 # --- building ------------------------------------------------------------------
@@ -224,7 +225,7 @@ def remove(bank: Path, names: Sequence[str], drop_from_profiles: bool, output: P
 @click.option("-o", "--output", type=PATH, required=True, help="The .npz to write.")
 @force_option
 def export_npz(bank: Path, output: Path, force: bool) -> None:
-    """Export a bank as plain numpy: one array per token plus __meta__ (JSON).
+    """Export a bank as plain numpy: one array per token (two per deep token: name.k, name.v) plus __meta__ (JSON).
 
     \b
     Examples:
@@ -242,7 +243,8 @@ def export_npz(bank: Path, output: Path, force: bool) -> None:
 @force_option
 @dtype_option
 def import_npz(npz: Path, output: Path, model: Path | None, force: bool, dtype: str) -> None:
-    """Import a .npz ({name: (n_vectors, n_embd)} [+ __meta__]) as a bank.
+    """Import a .npz ({name: (n_vectors, n_embd)}, deep tokens as name.k / name.v of
+    shape (n_positions, n_layer, width) [+ __meta__]) as a bank.
 
     Without __meta__, --model supplies the base model and every token is a constraint.
 
@@ -317,9 +319,14 @@ def _add_to_profiles(bank: TokenBank, name: str, profiles: Sequence[str]) -> Tok
 
 
 def _counts(b: TokenBank) -> str:
-    n_vec = sum(t.n_vectors for t in b.tokens.values())
+    n_vec = sum(t.n_vectors for t in b.tokens.values() if not t.is_deep)
     parts = [(len(b.constraints), "constraint"), (len(b.modes), "mode"), (len(b.profiles), "profile")]
-    return ", ".join(_plural(n, w) for n, w in parts) + f", {_plural(n_vec, 'vector')} of {b.n_embd}"
+    out = ", ".join(_plural(n, w) for n, w in parts) + f", {_plural(n_vec, 'vector')} of {b.n_embd}"
+    if b.deep_geometry is not None:
+        n_layer, k, v = b.deep_geometry
+        n_cells = sum(t.n_vectors for t in b.tokens.values() if t.is_deep)
+        out += f", {_plural(n_cells, 'deep cell')} of {n_layer} layers x (K {k}, V {v})"
+    return out
 
 
 def _plural(n: int, word: str) -> str:
@@ -330,7 +337,10 @@ def _inspect_json(b: TokenBank, path: Path) -> dict:
     meta = interchange.bank_meta(b)
     for entry in meta["tokens"]:
         entry["n_vectors"] = b.tokens[entry["name"]].n_vectors
+        entry["depth"] = b.tokens[entry["name"]].depth
         entry["origin"] = b.token_origin(entry["name"])
+    if b.deep_geometry is not None:
+        meta["deep"] = dict(zip(("n_layer", "n_embd_k_gqa", "n_embd_v_gqa"), b.deep_geometry))
     meta["path"] = str(path)
     meta["origin_label"] = Origin.LABELS[b.origin]
     return meta
@@ -346,12 +356,19 @@ def format_bank(b: TokenBank, path: Path) -> str:
         f"base model   {b.base_name} ({b.arch}, n_embd {b.n_embd}, fingerprint {b.base_fingerprint[:12]})",
         f"layout       {b.layout}",
         f"template     {b.template.name}",
-        f"format       v{FORMAT_VERSION}; {_counts(b)}",
+        f"format       v{interchange.bank_meta(b)['format_version']}; {_counts(b)}",
+        *([f"deep cells   at position {b.deep_positions} (written into the KV cache, no prefill)"]
+          if b.deep_geometry is not None else []),
         "",
     ]
-    rows = [("NAME", "KIND", "VECTORS", "ORIGIN", "DESCRIPTION")]
-    rows += [(n, t.kind, str(t.n_vectors), b.token_origin(n), _clip(t.description)) for n, t in b.tokens.items()]
-    lines += _table(rows, right={2})
+    if b.deep_geometry is None:
+        rows = [("NAME", "KIND", "VECTORS", "ORIGIN", "DESCRIPTION")]
+        rows += [(n, t.kind, str(t.n_vectors), b.token_origin(n), _clip(t.description)) for n, t in b.tokens.items()]
+    else:  # a DEPTH column; VECTORS counts positions (vectors or KV cells)
+        rows = [("NAME", "KIND", "DEPTH", "VECTORS", "ORIGIN", "DESCRIPTION")]
+        rows += [(n, t.kind, t.depth, str(t.n_vectors), b.token_origin(n), _clip(t.description))
+                 for n, t in b.tokens.items()]
+    lines += _table(rows, right={2} if b.deep_geometry is None else {3})
     if b.profiles:
         lines += ["", *_table([("PROFILE", "TOKENS")] + [(p, ", ".join(ms)) for p, ms in b.profiles.items()])]
     if b.eval_summary:

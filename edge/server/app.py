@@ -390,7 +390,8 @@ def _routes(state: ServerState) -> APIRouter:
         return {
             "object": "list",
             "data": [{"id": n, "object": "control_token", "kind": t.kind, "description": t.description,
-                      "n_vectors": t.n_vectors} for n, t in es.bank.tokens.items()],
+                      "n_vectors": t.n_vectors, **({"depth": "deep"} if t.is_deep else {})}
+                     for n, t in es.bank.tokens.items()],
             "tokens": es.tokens,
             "modes": es.modes,
             "profiles": es.profiles,

@@ -1,0 +1,273 @@
+"""Read and write the KV cells of one sequence's state blob (``llama_state_seq_get_data``).
+
+Deep control tokens are key/value rows per layer. The runtime *writes* them into the
+sequence's KV cache instead of prefilling anything: it takes the blob of a real state
+(the BOS-only sequence), parses it, appends the deep cells, serialises it again and
+loads it with ``llama_state_seq_set_data``. Layout of the blob (llama-cpp-python 0.3.36,
+little-endian; DESIGN.md "Writing KV cells"):
+
+- a u64 header, copied through unchanged;
+- one section per KV cache (Gemma 3: the full-attention cache, then the sliding-window
+  cache): u32 ``n_stream`` (1 here), then per stream u32 ``cell_count`` and, if > 0,
+  - per cell: i32 ``pos``, u32 ``n_seq_id``, that many i32 sequence ids;
+  - u32 ``v_trans``, u32 ``n_layer``;
+  - per layer K: i32 ggml type, u64 row bytes, ``cell_count`` rows;
+  - per layer V, ``v_trans`` 0: as K; ``v_trans`` 1 (flash attention off): i32 type,
+    u32 element bytes, u32 ``n_embd_v_gqa``, then per element its value for every cell.
+
+Every field is parsed from the blob (nothing but this grammar is assumed); anything that
+does not fit it raises :class:`KVLayoutError` and nothing is written. Plain numpy over
+``bytes``: nothing here touches llama.cpp.
+"""
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field, replace
+from typing import Sequence
+
+import numpy as np
+
+from edge_safe.convert.errors import EdgeSafeError
+
+#: ggml type ids of the cache types deep cells can be written into, and their numpy types.
+GGML_F32, GGML_F16 = 0, 1
+_FLOAT_TYPES = {GGML_F32: np.dtype("<f4"), GGML_F16: np.dtype("<f2")}
+_TYPE_NAMES = {0: "f32", 1: "f16", 2: "q4_0", 3: "q4_1", 6: "q5_0", 7: "q5_1", 8: "q8_0", 30: "bf16",
+               20: "iq4_nl"}
+
+#: Which model layers each KV section holds, per architecture whose cache is split
+#: (llama.cpp's ``llama_kv_cache_iswa`` writes the full-attention cache first, then the
+#: sliding-window one). Gemma 3: every 6th layer (5, 11, 17, ...) is full attention.
+_SWA_PATTERN = {"gemma3": 6}
+
+
+class KVLayoutError(EdgeSafeError):
+    """A sequence state blob does not have the layout edge-safe writes deep cells into."""
+
+
+class KVCacheTypeError(EdgeSafeError):
+    """The KV cache is quantized (or another type deep cells cannot be written into)."""
+
+
+@dataclass
+class Section:
+    """One KV cache of one stream: its cells and, per layer, raw K and V rows (cell-major)."""
+
+    pos: np.ndarray  # int32 (n_cells,)
+    seq_ids: list[tuple[int, ...]]  # per cell
+    v_trans: int
+    k_types: list[int]  # per layer, ggml type id
+    v_types: list[int]
+    k_rows: list[np.ndarray]  # per layer: uint8 (n_cells, row bytes)
+    v_rows: list[np.ndarray]  # per layer: uint8 (n_cells, row bytes), de-transposed when v_trans == 1
+    v_elem: list[int] = field(default_factory=list)  # per layer, element bytes of V (v_trans 1 only)
+
+    @property
+    def n_cells(self) -> int:
+        return len(self.pos)
+
+    @property
+    def n_layer(self) -> int:
+        return len(self.k_rows)
+
+
+@dataclass
+class SeqState:
+    """A parsed ``llama_state_seq_get_data`` blob."""
+
+    header: bytes  # the leading u64, copied through
+    sections: list[Section]
+
+    @property
+    def n_layer(self) -> int:
+        return sum(s.n_layer for s in self.sections)
+
+
+class _Reader:
+    def __init__(self, blob: bytes):
+        self.b, self.o = memoryview(blob), 0
+
+    def take(self, fmt: str):
+        s = struct.Struct("<" + fmt)
+        if self.o + s.size > len(self.b):
+            raise layout_error(f"it ends inside a field at byte {self.o} of {len(self.b)}")
+        out = s.unpack_from(self.b, self.o)
+        self.o += s.size
+        return out if len(out) > 1 else out[0]
+
+    def raw(self, n: int) -> np.ndarray:
+        if n < 0 or self.o + n > len(self.b):
+            raise layout_error(f"a block of {n} bytes at byte {self.o} runs past its end ({len(self.b)} bytes)")
+        out = np.frombuffer(self.b, dtype=np.uint8, count=n, offset=self.o)
+        self.o += n
+        return out
+
+
+def layout_error(what: str) -> KVLayoutError:
+    """The error for a blob that does not fit the grammar: what was found, and what to do."""
+    return KVLayoutError(f"the KV state blob does not have the layout edge-safe expects ({what}); this llama.cpp build "
+            "serialises sequence state differently, so deep control tokens cannot be written: use a bank of "
+            "shallow tokens, or the llama-cpp-python version edge-safe was checked with (0.3.36)")
+
+
+def parse(blob: bytes, *, max_layers: int = 4096, max_cells: int = 1 << 22) -> SeqState:
+    """Parse a sequence state blob; :class:`KVLayoutError` if it does not follow the grammar above."""
+    r = _Reader(blob)
+    header = bytes(r.raw(8))
+    sections = []
+    while r.o < len(r.b):
+        n_stream = r.take("I")
+        if n_stream != 1:
+            raise layout_error(f"section {len(sections)} has {n_stream} streams, expected 1")
+        n_cells = r.take("I")
+        if n_cells > max_cells or 12 * n_cells > len(r.b) - r.o:  # each cell takes >= 12 bytes
+            raise layout_error(f"section {len(sections)} claims {n_cells} cells, more than its bytes can hold")
+        if n_cells == 0:
+            raise layout_error(f"section {len(sections)} is empty; parse the state of a non-empty sequence")
+        pos = np.empty(n_cells, dtype=np.int32)
+        seq_ids = []
+        for i in range(n_cells):
+            pos[i], n_seq = r.take("iI")
+            if not 1 <= n_seq <= 64:
+                raise layout_error(f"cell {i} of section {len(sections)} has {n_seq} sequence ids")
+            ids = r.take(f"{n_seq}i")
+            seq_ids.append(tuple(ids) if n_seq > 1 else (ids,))
+        v_trans, n_layer = r.take("II")
+        if v_trans not in (0, 1) or not 1 <= n_layer <= max_layers:
+            raise layout_error(f"section {len(sections)} has v_trans={v_trans}, n_layer={n_layer}")
+        k_types, k_rows = [], []
+        for _ in range(n_layer):
+            t, row = r.take("iQ")
+            k_types.append(t)
+            k_rows.append(r.raw(row * n_cells).reshape(n_cells, row))
+        v_types, v_rows, v_elem = [], [], []
+        for _ in range(n_layer):
+            if v_trans == 0:
+                t, row = r.take("iQ")
+                v_rows.append(r.raw(row * n_cells).reshape(n_cells, row))
+            else:
+                t, el, n_embd_v = r.take("iII")
+                if not 1 <= el <= 8:
+                    raise layout_error(f"V element size {el} in section {len(sections)}")
+                cols = r.raw(el * n_embd_v * n_cells).reshape(n_embd_v, n_cells, el)
+                v_rows.append(np.ascontiguousarray(cols.transpose(1, 0, 2)).reshape(n_cells, n_embd_v * el))
+                v_elem.append(el)
+            v_types.append(t)
+        sections.append(Section(pos, seq_ids, v_trans, k_types, v_types, k_rows, v_rows, v_elem))
+    if not sections:
+        raise layout_error("it holds no KV section")
+    return SeqState(header, sections)
+
+
+def serialise(state: SeqState) -> bytes:
+    """The blob of ``state``; ``serialise(parse(b)) == b`` byte for byte."""
+    out = [state.header]
+    for s in state.sections:
+        out.append(struct.pack("<II", 1, s.n_cells))
+        for p, ids in zip(s.pos.tolist(), s.seq_ids):
+            out.append(struct.pack(f"<iI{len(ids)}i", p, len(ids), *ids))
+        out.append(struct.pack("<II", s.v_trans, s.n_layer))
+        for t, rows in zip(s.k_types, s.k_rows):
+            out.append(struct.pack("<iQ", t, rows.shape[1]))
+            out.append(rows.tobytes())
+        for j, (t, rows) in enumerate(zip(s.v_types, s.v_rows)):
+            if s.v_trans == 0:
+                out.append(struct.pack("<iQ", t, rows.shape[1]))
+                out.append(rows.tobytes())
+            else:
+                el = s.v_elem[j]
+                n_embd_v = rows.shape[1] // el
+                out.append(struct.pack("<iII", t, el, n_embd_v))
+                out.append(np.ascontiguousarray(rows.reshape(s.n_cells, n_embd_v, el).transpose(1, 0, 2)).tobytes())
+    return b"".join(out)
+
+
+def layer_sections(arch: str, n_layer: int) -> list[list[int]]:
+    """Model layer indices held by each KV section, in blob order."""
+    pattern = _SWA_PATTERN.get(arch)
+    if pattern is None:
+        return [list(range(n_layer))]
+    full = [i for i in range(n_layer) if (i + 1) % pattern == 0]
+    return [full, [i for i in range(n_layer) if (i + 1) % pattern != 0]]
+
+
+def check_geometry(state: SeqState, arch: str, n_layer: int, n_embd_k: int, n_embd_v: int) -> list[list[int]]:
+    """The layer map of ``state`` for deep cells of ``n_layer`` x (n_embd_k, n_embd_v); raises if they do not fit."""
+    groups = layer_sections(arch, n_layer)
+    got = [s.n_layer for s in state.sections]
+    if got != [len(g) for g in groups]:
+        raise layout_error(f"its KV sections hold {got} layers; for {arch} with {n_layer} layers edge-safe "
+                           f"expects {[len(g) for g in groups]}")
+    for si, s in enumerate(state.sections):
+        for j in range(s.n_layer):
+            for what, t, rows, width in (("K", s.k_types[j], s.k_rows[j], n_embd_k),
+                                         ("V", s.v_types[j], s.v_rows[j], n_embd_v)):
+                if t not in _FLOAT_TYPES:
+                    name = _TYPE_NAMES.get(t, f"ggml type {t}")
+                    raise KVCacheTypeError(
+                        f"the {what} cache is {name}; deep control tokens are written as F16/F32 rows and cannot "
+                        f"go into a quantized KV cache: run with the default KV cache type (f16) or f32, or use a "
+                        f"bank of shallow tokens")
+                if rows.shape[1] != width * _FLOAT_TYPES[t].itemsize:
+                    raise layout_error(
+                        f"layer {groups[si][j]} has {what} rows of {rows.shape[1]} bytes, expected {width} "
+                        f"{_TYPE_NAMES[t]} values")
+                if what == "V" and s.v_trans == 1 and s.v_elem[j] != _FLOAT_TYPES[t].itemsize:
+                    raise layout_error(f"layer {groups[si][j]} has V elements of {s.v_elem[j]} bytes")
+    return groups
+
+
+def with_cells(state: SeqState, keys: np.ndarray, values: np.ndarray, groups: Sequence[Sequence[int]],
+               pos: int | Sequence[int] = 0, seq_id: int = 0) -> SeqState:
+    """A copy of ``state`` with cells appended to every section.
+
+    ``keys`` (n, n_layer, n_embd_k) and ``values`` (n, n_layer, n_embd_v) are in model
+    layer order; ``groups`` (from :func:`check_geometry`) maps them to the sections. Each
+    new cell gets position ``pos`` (one for all, or one per cell) in sequence ``seq_id``.
+    Rows are converted to each layer's cache type (F16 or F32).
+    """
+    keys = np.asarray(keys, dtype=np.float32)
+    values = np.asarray(values, dtype=np.float32)
+    n = keys.shape[0]
+    if values.shape[0] != n or keys.ndim != 3 or values.ndim != 3:
+        raise EdgeSafeError(f"deep cells need keys (n, n_layer, width) and values of the same n; got "
+                            f"{keys.shape} and {values.shape}")
+    positions = np.broadcast_to(np.asarray(pos, dtype=np.int32), (n,))
+    sections = []
+    for s, layers in zip(state.sections, groups):
+        k_rows, v_rows = [], []
+        for j, layer in enumerate(layers):
+            k_new = _cast(keys[:, layer], s.k_types[j], "key", layer)
+            v_new = _cast(values[:, layer], s.v_types[j], "value", layer)
+            if k_new.shape[1] != s.k_rows[j].shape[1] or v_new.shape[1] != s.v_rows[j].shape[1]:
+                raise layout_error(f"layer {layer}: deep rows of {k_new.shape[1]}/{v_new.shape[1]} bytes, "
+                                   f"cache rows of {s.k_rows[j].shape[1]}/{s.v_rows[j].shape[1]}")
+            k_rows.append(np.concatenate([s.k_rows[j], k_new]))
+            v_rows.append(np.concatenate([s.v_rows[j], v_new]))
+        sections.append(replace(s, pos=np.concatenate([s.pos, positions]), seq_ids=s.seq_ids + [(seq_id,)] * n,
+                                k_rows=k_rows, v_rows=v_rows))
+    return SeqState(state.header, sections)
+
+
+def _cast(rows: np.ndarray, ggml_type: int, what: str, layer: int) -> np.ndarray:
+    """float32 rows (n, width) as the cache's raw bytes (n, width * itemsize)."""
+    if ggml_type not in _FLOAT_TYPES:
+        raise KVCacheTypeError(f"the KV cache of layer {layer} is {_TYPE_NAMES.get(ggml_type, ggml_type)}; deep "
+                               "control tokens need an f16 or f32 KV cache")
+    target = _FLOAT_TYPES[ggml_type]
+    if np.abs(rows).max(initial=0.0) > np.finfo(target).max:
+        raise EdgeSafeError(f"a deep {what} row of layer {layer} does not fit the {_TYPE_NAMES[ggml_type]} KV cache "
+                            "(values beyond its range); run with an f32 KV cache (kv_type='f32')")
+    out = np.ascontiguousarray(rows.astype(target))
+    return out.view(np.uint8).reshape(len(rows), -1)
+
+
+def cells(state: SeqState, groups: Sequence[Sequence[int]], index: slice | Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    """Keys and values of the cells ``index`` as float32 (n, n_layer, width), in model layer order."""
+    n_layer = sum(len(g) for g in groups)
+    ks, vs = [None] * n_layer, [None] * n_layer
+    for s, layers in zip(state.sections, groups):
+        for j, layer in enumerate(layers):
+            ks[layer] = s.k_rows[j][index].view(_FLOAT_TYPES[s.k_types[j]]).astype(np.float32)
+            vs[layer] = s.v_rows[j][index].view(_FLOAT_TYPES[s.v_types[j]]).astype(np.float32)
+    return np.stack(ks, axis=1), np.stack(vs, axis=1)

@@ -1,0 +1,182 @@
+"""Deep-token training on a tiny random-weight Gemma 3 (seconds on CPU): the KV prefix, its padding, positions."""
+import json
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from edge_safe.convert.bank import TokenBank  # noqa: E402
+from edge_safe.training.base_model import tiny_random_model  # noqa: E402
+from edge_safe.training.config import TrainConfig  # noqa: E402
+from edge_safe.training.objective import (  # noqa: E402
+    DeepBank,
+    batch_inputs,
+    bos_cell,
+    forward_hidden,
+    kv_of_inputs,
+    trainable_bank,
+)
+from edge_safe.training.trainer import export_bank, init_deep, param_groups, train  # noqa: E402
+from tests.test_training import cfg, write_data  # noqa: E402,F401  (the tiny data set and config)
+
+N_LAYER, WIDTH = 2, 32  # tiny_random_model: 2 layers, 1 KV head of 32
+
+
+@pytest.fixture(scope="module")
+def base():
+    return tiny_random_model()
+
+
+def random_deep(base, names=("positive", "alcohol", "gambling"), n=(1, 2, 3), seed=0) -> DeepBank:
+    g = torch.Generator().manual_seed(seed)
+    init = {name: (torch.randn(m, N_LAYER, WIDTH, generator=g), torch.randn(m, N_LAYER, WIDTH, generator=g))
+            for name, m in zip(names, n)}
+    return DeepBank(init, bos_cell(base))
+
+
+@torch.no_grad()
+def test_an_empty_deep_prefix_is_the_plain_sequence_after_bos(base):
+    """BOS's cell in the cache + tokens at positions 1.. == the plain forward of [BOS] + tokens."""
+    bank = random_deep(base)
+    ids = [5, 6, 7, 8]
+    x, mask, prefix = batch_inputs(base, bank, [(None, (), ids)])
+    assert prefix.mask.tolist() == [[1]] and x.shape == (1, 4, 64)
+    deep = forward_hidden(base, x, mask, prefix)[0]
+    plain = base.model.model(input_ids=torch.tensor([[base.bos_id] + ids])).last_hidden_state[0, 1:]
+    torch.testing.assert_close(deep, plain, rtol=1e-4, atol=1e-4)
+
+
+@torch.no_grad()
+def test_kv_of_inputs_as_a_prefix_equals_the_vectors_in_the_sequence(base):
+    """K/V computed for vectors after BOS, put in the cache, then tokens at the positions they would have had:
+    the same hidden states as the vectors decoded inline (the deep prefix is what the vectors leave in the cache)."""
+    vectors = torch.randn(3, 64, generator=torch.Generator().manual_seed(1))
+    keys, values = kv_of_inputs(base, vectors, before_prompt=False)
+    assert keys.shape == values.shape == (3, N_LAYER, WIDTH)
+    bank = DeepBank({"alcohol": (keys, values)}, bos_cell(base))
+    ids = [9, 10, 11]
+    x, mask, prefix = batch_inputs(base, bank, [(None, ("alcohol",), ids)])
+    from edge_safe.training import objective
+
+    cache = objective._new_cache(base)
+    for layer, (k, v) in enumerate(zip(prefix.keys, prefix.values)):
+        cache.update(k, v, layer)
+    pos = torch.arange(4, 7)[None]  # after BOS (0) and the three vectors (1..3)
+    deep = base.model.model(inputs_embeds=x, position_ids=pos, use_cache=True,
+                            **{objective._cache_kwarg(base): cache}).last_hidden_state[0]
+    inline = torch.cat([base.embed(torch.tensor([base.bos_id])), vectors, base.embed(torch.tensor(ids))])[None]
+    plain = base.model.model(inputs_embeds=inline).last_hidden_state[0, 4:]
+    torch.testing.assert_close(deep, plain, rtol=1e-4, atol=1e-4)
+
+
+@torch.no_grad()
+def test_keys_before_the_prompt_are_the_keys_rotated_back_by_the_token_length(base):
+    """Layer 0's key of an input depends on its position only through RoPE: the key of v decoded at position 5
+    equals v's key at position 1 moved by +4, and before_prompt moves a token's keys to 1-m..0."""
+    from edge_safe.training.objective import rotate_keys
+
+    g = torch.Generator().manual_seed(2)
+    v, filler = torch.randn(1, 64, generator=g), torch.randn(4, 64, generator=g)
+    at1, _ = kv_of_inputs(base, v, before_prompt=False)
+    at5, _ = kv_of_inputs(base, torch.cat([filler, v]), before_prompt=False)
+    torch.testing.assert_close(rotate_keys(base, at1, 4)[:, 0], at5[4:, 0], rtol=1e-5, atol=1e-5)
+    assert (at1[:, 0] - at5[4:, 0]).abs().max() > 1e-2  # the position does change the key
+    vectors = torch.cat([filler, v])
+    shifted, values = kv_of_inputs(base, vectors)
+    torch.testing.assert_close(rotate_keys(base, shifted, 5), at5, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(values, kv_of_inputs(base, vectors, before_prompt=False)[1])
+
+
+@torch.no_grad()
+def test_compositions_of_different_lengths_are_padded_and_masked_in_the_cache(base):
+    """An example's hidden states do not depend on the other rows of its batch (longer compositions, longer
+    prompts): padding cells and padding tokens are masked."""
+    bank = random_deep(base)
+    rows = [("positive", ("alcohol",), [5, 6, 7]), (None, (), [8, 9]), ("positive", ("gambling", "alcohol"), [5, 6, 7, 8, 9, 10])]
+    x, mask, prefix = batch_inputs(base, bank, rows)
+    assert prefix.mask.tolist() == [[1, 1, 1, 1, 0, 0, 0], [1, 0, 0, 0, 0, 0, 0], [1] * 7]
+    assert prefix.keys[0].shape == (3, 1, 7, WIDTH)
+    together = forward_hidden(base, x, mask, prefix)
+    for b, row in enumerate(rows):
+        xa, ma, pa = batch_inputs(base, bank, [row])
+        alone = forward_hidden(base, xa, ma, pa)[0]
+        n = len(row[2])
+        torch.testing.assert_close(together[b, :n], alone[:n], rtol=1e-4, atol=1e-4)
+
+
+@torch.no_grad()
+def test_a_deep_composition_is_a_set_in_training_too(base):
+    """All cells share position 0 and keys carry their own rotation: cell order does not change the output."""
+    bank = random_deep(base)
+    ab = batch_inputs(base, bank, [(None, ("alcohol", "gambling"), [5, 6, 7])])
+    ba = batch_inputs(base, bank, [(None, ("gambling", "alcohol"), [5, 6, 7])])
+    torch.testing.assert_close(forward_hidden(base, *ab), forward_hidden(base, *ba), rtol=1e-4, atol=1e-4)
+    none = batch_inputs(base, bank, [(None, (), [5, 6, 7])])
+    assert (forward_hidden(base, *ab) - forward_hidden(base, *none)).abs().max() > 1e-2  # the cells act
+
+
+def test_gradients_reach_keys_and_values_of_every_layer(base):
+    bank = random_deep(base)
+    x, mask, prefix = batch_inputs(base, bank, [("positive", ("alcohol",), [5, 6, 7])])
+    forward_hidden(base, x, mask, prefix)[0, -1].pow(2).sum().backward()
+    for t in (bank.keys["alcohol"], bank.values["alcohol"], bank.keys["positive"], bank.values["positive"]):
+        assert t.grad is not None and all(t.grad[:, layer].abs().sum() > 0 for layer in range(N_LAYER))
+    assert bank.keys["gambling"].grad is None  # not in the composition
+    assert not bank.bos_keys.requires_grad
+
+
+def test_deep_lr_is_per_tensor_scaled_by_its_std(base):
+    bank = random_deep(base)
+    with torch.no_grad():
+        bank.values["alcohol"].mul_(10)
+    groups = param_groups(bank, TrainConfig(kind="deep"))
+    assert len(groups) == 6
+    scale = {id(g["params"][0]): g["scale"] for g in groups}
+    assert scale[id(bank.values["alcohol"])] == pytest.approx(float(bank.values["alcohol"].std()))
+    assert scale[id(bank.values["alcohol"])] > 5 * scale[id(bank.keys["alcohol"])]
+
+
+def test_config_kind_is_checked():
+    from edge_safe.convert.errors import EdgeSafeError
+
+    assert TrainConfig().kind == "shallow"
+    with pytest.raises(EdgeSafeError, match="kind must be 'shallow' or 'deep', got 'middle'"):
+        TrainConfig(kind="middle")
+
+
+def test_deep_training_runs_and_exports_a_deep_bank(base, cfg, tmp_path):
+    cfg = cfg.replace(kind="deep", steps=6, val_every=3, lr=0.3)
+    bank, summary = train(cfg, base, tmp_path / "run", progress=False)
+    assert isinstance(bank, DeepBank) and bank.names == ["positive", "rejective", "negative", *cfg.constraints]
+    log = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    assert len(log) == 6 and "val" in log[2] and np.isfinite([r["loss"] for r in log]).all()
+    tb = export_bank(bank, base, cfg, summary)
+    path = tb.save(tmp_path / "deep.gguf")
+    back = TokenBank.load(path)
+    assert back.deep_geometry == (N_LAYER, WIDTH, WIDTH) and all(t.is_deep for t in back.tokens.values())
+    assert back.tokens["alcohol"].keys.shape == (2, N_LAYER, WIDTH) and back.tokens["positive"].n_vectors == 1
+    # validation of an exported deep bank goes through the same forward
+    again = trainable_bank(base, back)
+    np.testing.assert_array_equal(again.keys["alcohol"].detach().numpy(), back.tokens["alcohol"].keys)
+    # resume from the checkpoint: same config, more steps
+    bank2, _ = train(cfg.replace(steps=7), base, tmp_path / "run", resume=True, progress=False)
+    assert isinstance(bank2, DeepBank)
+
+
+def test_init_deep_from_a_shallow_bank_is_the_kv_its_vectors_produce(base, cfg, tmp_path):
+    shallow_cfg = cfg.replace(steps=1, val_every=1)
+    shallow, summary = train(shallow_cfg, base, tmp_path / "s", progress=False)
+    path = export_bank(shallow, base, shallow_cfg, summary).save(tmp_path / "shallow.gguf")
+    deep = init_deep(base, cfg.replace(kind="deep", init_bank=str(path)), torch.Generator())
+    k, v = kv_of_inputs(base, shallow.vectors["alcohol"].detach())
+    torch.testing.assert_close(deep.keys["alcohol"].detach(), k)
+    torch.testing.assert_close(deep.values["alcohol"].detach(), v)
+    # and a deep init_bank is taken as it is
+    deep_path = export_bank(deep, base, cfg.replace(kind="deep"), {}).save(tmp_path / "deep.gguf")
+    again = init_deep(base, cfg.replace(kind="deep", init_bank=str(deep_path)), torch.Generator())
+    torch.testing.assert_close(again.keys["gambling"].detach(), deep.keys["gambling"].detach())
+    from edge_safe.convert.errors import EdgeSafeError
+
+    with pytest.raises(EdgeSafeError, match="'alcohol' has 2 positions, the config needs 3"):
+        init_deep(base, cfg.replace(kind="deep", init_bank=str(path), n_vectors=3), torch.Generator())
