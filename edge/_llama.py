@@ -384,25 +384,30 @@ class LlamaModel:
 
 
 class SeqContext:
-    """A second context on a loaded :class:`LlamaModel`: ``n_seq`` sequences in one KV cache, decoded
-    together in token batches whose rows each name their sequence (for :mod:`edge_safe.engine`).
+    """A second context on a loaded :class:`LlamaModel`: ``n_seq`` sequences decoded together in token
+    batches whose rows each name their sequence (for :mod:`edge_safe.engine`).
 
-    - ``kv_unified=True``: one KV stream shared by all sequences, ``n_seq * n_ctx_seq`` cells. A
-      sequence snapshot carries its stream count, and the single-sequence context has one stream,
-      so only a unified cache accepts :class:`LlamaModel` snapshots (and vice versa).
+    - ``unified=False`` (the engine's choice): one KV stream per sequence, ``n_ctx_seq`` cells each.
+      A sequence's cells then sit in position order, as in a fresh single-sequence context, so
+      attention sums in the same order and (with the plain CPU kernels, ``cpu_repack`` off) a
+      sequence's logits are bit-identical to a one-at-a-time decode. In one shared (unified) stream
+      cells land in whatever slots are free, and the changed summation order flipped a near-tie
+      in testing. A snapshot records its stream count, so per-sequence-stream snapshots restore
+      only into such a context (the engine keeps its own snapshot LRU); ``unified=True`` makes
+      snapshots interchangeable with :class:`LlamaModel`'s.
     - ``swa_full=True`` as in :class:`LlamaModel`: partial removal and snapshots stay exact.
     - ``llama_state_seq_set_data`` takes the destination sequence id and ignores the one stored in
-      the snapshot (checked: a snapshot of sequence 0 restored into sequences 0..3 gives the same
-      logits, max diff 0.0), so one cached prefix serves every sequence.
-    - Each sequence is kept to ``n_ctx_seq`` positions by the caller; cells of one sequence are
-      masked out of every other sequence's attention by llama.cpp (checked in tests/test_engine.py).
+      the snapshot (checked: a snapshot of sequence 0 restored into sequences 1..3 gives the same
+      logits as a fresh prefill, max diff 0.0), so one cached prefix serves every sequence.
+    - Cells of one sequence are masked out of every other sequence's attention by llama.cpp
+      (checked bit for bit in tests/test_engine.py).
 
     The weights are shared with ``llm``; this context is freed before the model (``llm.close``
     closes it first).
     """
 
     def __init__(self, llm: LlamaModel, n_seq: int, n_ctx_seq: int, n_batch: int | None = None,
-                 n_threads: int | None = None):
+                 n_threads: int | None = None, unified: bool = True):
         if llm.closed:
             raise EdgeSafeError("the model is closed; load it again")
         if n_seq < 1:
@@ -411,10 +416,10 @@ class SeqContext:
         self.n_vocab, self.n_embd = llm.n_vocab, llm.n_embd
         self._stack = ExitStack()
         cparams = C.llama_context_default_params()
-        cparams.n_ctx = self.n_seq * self.n_ctx_seq
+        cparams.n_ctx = self.n_seq * self.n_ctx_seq  # non-unified: split evenly, n_ctx_seq cells per stream
         cparams.n_batch = cparams.n_ubatch = int(n_batch or llm.n_batch)
         cparams.n_seq_max = self.n_seq
-        cparams.kv_unified = True  # one stream: snapshots move between this context and LlamaModel's
+        cparams.kv_unified = bool(unified)  # False: a KV stream per sequence (see the class doc)
         cparams.swa_full = True
         cparams.n_threads = cparams.n_threads_batch = self.n_threads = int(n_threads or llm.n_threads)
         cparams.no_perf = True

@@ -219,9 +219,12 @@ class Job:
         return self.policy.value
 
     def close(self) -> None:
-        """Cancel the request (a no-op once it is over): its sequence is freed at the next step."""
+        """Cancel the request (a no-op once it is over); returns once its sequence is freed (the
+        scheduler does it after the step in flight)."""
         if not self.done.is_set():
             self.engine._cancel(self)
+            if threading.current_thread() is not self.engine._thread:
+                self.done.wait()
 
     # -- engine side -------------------------------------------------------------------------
 
@@ -249,7 +252,7 @@ class Engine:
             raise EdgeSafeError(f"parallel must be a whole number >= 1, got {n_parallel!r}")
         es._check_open()
         self.es, self.n_parallel = es, n_parallel
-        self.ctx = SeqContext(es._llm, n_parallel, es.n_ctx, n_batch=n_batch)
+        self.ctx = SeqContext(es._llm, n_parallel, es.n_ctx, n_batch=n_batch, unified=False)
         self.prefix_cache = PrefixCache(es.prefix_cache.max_bytes if prefix_cache_bytes is None else prefix_cache_bytes)
         self.last_stats: RequestStats | None = None
         self.steps = 0  # decodes run (for tests and the bench)
