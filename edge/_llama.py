@@ -467,6 +467,8 @@ class SeqContext:
         return buf.raw[:n]
 
     def _check_seq(self, seq: int) -> None:
+        if self.ctx is None:  # a freed context would crash llama.cpp
+            raise EdgeSafeError("this sequence context is closed")
         if not 0 <= seq < self.n_seq:
             raise EdgeSafeError(f"sequence {seq} is outside 0..{self.n_seq - 1}")
 
@@ -479,6 +481,8 @@ class SeqContext:
         At most ``n_batch`` rows (more would abort the process); per sequence the positions must
         continue that sequence consecutively. Row i's logits: :meth:`logits` ``(i)``."""
         n = len(tokens)
+        if self.ctx is None:
+            raise EdgeSafeError("this sequence context is closed")
         if not 0 < n <= self.n_batch:
             raise EdgeSafeError(f"a decode takes 1..{self.n_batch} rows, got {n}")
         b = self._tok
@@ -529,10 +533,12 @@ class SeqContext:
 
     def seq_rm(self, seq: int, p0: int = -1, p1: int = -1) -> bool:
         """Drop positions [p0, p1) of ``seq`` (-1: open end); the cells of other sequences are untouched."""
+        self._check_seq(seq)
         return bool(C.llama_memory_seq_rm(self.memory, seq, p0, p1))
 
     def pos_range(self, seq: int) -> tuple[int, int]:
         """(smallest, largest) position held for ``seq``; (-1, -1) when it holds none."""
+        self._check_seq(seq)
         return C.llama_memory_seq_pos_min(self.memory, seq), C.llama_memory_seq_pos_max(self.memory, seq)
 
     def save_seq(self, seq: int) -> bytes:

@@ -239,6 +239,26 @@ class Job:
         self._pieces.put(_END)
 
 
+class _Chunks:
+    """The chunk iterator of a streamed chat: ``close()`` cancels the job even before the first chunk
+    was read (closing a generator that never started runs none of its code)."""
+
+    def __init__(self, chunks: Iterator[dict], job: Job):
+        self._chunks, self._job = chunks, job
+
+    def __iter__(self) -> "_Chunks":
+        return self
+
+    def __next__(self) -> dict:
+        return next(self._chunks)
+
+    def close(self) -> None:
+        try:
+            self._chunks.close()
+        finally:
+            self._job.close()
+
+
 class Engine:
     """Serves requests of one :class:`EdgeSafe` together on ``n_parallel`` sequences (see the module doc).
 
@@ -308,7 +328,7 @@ class Engine:
         job = self.submit(messages, tokens, mode, max_tokens, temperature, top_p, stop, seed, strictness)
         head = {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "created": int(time.time()), "model": self.es.model_name}
         if stream:
-            return self.es._chunks(head, job.req, job)
+            return _Chunks(self.es._chunks(head, job.req, job), job)
         try:
             content = "".join(job)
         finally:

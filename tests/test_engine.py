@@ -107,6 +107,12 @@ def test_chat_shapes_match_the_runtime(es, engine):
     assert chunks[-1]["edge_safe"] == a["edge_safe"] and chunks[-1]["usage"] == a["usage"]
 
 
+def test_a_stream_closed_before_its_first_chunk_frees_its_sequence(engine):
+    chunks = engine.chat([{"role": "user", "content": LONG}], max_tokens=60, stream=True)
+    chunks.close()  # never iterated: the job is cancelled all the same
+    assert engine.running == 0 and all_free(engine)
+
+
 def test_probes_equal_the_runtime_fresh(es, engine):
     margins = [engine.refusal_margin(p, tokens="minors", wait=False) for p in PROMPTS]
     firsts = [engine.first_token_logits(p, tokens="eu", mode="rejective", wait=False) for p in PROMPTS]
