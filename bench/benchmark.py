@@ -249,7 +249,7 @@ class Benchmark:
         if not cfg.concurrency:
             return None
         ccfg = ConcurrencyConfig(levels=tuple(cfg.concurrency), requests=cfg.concurrency_requests,
-                                 max_tokens=max(cfg.max_tokens, 16))
+                                 max_tokens=max(cfg.max_tokens, 16), rounds=1 if cfg.quick else 2)
         return run_concurrency(self.es, ccfg, progress=lambda what: bar.set_description(f"concurrency: {what}"))
 
     def _rss_specs(self) -> dict[str, dict]:

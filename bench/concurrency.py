@@ -34,6 +34,8 @@ class ConcurrencyConfig:
     levels: tuple[int, ...] = (1, 2, 4, 8)  # concurrent clients per measured level
     requests: int = 16  # requests per level (and one at a time); a multiple of each level keeps clients equal
     max_tokens: int = 32  # completion budget of every request
+    rounds: int = 2  # each round measures one at a time and every level once (interleaved: slow drifts of a
+    # shared machine's load hit every variant alike); figures pool the rounds
     compositions: tuple[str, ...] = MIX  # cycled through by the requests (labels as in `edge-safe bench`)
 
 
@@ -57,12 +59,15 @@ def run_concurrency(es, cfg: ConcurrencyConfig, progress=None) -> dict:
         for q, lb in dict.fromkeys(reqs):  # warm-up: every composition's prefix in both snapshot caches
             es.generate(q, tokens=_tokens(lb), max_tokens=2)
             engine.generate(q, tokens=_tokens(lb), max_tokens=2)
-        tick("one at a time")
-        alone = _alone(es, reqs, cfg.max_tokens)
-        levels = {}
-        for c in cfg.levels:
-            tick(f"{c} clients")
-            levels[str(c)] = _level(engine, reqs, c, cfg.max_tokens)
+        samples: dict[str, list[dict]] = {}
+        for r in range(cfg.rounds):
+            tick(f"round {r + 1}/{cfg.rounds}: one at a time")
+            samples.setdefault("alone", []).append(_alone(es, reqs, cfg.max_tokens))
+            for c in cfg.levels:
+                tick(f"round {r + 1}/{cfg.rounds}: {c} clients")
+                samples.setdefault(str(c), []).append(_level(engine, reqs, c, cfg.max_tokens))
+    alone = _pool(samples.pop("alone"))
+    levels = {c: _pool(rows) for c, rows in samples.items()}
     base_tps, base_ttft = levels[str(min(cfg.levels))]["tokens_per_s"], levels[str(min(cfg.levels))]["ttft_s"]["p50"]
     for row in levels.values():
         row["tokens_per_s_vs_one_client"] = row["tokens_per_s"] / base_tps
@@ -118,6 +123,16 @@ def _level(engine, reqs, clients: int, max_tokens: int) -> dict:
     return row
 
 
+def _pool(rows: list[dict]) -> dict:
+    """One row from a level's rounds: tokens and seconds summed, TTFTs pooled."""
+    out = _row(sum(r["seconds"] for r in rows), sum(r["completion_tokens"] for r in rows),
+               [v for r in rows for v in r["ttft_s"]["values"]], sum(r["requests"] for r in rows))
+    out["tokens_per_s_per_round"] = [r["tokens_per_s"] for r in rows]
+    if "decode_steps" in rows[0]:
+        out["decode_steps"] = sum(r["decode_steps"] for r in rows)
+    return out
+
+
 def _row(wall: float, tokens: int, ttft: list[float], n: int) -> dict:
     p50, p95 = (float(v) for v in np.percentile(ttft, [50, 95]))
     return {"requests": n, "seconds": wall, "completion_tokens": tokens, "tokens_per_s": tokens / wall,
@@ -141,7 +156,7 @@ def markdown(res: dict) -> list[str]:
     """The concurrency section of RESULTS.md."""
     a = res["one_at_a_time"]
     lines = ["## Concurrent clients (batching engine)", "",
-             f"{len(res['requests'])} requests per level ({', '.join(res['config']['compositions'])} interleaved, "
+             f"{len(res['requests'])} requests per level and round ({res['config'].get('rounds', 1)} rounds, interleaved) ({', '.join(res['config']['compositions'])} interleaved, "
              f"≤ {res['config']['max_tokens']} tokens each), closed-loop clients, engine with {res['parallel']} "
              "sequences; throughput = completion tokens / wall time of the level (prefill and waiting included).", "",
              "| clients | tok/s (aggregate) | × 1 client | × one at a time | TTFT p50 | TTFT p95 | p50 × 1 client | "
@@ -195,15 +210,16 @@ def main(argv=None) -> int:
     from edge_safe.runtime import EdgeSafe
 
     ap = argparse.ArgumentParser(prog="python -m edge_safe.bench.concurrency", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="8 requests of 16 tokens, levels 1, 2, 4")
+    ap.add_argument("--quick", action="store_true", help="8 requests of 16 tokens, levels 1, 2, 4, one round")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: the runtime's)")
     ap.add_argument("--requests", type=int, default=None)
     ap.add_argument("--max-tokens", type=int, default=None)
+    ap.add_argument("--rounds", type=int, default=None)
     ap.add_argument("--levels", default=None, help="comma list of client counts (default 1,2,4,8)")
     ap.add_argument("--out", default="runs/concurrency", help="folder for concurrency.json, CONCURRENCY.md, plot")
     args = ap.parse_args(argv)
-    cfg = ConcurrencyConfig(levels=(1, 2, 4), requests=8, max_tokens=16) if args.quick else ConcurrencyConfig()
-    over = {"requests": args.requests, "max_tokens": args.max_tokens,
+    cfg = ConcurrencyConfig(levels=(1, 2, 4), requests=8, max_tokens=16, rounds=1) if args.quick else ConcurrencyConfig()
+    over = {"requests": args.requests, "max_tokens": args.max_tokens, "rounds": args.rounds,
             "levels": tuple(int(x) for x in args.levels.split(",")) if args.levels else None}
     cfg = ConcurrencyConfig(**{**asdict(cfg), **{k: v for k, v in over.items() if v is not None}})
     with EdgeSafe(n_threads=args.threads, n_ctx=512) as es:

@@ -387,14 +387,17 @@ class SeqContext:
     """A second context on a loaded :class:`LlamaModel`: ``n_seq`` sequences decoded together in token
     batches whose rows each name their sequence (for :mod:`edge_safe.engine`).
 
-    - ``unified=False`` (the engine's choice): one KV stream per sequence, ``n_ctx_seq`` cells each.
-      A sequence's cells then sit in position order, as in a fresh single-sequence context, so
-      attention sums in the same order and (with the plain CPU kernels, ``cpu_repack`` off) a
-      sequence's logits are bit-identical to a one-at-a-time decode. In one shared (unified) stream
-      cells land in whatever slots are free, and the changed summation order flipped a near-tie
-      in testing. A snapshot records its stream count, so per-sequence-stream snapshots restore
-      only into such a context (the engine keeps its own snapshot LRU); ``unified=True`` makes
-      snapshots interchangeable with :class:`LlamaModel`'s.
+    - ``unified=False`` (default, the engine's): one KV stream per sequence, ``n_ctx_seq`` cells each.
+      A sequence's cells sit in position order, as in a fresh single-sequence context, so attention
+      sums in the same order and (with the plain CPU kernels, ``cpu_repack`` off) its logits are
+      bit-identical to a one-at-a-time decode. llama.cpp splits a batch into micro-batches with
+      equal rows per sequence, so a step mixing decode rows and a prompt costs more than one.
+      Snapshots record their stream count: these restore only into a context with as many streams.
+    - ``unified=True``: one stream for all sequences (``n_seq * n_ctx_seq`` cells; snapshots
+      interchangeable with :class:`LlamaModel`'s). Faster when prompts and decode rows mix, but with
+      llama-cpp-python 0.3.36 it gave wrong replies under the server load test (not a near-tie: a
+      reply opening "10..." instead of "Peru is a"), and a near-tie flipped in a smaller test; kept
+      for experiments only, not used by the engine.
     - ``swa_full=True`` as in :class:`LlamaModel`: partial removal and snapshots stay exact.
     - ``llama_state_seq_set_data`` takes the destination sequence id and ignores the one stored in
       the snapshot (checked: a snapshot of sequence 0 restored into sequences 1..3 gives the same
@@ -407,7 +410,7 @@ class SeqContext:
     """
 
     def __init__(self, llm: LlamaModel, n_seq: int, n_ctx_seq: int, n_batch: int | None = None,
-                 n_threads: int | None = None, unified: bool = True):
+                 n_threads: int | None = None, unified: bool = False):
         if llm.closed:
             raise EdgeSafeError("the model is closed; load it again")
         if n_seq < 1:

@@ -11,8 +11,12 @@ On a small model a CPU decode step is bound by reading the weights, so decoding 
 each of several sequences in one ``llama_decode`` costs little more than one. A composition is
 only a KV prefix, so every sequence can have its own.
 
-- A scheduler thread owns the :class:`~edge_safe._llama.SeqContext` (n sequences, one unified
-  KV cache). A request holds one sequence id from admission to its end; at admission its prefix
+- A scheduler thread owns the :class:`~edge_safe._llama.SeqContext`: n sequences, each with its
+  own KV stream (``kv_unified=False``). One shared stream was faster (4 clients: 2.17x one client's
+  throughput against 1.83x, on 2 busy cores: llama.cpp splits a batch that mixes decode rows and a
+  prompt into several micro-batches per stream) but gave wrong replies in the 500-request load
+  test (``"10... a"`` for ``"Peru is a"``, no near-tie), so it is not used. A request holds one
+  sequence id from admission to its end; at admission its prefix
   ``[BOS][mode][constraints]`` is restored from the engine's snapshot LRU (a snapshot taken from
   one sequence restores into any) or built in that sequence and snapshotted.
 - Every step builds one token batch: the next token of every running request first, then chunks
