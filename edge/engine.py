@@ -480,10 +480,8 @@ class Engine:
                     self.prefix_cache.put(req.key, ctx.save_seq(job.seq))
                 req.stats.prefix_source = "built"
             job.policy = job._make_policy(job)
-        except BaseException as e:
+        except Exception as e:  # this request fails, the others go on
             self._release(job, e)
-            if not isinstance(e, EdgeSafeError):
-                raise
             return
         job.pos = 1 + len(req.vectors)
         job.pending = list(req.prompt)
@@ -521,7 +519,7 @@ class Engine:
                 continue
             try:
                 nxt = job.policy.feed(self.ctx.logits(row), job.pos)
-            except EdgeSafeError as e:
+            except Exception as e:  # e.g. an `until` callback that raised: this request fails, the others go on
                 self._release(job, e)
                 continue
             if nxt is None or job.cancelled:

@@ -176,6 +176,18 @@ def test_until_stops_a_reply_early(engine):
     assert len(cut) >= 5 and full.startswith(cut) and len(cut) < len(full)
 
 
+def test_a_failing_until_callback_fails_only_its_request(engine):
+    def boom(text):
+        raise ValueError("boom")
+
+    bad = engine.submit(LONG, max_tokens=10, until=boom)
+    good = engine.submit(Q, max_tokens=4)
+    with pytest.raises(ValueError, match="boom"):
+        "".join(bad)
+    assert "".join(good)
+    assert engine.running == 0 and all_free(engine)
+
+
 def test_errors_are_edge_safe_errors(es):
     with pytest.raises(EdgeSafeError, match="parallel must be a whole number >= 1"):
         Engine(es, 0)
