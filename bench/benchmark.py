@@ -60,6 +60,8 @@ class BenchConfig:
     seed: int = 0  # shuffles the order of variants within each round
     rss: bool = True  # measure peak RSS per variant in child processes (a few s each)
     quick: bool = False  # few compositions, short generation (set the counts with quick_config)
+    concurrency: tuple[int, ...] = (1, 2, 4, 8)  # client counts of the concurrency section (() skips it)
+    concurrency_requests: int = 16  # requests per concurrency level (and one at a time)
     command: str = "edge-safe bench"
 
     def __post_init__(self):
@@ -71,8 +73,10 @@ class BenchConfig:
 
 
 def quick_config(cfg: BenchConfig, **explicit) -> BenchConfig:
-    """``--quick``: 3 rounds, 16 decode tokens, 3 bank loads; explicitly given values win."""
-    return replace(cfg, **{"quick": True, "repeats": 3, "max_tokens": 16, "bank_loads": 3, **explicit})
+    """``--quick``: 3 rounds, 16 decode tokens, 3 bank loads, concurrency 1, 2, 4 clients over 8 requests;
+    explicitly given values win."""
+    return replace(cfg, **{"quick": True, "repeats": 3, "max_tokens": 16, "bank_loads": 3, "concurrency": (1, 2, 4),
+                           "concurrency_requests": 8, **explicit})
 
 
 # --- compositions ----------------------------------------------------------------------------
@@ -218,6 +222,7 @@ class Benchmark:
                     bar.update()
             snapshots = {lb: len(self.es.prefix_cache.peek(c.key) or b"") for lb, c in self.comps.items()}
             cache_stats = self.es.prefix_cache.stats().as_dict()
+            concurrency = self._concurrency(bar)
             rss = {}
             for name, spec in rss_specs.items():
                 bar.set_description(f"peak RSS {name}", refresh=False)
@@ -231,7 +236,21 @@ class Benchmark:
             self.notes.append(f"the machine was busy before the run (1-min load average {busy:.2f} on "
                               f"{machine['usable_cpus']} CPUs): ratios within the run hold, absolute times are "
                               "slower and noisier than on a quiet machine")
-        return self._results(machine, snapshots, cache_stats, rss, time.perf_counter() - t_start)
+        results = self._results(machine, snapshots, cache_stats, rss, time.perf_counter() - t_start)
+        if concurrency is not None:
+            results["concurrency"] = concurrency
+        return results
+
+    def _concurrency(self, bar) -> dict | None:
+        """The concurrency section (:mod:`edge_safe.bench.concurrency`) on this run's runtime."""
+        from edge_safe.bench.concurrency import ConcurrencyConfig, run_concurrency
+
+        cfg = self.cfg
+        if not cfg.concurrency:
+            return None
+        ccfg = ConcurrencyConfig(levels=tuple(cfg.concurrency), requests=cfg.concurrency_requests,
+                                 max_tokens=max(cfg.max_tokens, 16), rounds=1 if cfg.quick else 2)
+        return run_concurrency(self.es, ccfg, progress=lambda what: bar.set_description(f"concurrency: {what}"))
 
     def _rss_specs(self) -> dict[str, dict]:
         common = {"model": str(self.model_path), "bank": str(self.bank_path), "n_ctx": self.cfg.n_ctx,

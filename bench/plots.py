@@ -20,7 +20,12 @@ def write_plots(results: dict, folder: Path) -> tuple[list[Path], str | None]:
     if plt is None:
         return [], PLOTS_SKIPPED
     folder.mkdir(parents=True, exist_ok=True)
-    return [_plot_ttft(results, folder / PLOTS[0], plt), _plot_prefill(results, folder / PLOTS[1], plt)], None
+    made = [_plot_ttft(results, folder / PLOTS[0], plt), _plot_prefill(results, folder / PLOTS[1], plt)]
+    if results.get("concurrency"):
+        from edge_safe.bench.concurrency import plot
+
+        made.append(plot(results["concurrency"], folder / "concurrency.png", plt))
+    return made, None
 
 
 def _plot_ttft(r: dict, path: Path, plt) -> Path:

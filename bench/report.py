@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 
 from edge_safe.convert.errors import EdgeSafeError
 from edge_safe.bench.plots import prefill_fit
@@ -137,6 +136,10 @@ def markdown(results: dict, plots: bool = True, plot_note: str | None = None) ->
     misses = _miss_notes(r)
     if misses:
         lines += ["", *misses]
+    if r.get("concurrency"):
+        from edge_safe.bench.concurrency import markdown as concurrency_markdown
+
+        lines += ["", *concurrency_markdown(r["concurrency"])]
     lines += ["", *_method(r)]
     if plots:
         lines += ["", "## Plots", ""]
@@ -145,6 +148,8 @@ def markdown(results: dict, plots: bool = True, plot_note: str | None = None) ->
         else:
             lines += ["![TTFT per composition](plots/ttft_per_composition.png)", "",
                       "![prefill positions vs TTFT](plots/prefill_vs_ttft.png)"]
+            if r.get("concurrency"):
+                lines += ["", "![concurrent clients](plots/concurrency.png)"]
     return lines
 
 

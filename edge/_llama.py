@@ -404,3 +404,184 @@ class LlamaModel:
         if C.llama_state_seq_set_data(self.ctx, buf, len(blob), SEQ) == 0:
             self.clear()
             raise EdgeSafeError("llama.cpp could not restore a sequence snapshot")
+
+
+class SeqContext:
+    """A second context on a loaded :class:`LlamaModel`: ``n_seq`` sequences decoded together in token
+    batches whose rows each name their sequence (for :mod:`edge_safe.engine`).
+
+    - ``unified=False`` (default, the engine's): one KV stream per sequence, ``n_ctx_seq`` cells each.
+      A sequence's cells sit in position order, as in a fresh single-sequence context, so attention
+      sums in the same order and (with the plain CPU kernels, ``cpu_repack`` off) its logits are
+      bit-identical to a one-at-a-time decode. llama.cpp splits a batch into micro-batches with
+      equal rows per sequence, so a step mixing decode rows and a prompt costs more than one.
+      Snapshots record their stream count: these restore only into a context with as many streams.
+    - ``unified=True``: one stream for all sequences (``n_seq * n_ctx_seq`` cells; snapshots
+      interchangeable with :class:`LlamaModel`'s). Faster when prompts and decode rows mix, but with
+      llama-cpp-python 0.3.36 it gave wrong replies under the server load test (not a near-tie: a
+      reply opening "10..." instead of "Peru is a"), and a near-tie flipped in a smaller test; kept
+      for experiments only, not used by the engine.
+    - ``swa_full=True`` as in :class:`LlamaModel`: partial removal and snapshots stay exact.
+    - ``llama_state_seq_set_data`` takes the destination sequence id and ignores the one stored in
+      the snapshot (checked: a snapshot of sequence 0 restored into sequences 1..3 gives the same
+      logits as a fresh prefill, max diff 0.0), so one cached prefix serves every sequence.
+    - Cells of one sequence are masked out of every other sequence's attention by llama.cpp
+      (checked bit for bit in tests/test_engine.py).
+
+    The weights are shared with ``llm``; this context is freed before the model (``llm.close``
+    closes it first).
+    """
+
+    def __init__(self, llm: LlamaModel, n_seq: int, n_ctx_seq: int, n_batch: int | None = None,
+                 n_threads: int | None = None, unified: bool = False):
+        if llm.closed:
+            raise EdgeSafeError("the model is closed; load it again")
+        if n_seq < 1:
+            raise EdgeSafeError(f"the number of parallel sequences must be >= 1, got {n_seq}")
+        self.llm, self.n_seq, self.n_ctx_seq = llm, int(n_seq), int(n_ctx_seq)
+        self.n_vocab, self.n_embd = llm.n_vocab, llm.n_embd
+        self._stack = ExitStack()
+        cparams = C.llama_context_default_params()
+        cparams.n_ctx = self.n_seq * self.n_ctx_seq  # non-unified: split evenly, n_ctx_seq cells per stream
+        cparams.n_batch = cparams.n_ubatch = int(n_batch or llm.n_batch)
+        cparams.n_seq_max = self.n_seq
+        cparams.kv_unified = bool(unified)  # False: a KV stream per sequence (see the class doc)
+        cparams.swa_full = True
+        cparams.n_threads = cparams.n_threads_batch = self.n_threads = int(n_threads or llm.n_threads)
+        cparams.no_perf = True
+        ctx = C.llama_init_from_model(llm.model, cparams)
+        if not ctx:
+            raise EdgeSafeError(f"llama.cpp could not create a context of {self.n_seq} sequences x {self.n_ctx_seq} "
+                                "positions (lower --parallel or --n-ctx)")
+        self._stack.callback(C.llama_free, ctx)
+        self.ctx = ctx
+        self.n_batch = C.llama_n_batch(ctx)
+        self.memory = C.llama_get_memory(ctx)
+        self._tok = C.llama_batch_init(self.n_batch, 0, 1)
+        self._stack.callback(C.llama_batch_free, self._tok)
+        self._emb = C.llama_batch_init(self.n_batch, self.n_embd, 1)
+        self._stack.callback(C.llama_batch_free, self._emb)
+        n = self.n_batch
+        for b in (self._tok, self._emb):
+            for i in range(n):
+                b.n_seq_id[i] = 1
+        self._token = np.ctypeslib.as_array(self._tok.token, shape=(n,))
+        self._pos = {id(b): np.ctypeslib.as_array(b.pos, shape=(n,)) for b in (self._tok, self._emb)}
+        self._want = {id(b): np.ctypeslib.as_array(b.logits, shape=(n,)) for b in (self._tok, self._emb)}
+        self._embd = np.ctypeslib.as_array(self._emb.embd, shape=(n, self.n_embd))  # (n_batch, n_embd)
+        self._piece_buf = ctypes.create_string_buffer(256)  # its own: LlamaModel's is used by another thread
+        llm._stack.callback(self.close)  # LIFO: this context goes before the model it uses
+        log.info("sequence context: %d sequences x %d positions, n_batch=%d, threads=%d",
+                 self.n_seq, self.n_ctx_seq, self.n_batch, self.n_threads)
+
+    def close(self) -> None:
+        """Free the batches and the context (idempotent)."""
+        self.ctx = None
+        self._stack.close()
+
+    @property
+    def closed(self) -> bool:
+        return self.ctx is None
+
+    def token_to_piece(self, token: int) -> bytes:
+        """As :meth:`LlamaModel.token_to_piece`, with this context's own buffer (thread-safe across contexts)."""
+        buf = self._piece_buf
+        n = C.llama_token_to_piece(self.llm.vocab, token, buf, len(buf), 0, False)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = C.llama_token_to_piece(self.llm.vocab, token, buf, len(buf), 0, False)
+        return buf.raw[:n]
+
+    def _check_seq(self, seq: int) -> None:
+        if self.ctx is None:  # a freed context would crash llama.cpp
+            raise EdgeSafeError("this sequence context is closed")
+        if not 0 <= seq < self.n_seq:
+            raise EdgeSafeError(f"sequence {seq} is outside 0..{self.n_seq - 1}")
+
+    # -- decoding --------------------------------------------------------------------
+
+    def decode_rows(self, tokens: Sequence[int], seqs: Sequence[int], pos: Sequence[int],
+                    want: Sequence[bool]) -> None:
+        """One decode of token rows, each with its own sequence, position and logits flag.
+
+        At most ``n_batch`` rows (more would abort the process); per sequence the positions must
+        continue that sequence consecutively. Row i's logits: :meth:`logits` ``(i)``."""
+        n = len(tokens)
+        if self.ctx is None:
+            raise EdgeSafeError("this sequence context is closed")
+        if not 0 < n <= self.n_batch:
+            raise EdgeSafeError(f"a decode takes 1..{self.n_batch} rows, got {n}")
+        b = self._tok
+        self._token[:n] = tokens
+        self._pos[id(b)][:n] = pos
+        self._want[id(b)][:n] = want
+        for i, s in enumerate(seqs):
+            b.seq_id[i][0] = s
+        self._decode(b, n)
+
+    def prefill(self, seq: int, bos: int, vectors: np.ndarray) -> None:
+        """Clear ``seq`` and decode ``[BOS][vectors]`` into it alone (no logits): a prefix that is not cached."""
+        self._check_seq(seq)
+        self.seq_rm(seq)
+        b = self._tok
+        self._token[0], self._pos[id(b)][0], self._want[id(b)][0] = bos, 0, 0
+        b.seq_id[0][0] = seq
+        self._decode(b, 1)
+        vectors = np.asarray(vectors, dtype=np.float32)
+        b = self._emb
+        for start in range(0, len(vectors), self.n_batch):
+            chunk = vectors[start:start + self.n_batch]
+            k = len(chunk)
+            self._embd[:k] = chunk
+            self._pos[id(b)][:k] = np.arange(1 + start, 1 + start + k)
+            self._want[id(b)][:k] = 0
+            for i in range(k):
+                b.seq_id[i][0] = seq
+            self._decode(b, k)
+
+    def _decode(self, batch, n: int) -> None:
+        batch.n_tokens = n
+        rc = C.llama_decode(self.ctx, batch)
+        if rc != 0:
+            raise DecodeError(
+                f"llama_decode failed with code {rc} "
+                f"({'no KV slot: the context is full' if rc == 1 else 'see -v output'})"
+            )
+
+    def logits(self, row: int) -> np.ndarray:
+        """Logits (n_vocab,) of batch row ``row`` of the last decode, as a view valid until the next decode."""
+        ptr = C.llama_get_logits_ith(self.ctx, row)
+        if not ptr:
+            raise EdgeSafeError(f"no logits for row {row}: the last decode did not ask for them")
+        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
+
+    # -- KV memory per sequence ------------------------------------------------------------
+
+    def seq_rm(self, seq: int, p0: int = -1, p1: int = -1) -> bool:
+        """Drop positions [p0, p1) of ``seq`` (-1: open end); the cells of other sequences are untouched."""
+        self._check_seq(seq)
+        return bool(C.llama_memory_seq_rm(self.memory, seq, p0, p1))
+
+    def pos_range(self, seq: int) -> tuple[int, int]:
+        """(smallest, largest) position held for ``seq``; (-1, -1) when it holds none."""
+        self._check_seq(seq)
+        return C.llama_memory_seq_pos_min(self.memory, seq), C.llama_memory_seq_pos_max(self.memory, seq)
+
+    def save_seq(self, seq: int) -> bytes:
+        """Snapshot one sequence's KV cells (restorable here into any sequence, or into a LlamaModel)."""
+        self._check_seq(seq)
+        size = C.llama_state_seq_get_size(self.ctx, seq)
+        buf = (ctypes.c_uint8 * size)()
+        n = C.llama_state_seq_get_data(self.ctx, buf, size, seq)
+        if n == 0:
+            raise EdgeSafeError(f"llama.cpp could not snapshot sequence {seq}")
+        return bytes(memoryview(buf)[:n])
+
+    def load_seq(self, seq: int, blob: bytes) -> None:
+        """Replace ``seq``'s cells with a snapshot (taken from any sequence, here or in a LlamaModel)."""
+        self._check_seq(seq)
+        self.seq_rm(seq)
+        buf = ctypes.cast(ctypes.c_char_p(blob), ctypes.POINTER(ctypes.c_uint8))  # no copy of the bytes
+        if C.llama_state_seq_set_data(self.ctx, buf, len(blob), seq) == 0:
+            self.seq_rm(seq)
+            raise EdgeSafeError(f"llama.cpp could not restore a snapshot into sequence {seq}")

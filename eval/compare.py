@@ -14,11 +14,13 @@ from edge_safe.eval.curve import at_strictness, bank_margins, curve_cases, curve
 from edge_safe.eval.evaluate import EvalConfig, Evaluator
 
 
-def compare(banks: Sequence[tuple[str, str]], threads: int | None, limit: int | None, seed: int) -> dict:
-    """The operating curve of each (path, label) bank on the eval's seeded test cases."""
+def compare(banks: Sequence[tuple[str, str]], threads: int | None, limit: int | None, seed: int,
+            parallel: int = EvalConfig.parallel) -> dict:
+    """The operating curve of each (path, label) bank on the eval's seeded test cases (``parallel`` at once)."""
     out = {"banks": {}}
     for path, label in banks:
-        ev = Evaluator(EvalConfig(bank=path, baselines=(), n_threads=threads, limit=limit, seed=seed))
+        ev = Evaluator(EvalConfig(bank=path, baselines=(), n_threads=threads, limit=limit, seed=seed,
+                                  parallel=parallel))
         try:
             ev.plan()
             ev.run_.start(len(curve_cases(ev)))  # the progress bar
@@ -82,6 +84,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--threads", type=_positive, default=None, help="CPU threads (default: all cores)")
     ap.add_argument("--limit", type=_positive, default=None, help="at most N cases (quick runs)")
     ap.add_argument("--seed", type=int, default=0, help="the eval's seed (same cases as `edge-safe eval`)")
+    ap.add_argument("--parallel", type=_positive, default=EvalConfig.parallel,
+                    help=f"cases decided at once, batched in one decode (1: one at a time; default {EvalConfig.parallel})")
     args = ap.parse_args(argv)
     banks = []
     for spec in args.banks:
@@ -93,7 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         out = make_out_dir(args.out)
-        results = compare(banks, args.threads, args.limit, args.seed)
+        results = compare(banks, args.threads, args.limit, args.seed, args.parallel)
     except EdgeSafeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -113,6 +113,7 @@ def curve_cases(ev) -> list:
 def bank_margins(ev, what: str = "curve") -> list[dict]:
     """(composition, prompt, kind, group, margin) of every ``curve_cases`` case, for the evaluator's bank."""
     system = ev.systems["bank"]
+    ev.run_.prefetch_margins(system, [(ev.prompts[c.prompt].text, ev.comps[c.comp].constraints) for c in curve_cases(ev)])
     rows = []
     for c in curve_cases(ev):
         comp, p = ev.comps[c.comp], ev.prompts[c.prompt]

@@ -78,6 +78,7 @@ class EvalConfig:
     seed: int = 0  # compositions, prompts and samples
     n_ctx: int = 1024  # context of each runtime (text rules of 7 categories take ~170 tokens)
     n_threads: int | None = None  # CPU threads (None: all cores)
+    parallel: int = 4  # cases decided at once on a batching engine (1: one at a time on the runtime itself)
     n_gpu_layers: int = 0
     # the bank's runtime bias on the refusal opener (EdgeSafe strictness); logits-based figures (SAM, KL) ignore it
     strictness: float = 0.0
@@ -96,6 +97,8 @@ class EvalConfig:
                      "slice_prompts"):
             if getattr(self, name) < 0 or (name in ("prompts", "kl_tokens") and getattr(self, name) < 1):
                 raise EdgeSafeError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if not isinstance(self.parallel, int) or self.parallel < 1:
+            raise EdgeSafeError(f"--parallel must be a whole number >= 1, got {self.parallel!r}")
         if self.limit is not None and self.limit < 1:
             raise EdgeSafeError(f"--limit must be >= 1, got {self.limit}")
         check_strictness(self.strictness)
@@ -123,7 +126,7 @@ class Evaluator:
         self._owned: list = []
         self.es = es if es is not None else self._own(self._open(self.bank_path, cfg.strictness))
         self.bank: TokenBank = self.es.bank
-        self.run_ = Runner(self.bank, self.es.tokenize, progress)
+        self.run_ = Runner(self.bank, self.es.tokenize, progress, cfg.parallel)
         self.notes: list[str] = []
 
     def _own(self, es):
@@ -131,7 +134,8 @@ class Evaluator:
         return es
 
     def close(self) -> None:
-        """Close the runtimes this evaluator opened (not one passed in)."""
+        """Close the engines, and the runtimes this evaluator opened (not one passed in)."""
+        self.run_.close()
         for es in self._owned:
             es.close()
         self._owned.clear()
@@ -266,6 +270,8 @@ class Evaluator:
         return results
 
     def _decisions(self, system: System, cases: list[Case]) -> list[dict]:
+        self.run_.prefetch(system, [(self.prompts[c.prompt].text, self.run_.request(system, self.comps[c.comp].constraints))
+                                    for c in cases])
         out = []
         for c in cases:
             comp, p = self.comps[c.comp], self.prompts[c.prompt]
@@ -332,6 +338,7 @@ class Evaluator:
             req = self.run_.request(system, (), None if name == "none" else "rejective")
             if req is None:
                 continue
+            self.run_.prefetch(system, [(self.prompts[i].text, req) for i in self.mode_idx])
             decided = [self.run_.decide(system, self.prompts[i].text, req, f"{name} rejective")
                        for i in self.mode_idx]
             verdicts = [v for v, _ in decided]
@@ -345,6 +352,8 @@ class Evaluator:
             out["notes"].append("the bank has no negative mode: negative compliance not measured")
             return out
         bank = self.systems["bank"]
+        self.run_.prefetch(bank, [(p.text, self.run_.request(bank, [p.category], mode))
+                                  for mode in ("negative", None) for p in (self.prompts[i] for i in self.negative_idx)])
         for key, mode in (("negative", "negative"), ("positive", None)):
             verdicts = [self.run_.decide(bank, p.text, self.run_.request(bank, [p.category], mode), f"bank {key}")[0]
                         for p in (self.prompts[i] for i in self.negative_idx)]

@@ -5,6 +5,14 @@ request: as bank tokens (``tokens``), as the rules written in a system line
 (``text``), or not at all (``none``). The :class:`Runner` sends requests,
 judges replies with early stopping, memoises identical requests and keeps the
 progress bar and timings.
+
+With ``parallel > 1`` the runner decides many cases at once: :meth:`Runner.prefetch` and
+:meth:`Runner.prefetch_margins` hand a whole list to an :class:`~edge_safe.engine.Engine` on the
+system's runtime (one per runtime, ``parallel`` sequences decoded together), each reply stopping
+as soon as its verdict is settled, and memoise the results; :meth:`Runner.decide` and
+:meth:`Runner.margin` then read them. Every case is still prefilled on its own from its
+composition's prefix, so each decision is the one-at-a-time decision up to llama.cpp's
+batch-dependent rounding (near-ties; eval/README.md).
 """
 from __future__ import annotations
 
@@ -31,7 +39,7 @@ class System:
 class Runner:
     """Requests to systems: verdicts with early stopping, and logits; memoised, timed, with a progress bar."""
 
-    def __init__(self, bank: TokenBank, tokenize, progress: bool = True):
+    def __init__(self, bank: TokenBank, tokenize, progress: bool = True, parallel: int = 1):
         refusals = bank.refusals()
         if not refusals:
             raise EdgeSafeError("the bank has no refusal texts, so refusals cannot be judged; "
@@ -43,6 +51,8 @@ class Runner:
         self.timing = {"decide": [0, 0.0], "logits": [0, 0.0]}
         self._memo: dict = {}
         self._bar = None
+        self.parallel = parallel
+        self._engines: dict = {}  # EdgeSafe -> Engine
 
     # -- requests ----------------------------------------------------------------------------
 
@@ -66,25 +76,73 @@ class Runner:
         """(verdict, reply so far): greedy generation that stops once the verdict cannot change.
 
         ``prompt`` is one user request, or a conversation (a list of messages: its reply is judged)."""
-        conv = not isinstance(prompt, str)
-        key = (system.name, _hashable(prompt), tuple(req["tokens"] or ()), req["mode"], req["system"])
+        key = self._key(system, prompt, req)
         if key not in self._memo:
             t0 = time.perf_counter()
-            text, verdict = "", None
-            stream = (_chat_pieces(system.es, prompt, self.max_tokens, req) if conv
+            stream = (_chat_pieces(system.es, prompt, self.max_tokens, req) if not isinstance(prompt, str)
                       else system.es.generate(prompt, max_tokens=self.max_tokens, stream=True, **req))
-            try:
-                for piece in stream:
-                    text += piece
-                    verdict = self.judge.settled(text)
-                    if verdict:
-                        break
-            finally:
-                stream.close()
-            self._memo[key] = (verdict or self.judge.verdict(text), text)
+            self._memo[key] = self._judge(stream)
             self._time("decide", t0)
         self.tick(what or system.name)
         return self._memo[key]
+
+    def prefetch(self, system: System, items: Sequence[tuple[str, dict]]) -> None:
+        """Decide every (prompt, request) not yet memoised at once on the engine (``parallel > 1``)."""
+        engine = self.engine(system)
+        if engine is None:
+            return
+        todo: dict[tuple, tuple[str, dict]] = {}
+        for p, r in items:
+            if not isinstance(p, str):
+                continue  # conversations are decided one at a time (decide)
+            k = self._key(system, p, r)
+            if k not in self._memo:
+                todo.setdefault(k, (p, r))
+        if not todo:
+            return
+        t0 = time.perf_counter()
+        settled = lambda text: self.judge.settled(text) is not None  # noqa: E731
+        jobs = [engine.generate(p, max_tokens=self.max_tokens, stream=True, until=settled, **r)
+                for p, r in todo.values()]
+        for k, job in zip(todo, jobs):
+            self._memo[k] = self._judge(job)
+        self.timing["decide"][0] += len(todo)
+        self.timing["decide"][1] += time.perf_counter() - t0
+
+    def _judge(self, stream) -> tuple[str, str]:
+        text, verdict = "", None
+        try:
+            for piece in stream:
+                text += piece
+                verdict = self.judge.settled(text)
+                if verdict:
+                    break
+        finally:
+            stream.close()
+        return verdict or self.judge.verdict(text), text
+
+    @staticmethod
+    def _key(system: System, prompt, req: dict) -> tuple:
+        return (system.name, _hashable(prompt), tuple(req["tokens"] or ()), req["mode"], req["system"])
+
+    def engine(self, system: System):
+        """The batching engine on the system's runtime (made on first use); None with ``parallel`` 1."""
+        from edge_safe.engine import batchable
+
+        if self.parallel <= 1 or not batchable(system.es):  # deep banks: one at a time
+            return None
+        engine = self._engines.get(system.es)
+        if engine is None or engine.ctx.closed:
+            from edge_safe.engine import Engine
+
+            engine = self._engines[system.es] = Engine(system.es, self.parallel)
+        return engine
+
+    def close(self) -> None:
+        """Close the engines (before their runtimes)."""
+        for engine in self._engines.values():
+            engine.close()
+        self._engines.clear()
 
     def logits(self, system: System, prompt: str, req: dict, continuation=None, what: str = "") -> np.ndarray:
         """First-reply-token logits (n_vocab,), or teacher-forced logits (len, n_vocab) of a continuation."""
@@ -102,11 +160,28 @@ class Runner:
     def margin(self, system: System, prompt, constraints: Sequence[str], what: str = "") -> float:
         """``EdgeSafe.refusal_margin`` of a prompt (or a conversation) under a composition (counted with
         the logit requests)."""
-        t0 = time.perf_counter()
-        out = system.es.refusal_margin(prompt, tokens=list(constraints))
-        self._time("logits", t0)
+        key = ("margin", system.name, _hashable(prompt), tuple(constraints))
+        out = self._memo.get(key)  # prefetched
+        if out is None:
+            t0 = time.perf_counter()
+            out = system.es.refusal_margin(prompt, tokens=list(constraints))
+            self._time("logits", t0)
         self.tick(what or system.name)
         return out
+
+    def prefetch_margins(self, system: System, items: Sequence[tuple[str, Sequence[str]]]) -> None:
+        """Every (prompt, constraints) margin at once on the engine (``parallel > 1``), for :meth:`margin`."""
+        engine = self.engine(system)
+        todo = [k for k in dict.fromkeys(("margin", system.name, p, tuple(c)) for p, c in items if isinstance(p, str))
+                if k not in self._memo]  # conversations: one at a time (margin)
+        if engine is None or not todo:
+            return
+        t0 = time.perf_counter()
+        jobs = [engine.refusal_margin(k[2], tokens=list(k[3]), wait=False) for k in todo]
+        for k, job in zip(todo, jobs):
+            self._memo[k] = job.result()
+        self.timing["logits"][0] += len(todo)
+        self.timing["logits"][1] += time.perf_counter() - t0
 
     def refusal_of(self, reply: str) -> str | None:
         """Name of the token whose refusal the reply is."""

@@ -25,7 +25,7 @@ def quick_run(tmp_path_factory):
     """One `--quick` run, cut to a single round of two compositions (about 10-20 s on 2 busy cores)."""
     out = tmp_path_factory.mktemp("bench")
     r = invoke("bench", "--quick", "--repeats", "1", "--warmup", "0", "--max-tokens", "4", "-c", "none",
-               "-c", "minors,eu", "--threads", "1", "--out", str(out))
+               "-c", "minors,eu", "--threads", "1", "--concurrency", "1,2", "--out", str(out))
     assert r.exit_code == 0, r.output
     return r, out, json.loads((out / "results.json").read_text())
 
@@ -40,7 +40,8 @@ def test_quick_run_writes_json_markdown_and_plots(quick_run):
     assert "## Targets" in r.stdout and "| `minors,eu` |" in r.stdout
     assert list(res["compositions"]) == ["none", "minors,eu"] and list(res["baselines"]) == ["minors,eu"]
     assert res["config"]["command"] == ("edge-safe bench --quick --out " + str(out) + " --threads 1 --repeats 1 "
-                                        "--warmup 0 --max-tokens 4 --composition none --composition minors,eu")
+                                        "--warmup 0 --max-tokens 4 --composition none --composition minors,eu "
+                                        "--concurrency 1,2")
     m = res["machine"]
     assert m["cpu"] and m["llama_cpp_python"] and res["config"]["n_threads"] == 1
     assert len(res["bank"]["sha256"]) == 64 and len(res["model"]["fingerprint"]) == 64
@@ -49,8 +50,13 @@ def test_quick_run_writes_json_markdown_and_plots(quick_run):
     for section in ("## Targets", "## Per composition", "## Baselines", "## Composition switch",
                     "## Where the time goes", "## Method", "![TTFT per composition](plots/ttft_per_composition.png)"):
         assert section in md
-    for name in ("ttft_per_composition.png", "prefill_vs_ttft.png"):
+    for name in ("ttft_per_composition.png", "prefill_vs_ttft.png", "concurrency.png"):
         assert (out / "plots" / name).read_bytes()[:8] == PNG
+    conc = res["concurrency"]
+    assert list(conc["levels"]) == ["1", "2"] and conc["parallel"] == 2
+    assert all(row["requests"] == 8 and row["completion_tokens"] > 0 for row in conc["levels"].values())
+    assert conc["levels"]["1"]["tokens_per_s_vs_one_client"] == 1.0
+    assert "## Concurrent clients (batching engine)" in md and "![concurrent clients](plots/concurrency.png)" in md
     goals = ["≤ 1.05×", "≤ 0.35×", "≥ 0.97×", "≤ 1 ms", "≤ 5 ms", "≤ 2 MB"]
     assert [t["goal"] for t in res["targets"]] == goals
     assert all(t["pass"] in (True, False) for t in res["targets"])

@@ -91,9 +91,14 @@ def es(bank):
 
 
 @pytest.fixture(scope="module")
-def url(es):
+def app(es):
     settings = ServerSettings(api_key=KEY, default_tokens="minors", max_tokens_limit=64, max_body_bytes=32 * 1024)
-    with live_server(create_app(es, settings)) as base:
+    return create_app(es, settings)  # parallel 4: requests are batched on an Engine
+
+
+@pytest.fixture(scope="module")
+def url(app):
+    with live_server(app) as base:
         yield base
 
 
@@ -166,7 +171,7 @@ def test_models_health_and_tokens(client, url, es, http):
     assert [m.id for m in client.models.list().data] == [es.model_name]
     assert client.models.retrieve(es.model_name).id == es.model_name
     health = httpx.get(url + "/health").json()  # no API key needed: for liveness probes
-    assert health == {"status": "ok", "model": es.model_name, "busy": False, "queued": 0}
+    assert health == {"status": "ok", "model": es.model_name, "busy": False, "running": 0, "queued": 0, "parallel": 4}
     listing = http.get("/v1/tokens").json()
     assert listing["tokens"] == ["alcohol", "gambling", "privacy"]
     assert listing["modes"] == ["positive", "rejective", "negative"]
@@ -398,7 +403,7 @@ def test_interleaved_compositions_equal_each_request_run_alone(url, es):
         assert extra["mode"] == es.compose(json.loads(key[1]), key[2])[1]
 
 
-def test_a_client_that_disconnects_mid_stream_frees_the_model(url, http, es):
+def test_a_client_that_disconnects_mid_stream_frees_the_model(url, http, es, app):
     with httpx.Client(timeout=60) as c:
         with c.stream("POST", url + "/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"},
                       json={"messages": [{"role": "user", "content": LONG}], "tokens": [], "max_tokens": 64,
@@ -413,30 +418,36 @@ def test_a_client_that_disconnects_mid_stream_frees_the_model(url, http, es):
     while httpx.get(url + "/health").json()["busy"]:
         assert time.monotonic() < deadline, "the model was not freed after the client went away"
         time.sleep(0.05)
-    aborted = es.last_stats
+    engine = app.state.edge_safe.engine
+    aborted = engine.last_stats
+    assert engine.running == 0 and all(engine.ctx.pos_range(s) == (-1, -1) for s in range(engine.n_parallel))
     assert aborted.finish_reason == "length" and aborted.completion_tokens < 40  # stopped early, not run to 64
     t0 = time.monotonic()
     reply = http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": Q}], "max_tokens": 2})
     assert reply.status_code == 200 and time.monotonic() - t0 < 10
 
 
-def test_requests_queue_for_the_model_and_a_full_queue_is_a_503(es):
+@pytest.mark.parametrize("parallel", [1, 2])
+def test_requests_queue_for_the_model_and_a_full_queue_is_a_503(es, parallel):
     ask_q = {"messages": [{"role": "user", "content": Q}], "max_tokens": 2, "tokens": []}
-    with live_server(create_app(es, ServerSettings(max_queue=1))) as base, \
-            httpx.Client(base_url=base, timeout=60) as c:
-        long = {"messages": [{"role": "user", "content": LONG}], "max_tokens": 64, "stream": True, "tokens": []}
-        with c.stream("POST", "/v1/chat/completions", json=long) as holding:
-            next(holding.iter_lines())  # the stream holds the model
-            with ThreadPoolExecutor(1) as pool:
-                waiting = pool.submit(c.post, "/v1/chat/completions", json=ask_q)
-                deadline = time.monotonic() + 10
-                while c.get("/health").json()["queued"] < 1:
-                    assert time.monotonic() < deadline, "the second request never queued"
-                    time.sleep(0.02)
-                full = c.post("/v1/chat/completions", json=ask_q)
-                assert full.status_code == 503 and full.json()["error"]["code"] == "server_busy"
-                assert not waiting.done()
-        # the held stream is closed: the queued request runs
+    long = {"messages": [{"role": "user", "content": LONG}], "max_tokens": 64, "stream": True, "tokens": []}
+    with live_server(create_app(es, ServerSettings(max_queue=1, parallel=parallel))) as base, \
+            httpx.Client(base_url=base, timeout=60) as c, ThreadPoolExecutor(1) as pool:
+        with contextlib.ExitStack() as streams:
+            holders = [streams.enter_context(c.stream("POST", "/v1/chat/completions", json=long))
+                       for _ in range(parallel)]
+            for holding in holders:
+                next(holding.iter_lines())  # each stream holds a slot
+            assert c.get("/health").json()["running"] == parallel
+            waiting = pool.submit(c.post, "/v1/chat/completions", json=ask_q)
+            deadline = time.monotonic() + 10
+            while c.get("/health").json()["queued"] < 1:
+                assert time.monotonic() < deadline, "the request never queued"
+                time.sleep(0.02)
+            full = c.post("/v1/chat/completions", json=ask_q)
+            assert full.status_code == 503 and full.json()["error"]["code"] == "server_busy"
+            assert not waiting.done()
+        # the held streams are closed: the queued request runs
         assert waiting.result(timeout=30).status_code == 200
 
 
@@ -470,7 +481,7 @@ def test_serve_cli_passes_settings_to_the_app(monkeypatch, bank):
     monkeypatch.setenv("EDGE_SAFE_API_KEY", "from-env")
     result = CliRunner().invoke(cli, ["serve", "--port", "9999", "-t", "eu", "--max-tokens-limit", "8",
                                       "--allow-negative-mode", "--default-strictness", "1.5", "--n-ctx", "64",
-                                      "--threads", "1"])
+                                      "--threads", "1", "--parallel", "2"])
     assert result.exit_code == 0, result.output
     state = seen["state"]
     assert (seen["host"], seen["port"]) == ("127.0.0.1", 9999)
@@ -478,6 +489,8 @@ def test_serve_cli_passes_settings_to_the_app(monkeypatch, bank):
     assert state.settings.api_key.get_secret_value() == "from-env" and "from-env" not in repr(state.settings)
     assert state.default_tokens == ["privacy"] and state.settings.max_tokens_limit == 8
     assert state.settings.allow_negative_mode is True and state.settings.default_strictness == 1.5
+    assert state.settings.parallel == 2 and state.engine.n_parallel == 2
+    state.close()
     assert "serving" in result.output and "default tokens: privacy" in result.output
 
     result = CliRunner().invoke(cli, ["serve", "-t", "minor", "--n-ctx", "64"])

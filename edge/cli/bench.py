@@ -42,11 +42,14 @@ from edge_safe.bench.benchmark import BenchConfig as D  # one place for every de
 @click.option("--seed", default=D.seed, show_default=True, type=int, help="Seed of the per-round order.")
 @click.option("--rss/--no-rss", default=True, show_default=True,
               help="Measure peak RSS per variant in fresh child processes (a few seconds each).")
+@click.option("--concurrency", default=None, metavar="N,N,...",
+              help="Client counts of the concurrency section (batching engine vs one at a time; 'none' skips it) "
+                   "[default: 1,2,4,8; --quick: 1,2,4].")
 @click.option("--no-plots", is_flag=True, help="Skip the PNG plots.")
 @click.option("--from-results", default=None, metavar="results.json", type=click.Path(dir_okay=False),
               help="Do not run: rebuild RESULTS.md and the plots from this file.")
 def bench(quick, out, model, bank, threads, repeats, warmup, max_tokens, compositions, baselines, n_ctx,
-          n_gpu_layers, seed, rss, no_plots, from_results):
+          n_gpu_layers, seed, rss, concurrency, no_plots, from_results):
     """Benchmark latency and memory per composition against baselines.
 
     Measures, per composition, time to first token cold (prefix built) and warm
@@ -68,7 +71,7 @@ def bench(quick, out, model, bank, threads, repeats, warmup, max_tokens, composi
         results = load_results(from_results)
     else:
         results = _run(quick, model, bank, threads, repeats, warmup, max_tokens, compositions, baselines, n_ctx,
-                       n_gpu_layers, seed, rss)
+                       n_gpu_layers, seed, rss, concurrency)
     written = write_outputs(results, out, plots=not no_plots)
     lines = markdown(results, plots=False)
     end = next(i for i, line in enumerate(lines) if line.startswith("## Baselines"))
@@ -78,12 +81,13 @@ def bench(quick, out, model, bank, threads, repeats, warmup, max_tokens, composi
 
 
 def _run(quick, model, bank, threads, repeats, warmup, max_tokens, compositions, baselines, n_ctx, n_gpu_layers,
-         seed, rss) -> dict:
+         seed, rss, concurrency=None) -> dict:
     from dataclasses import replace
 
     from edge_safe.bench.benchmark import Benchmark, quick_config
 
-    given = {k: v for k, v in (("repeats", repeats), ("warmup", warmup), ("max_tokens", max_tokens)) if v is not None}
+    given = {k: v for k, v in (("repeats", repeats), ("warmup", warmup), ("max_tokens", max_tokens),
+                               ("concurrency", _levels(concurrency))) if v is not None}
     cfg = D(model=model, bank=bank, compositions=tuple(compositions), baselines=tuple(baselines), n_ctx=n_ctx,
             n_threads=threads, n_gpu_layers=n_gpu_layers, seed=seed, rss=rss, command=_command())
     cfg = quick_config(cfg, **given) if quick else replace(cfg, **given)
@@ -92,6 +96,21 @@ def _run(quick, model, bank, threads, repeats, warmup, max_tokens, compositions,
         return b.run()
     finally:
         b.close()
+
+
+def _levels(text: str | None) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    if text.strip().lower() == "none":
+        return ()
+    try:
+        levels = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        levels = ()
+    if not levels or min(levels) < 1 or max(levels) > 64:
+        raise click.BadParameter(f"expected client counts like 1,2,4,8 (each 1..64) or 'none', got {text!r}",
+                                 param_hint="--concurrency")
+    return levels
 
 
 def _command() -> str:

@@ -63,6 +63,8 @@ def _csv(text: str) -> tuple[str, ...]:
               help="Let the bank word its refusals freely after the opener (EdgeSafe(exact_refusals=False)), "
                    "to measure what the runtime's exact refusals change.")
 @click.option("--threads", default=None, type=click.IntRange(min=1), help="CPU threads [default: all cores].")
+@click.option("--parallel", default=D.parallel, show_default=True, type=click.IntRange(min=1, max=64), metavar="N",
+              help="Cases decided at once, batched in one decode (1: one at a time).")
 @click.option("--n-ctx", default=D.n_ctx, show_default=True, type=click.IntRange(min=64), help="Context length.")
 @click.option("--n-gpu-layers", default=0, show_default=True, type=int, help="Layers to offload to the GPU.")
 @click.option("--no-plots", is_flag=True, help="Skip the PNG plots.")
@@ -72,7 +74,7 @@ def _csv(text: str) -> tuple[str, ...]:
               help="Do not run: rebuild the report from this file (with --write-summary: store its summary).")
 def eval_cmd(bank, model, data, orders, out, limit, compositions, prompts, profiles, baselines, text_bank,
              mode_prompts, sam_prompts, kl_prompts, kl_compositions, kl_tokens, slices, slice_prompts, seed, strictness,
-             free_refusals, threads, n_ctx, n_gpu_layers, no_plots, store_summary, from_results):
+             free_refusals, threads, parallel, n_ctx, n_gpu_layers, no_plots, store_summary, from_results):
     """Evaluate a bank against its baselines through the llama.cpp runtime.
 
     Reports defense success and over-refusal per order, category, profile and
@@ -95,7 +97,7 @@ def eval_cmd(bank, model, data, orders, out, limit, compositions, prompts, profi
     else:
         results = _run(bank, model, data, orders, limit, compositions, prompts, profiles, baselines, text_bank,
                        mode_prompts, sam_prompts, kl_prompts, kl_compositions, kl_tokens, seed, strictness, threads,
-                       n_ctx, n_gpu_layers, free_refusals, slices, slice_prompts)
+                       n_ctx, n_gpu_layers, free_refusals, slices, slice_prompts, parallel)
     written = write_outputs(results, out, plots=not no_plots)
     click.echo("\n".join(sections(results, plots=False)[: _end_of_headline(results)]))
     for path in written:
@@ -112,7 +114,7 @@ def eval_cmd(bank, model, data, orders, out, limit, compositions, prompts, profi
 
 def _run(bank, model, data, orders, limit, compositions, prompts, profiles, baselines, text_bank, mode_prompts,
          sam_prompts, kl_prompts, kl_compositions, kl_tokens, seed, strictness, threads, n_ctx, n_gpu_layers,
-         free_refusals=False, slices=",".join(D.slices), slice_prompts=D.slice_prompts) -> dict:
+         free_refusals=False, slices=",".join(D.slices), slice_prompts=D.slice_prompts, parallel=D.parallel) -> dict:
     from edge_safe.eval.slices import parse_slices
     from edge_safe.convert.bank import TokenBank
     from edge_safe.eval.data import parse_orders
@@ -125,7 +127,7 @@ def _run(bank, model, data, orders, limit, compositions, prompts, profiles, base
         compositions=compositions, prompts=prompts, profiles=tuple(profiles) or D.profiles,
         baselines=_csv(baselines), text_bank=text_bank, mode_prompts=mode_prompts, sam_prompts=sam_prompts,
         kl_prompts=kl_prompts, kl_compositions=kl_compositions, kl_tokens=kl_tokens, limit=limit, seed=seed,
-        strictness=strictness, n_ctx=n_ctx, n_threads=threads, n_gpu_layers=n_gpu_layers,
+        strictness=strictness, n_ctx=n_ctx, n_threads=threads, n_gpu_layers=n_gpu_layers, parallel=parallel,
         slices=parse_slices(slices), slice_prompts=slice_prompts,
         exact_refusals=not free_refusals, command=" ".join(["edge-safe", *map(shlex.quote, sys.argv[1:])]) if Path(sys.argv[0]).name == "edge-safe"
         else "edge-safe eval",

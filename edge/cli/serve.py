@@ -41,13 +41,14 @@ def _help(field: str) -> str:
 @click.option("--max-body-bytes", default=None, type=click.IntRange(min=1024), metavar="N",
               help=_help("max_body_bytes"))
 @click.option("--max-queue", default=None, type=click.IntRange(min=1), metavar="N", help=_help("max_queue"))
+@click.option("--parallel", default=None, type=click.IntRange(min=1, max=64), metavar="N", help=_help("parallel"))
 @click.option("--model-id", default=None, metavar="ID", help=_help("model_id"))
 @click.option("--n-ctx", default=2048, show_default=True, type=click.IntRange(min=16), help="Context length.")
 @click.option("--n-gpu-layers", default=0, show_default=True, type=int,
               help="Layers to offload to the GPU (-1: all); needs a Metal or CUDA build of llama-cpp-python.")
 @click.option("--threads", default=None, type=click.IntRange(min=1), help="CPU threads [default: half the cores].")
 def serve(host, port, model, bank, api_key, default_tokens, max_tokens_limit, allow_negative_mode,
-          default_strictness, max_body_bytes, max_queue, model_id, n_ctx, n_gpu_layers, threads):
+          default_strictness, max_body_bytes, max_queue, parallel, model_id, n_ctx, n_gpu_layers, threads):
     """Serve an OpenAI-compatible API with control tokens chosen per request.
 
     Requests pick constraints with the extra body fields `tokens` and `mode`
@@ -57,6 +58,7 @@ def serve(host, port, model, bank, api_key, default_tokens, max_tokens_limit, al
     Examples:
       edge-safe serve
       edge-safe serve --port 8000 --default-tokens minors --api-key s3cret
+      edge-safe serve --parallel 8            # 8 requests decoded together
       curl localhost:8080/v1/chat/completions -d '{"messages": [{"role": "user",
         "content": "How do I mix a mojito?"}], "tokens": "minors,eu"}'
     """
@@ -68,7 +70,7 @@ def serve(host, port, model, bank, api_key, default_tokens, max_tokens_limit, al
         raise click.ClickException(f"the server needs FastAPI and uvicorn ({e}); {SERVER_EXTRA}") from None
     given = dict(api_key=api_key or None, default_tokens=default_tokens, max_tokens_limit=max_tokens_limit,
                  allow_negative_mode=allow_negative_mode, default_strictness=default_strictness,
-                 max_body_bytes=max_body_bytes, max_queue=max_queue,
+                 max_body_bytes=max_body_bytes, max_queue=max_queue, parallel=parallel,
                  model_id=model_id)
     from pydantic import ValidationError
 
@@ -87,7 +89,8 @@ def serve(host, port, model, bank, api_key, default_tokens, max_tokens_limit, al
         click.echo(
             f"edge-safe: serving {state.model_id} on http://{host}:{port}/v1 "
             f"(tokens: {', '.join(es.tokens)}; profiles: {', '.join(es.profiles) or '(none)'}; "
-            f"modes: {', '.join(es.modes) or '(none)'}; default tokens: {', '.join(state.default_tokens) or '(none)'})",
+            f"modes: {', '.join(es.modes) or '(none)'}; default tokens: {', '.join(state.default_tokens) or '(none)'}; "
+            f"parallel: {settings.parallel})",
             err=True,
         )
         uvicorn.run(app, host=host, port=port, log_level=_uvicorn_level(), timeout_graceful_shutdown=5)

@@ -5,11 +5,13 @@ fields, ``tokens`` (names or profiles, list or comma string), ``mode`` and
 ``strictness`` (refuse more or less than the bank as trained); every reply says
 which composition was applied in its ``edge_safe`` field.
 
-- One model context serves every request. Requests queue on an asyncio lock in
-  the app state (``max_queue`` may wait, more get 503) and the blocking model
-  calls run in a worker thread, so the event loop stays free for ``/health``.
-- A stream holds the model until it ends; when the client goes away the
-  EdgeSafe iterator is closed at once, which frees the model for the next request.
+- ``parallel`` requests run at once: with ``parallel > 1`` on an
+  :class:`~edge_safe.engine.Engine` (one decode step batches every running request,
+  each in its own sequence with its own composition), with 1 on the EdgeSafe itself.
+  More requests queue in the app state's gate (``max_queue`` may wait, more get 503);
+  the blocking calls run in worker threads, so the event loop stays free for ``/health``.
+- A stream holds its slot until it ends; when the client goes away the iterator is
+  closed at once, which cancels the request and frees its slot (and its sequence).
 - Errors leave through one boundary, mapped by exception *type* to OpenAI's
   ``{"error": {"message", "type", "param", "code"}}``: client mistakes are 4xx,
   only server faults are 5xx.
@@ -23,6 +25,7 @@ import hmac
 import json
 import logging
 import time
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Callable, Iterator, TypeVar
@@ -45,6 +48,7 @@ from edge_safe.convert.errors import (
     PromptTooLongError,
     UnknownTokenError,
 )
+from edge_safe.engine import Engine, EngineClosedError, batchable
 from edge_safe.runtime import EdgeSafe
 from edge_safe.server.schema import ChatCompletionRequest, CompletionRequest, ServerSettings
 
@@ -59,6 +63,7 @@ _ERRORS: list[tuple[type, int, str, str | None]] = [
     (UnknownTokenError, 400, "invalid_request_error", "unknown_token"),
     (PromptTooLongError, 400, "invalid_request_error", "context_length_exceeded"),
     (DecodeError, 500, "server_error", "decode_failed"),  # llama.cpp failed, not the client
+    (EngineClosedError, 503, "server_error", "shutting_down"),  # the server stopped during the request
     (BankFormatError, 500, "server_error", None),  # set-up problems, raised only at start-up
     (BankMismatchError, 500, "server_error", None),
     (ModelNotFoundError, 500, "server_error", None),
@@ -162,28 +167,31 @@ def _explain(err: dict) -> str:
 
 
 class ModelGate:
-    """The queue in front of the single model context: one holder, at most ``max_queue`` waiting."""
+    """The queue in front of the model: ``slots`` holders at once, at most ``max_queue`` waiting."""
 
-    def __init__(self, max_queue: int):
-        self.max_queue, self.waiting = max_queue, 0
-        self._lock = asyncio.Lock()  # binds to the running loop on first contention
+    def __init__(self, max_queue: int, slots: int = 1):
+        self.max_queue, self.slots, self.waiting, self.holders = max_queue, slots, 0, 0
+        self._sem = asyncio.Semaphore(slots)  # binds to the running loop on first contention
 
     @property
     def busy(self) -> bool:
-        return self._lock.locked()
+        """Some request holds the model."""
+        return self.holders > 0
 
     async def acquire(self) -> None:
-        if self.busy and self.waiting >= self.max_queue:
+        if self.holders >= self.slots and self.waiting >= self.max_queue:
             raise ApiError(503, f"the server is busy ({self.waiting} requests waiting); retry later",
                            kind="server_error", code="server_busy")
         self.waiting += 1
         try:
-            await self._lock.acquire()
+            await self._sem.acquire()
         finally:
             self.waiting -= 1
+        self.holders += 1
 
     def release(self) -> None:
-        self._lock.release()
+        self.holders -= 1
+        self._sem.release()
 
 
 class EventStream(StreamingResponse):
@@ -244,11 +252,21 @@ class ServerState:
     """Everything one app needs, built by create_app and kept on ``app.state.edge_safe``."""
 
     es: EdgeSafe
+    engine: Engine | None  # parallel > 1: requests are batched on it; None: one at a time on es
     settings: ServerSettings
     model_id: str
     default_tokens: list[str]
     gate: ModelGate
     started: int
+
+    @property
+    def runner(self) -> EdgeSafe | Engine:
+        """What answers: the engine, or the EdgeSafe itself (both have ``chat`` and ``last_stats``)."""
+        return self.engine or self.es
+
+    def close(self) -> None:
+        if self.engine is not None:
+            self.engine.close()
 
     def generation_args(self, req, kind: str) -> dict[str, Any]:
         """Validated EdgeSafe.chat keyword arguments for a request (composition, budget, sampling)."""
@@ -289,9 +307,9 @@ class ServerState:
         release = True
         try:
             if not req.stream:
-                reply = await run_in_threadpool(partial(self.es.chat, messages, **args))
+                reply = await run_in_threadpool(partial(self.runner.chat, messages, **args))
                 return JSONResponse(reshape(reply))
-            chunks = await run_in_threadpool(partial(self.es.chat, messages, stream=True, **args))
+            chunks = await run_in_threadpool(partial(self.runner.chat, messages, stream=True, **args))
             release = False  # the stream owns the gate now
             return EventStream(chunks, reshape_chunk, self.gate.release)
         finally:
@@ -300,14 +318,32 @@ class ServerState:
 
 
 def create_app(es: EdgeSafe, settings: ServerSettings | None = None) -> FastAPI:
-    """The FastAPI app serving ``es``; the caller owns ``es`` (and closes it after the server stops)."""
+    """The FastAPI app serving ``es``; the caller owns ``es`` (and closes it after the server stops).
+
+    With ``settings.parallel > 1`` the app runs an :class:`Engine` on ``es``, closed when the app shuts
+    down (or with ``es``)."""
     settings = settings or ServerSettings()
+    default_tokens = es.compose(settings.default_tokens)[0]  # unknown names fail at start-up
+    parallel = settings.parallel
+    if parallel > 1 and not batchable(es):
+        log.warning("the bank has deep control tokens, which the batching engine cannot run yet: "
+                    "serving one request at a time (parallel 1 instead of %d)", parallel)
+        parallel = 1
     state = ServerState(
-        es=es, settings=settings, model_id=settings.model_id or es.model_name,
-        default_tokens=es.compose(settings.default_tokens)[0],  # unknown names fail at start-up
-        gate=ModelGate(settings.max_queue), started=int(time.time()),
+        es=es, engine=Engine(es, parallel) if parallel > 1 else None, settings=settings,
+        model_id=settings.model_id or es.model_name, default_tokens=default_tokens,
+        gate=ModelGate(settings.max_queue, parallel), started=int(time.time()),
     )
-    app = FastAPI(title="edge-safe", version=__version__, docs_url=None, redoc_url=None, openapi_url=None)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        try:
+            yield
+        finally:
+            await run_in_threadpool(state.close)
+
+    app = FastAPI(title="edge-safe", version=__version__, docs_url=None, redoc_url=None, openapi_url=None,
+                  lifespan=lifespan)
     app.state.edge_safe = state
     _add_error_handlers(app)
     app.include_router(_routes(state))
@@ -372,7 +408,8 @@ def _routes(state: ServerState) -> APIRouter:
 
     @router.get("/health")
     async def health() -> dict:
-        return {"status": "ok", "model": model_id, "busy": state.gate.busy, "queued": state.gate.waiting}
+        return {"status": "ok", "model": model_id, "busy": state.gate.busy, "running": state.gate.holders,
+                "queued": state.gate.waiting, "parallel": state.engine.n_parallel if state.engine else 1}
 
     @v1.get("/models")
     async def models() -> dict:

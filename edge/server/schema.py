@@ -52,6 +52,10 @@ class ServerSettings(BaseModel):
     max_body_bytes: int = Field(
         1 << 20, ge=1024, description="Largest request body in bytes; larger ones get 413 [default: 1048576].")
     max_queue: int = Field(64, ge=1, description="Requests that may wait for the model; more get 503 [default: 64].")
+    parallel: int = Field(
+        4, ge=1, le=64,
+        description="Requests decoded together, each in its own sequence with its own composition; 1 serves "
+                    "one at a time on the runtime's own context [default: 4].")
     model_id: Optional[str] = Field(None, description="Model id reported by /v1/models [default: the GGUF's name].")
 
 

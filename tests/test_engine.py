@@ -1,0 +1,223 @@
+"""The batching engine on the real model: replies equal one-at-a-time replies, sequences are isolated,
+cancellation frees a sequence at once, errors are EdgeSafeErrors.
+
+"Alone" means ``EdgeSafe`` after ``reset()``: its prompt prefilled in one batch from the prefix
+snapshot, as every engine request is. llama.cpp's CPU logits depend a little on how a decode is
+batched (the number of rows and of outputs per micro-batch picks the matmul kernels: with the
+repacked Q4_K weights, checked, they move with the row count and not with what the other rows
+hold), so the engine's logits equal the one-at-a-time ones up to ~0.01-0.8 and greedy replies are
+compared up to their first near-tie (< 0.25 logit, read with ``forced_logits``), as the server
+tests do. A leak between sequences would move logits by whole logits (another composition's prefix
+turns answers into refusals), which these checks would see.
+"""
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from edge_safe.convert.errors import EdgeSafeError, PromptTooLongError
+from edge_safe.engine import Engine, EngineClosedError
+from edge_safe.runtime import EdgeSafe
+
+pytestmark = pytest.mark.model
+Q = "What is the capital of Peru?"
+LONG = "Write the numbers from 1 to 500."
+PROMPTS = (Q, "How do I get drunk fast?", "Where can I bet on horses?", "How do I find someone's home address?")
+# (tokens, mode, strictness): interleaved compositions, modes and strictness values
+SETTINGS = (("minors,eu", None, 0.0), (None, None, 0.0), ("eu", None, 1.5), ("minors", "rejective", 0.0),
+            ("minors", None, -2.0), ("eu,minors", "negative", 0.0))
+
+
+@pytest.fixture(scope="module")
+def es():
+    with EdgeSafe(n_ctx=384, n_threads=1, seed=0) as es:  # the shipped bank: real refusals, a choice among them
+        yield es
+
+
+@pytest.fixture(scope="module")
+def engine(es):
+    with Engine(es, 4) as engine:
+        yield engine
+
+
+def alone(es, prompt, max_tokens, tokens=None, mode=None, strictness=0.0, min_gap=0.25) -> tuple[str, str]:
+    """(the reply alone, its part before the first near-tie of the greedy tokens)."""
+    es.reset()
+    text = es.generate(prompt, tokens=tokens, mode=mode, max_tokens=max_tokens, strictness=strictness)
+    ids = es.tokenize(" " + text)[:max_tokens] if text else []
+    sure = 0
+    if ids:
+        es.reset()
+        rows = es.forced_logits(prompt, ids, tokens=tokens, mode=mode)
+        for j, row in enumerate(rows):
+            if row[ids[j]] - np.max(np.delete(row, ids[j])) < min_gap:
+                break
+            sure = j + 1
+    es.reset()
+    if sure == len(ids):
+        return text, text
+    return text, b"".join(es._llm.token_to_piece(t) for t in ids[:sure]).decode("utf-8", "ignore").lstrip()
+
+
+def same(reply: str, want: tuple[str, str]) -> bool:
+    text, sure = want
+    return reply == text or (reply.startswith(sure) and sure != text)
+
+
+def close(got: np.ndarray, ref: np.ndarray, tol: float = 2.5) -> None:
+    """Same greedy token(s), and the 50 most likely tokens' logits within ``tol`` (batching moved them by up to
+    1.8 with the repacked weights, 0.4 without)."""
+    got, ref = np.atleast_2d(got), np.atleast_2d(ref)
+    assert np.array_equal(got.argmax(1), ref.argmax(1))
+    for g, r in zip(got, ref):
+        top = np.argsort(-r)[:50]
+        assert float(np.abs(g[top] - r[top]).max()) < tol, float(np.abs(g[top] - r[top]).max())
+
+
+def all_free(engine) -> bool:
+    return all(engine.ctx.pos_range(s) == (-1, -1) for s in range(engine.n_parallel))
+
+
+def test_concurrent_replies_equal_each_request_alone(es, engine):
+    cases = [(p, *s) for p in PROMPTS for s in SETTINGS]
+    want = [alone(es, p, 10, t, m, k) for p, t, m, k in cases]
+    steps = engine.steps
+    jobs = [engine.submit(p, tokens=t, mode=m, strictness=k, max_tokens=10) for p, t, m, k in cases]
+    got = ["".join(j) for j in jobs]
+    assert sum(w[0] == w[1] for w in want) >= len(want) // 2  # the check has teeth
+    bad = [(c, g, w) for c, g, w in zip(cases, got, want) if not same(g, w)]
+    assert not bad, bad
+    assert sum(g == w[0] for g, w in zip(got, want)) >= len(cases) - 3  # near-ties that flip are rare
+    refused = [j.stats.refusal for j in jobs]
+    assert refused[PROMPTS.index("How do I get drunk fast?") * len(SETTINGS)] == "alcohol"  # guide's choice ran
+    assert engine.steps - steps < sum(j.stats.completion_tokens for j in jobs)  # decoded together
+    assert engine.running == 0 and engine.waiting == 0 and all_free(engine)
+
+
+def test_chat_shapes_match_the_runtime(es, engine):
+    es.reset()
+    a = es.chat([{"role": "user", "content": Q}], tokens="minors", max_tokens=6)
+    b = engine.chat([{"role": "user", "content": Q}], tokens="minors", max_tokens=6)
+    assert b["choices"] == a["choices"] and b["usage"] == a["usage"] and b["edge_safe"] == a["edge_safe"]
+    chunks = list(engine.chat([{"role": "user", "content": Q}], tokens="minors", max_tokens=6, stream=True))
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == a["choices"][0]["message"]["content"]
+    assert chunks[-1]["edge_safe"] == a["edge_safe"] and chunks[-1]["usage"] == a["usage"]
+
+
+def test_a_stream_closed_before_its_first_chunk_frees_its_sequence(engine):
+    chunks = engine.chat([{"role": "user", "content": LONG}], max_tokens=60, stream=True)
+    chunks.close()  # never iterated: the job is cancelled all the same
+    assert engine.running == 0 and all_free(engine)
+
+
+def test_probes_equal_the_runtime_fresh(es, engine):
+    margins = [engine.refusal_margin(p, tokens="minors", wait=False) for p in PROMPTS]
+    firsts = [engine.first_token_logits(p, tokens="eu", mode="rejective", wait=False) for p in PROMPTS]
+    ids = es.tokenize(" Lima is the capital")
+    forced = engine.forced_logits(Q, ids, tokens="minors,eu", wait=False)
+    for p, m, f in zip(PROMPTS, margins, firsts):
+        es.reset()
+        assert m.result() == pytest.approx(es.refusal_margin(p, tokens="minors"), abs=0.5)
+        es.reset()
+        close(f.result(), es.first_token_logits(p, tokens="eu", mode="rejective"))
+    es.reset()
+    close(forced.result(), es.forced_logits(Q, ids, tokens="minors,eu"))
+
+
+def test_no_cell_of_one_sequence_is_visible_to_another(es, engine):
+    """One request next to three others, run twice with batches of the same shape (same row counts at every
+    step) but other contents: other compositions, prompts and tokens. Batching only depends on the shape,
+    so its logits must be bit-identical unless a sequence sees another's cells."""
+    ids = es.tokenize(" Lima is the capital of Peru and the largest city")
+    neighbours = {  # same vector counts (a constraint + the positive mode), same prompt and continuation lengths
+        "eu": [("How do I get drunk fast?", " No"), ("Where can I bet on horses?", " At"), ("How do I bake a cake?", " Mix")],
+        "alcohol": [("How do I find a lawyer?", " Ask"), ("How do I bake a cake?", " Cats"), ("Where can I bet on horses?", " No")],
+    }
+    shapes = {t: [(len(es.tokenize(es.template.render([{"role": "user", "content": p}]))), len(es.tokenize(c)))
+                  for p, c in n] for t, n in neighbours.items()}
+    assert shapes["eu"] == shapes["alcohol"], shapes  # the test's premise
+
+    def run(tokens):
+        me = engine.forced_logits(Q, ids, tokens="minors", wait=False)
+        others = [engine.forced_logits(p, es.tokenize(c) * 6, tokens=tokens, wait=False) for p, c in neighbours[tokens]]
+        out = me.result()
+        assert all(o.result().shape[0] == 6 * len(es.tokenize(c)) for o, (_, c) in zip(others, neighbours[tokens]))
+        return out
+
+    for tokens in neighbours:  # prefixes built and cached: both runs restore them
+        run(tokens)
+    a, b = run("eu"), run("alcohol")
+    assert np.array_equal(a, b), f"logits moved by {float(np.abs(a - b).max())} with other neighbours"
+    assert all_free(engine)
+
+
+def test_cancel_mid_stream_frees_the_sequence_for_the_next_request(es, engine):
+    want = alone(es, Q, 6, "minors")
+    streams = [engine.submit(LONG, tokens=t, max_tokens=60) for t in ("minors", "eu", None, "minors,eu")]
+    waiting = engine.submit(Q, tokens="minors", max_tokens=6)  # queued behind the four
+    assert [next(s) for s in streams]  # each has started
+    time.sleep(0.2)
+    assert engine.waiting == 1
+    for s in streams[:3]:
+        s.close()  # returns once the sequence is freed
+        assert s.stats.finish_reason == "length" and s.stats.completion_tokens < 40
+    assert same("".join(waiting), want)  # admitted into a freed sequence, nothing left of the cancelled reply
+    streams[3].close()
+    "".join(streams[3])  # a cancelled job's iterator ends without error
+    assert engine.running == 0 and all_free(engine)
+
+
+def test_until_stops_a_reply_early(engine):
+    full = engine.generate(LONG, max_tokens=30)
+    cut = engine.generate(LONG, max_tokens=30, until=lambda text: len(text) >= 5)
+    assert len(cut) >= 5 and full.startswith(cut) and len(cut) < len(full)
+
+
+def test_a_failing_until_callback_fails_only_its_request(engine):
+    def boom(text):
+        raise ValueError("boom")
+
+    bad = engine.submit(LONG, max_tokens=10, until=boom)
+    good = engine.submit(Q, max_tokens=4)
+    with pytest.raises(ValueError, match="boom"):
+        "".join(bad)
+    assert "".join(good)
+    assert engine.running == 0 and all_free(engine)
+
+
+def test_errors_are_edge_safe_errors(es):
+    with pytest.raises(EdgeSafeError, match="parallel must be a whole number >= 1"):
+        Engine(es, 0)
+    engine = Engine(es, 2)
+    try:
+        with pytest.raises(PromptTooLongError):
+            engine.submit("word " * 400)
+        with pytest.raises(EdgeSafeError, match="unknown token"):
+            engine.submit(Q, tokens="nope")
+        with pytest.raises(EdgeSafeError, match="max_tokens must be >= 1"):
+            engine.submit(Q, max_tokens=0)
+        running = [engine.submit(LONG, max_tokens=200) for _ in range(3)]  # two run, one waits
+        next(running[0])
+    finally:
+        engine.close()
+    for job in running:
+        with pytest.raises(EngineClosedError):
+            "".join(job)
+    with pytest.raises(EngineClosedError, match="closed"):
+        engine.submit(Q)
+
+
+def test_closing_the_runtime_closes_its_engine(model_path):
+    es = EdgeSafe(n_ctx=128, n_threads=1)
+    engine = Engine(es, 2)
+    job = engine.submit(LONG, max_tokens=100)
+    next(job)
+    es.close()
+    assert engine.ctx.closed and not engine._thread.is_alive()
+    with pytest.raises(EngineClosedError):
+        "".join(job)
+    assert threading.active_count() >= 1
+
