@@ -245,8 +245,14 @@ class Benchmark:
         """The concurrency section (:mod:`edge_safe.bench.concurrency`) on this run's runtime."""
         from edge_safe.bench.concurrency import ConcurrencyConfig, run_concurrency
 
+        from edge_safe.engine import batchable
+
         cfg = self.cfg
         if not cfg.concurrency:
+            return None
+        if not batchable(self.es):
+            self.notes.append("concurrency section skipped: the batching engine does not run banks with deep "
+                              "tokens yet")
             return None
         ccfg = ConcurrencyConfig(levels=tuple(cfg.concurrency), requests=cfg.concurrency_requests,
                                  max_tokens=max(cfg.max_tokens, 16), rounds=1 if cfg.quick else 2)

@@ -10,6 +10,23 @@ from edge_safe.convert.errors import EdgeSafeError
 from edge_safe.training.categories import CATEGORY_NAMES, MODE_NAMES
 
 
+#: The data slices (training/data/README.md): the classic rows and the real-traffic ones.
+SLICES = ("classic", "general-real", "sounds-risky", "styled", "wrapped", "multi-turn")
+
+
+def parse_slices(value) -> tuple[str, ...]:
+    """A slice list from a config or the command line: names, a comma string, or "all"."""
+    items = value.split(",") if isinstance(value, str) else list(value)
+    names = [str(x).strip() for x in items if str(x).strip()]
+    if names == ["all"]:
+        return SLICES
+    bad = [n for n in names if n not in SLICES]
+    if bad or not names:
+        raise EdgeSafeError(f"slices: unknown {bad or 'empty list'}; known: {', '.join(SLICES)} (or 'all')")
+    return tuple(dict.fromkeys(names))
+
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     seed: int = 0  # one seed for data sampling, init and validation compositions
@@ -88,8 +105,6 @@ class TrainConfig:
             raise EdgeSafeError(f"config: kind must be 'shallow' or 'deep', got {self.kind!r}")
         if self.init not in ("rule", "random"):
             raise EdgeSafeError(f"config: init must be 'rule' or 'random', got {self.init!r}")
-        from edge_safe.training.sampler import parse_slices
-
         if tuple(self.slices) != parse_slices(self.slices):  # unknown names raise; duplicates or "all" are not canonical
             raise EdgeSafeError(f"config: slices must be distinct slice names, got {list(self.slices)}")
         for combo in self.held_out:
@@ -110,9 +125,7 @@ class TrainConfig:
         if "held_out" in data:
             data["held_out"] = tuple(tuple(sorted(c)) for c in data["held_out"])
         if "slices" in data:
-            from edge_safe.training.sampler import parse_slices
-
-            data["slices"] = parse_slices(data["slices"])
+                data["slices"] = parse_slices(data["slices"])
         return cls(**data)
 
     @classmethod

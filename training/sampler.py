@@ -23,11 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edge_safe.convert.errors import EdgeSafeError
-from edge_safe.training.config import TrainConfig
+from edge_safe.training.config import SLICES, TrainConfig, parse_slices  # noqa: F401 (re-exported)
 
 LABELS = ("violating", "benign")
 #: Row slices of the data (training/data/README.md): the classic rows carry no "slice" field.
-SLICES = ("classic", "general-real", "sounds-risky", "styled", "wrapped", "multi-turn")
 ROLES = ("system", "user", "assistant")
 
 
@@ -55,18 +54,6 @@ class Prompt:
 def render_prompt(template, p: Prompt) -> str:
     """The prompt text after the prefix, exactly as the runtime renders the same request."""
     return template.render(p.chat()) if p.messages else template.prompt(p.text)
-
-
-def parse_slices(value) -> tuple[str, ...]:
-    """A slice list from a config or the command line: names, a comma string, or "all"."""
-    items = value.split(",") if isinstance(value, str) else list(value)
-    names = [str(x).strip() for x in items if str(x).strip()]
-    if names == ["all"]:
-        return SLICES
-    bad = [n for n in names if n not in SLICES]
-    if bad or not names:
-        raise EdgeSafeError(f"slices: unknown {bad or 'empty list'}; known: {', '.join(SLICES)} (or 'all')")
-    return tuple(dict.fromkeys(names))
 
 
 def _messages(value, where: str) -> tuple[tuple[str, str], ...]:
