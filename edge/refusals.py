@@ -13,11 +13,12 @@ Telling a refusal from a reply that merely starts with the opener word ("Sorry t
 here is how ..."): at the token right after the opener the model's own best continuation is
 compared with the best token that continues a refusal. Within ``ESCAPE_LOGITS`` of each other,
 the reply is a refusal and is finished exactly; further apart, the model clearly means something
-else and decodes freely. Measured on the eval's cases (eval/README.md, "Exact refusals").
+else and decodes freely. The 4-logit margin is a judgement, not a tuned value: on the shipped
+bank's test split 5 of its 436 refusal-like replies were not bank texts (eval/results/RESULTS.md).
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable
 
 import numpy as np
 
@@ -107,8 +108,3 @@ class RefusalGuide:
             return None
         self.refusal = self.cands[0][0]
         return self.cands[0][1][self.j:]
-
-
-def names_with_refusals(names: Sequence[str], refusals: dict[str, str]) -> dict[str, str]:
-    """The refusal texts of the given tokens (in order), skipping tokens without one."""
-    return {n: refusals[n] for n in names if refusals.get(n)}

@@ -132,7 +132,6 @@ class EdgeSafe:
         self._lock = threading.Lock()  # one request at a time uses the context (servers share one EdgeSafe)
         self._owner: int | None = None  # thread holding the lock, to refuse re-entry instead of deadlocking
         self._held: tuple[tuple[str, ...], list[int]] | None = None  # (prefix key, prompt tokens in KV)
-        self._openers: dict[str, set[int]] = {}  # constraint -> the token ids its refusal can start with
         self._refusal_ids: dict[str, Sequences] = {}  # token -> its refusal's token ids, as written after the header
         deep_cells = sum(t.n_vectors for t in self.bank.tokens.values() if t.is_deep)
         self._llm = LlamaModel(self.model_path, n_ctx=n_ctx, n_batch=n_batch,
@@ -401,6 +400,11 @@ class EdgeSafe:
         if not self.exact_refusals:
             return []
         names = [mode] if mode == "rejective" else constraints if mode in (DEFAULT_MODE, None) else []
+        return self._refusal_sequences(names)
+
+    def _refusal_sequences(self, names: Sequence[str]) -> Sequences:
+        """The named tokens' refusals as token ids, as the model writes them after the reply header
+        (with and without the leading space; tokens without a refusal have none). Cached per token."""
         todo = [n for n in names if n not in self._refusal_ids]
         if todo:
             header = self.template.render([{"role": "user", "content": "x"}])
@@ -415,20 +419,7 @@ class EdgeSafe:
         each refusal as the model writes it after the reply header (where training puts it:
         ``<template prompt> <refusal>``) and as it is spelt without the leading space, since a model
         can open a reply either way (" Sorry" or "Sorry")."""
-        todo = [n for n in constraints if n not in self._openers]
-        if todo:
-            tok = lambda text: self._llm.tokenize(text, add_bos=False, special=False)  # noqa: E731
-            probe = self.template.render([{"role": "user", "content": "x"}])
-            head = tok(probe)
-            for name in todo:
-                refusal, first = self.bank.tokens[name].refusal, set()
-                if refusal:
-                    ids = tok(probe + " " + refusal)
-                    first.add(tok(refusal)[0])
-                    if ids[:len(head)] == head and len(ids) > len(head):
-                        first.add(ids[len(head)])
-                self._openers[name] = first
-        return sorted(set().union(*(self._openers[n] for n in constraints)))
+        return sorted({ids[0] for _, ids in self._refusal_sequences(constraints)})
 
     def _prefill(self, req: _Request) -> None:
         """Bring the KV cache to ``[BOS][vectors][req.prompt]`` with the fewest decodes."""
