@@ -48,7 +48,7 @@ import numpy as np
 from edge_safe._llama import SeqContext
 from edge_safe.convert.errors import EdgeSafeError
 from edge_safe.prefix_cache import PrefixCache
-from edge_safe.refusals import RefusalGuide
+from edge_safe.refusals import RefusalGuide, opener_margin
 from edge_safe.runtime import EdgeSafe, Messages, RequestStats, _Request, _StopFilter, _usage
 from edge_safe.sampling import check_sampling, sample
 
@@ -152,11 +152,8 @@ class _Margin:
         self.j, self.value = 0, -np.inf
 
     def feed(self, logits: np.ndarray, pos: int) -> int | None:
-        rest = logits.copy()
-        top = float(rest[self.idx].max())
-        rest[self.idx] = -np.inf
-        other = int(np.argmax(rest))
-        self.value = max(self.value, top - float(rest[other]))
+        margin, other = opener_margin(logits, self.idx)
+        self.value = max(self.value, margin)
         if self.j == self.max_blank or self.ctx.llm.is_eog(other) or self.ctx.token_to_piece(other).strip():
             return None
         self.j += 1
@@ -354,15 +351,7 @@ class Engine:
     def refusal_margin(self, messages: Messages | str, tokens=None, max_blank: int = 4,
                        wait: bool = True) -> float | Job:
         """As :meth:`EdgeSafe.refusal_margin`; ``wait=False`` returns the Job (``.result()``)."""
-        if not isinstance(max_blank, int) or max_blank < 0:
-            raise EdgeSafeError(f"max_blank must be a whole number >= 0, got {max_blank!r}")
-        req = self.es._prepare(_as_messages(messages), tokens, None, None, extra=max_blank)
-        if not req.constraints:
-            raise EdgeSafeError("refusal_margin needs active constraints (tokens=...): without them nothing is refused")
-        idx = self.es.refusal_openers(req.constraints)
-        if not idx:
-            raise EdgeSafeError(f"the tokens {', '.join(req.constraints)} carry no refusal text, so there is no "
-                                "refusal opener to measure")
+        req, idx = self.es._margin_request(_as_messages(messages), tokens, max_blank)
         job = self._submit(req, lambda job: _Margin(self.ctx, idx, max_blank))
         return job.result() if wait else job
 

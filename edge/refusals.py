@@ -108,3 +108,13 @@ class RefusalGuide:
             return None
         self.refusal = self.cands[0][0]
         return self.cands[0][1][self.j:]
+
+
+def opener_margin(logits: np.ndarray, openers: np.ndarray) -> tuple[float, int]:
+    """(best refusal-opener logit minus the best other logit, that other token) for one position;
+    ``logits`` is left as it was."""
+    rest = logits.copy()
+    top = float(rest[openers].max())
+    rest[openers] = -np.inf
+    other = int(np.argmax(rest))
+    return top - float(rest[other]), other

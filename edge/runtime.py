@@ -34,7 +34,7 @@ from edge_safe.convert.layout import ChatTemplate, check_layout, prefix_names
 from edge_safe.convert.model import ModelInfo
 from edge_safe.models import resolve_bank_path, resolve_model_path
 from edge_safe.prefix_cache import DEFAULT_PREFIX_CACHE_BYTES, PrefixCache
-from edge_safe.refusals import RefusalGuide, Sequences, refusal_sequences
+from edge_safe.refusals import RefusalGuide, Sequences, opener_margin, refusal_sequences
 from edge_safe.sampling import check_sampling, check_strictness, sample
 
 log = logging.getLogger(__name__)
@@ -297,6 +297,23 @@ class EdgeSafe:
         ``max_blank``), because ``strictness`` stays on until the first visible token. A deployment
         can read the strictness it needs off the margins of its own traffic; ``edge-safe eval``
         draws the bank's whole defense / over-refusal curve from them."""
+        req, idx = self._margin_request(messages, tokens, max_blank)
+        n_past = 1 + len(req.vectors) + len(req.prompt)
+        best = -np.inf
+        with self._using():
+            self.last_stats = req.stats
+            self._prefill(req)
+            for j in range(max_blank + 1):
+                margin, other = opener_margin(self._llm.logits(), idx)
+                best = max(best, margin)
+                if j == max_blank or self._llm.is_eog(other) or self._llm.token_to_piece(other).strip():
+                    break  # the greedy reply (below the threshold) starts with a visible token or ends
+                self._llm.decode_tokens([other], n_past + j)
+                self._held[1].append(other)
+        return best
+
+    def _margin_request(self, messages: Messages | str, tokens, max_blank: int) -> tuple[_Request, np.ndarray]:
+        """The checked request of a refusal-margin probe and its opener ids (shared with the Engine)."""
         if isinstance(messages, str):
             messages = [{"role": "user", "content": messages}]
         if not isinstance(max_blank, int) or max_blank < 0:
@@ -308,22 +325,7 @@ class EdgeSafe:
         if not len(idx):
             raise EdgeSafeError(f"the tokens {', '.join(req.constraints)} carry no refusal text, so there is no "
                                 "refusal opener to measure")
-        n_past = 1 + len(req.vectors) + len(req.prompt)
-        best = -np.inf
-        with self._using():
-            self.last_stats = req.stats
-            self._prefill(req)
-            for j in range(max_blank + 1):
-                rest = self._llm.logits().copy()
-                top_opener = float(rest[idx].max())
-                rest[idx] = -np.inf
-                other = int(np.argmax(rest))
-                best = max(best, top_opener - float(rest[other]))
-                if j == max_blank or self._llm.is_eog(other) or self._llm.token_to_piece(other).strip():
-                    break  # the greedy reply (below the threshold) starts with a visible token or ends
-                self._llm.decode_tokens([other], n_past + j)
-                self._held[1].append(other)
-        return best
+        return req, idx
 
     def reset(self) -> None:
         """Forget the conversation held in the KV cache; the next request restores its prefix
@@ -565,11 +567,7 @@ class EdgeSafe:
             sub = _Request([name], req.mode, key, self.bank.prefix_vectors(key), req.prompt, (), req.t_call,
                            deep=self._deep_of(key))
             self._prefill(sub)
-            logits = self._llm.logits().copy()
-            idx = self.refusal_openers([name])
-            top = float(logits[idx].max())
-            logits[idx] = -np.inf
-            margin = top - float(logits.max())
+            margin, _ = opener_margin(self._llm.logits(), np.asarray(self.refusal_openers([name]), dtype=np.int64))
             best = max(best, (margin, -rank, name)) if best else (margin, -rank, name)
         return best[2]
 
