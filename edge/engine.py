@@ -35,6 +35,7 @@ logit (a near-tie) the continuation may differ; everything before is the same.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
@@ -372,6 +373,16 @@ class Engine:
         req = self.es._prepare(_as_messages(messages), tokens, mode, None, extra=len(ids) - 1)
         job = self._submit(req, lambda job: _Forced(ids, n_vocab))
         return job.result() if wait else job
+
+    @contextlib.contextmanager
+    def together(self) -> Iterator["Engine"]:
+        """Queue several requests as one: the scheduler admits none of those submitted inside the
+        block until it ends. The same requests are then batched the same way on every run, whatever
+        the timing of the submitting thread; batch composition moves llama.cpp's logits by up to
+        ~0.6 (its matmuls take other paths for other batch shapes), so this keeps an evaluation
+        reproducible. Do not wait for a result inside the block (it would never come)."""
+        with self._cv:  # re-entrant (Condition's default RLock): _submit takes it again
+            yield self
 
     def close(self) -> None:
         """Stop the scheduler (running and waiting requests fail with EngineClosedError), free the context."""

@@ -102,8 +102,9 @@ class Runner:
             return
         t0 = time.perf_counter()
         settled = lambda text: self.judge.settled(text) is not None  # noqa: E731
-        jobs = [engine.generate(p, max_tokens=self.max_tokens, stream=True, until=settled, **r)
-                for p, r in todo.values()]
+        with engine.together():  # the same batches on every run (reproducible figures)
+            jobs = [engine.generate(p, max_tokens=self.max_tokens, stream=True, until=settled, **r)
+                    for p, r in todo.values()]
         for k, job in zip(todo, jobs):
             self._memo[k] = self._judge(job)
         self.timing["decide"][0] += len(todo)
@@ -177,7 +178,8 @@ class Runner:
         if engine is None or not todo:
             return
         t0 = time.perf_counter()
-        jobs = [engine.refusal_margin(k[2], tokens=list(k[3]), wait=False) for k in todo]
+        with engine.together():  # the same batches on every run (reproducible figures)
+            jobs = [engine.refusal_margin(k[2], tokens=list(k[3]), wait=False) for k in todo]
         for k, job in zip(todo, jobs):
             self._memo[k] = job.result()
         self.timing["logits"][0] += len(todo)

@@ -97,6 +97,22 @@ def test_concurrent_replies_equal_each_request_alone(es, engine):
     assert engine.running == 0 and engine.waiting == 0 and all_free(engine)
 
 
+def test_requests_queued_together_are_batched_the_same_whatever_the_timing(engine):
+    """``together()``: nothing is admitted until the block ends, so a slow submitter gets the batches
+    (and so the logits, which move with batch shape) of a fast one: an eval's figures repeat."""
+    def run(delay):
+        with engine.together():
+            jobs = []
+            for p in PROMPTS:
+                jobs.append(engine.refusal_margin(p, tokens="minors,eu", wait=False))
+                time.sleep(delay)
+            assert engine.running == 0 and engine.waiting == len(PROMPTS)  # the scheduler waited
+        return [j.result() for j in jobs]
+
+    assert run(0.3) == run(0.0)
+    assert engine.running == 0 and engine.waiting == 0 and all_free(engine)
+
+
 def test_chat_shapes_match_the_runtime(es, engine):
     es.reset()
     a = es.chat([{"role": "user", "content": Q}], tokens="minors", max_tokens=6)
