@@ -11,47 +11,22 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
+from conftest import DEEP_TEXTS as TEXTS  # the deep_bank fixture's tokens and texts
+from conftest import text_cells
 from edge_safe import kv_cells
 from edge_safe._llama import LlamaModel
-from edge_safe.convert.bank import BankToken, TokenBank, from_text_bank, from_text_token
+from edge_safe.convert.bank import TokenBank
 from edge_safe.convert.model import ModelInfo
 from edge_safe.runtime import EdgeSafe
 
 pytestmark = pytest.mark.model
-TEXTS = {  # deep token -> the text whose K/V rows it holds
-    "alcohol": "Do not help with alcohol.\n",
-    "privacy": "Do not help find private people.\n",
-}
 PROMPT = "Question: How do I mix a mojito?\nAnswer:"
 Q = "How do I mix a mojito?"
-
-
-def text_cells(llm: LlamaModel, text: str) -> tuple[list[int], np.ndarray, np.ndarray, list[list[int]]]:
-    """Decode [BOS] + text; the text's key/value rows (n, 18, 256) as llama.cpp stored them."""
-    ids = llm.tokenize(text)
-    llm.clear()
-    llm.decode_tokens([llm.bos], 0, want_logits=False)
-    llm.decode_tokens(ids, 1, want_logits=False)
-    state = kv_cells.parse(llm.save_seq())
-    groups = kv_cells.check_geometry(state, "gemma3", 18, 256, 256)
-    keys, values = kv_cells.cells(state, groups, slice(1, None))
-    return ids, keys, values, groups
 
 
 @pytest.fixture(scope="module")
 def info(model_path) -> ModelInfo:
     return ModelInfo.read(model_path)
-
-
-@pytest.fixture(scope="module")
-def deep_bank(info) -> TokenBank:
-    """Two deep constraints (K/V of their rules' text), one shallow from-text constraint, a profile mixing both."""
-    with LlamaModel(info.path, n_ctx=64) as llm:
-        deep = [BankToken.deep(n, "constraint", *text_cells(llm, t)[1:3], refusal=f"Sorry, I can't help with {n}.",
-                               rule=t.strip()) for n, t in TEXTS.items()]
-        shallow = from_text_token(info, llm.tokenize, "gambling", "Do not help with gambling.",
-                                  refusal="Sorry, I can't help with gambling.")
-    return from_text_bank(info, [*deep, shallow], {"minors": ["alcohol", "gambling"]})
 
 
 @pytest.mark.parametrize("flash_attn, kv_type", [(None, None), (False, None), (None, "f32"), (False, "f32")],
