@@ -44,22 +44,37 @@ def engine(es):
 
 
 def alone(es, prompt, max_tokens, tokens=None, mode=None, strictness=0.0, min_gap=0.25) -> tuple[str, str]:
-    """(the reply alone, its part before the first near-tie of the greedy tokens)."""
+    """(the reply alone, its part before the first near-tie of the greedy tokens).
+
+    The reply's token ids are recorded as the runtime turns them into text (re-tokenizing the text
+    gets them wrong where a reply starts without a space or after a newline); near-ties are read with
+    ``forced_logits``, with ``strictness`` added to the refusal openers until the first visible token
+    as generation adds it."""
     es.reset()
-    text = es.generate(prompt, tokens=tokens, mode=mode, max_tokens=max_tokens, strictness=strictness)
-    ids = es.tokenize(" " + text)[:max_tokens] if text else []
-    sure = 0
+    ids, piece = [], es._llm.token_to_piece
+    es._llm.token_to_piece = lambda tok: ids.append(int(tok)) or piece(tok)  # shadows the method
+    try:
+        text = es.generate(prompt, tokens=tokens, mode=mode, max_tokens=max_tokens, strictness=strictness)
+    finally:
+        del es._llm.token_to_piece
+    openers = es._prepare([{"role": "user", "content": prompt}], tokens, mode, None, strictness=strictness).openers
+    sure, biased = 0, bool(openers)
     if ids:
         es.reset()
         rows = es.forced_logits(prompt, ids, tokens=tokens, mode=mode)
         for j, row in enumerate(rows):
+            if biased:
+                row = row.copy()
+                row[openers] += strictness
             if row[ids[j]] - np.max(np.delete(row, ids[j])) < min_gap:
                 break
             sure = j + 1
+            biased = biased and not piece(ids[j]).strip()
     es.reset()
-    if sure == len(ids):
+    prefix = b"".join(piece(t) for t in ids[:sure]).decode("utf-8", "ignore").strip()
+    if sure == len(ids) or prefix.startswith(text):  # every token clear, or clear up to where the reply ends
         return text, text
-    return text, b"".join(es._llm.token_to_piece(t) for t in ids[:sure]).decode("utf-8", "ignore").lstrip()
+    return text, prefix
 
 
 def same(reply: str, want: tuple[str, str]) -> bool:

@@ -130,10 +130,16 @@ def alone_with_ties(es, content, max_tokens, tokens=None, mode=None, min_gap: fl
     llama.cpp's CPU logits move by ~0.01-0.1 with batch boundaries (a reused conversation under load
     re-decodes only its last prompt token), so where the greedy reply's token wins by less than
     ``min_gap`` logits the same request may continue differently under load without any leak between
-    requests. What comes before that point must be the same; read with ``forced_logits``."""
+    requests. What comes before that point must be the same; read with ``forced_logits``. The reply's token
+    ids are recorded as the runtime turns them into text (re-tokenizing the text gets them wrong where a
+    reply starts without a space or after a newline)."""
     es.reset()
-    text = alone(es, content, max_tokens, tokens, mode)
-    ids = es.tokenize(" " + text)[:max_tokens] if text else []
+    ids, piece = [], es._llm.token_to_piece
+    es._llm.token_to_piece = lambda tok: ids.append(int(tok)) or piece(tok)  # shadows the method
+    try:
+        text = alone(es, content, max_tokens, tokens, mode)
+    finally:
+        del es._llm.token_to_piece
     sure = 0
     if ids:
         rows = es.forced_logits([{"role": "user", "content": content}], ids, tokens=tokens, mode=mode)
@@ -144,8 +150,8 @@ def alone_with_ties(es, content, max_tokens, tokens=None, mode=None, min_gap: fl
     es.reset()
     if sure == len(ids) and len(ids) == max_tokens:
         return text, text  # every token clear, and the budget (not a near-tie) ended it
-    prefix = b"".join(es._llm.token_to_piece(t) for t in ids[:sure]).decode("utf-8", "ignore").lstrip()
-    return text, prefix
+    prefix = b"".join(piece(t) for t in ids[:sure]).decode("utf-8", "ignore").strip()
+    return text, text if prefix.startswith(text) else prefix  # clear past where a stop string ended the text
 
 
 def same_as_alone(reply: str, want: tuple[str, str]) -> bool:
