@@ -156,7 +156,9 @@ def test_deep_and_shallow_requests_interleaved_through_the_server(model_path, de
     from edge_safe.server import create_app
 
     with EdgeSafe(model_path, deep_bank, n_ctx=256) as es:
-        client = TestClient(create_app(es))
+        app = create_app(es)  # --parallel 4 by default: the batching engine writes the deep cells
+        assert app.state.edge_safe.engine is not None
+        client = TestClient(app)
         listed = {t["id"]: t for t in client.get("/v1/tokens").json()["data"]}
         assert listed["alcohol"]["depth"] == "deep" and "depth" not in listed["gambling"]
         assert listed["alcohol"]["n_vectors"] == deep_bank.tokens["alcohol"].n_vectors
@@ -209,7 +211,8 @@ def test_deep_cells_do_not_eat_the_context(model_path, deep_bank):
 
 
 def test_bench_runs_a_deep_bank_and_times_its_kv_write(deep_bank, tmp_path):
-    """`edge-safe bench` on a deep composition: cold builds it by writing cells (no BOS or vector decode)."""
+    """`edge-safe bench` on a deep composition: cold builds it by writing cells (no BOS or vector decode); its
+    concurrency section runs the bank's measured compositions on the engine (no minors/eu profiles here)."""
     import json
 
     from click.testing import CliRunner
@@ -220,9 +223,12 @@ def test_bench_runs_a_deep_bank_and_times_its_kv_write(deep_bank, tmp_path):
     out = tmp_path / "bench"
     r = CliRunner().invoke(cli, ["bench", "--quick", "--repeats", "1", "--warmup", "0", "--max-tokens", "4",
                                  "-c", "alcohol,privacy", "--baseline", "alcohol,privacy", "--threads", "1",
-                                 "--no-rss", "--no-plots", "--bank", str(bank), "--out", str(out)])
+                                 "--no-rss", "--no-plots", "--concurrency", "2", "--bank", str(bank), "--out", str(out)])
     assert r.exit_code == 0, r.output
-    row = json.loads((out / "results.json").read_text())["compositions"]["alcohol,privacy"]
+    results = json.loads((out / "results.json").read_text())
+    conc = results["concurrency"]
+    assert conc["config"]["compositions"] == ["alcohol,privacy"] and conc["levels"]["2"]["completion_tokens"] > 0
+    row = results["compositions"]["alcohol,privacy"]
     assert row["deep_cells"] == cells_of(deep_bank, "alcohol,privacy") and row["prefix_positions"] == 0
     split = row["time_split_cold_s"]
     assert "kv_write_s" in split and "bos_s" not in split
