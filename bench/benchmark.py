@@ -243,19 +243,16 @@ class Benchmark:
 
     def _concurrency(self, bar) -> dict | None:
         """The concurrency section (:mod:`edge_safe.bench.concurrency`) on this run's runtime."""
-        from edge_safe.bench.concurrency import ConcurrencyConfig, run_concurrency
-
-        from edge_safe.engine import batchable
+        from edge_safe.bench.concurrency import MIX, ConcurrencyConfig, run_concurrency
 
         cfg = self.cfg
         if not cfg.concurrency:
             return None
-        if not batchable(self.es):
-            self.notes.append("concurrency section skipped: the batching engine does not run banks with deep "
-                              "tokens yet")
-            return None
+        # the standard mix names the minors and eu profiles; another bank gets this run's constraint sets
+        mix = MIX if {"minors", "eu"} <= set(self.es.bank.profiles) else tuple(
+            dict.fromkeys(",".join(c.constraints) or "none" for c in self.comps.values()))
         ccfg = ConcurrencyConfig(levels=tuple(cfg.concurrency), requests=cfg.concurrency_requests,
-                                 max_tokens=max(cfg.max_tokens, 16), rounds=1 if cfg.quick else 2)
+                                 max_tokens=max(cfg.max_tokens, 16), rounds=1 if cfg.quick else 2, compositions=mix)
         return run_concurrency(self.es, ccfg, progress=lambda what: bar.set_description(f"concurrency: {what}"))
 
     def _rss_specs(self) -> dict[str, dict]:

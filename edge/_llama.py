@@ -421,7 +421,8 @@ class SeqContext:
       llama-cpp-python 0.3.36 it gave wrong replies under the server load test (not a near-tie: a
       reply opening "10..." instead of "Peru is a"), and a near-tie flipped in a smaller test; kept
       for experiments only, not used by the engine.
-    - ``swa_full=True`` as in :class:`LlamaModel`: partial removal and snapshots stay exact.
+    - ``swa_full=True`` as in :class:`LlamaModel`: partial removal and snapshots stay exact; flash
+      attention and the KV-cache type are ``llm``'s (the same cache layout and kernels as its context).
     - ``llama_state_seq_set_data`` takes the destination sequence id and ignores the one stored in
       the snapshot (checked: a snapshot of sequence 0 restored into sequences 1..3 gives the same
       logits as a fresh prefill, max diff 0.0), so one cached prefix serves every sequence.
@@ -449,6 +450,7 @@ class SeqContext:
         cparams.swa_full = True
         cparams.n_threads = cparams.n_threads_batch = self.n_threads = int(n_threads or llm.n_threads)
         cparams.no_perf = True
+        llm._kv_params(cparams)  # the model's flash-attention and KV-type settings: the same cache layout and kernels
         ctx = C.llama_init_from_model(llm.model, cparams)
         if not ctx:
             raise EdgeSafeError(f"llama.cpp could not create a context of {self.n_seq} sequences x {self.n_ctx_seq} "
@@ -527,13 +529,20 @@ class SeqContext:
         self._token[0], self._pos[id(b)][0], self._want[id(b)][0] = bos, 0, 0
         b.seq_id[0][0] = seq
         self._decode(b, 1)
+        self.decode_vectors(seq, vectors, 1)
+
+    def decode_vectors(self, seq: int, vectors: np.ndarray, pos0: int) -> None:
+        """Decode raw input vectors (n, n_embd) into ``seq`` alone at positions pos0.. (no logits), n_batch at a time."""
+        self._check_seq(seq)
         vectors = np.asarray(vectors, dtype=np.float32)
+        if vectors.ndim != 2 or vectors.shape[1] != self.n_embd:
+            raise EdgeSafeError(f"prefix vectors have shape {vectors.shape}; expected (n, {self.n_embd})")
         b = self._emb
         for start in range(0, len(vectors), self.n_batch):
             chunk = vectors[start:start + self.n_batch]
             k = len(chunk)
             self._embd[:k] = chunk
-            self._pos[id(b)][:k] = np.arange(1 + start, 1 + start + k)
+            self._pos[id(b)][:k] = np.arange(pos0 + start, pos0 + start + k)
             self._want[id(b)][:k] = 0
             for i in range(k):
                 b.seq_id[i][0] = seq

@@ -19,6 +19,12 @@ only a KV prefix, so every sequence can have its own.
   sequence id from admission to its end; at admission its prefix
   ``[BOS][mode][constraints]`` is restored from the engine's snapshot LRU (a snapshot taken from
   one sequence restores into any) or built in that sequence and snapshotted.
+- Deep control tokens are built as ``EdgeSafe`` builds them: BOS and the composition's deep cells
+  written at position 0 (a state blob loaded into the sequence), then its shallow vectors decoded
+  at 1.., so deep cells take no position and every stream has room for the bank's deep cells
+  besides ``n_ctx`` positions. The blob is made from this context's own BOS-only state, parsed
+  once at start (its blobs list a stream per sequence; ``kv_cells``); a cache layout it cannot
+  write into (a quantized KV cache) fails the engine's creation.
 - Every step builds one token batch: the next token of every running request first, then chunks
   of the prompts of newly admitted ones, up to ``n_batch`` rows; only a sequence's last row asks
   for logits. Requests past n wait in order.
@@ -56,11 +62,6 @@ from edge_safe.sampling import check_sampling, sample
 log = logging.getLogger(__name__)
 
 DEFAULT_PARALLEL = 4  # sequences decoded together (server --parallel): 4 rows cost ~1.1x one on 2 cores
-
-
-def batchable(es: EdgeSafe) -> bool:
-    """Whether the engine can run this runtime's requests (not yet with a bank holding deep tokens)."""
-    return not any(t.is_deep for t in es.bank.tokens.values())
 
 
 class EngineClosedError(EdgeSafeError):
@@ -278,11 +279,15 @@ class Engine:
         if not isinstance(n_parallel, int) or isinstance(n_parallel, bool) or n_parallel < 1:
             raise EdgeSafeError(f"parallel must be a whole number >= 1, got {n_parallel!r}")
         es._check_open()
-        if not batchable(es):
-            raise EdgeSafeError("the batching engine does not write deep control tokens' KV cells yet, and this bank "
-                                "has deep tokens; serve or evaluate it one request at a time (--parallel 1)")
         self.es, self.n_parallel = es, n_parallel
-        self.ctx = SeqContext(es._llm, n_parallel, es.n_ctx, n_batch=n_batch, unified=False)
+        # deep cells take no position: as in the EdgeSafe's own context, a sequence's KV stream holds n_ctx
+        # positions plus every deep cell of the bank
+        self.ctx = SeqContext(es._llm, n_parallel, es.n_ctx + es._deep_room, n_batch=n_batch, unified=False)
+        try:
+            self._bos_state = self._parse_bos_state() if es._bos_state is not None else None
+        except BaseException:  # a layout kv_cells cannot write into (a quantized cache, another blob grammar)
+            self.ctx.close()
+            raise
         self.prefix_cache = PrefixCache(es.prefix_cache.max_bytes if prefix_cache_bytes is None else prefix_cache_bytes)
         self.last_stats: RequestStats | None = None
         self.steps = 0  # decodes run (for tests and the bench)
@@ -474,8 +479,20 @@ class Engine:
             self.last_stats = job.stats  # the last reply to end (finished or cancelled)
         job._finish(error)
 
+    def _parse_bos_state(self):
+        """``EdgeSafe._parse_bos_state`` on this context: [BOS] decoded into sequence 0, its state parsed and
+        checked, the sequence cleared. A context with a KV stream per sequence writes another blob than the
+        EdgeSafe's single-sequence one (every stream listed, all but the sequence's own empty), so the deep
+        cells are written into a state of this context's own."""
+        self.ctx.decode_rows([self.es._llm.bos], [0], [0], [False])
+        try:
+            blob = self.ctx.save_seq(0)
+        finally:
+            self.ctx.seq_rm(0)
+        return self.es._check_bos_state(blob)
+
     def _admit(self, job: Job) -> None:
-        """Bring the job's sequence to ``[BOS][vectors]`` (restored or built), queue its prompt."""
+        """Bring the job's sequence to ``[BOS][deep cells][vectors]`` (restored or built), queue its prompt."""
         req, ctx = job.req, self.ctx
         try:
             blob = self.prefix_cache.get(req.key)
@@ -483,7 +500,11 @@ class Engine:
                 ctx.load_seq(job.seq, blob)
                 req.stats.prefix_source = "cache"
             else:
-                ctx.prefill(job.seq, self.es._llm.bos, req.vectors)
+                if req.deep is not None:  # BOS + the deep cells at position 0, written, not decoded
+                    ctx.load_seq(job.seq, self.es._deep_state(req, self._bos_state))
+                    ctx.decode_vectors(job.seq, req.vectors, 1)
+                else:
+                    ctx.prefill(job.seq, self.es._llm.bos, req.vectors)
                 if self.prefix_cache.max_bytes:
                     self.prefix_cache.put(req.key, ctx.save_seq(job.seq))
                 req.stats.prefix_source = "built"
@@ -491,7 +512,7 @@ class Engine:
         except Exception as e:  # this request fails, the others go on
             self._release(job, e)
             return
-        job.pos = 1 + len(req.vectors)
+        job.pos = 1 + len(req.vectors)  # deep cells take no position (EdgeSafe._prefill's n_prefix)
         job.pending = list(req.prompt)
         req.stats.prefilled_tokens = len(req.prompt)
 

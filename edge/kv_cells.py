@@ -6,14 +6,24 @@ sequence's KV cache instead of prefilling anything: it takes the blob of a real 
 loads it with ``llama_state_seq_set_data``. Layout of the blob (llama-cpp-python 0.3.36,
 little-endian; DESIGN.md "Writing KV cells"):
 
-- a u64 header, copied through unchanged;
+- an 8-byte header, copied through unchanged (below);
 - one section per KV cache (Gemma 3: the full-attention cache, then the sliding-window
-  cache): u32 ``n_stream`` (1 here), then per stream u32 ``cell_count`` and, if > 0,
+  cache): u32 ``n_stream``, then per stream u32 ``cell_count`` and, if > 0,
   - per cell: i32 ``pos``, u32 ``n_seq_id``, that many i32 sequence ids;
   - u32 ``v_trans``, u32 ``n_layer``;
   - per layer K: i32 ggml type, u64 row bytes, ``cell_count`` rows;
   - per layer V, ``v_trans`` 0: as K; ``v_trans`` 1 (flash attention off): i32 type,
     u32 element bytes, u32 ``n_embd_v_gqa``, then per element its value for every cell.
+
+``n_stream`` is 1 in a single-sequence context (and with ``kv_unified``); a context with a KV
+stream per sequence (``kv_unified=False``, the batching engine's) lists all its streams, every
+one but the sequence's own with ``cell_count`` 0 (measured with 3 streams: the blob of sequence
+2 holds streams 0 and 1 empty, then stream 2 with its cells). llama.cpp restores a blob into the
+stream of the sequence it is loaded into, whichever stream held it, and refuses a blob with
+another stream count. So a section is the cells of exactly one stream, and :func:`serialise`
+writes the empty streams back around it. The header is two u32: a constant that llama.cpp
+checks on load, then the id of the sequence the blob was taken from (0 in a single-sequence
+context, whose blobs load into any sequence all the same); it is copied through unchanged.
 
 Every field is parsed from the blob (nothing but this grammar is assumed); anything that
 does not fit it raises :class:`KVLayoutError` and nothing is written. Plain numpy over
@@ -61,6 +71,8 @@ class Section:
     k_rows: list[np.ndarray]  # per layer: uint8 (n_cells, row bytes)
     v_rows: list[np.ndarray]  # per layer: uint8 (n_cells, row bytes), de-transposed when v_trans == 1
     v_elem: list[int] = field(default_factory=list)  # per layer, element bytes of V (v_trans 1 only)
+    n_stream: int = 1  # KV streams the blob lists for this cache (one per sequence without kv_unified)
+    stream: int = 0  # the one of them holding the cells (the others are empty)
 
     @property
     def n_cells(self) -> int:
@@ -110,60 +122,77 @@ def layout_error(what: str) -> KVLayoutError:
             "shallow tokens, or the llama-cpp-python version edge-safe was checked with (0.3.36)")
 
 
-def parse(blob: bytes, *, max_layers: int = 4096, max_cells: int = 1 << 22) -> SeqState:
+def parse(blob: bytes, *, max_layers: int = 4096, max_cells: int = 1 << 22, max_streams: int = 4096) -> SeqState:
     """Parse a sequence state blob; :class:`KVLayoutError` if it does not follow the grammar above."""
     r = _Reader(blob)
     header = bytes(r.raw(8))
     sections = []
     while r.o < len(r.b):
+        si = len(sections)
         n_stream = r.take("I")
-        if n_stream != 1:
-            raise layout_error(f"section {len(sections)} has {n_stream} streams, expected 1")
-        n_cells = r.take("I")
-        if n_cells > max_cells or 12 * n_cells > len(r.b) - r.o:  # each cell takes >= 12 bytes
-            raise layout_error(f"section {len(sections)} claims {n_cells} cells, more than its bytes can hold")
-        if n_cells == 0:
-            raise layout_error(f"section {len(sections)} is empty; parse the state of a non-empty sequence")
-        pos = np.empty(n_cells, dtype=np.int32)
-        seq_ids = []
-        for i in range(n_cells):
-            pos[i], n_seq = r.take("iI")
-            if not 1 <= n_seq <= 64:
-                raise layout_error(f"cell {i} of section {len(sections)} has {n_seq} sequence ids")
-            ids = r.take(f"{n_seq}i")
-            seq_ids.append(tuple(ids) if n_seq > 1 else (ids,))
-        v_trans, n_layer = r.take("II")
-        if v_trans not in (0, 1) or not 1 <= n_layer <= max_layers:
-            raise layout_error(f"section {len(sections)} has v_trans={v_trans}, n_layer={n_layer}")
-        k_types, k_rows = [], []
-        for _ in range(n_layer):
-            t, row = r.take("iQ")
-            k_types.append(t)
-            k_rows.append(r.raw(row * n_cells).reshape(n_cells, row))
-        v_types, v_rows, v_elem = [], [], []
-        for _ in range(n_layer):
-            if v_trans == 0:
-                t, row = r.take("iQ")
-                v_rows.append(r.raw(row * n_cells).reshape(n_cells, row))
-            else:
-                t, el, n_embd_v = r.take("iII")
-                if not 1 <= el <= 8:
-                    raise layout_error(f"V element size {el} in section {len(sections)}")
-                cols = r.raw(el * n_embd_v * n_cells).reshape(n_embd_v, n_cells, el)
-                v_rows.append(np.ascontiguousarray(cols.transpose(1, 0, 2)).reshape(n_cells, n_embd_v * el))
-                v_elem.append(el)
-            v_types.append(t)
-        sections.append(Section(pos, seq_ids, v_trans, k_types, v_types, k_rows, v_rows, v_elem))
+        if not 1 <= n_stream <= max_streams:
+            raise layout_error(f"section {si} has {n_stream} streams, expected 1 to {max_streams}")
+        section = None
+        for stream in range(n_stream):
+            n_cells = r.take("I")
+            if n_cells > max_cells or 12 * n_cells > len(r.b) - r.o:  # each cell takes >= 12 bytes
+                raise layout_error(f"section {si} claims {n_cells} cells, more than its bytes can hold")
+            if n_cells == 0:
+                continue
+            if section is not None:
+                raise layout_error(f"section {si} holds cells in streams {section.stream} and {stream}; "
+                                   "parse the state of one sequence")
+            section = _cells(r, si, n_cells, max_layers)
+            section.n_stream, section.stream = n_stream, stream
+        if section is None:
+            raise layout_error(f"section {si} is empty; parse the state of a non-empty sequence")
+        sections.append(section)
     if not sections:
         raise layout_error("it holds no KV section")
     return SeqState(header, sections)
+
+
+def _cells(r: _Reader, si: int, n_cells: int, max_layers: int) -> Section:
+    """One stream's cells and rows, read after its ``cell_count`` (section ``si``, for messages)."""
+    pos = np.empty(n_cells, dtype=np.int32)
+    seq_ids = []
+    for i in range(n_cells):
+        pos[i], n_seq = r.take("iI")
+        if not 1 <= n_seq <= 64:
+            raise layout_error(f"cell {i} of section {si} has {n_seq} sequence ids")
+        ids = r.take(f"{n_seq}i")
+        seq_ids.append(tuple(ids) if n_seq > 1 else (ids,))
+    v_trans, n_layer = r.take("II")
+    if v_trans not in (0, 1) or not 1 <= n_layer <= max_layers:
+        raise layout_error(f"section {si} has v_trans={v_trans}, n_layer={n_layer}")
+    k_types, k_rows = [], []
+    for _ in range(n_layer):
+        t, row = r.take("iQ")
+        k_types.append(t)
+        k_rows.append(r.raw(row * n_cells).reshape(n_cells, row))
+    v_types, v_rows, v_elem = [], [], []
+    for _ in range(n_layer):
+        if v_trans == 0:
+            t, row = r.take("iQ")
+            v_rows.append(r.raw(row * n_cells).reshape(n_cells, row))
+        else:
+            t, el, n_embd_v = r.take("iII")
+            if not 1 <= el <= 8:
+                raise layout_error(f"V element size {el} in section {si}")
+            cols = r.raw(el * n_embd_v * n_cells).reshape(n_embd_v, n_cells, el)
+            v_rows.append(np.ascontiguousarray(cols.transpose(1, 0, 2)).reshape(n_cells, n_embd_v * el))
+            v_elem.append(el)
+        v_types.append(t)
+    return Section(pos, seq_ids, v_trans, k_types, v_types, k_rows, v_rows, v_elem)
 
 
 def serialise(state: SeqState) -> bytes:
     """The blob of ``state``; ``serialise(parse(b)) == b`` byte for byte."""
     out = [state.header]
     for s in state.sections:
-        out.append(struct.pack("<II", 1, s.n_cells))
+        out.append(struct.pack("<I", s.n_stream))
+        out.append(struct.pack("<I", 0) * s.stream)  # the streams before the cells' own are empty
+        out.append(struct.pack("<I", s.n_cells))
         for p, ids in zip(s.pos.tolist(), s.seq_ids):
             out.append(struct.pack(f"<iI{len(ids)}i", p, len(ids), *ids))
         out.append(struct.pack("<II", s.v_trans, s.n_layer))
@@ -179,6 +208,7 @@ def serialise(state: SeqState) -> bytes:
                 n_embd_v = rows.shape[1] // el
                 out.append(struct.pack("<iII", t, el, n_embd_v))
                 out.append(np.ascontiguousarray(rows.reshape(s.n_cells, n_embd_v, el).transpose(1, 0, 2)).tobytes())
+        out.append(struct.pack("<I", 0) * (s.n_stream - 1 - s.stream))  # and so are those after it
     return b"".join(out)
 
 

@@ -26,7 +26,6 @@ from typing import Iterator, Mapping, Sequence
 import numpy as np
 
 from edge_safe import kv_cells
-from edge_safe._llama import SEQ as _SEQ
 from edge_safe._llama import LlamaModel
 from edge_safe.convert.bank import TokenBank
 from edge_safe.convert.errors import EdgeSafeError, PromptTooLongError
@@ -134,6 +133,7 @@ class EdgeSafe:
         self._held: tuple[tuple[str, ...], list[int]] | None = None  # (prefix key, prompt tokens in KV)
         self._refusal_ids: dict[str, Sequences] = {}  # token -> its refusal's token ids, as written after the header
         deep_cells = sum(t.n_vectors for t in self.bank.tokens.values() if t.is_deep)
+        self._deep_room = deep_cells  # KV cells beyond n_ctx: the most deep cells a request can write (Engine too)
         self._llm = LlamaModel(self.model_path, n_ctx=n_ctx, n_batch=n_batch,
                                n_gpu_layers=n_gpu_layers, n_threads=n_threads, cpu_repack=cpu_repack,
                                flash_attn=flash_attn, kv_type=kv_type, extra_cells=deep_cells)
@@ -468,11 +468,22 @@ class EdgeSafe:
         self._held = None
         llm.clear()
         llm.decode_tokens([llm.bos], 0, want_logits=False)
-        state = kv_cells.parse(llm.save_seq())
+        blob = llm.save_seq()
         llm.clear()
+        return self._check_bos_state(blob)
+
+    def _check_bos_state(self, blob: bytes) -> tuple[kv_cells.SeqState, list[list[int]]]:
+        """A BOS-only sequence state, parsed and checked against the bank's deep geometry (raises
+        KVLayoutError / KVCacheTypeError); with the layer map of its sections. Also used on the batching
+        engine's context, whose blobs list one KV stream per sequence."""
+        n_layer, n_k, n_v = self.bank.deep_geometry
+        state = kv_cells.parse(blob)
         held = [s.pos.tolist() for s in state.sections]
         if any(p != [0] for p in held):
             raise kv_cells.layout_error(f"the BOS-only state holds cells at positions {held}, expected one at 0")
+        owners = {ids for s in state.sections for ids in s.seq_ids}
+        if len(owners) != 1 or len(next(iter(owners))) != 1:
+            raise kv_cells.layout_error(f"the BOS-only state's cells belong to sequences {sorted(owners)}, expected one")
         return state, kv_cells.check_geometry(state, self.model_info.arch, n_layer, n_k, n_v)
 
     def _deep_of(self, names: Sequence[str]) -> tuple[np.ndarray, np.ndarray] | None:
@@ -482,11 +493,13 @@ class EdgeSafe:
         keys, values = self.bank.deep_cells(names)
         return (keys, values) if len(keys) else None
 
-    def _deep_state(self, req: _Request) -> bytes:
-        """The blob of [BOS] + the request's deep cells, all at position 0 of sequence 0."""
-        state, groups = self._bos_state
+    def _deep_state(self, req: _Request, bos_state: tuple[kv_cells.SeqState, list[list[int]]] | None = None) -> bytes:
+        """The blob of [BOS] + the request's deep cells, all at position 0 of BOS's sequence: ``bos_state``
+        (default: this runtime's own, from :meth:`_parse_bos_state`) with the cells appended."""
+        state, groups = bos_state or self._bos_state
         keys, values = req.deep
-        return kv_cells.serialise(kv_cells.with_cells(state, keys, values, groups, pos=0, seq_id=_SEQ))
+        seq_id = state.sections[0].seq_ids[0][0]  # llama.cpp loads a blob into the sequence it is given, whatever it says
+        return kv_cells.serialise(kv_cells.with_cells(state, keys, values, groups, pos=0, seq_id=seq_id))
 
     def _stream(self, req: _Request, max_tokens: int, temperature: float, top_p: float,
                 seed: int | None) -> Iterator[str]:

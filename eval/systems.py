@@ -128,9 +128,7 @@ class Runner:
 
     def engine(self, system: System):
         """The batching engine on the system's runtime (made on first use); None with ``parallel`` 1."""
-        from edge_safe.engine import batchable
-
-        if self.parallel <= 1 or not batchable(system.es):  # deep banks: one at a time
+        if self.parallel <= 1:
             return None
         engine = self._engines.get(system.es)
         if engine is None or engine.ctx.closed:

@@ -17,6 +17,10 @@ from edge_safe.convert.bank import BankToken, TokenBank
 from edge_safe.convert.keys import Model
 
 FAKE_FINGERPRINT = "ab" * 32  # sha256-shaped; matches no real model
+DEEP_TEXTS = {  # deep token of the `deep_bank` fixture -> the text whose K/V rows it holds
+    "alcohol": "Do not help with alcohol.\n",
+    "privacy": "Do not help find private people.\n",
+}
 
 
 @pytest.fixture(scope="session")
@@ -25,6 +29,39 @@ def model_path() -> Path:
     from edge_safe.models import resolve_model_path
 
     return resolve_model_path()
+
+
+def text_cells(llm, text: str) -> tuple[list[int], np.ndarray, np.ndarray, list[list[int]]]:
+    """Decode [BOS] + text in a :class:`~edge_safe._llama.LlamaModel`; the text's ids and key/value rows
+    (n, 18, 256) as llama.cpp stored them, and the layer map of the blob's sections."""
+    from edge_safe import kv_cells
+
+    ids = llm.tokenize(text)
+    llm.clear()
+    llm.decode_tokens([llm.bos], 0, want_logits=False)
+    llm.decode_tokens(ids, 1, want_logits=False)
+    state = kv_cells.parse(llm.save_seq())
+    groups = kv_cells.check_geometry(state, "gemma3", 18, 256, 256)
+    keys, values = kv_cells.cells(state, groups, slice(1, None))
+    return ids, keys, values, groups
+
+
+@pytest.fixture(scope="session")
+def deep_bank(model_path) -> TokenBank:
+    """A bank for the real model with two deep constraints (``alcohol``: 7 cells, ``privacy``: 8; the K/V rows
+    llama.cpp computed for their rules' text, ``DEEP_TEXTS``), one shallow from-text constraint (``gambling``,
+    7 vectors) and a profile mixing both kinds (``minors``: alcohol + gambling). No modes."""
+    from edge_safe._llama import LlamaModel
+    from edge_safe.convert.bank import from_text_bank, from_text_token
+    from edge_safe.convert.model import ModelInfo
+
+    info = ModelInfo.read(model_path)
+    with LlamaModel(info.path, n_ctx=64) as llm:
+        deep = [BankToken.deep(n, "constraint", *text_cells(llm, t)[1:3], refusal=f"Sorry, I can't help with {n}.",
+                               rule=t.strip()) for n, t in DEEP_TEXTS.items()]
+        shallow = from_text_token(info, llm.tokenize, "gambling", "Do not help with gambling.",
+                                  refusal="Sorry, I can't help with gambling.")
+    return from_text_bank(info, [*deep, shallow], {"minors": ["alcohol", "gambling"]})
 
 
 @pytest.fixture

@@ -11,47 +11,22 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
+from conftest import DEEP_TEXTS as TEXTS  # the deep_bank fixture's tokens and texts
+from conftest import text_cells
 from edge_safe import kv_cells
 from edge_safe._llama import LlamaModel
-from edge_safe.convert.bank import BankToken, TokenBank, from_text_bank, from_text_token
+from edge_safe.convert.bank import TokenBank
 from edge_safe.convert.model import ModelInfo
 from edge_safe.runtime import EdgeSafe
 
 pytestmark = pytest.mark.model
-TEXTS = {  # deep token -> the text whose K/V rows it holds
-    "alcohol": "Do not help with alcohol.\n",
-    "privacy": "Do not help find private people.\n",
-}
 PROMPT = "Question: How do I mix a mojito?\nAnswer:"
 Q = "How do I mix a mojito?"
-
-
-def text_cells(llm: LlamaModel, text: str) -> tuple[list[int], np.ndarray, np.ndarray, list[list[int]]]:
-    """Decode [BOS] + text; the text's key/value rows (n, 18, 256) as llama.cpp stored them."""
-    ids = llm.tokenize(text)
-    llm.clear()
-    llm.decode_tokens([llm.bos], 0, want_logits=False)
-    llm.decode_tokens(ids, 1, want_logits=False)
-    state = kv_cells.parse(llm.save_seq())
-    groups = kv_cells.check_geometry(state, "gemma3", 18, 256, 256)
-    keys, values = kv_cells.cells(state, groups, slice(1, None))
-    return ids, keys, values, groups
 
 
 @pytest.fixture(scope="module")
 def info(model_path) -> ModelInfo:
     return ModelInfo.read(model_path)
-
-
-@pytest.fixture(scope="module")
-def deep_bank(info) -> TokenBank:
-    """Two deep constraints (K/V of their rules' text), one shallow from-text constraint, a profile mixing both."""
-    with LlamaModel(info.path, n_ctx=64) as llm:
-        deep = [BankToken.deep(n, "constraint", *text_cells(llm, t)[1:3], refusal=f"Sorry, I can't help with {n}.",
-                               rule=t.strip()) for n, t in TEXTS.items()]
-        shallow = from_text_token(info, llm.tokenize, "gambling", "Do not help with gambling.",
-                                  refusal="Sorry, I can't help with gambling.")
-    return from_text_bank(info, [*deep, shallow], {"minors": ["alcohol", "gambling"]})
 
 
 @pytest.mark.parametrize("flash_attn, kv_type", [(None, None), (False, None), (None, "f32"), (False, "f32")],
@@ -181,7 +156,9 @@ def test_deep_and_shallow_requests_interleaved_through_the_server(model_path, de
     from edge_safe.server import create_app
 
     with EdgeSafe(model_path, deep_bank, n_ctx=256) as es:
-        client = TestClient(create_app(es))
+        app = create_app(es)  # --parallel 4 by default: the batching engine writes the deep cells
+        assert app.state.edge_safe.engine is not None
+        client = TestClient(app)
         listed = {t["id"]: t for t in client.get("/v1/tokens").json()["data"]}
         assert listed["alcohol"]["depth"] == "deep" and "depth" not in listed["gambling"]
         assert listed["alcohol"]["n_vectors"] == deep_bank.tokens["alcohol"].n_vectors
@@ -234,7 +211,8 @@ def test_deep_cells_do_not_eat_the_context(model_path, deep_bank):
 
 
 def test_bench_runs_a_deep_bank_and_times_its_kv_write(deep_bank, tmp_path):
-    """`edge-safe bench` on a deep composition: cold builds it by writing cells (no BOS or vector decode)."""
+    """`edge-safe bench` on a deep composition: cold builds it by writing cells (no BOS or vector decode); its
+    concurrency section runs the bank's measured compositions on the engine (no minors/eu profiles here)."""
     import json
 
     from click.testing import CliRunner
@@ -245,9 +223,12 @@ def test_bench_runs_a_deep_bank_and_times_its_kv_write(deep_bank, tmp_path):
     out = tmp_path / "bench"
     r = CliRunner().invoke(cli, ["bench", "--quick", "--repeats", "1", "--warmup", "0", "--max-tokens", "4",
                                  "-c", "alcohol,privacy", "--baseline", "alcohol,privacy", "--threads", "1",
-                                 "--no-rss", "--no-plots", "--bank", str(bank), "--out", str(out)])
+                                 "--no-rss", "--no-plots", "--concurrency", "2", "--bank", str(bank), "--out", str(out)])
     assert r.exit_code == 0, r.output
-    row = json.loads((out / "results.json").read_text())["compositions"]["alcohol,privacy"]
+    results = json.loads((out / "results.json").read_text())
+    conc = results["concurrency"]
+    assert conc["config"]["compositions"] == ["alcohol,privacy"] and conc["levels"]["2"]["completion_tokens"] > 0
+    row = results["compositions"]["alcohol,privacy"]
     assert row["deep_cells"] == cells_of(deep_bank, "alcohol,privacy") and row["prefix_positions"] == 0
     split = row["time_split_cold_s"]
     assert "kv_write_s" in split and "bos_s" not in split

@@ -9,6 +9,9 @@ hold), so the engine's logits equal the one-at-a-time ones up to ~0.01-0.8 and g
 compared up to their first near-tie (< 0.25 logit, read with ``forced_logits``), as the server
 tests do. A leak between sequences would move logits by whole logits (another composition's prefix
 turns answers into refusals), which these checks would see.
+
+Banks with deep control tokens (conftest's ``deep_bank``) get the same checks: their KV cells are
+written at position 0 of each request's own sequence, from a state blob of the engine's own context.
 """
 from __future__ import annotations
 
@@ -18,8 +21,10 @@ import time
 import numpy as np
 import pytest
 
+from edge_safe import kv_cells
 from edge_safe.convert.errors import EdgeSafeError, PromptTooLongError
 from edge_safe.engine import Engine, EngineClosedError
+from edge_safe.refusals import opener_margin
 from edge_safe.runtime import EdgeSafe
 
 pytestmark = pytest.mark.model
@@ -44,22 +49,37 @@ def engine(es):
 
 
 def alone(es, prompt, max_tokens, tokens=None, mode=None, strictness=0.0, min_gap=0.25) -> tuple[str, str]:
-    """(the reply alone, its part before the first near-tie of the greedy tokens)."""
+    """(the reply alone, its part before the first near-tie of the greedy tokens).
+
+    The reply's token ids are recorded as the runtime turns them into text (re-tokenizing the text
+    gets them wrong where a reply starts without a space or after a newline); near-ties are read with
+    ``forced_logits``, with ``strictness`` added to the refusal openers until the first visible token
+    as generation adds it."""
     es.reset()
-    text = es.generate(prompt, tokens=tokens, mode=mode, max_tokens=max_tokens, strictness=strictness)
-    ids = es.tokenize(" " + text)[:max_tokens] if text else []
-    sure = 0
+    ids, piece = [], es._llm.token_to_piece
+    es._llm.token_to_piece = lambda tok: ids.append(int(tok)) or piece(tok)  # shadows the method
+    try:
+        text = es.generate(prompt, tokens=tokens, mode=mode, max_tokens=max_tokens, strictness=strictness)
+    finally:
+        del es._llm.token_to_piece
+    openers = es._prepare([{"role": "user", "content": prompt}], tokens, mode, None, strictness=strictness).openers
+    sure, biased = 0, bool(openers)
     if ids:
         es.reset()
         rows = es.forced_logits(prompt, ids, tokens=tokens, mode=mode)
         for j, row in enumerate(rows):
+            if biased:
+                row = row.copy()
+                row[openers] += strictness
             if row[ids[j]] - np.max(np.delete(row, ids[j])) < min_gap:
                 break
             sure = j + 1
+            biased = biased and not piece(ids[j]).strip()
     es.reset()
-    if sure == len(ids):
+    prefix = b"".join(piece(t) for t in ids[:sure]).decode("utf-8", "ignore").strip()
+    if sure == len(ids) or prefix.startswith(text):  # every token clear, or clear up to where the reply ends
         return text, text
-    return text, b"".join(es._llm.token_to_piece(t) for t in ids[:sure]).decode("utf-8", "ignore").lstrip()
+    return text, prefix
 
 
 def same(reply: str, want: tuple[str, str]) -> bool:
@@ -237,3 +257,167 @@ def test_closing_the_runtime_closes_its_engine(model_path):
         "".join(job)
     assert threading.active_count() >= 1
 
+
+
+# --- deep control tokens ------------------------------------------------------------------------
+# conftest's deep_bank: alcohol and privacy are deep (7 and 8 KV cells written at position 0), gambling is
+# shallow (7 vectors decoded at 1..), minors = alcohol (deep) + gambling (shallow); no modes.
+
+DEEP_SETTINGS = ((None, 0.0), ("alcohol", 0.0), ("gambling", 0.0), ("alcohol,privacy", 0.0), ("minors", 0.0),
+                 ("privacy", 1.5))
+# this small bank leaves many replies a near-tie from their first token; these prompts leave fewer
+DEEP_PROMPTS = (Q, "What is 2 + 2?", "How do I get drunk fast?", "Tell me about Lima.")
+
+
+@pytest.fixture(scope="module")
+def deep_es(model_path, deep_bank):
+    with EdgeSafe(model_path, deep_bank, n_ctx=256, n_threads=1, seed=0) as es:
+        yield es
+
+
+@pytest.fixture(scope="module")
+def deep_engine(deep_es):
+    with Engine(deep_es, 4) as engine:
+        yield engine
+
+
+def cells_of(es, tokens) -> int:
+    """Deep cells a request writes."""
+    return sum(es.bank.tokens[n].n_vectors for n in es.bank.resolve(tokens) if es.bank.tokens[n].is_deep)
+
+
+def test_deep_compositions_replies_equal_each_request_alone(deep_es, deep_engine):
+    """Deep, mixed, shallow and bare requests decoded together: each reply is the one it gets alone."""
+    es, engine = deep_es, deep_engine
+    cases = [(p, t, k) for p in DEEP_PROMPTS for t, k in DEEP_SETTINGS]
+    want = [alone(es, p, 8, t, None, k) for p, t, k in cases]
+    steps = engine.steps
+    jobs = [engine.submit(p, tokens=t, strictness=k, max_tokens=8) for p, t, k in cases]
+    got = ["".join(j) for j in jobs]
+    assert sum(bool(w[1]) for w in want) >= len(want) // 2  # the check has teeth (a sure start: 16 of 24)
+    bad = [(c, g, w) for c, g, w in zip(cases, got, want) if not same(g, w)]
+    assert not bad, bad
+    assert sum(g == w[0] for g, w in zip(got, want)) >= len(cases) - 3  # near-ties that flip are rare
+    by_tokens = {t: {w[0] for (_, tt, _), w in zip(cases, want) if tt == t} for t, _ in DEEP_SETTINGS}
+    assert by_tokens["alcohol,privacy"] != by_tokens[None]  # the deep cells change the replies
+    assert [j.stats.deep_cells for j in jobs] == [cells_of(es, t) for _, t, _ in cases]
+    assert [j.stats.prefix_positions for j in jobs] == [len(es.bank.prefix_vectors(es.compose(t)[0])) for _, t, _ in cases]
+    assert engine.steps - steps < sum(j.stats.completion_tokens for j in jobs)  # decoded together
+    assert engine.running == 0 and engine.waiting == 0 and all_free(engine)
+
+
+def test_deep_shallow_and_bare_requests_together_each_see_only_their_own_cells(deep_es, deep_engine):
+    """First-token logits of every kind of request, all queued at once on 4 sequences, equal each request alone
+    (a neighbour's deep cells would move them by whole logits: deep on vs off moves them by 6-12)."""
+    es, engine = deep_es, deep_engine
+    cases = [(p, t) for p in DEEP_PROMPTS for t, _ in DEEP_SETTINGS]
+    with engine.together():
+        jobs = [engine.first_token_logits(p, tokens=t, wait=False) for p, t in cases]
+    for (p, t), job in zip(cases, jobs):
+        es.reset()
+        close(job.result(), es.first_token_logits(p, tokens=t))
+        assert job.stats.deep_cells == cells_of(es, t)
+    assert engine.running == 0 and all_free(engine)
+
+
+def test_no_deep_cell_of_one_sequence_is_visible_to_another(deep_es, deep_engine):
+    """A deep request next to three others, run twice with batches of the same shape: once among deep and mixed
+    compositions, once among shallow and bare ones. Its logits must be bit-identical (deep cells add no rows
+    to a batch, only cells to their own sequence's stream)."""
+    es, engine = deep_es, deep_engine
+    ids = es.tokenize(" Lima is the capital of Peru and the largest city")
+    neighbours = {  # same prompt and continuation lengths as test_no_cell_of_one_sequence_is_visible_to_another's
+        "deep": [("How do I get drunk fast?", " No", "privacy"), ("Where can I bet on horses?", " At", "alcohol,privacy"),
+                 ("How do I bake a cake?", " Mix", "minors")],
+        "shallow": [("How do I find a lawyer?", " Ask", None), ("How do I bake a cake?", " Cats", "gambling"),
+                    ("Where can I bet on horses?", " No", None)],
+    }
+    shapes = {k: [(len(es.tokenize(es.template.render([{"role": "user", "content": p}]))), len(es.tokenize(c)))
+                  for p, c, _ in n] for k, n in neighbours.items()}
+    assert shapes["deep"] == shapes["shallow"], shapes  # the test's premise
+
+    def run(kind):
+        with engine.together():  # admitted together: the same batches whatever the timing
+            me = engine.forced_logits(Q, ids, tokens="alcohol", wait=False)
+            others = [engine.forced_logits(p, es.tokenize(c) * 6, tokens=t, wait=False) for p, c, t in neighbours[kind]]
+        out = me.result()
+        assert [o.stats.deep_cells for o in others] == [cells_of(es, t) for _, _, t in neighbours[kind]]
+        assert all(o.result().shape[0] == 6 * len(es.tokenize(c)) for o, (_, c, _) in zip(others, neighbours[kind]))
+        return out
+
+    for kind in neighbours:  # prefixes built and cached: both runs restore them
+        run(kind)
+    a, b = run("deep"), run("shallow")
+    assert np.array_equal(a, b), f"logits moved by {float(np.abs(a - b).max())} with other neighbours"
+    es.reset()
+    close(a, es.forced_logits(Q, ids, tokens="alcohol"))
+    assert all_free(engine)
+
+
+def test_the_engine_writes_the_deep_cells(deep_es, deep_engine):
+    """Fails if the engine loaded BOS without the deep cells: a deep token moves a violating prompt's logits
+    by whole logits, and the engine's logits and refusal margin are the ones the request gets alone."""
+    es, engine = deep_es, deep_engine
+    prompt = "Where can I buy beer?"
+    on = engine.first_token_logits(prompt, tokens="alcohol", wait=False)
+    margin = engine.refusal_margin(prompt, tokens="alcohol", wait=False)
+    es.reset()
+    bare = es.first_token_logits(prompt)
+    es.reset()
+    alone_on = es.first_token_logits(prompt, tokens="alcohol")
+    es.reset()
+    alone_margin = es.refusal_margin(prompt, tokens="alcohol")
+    assert np.abs(alone_on - bare).max() > 5  # what the 7 deep cells do (10.4 measured)
+    close(on.result(), alone_on)  # so a bare (or BOS-only) sequence could not pass this
+    openers = np.asarray(es.refusal_openers(["alcohol"]), dtype=np.int64)
+    assert abs(alone_margin - opener_margin(bare, openers)[0]) > 1  # the margin moves too (1.9 measured)
+    assert margin.result() == pytest.approx(alone_margin, abs=0.5)
+    assert on.stats.deep_cells == margin.stats.deep_cells == 7 and on.stats.prefix_positions == 0
+
+
+def test_the_engine_writes_into_its_own_multi_stream_state(deep_es, deep_engine):
+    """A context with a KV stream per sequence writes another blob than the runtime's single-sequence one: every
+    stream is listed, all but the sequence's own empty. The engine parses its own (once, at start), and the
+    deep prefixes it caches round-trip through kv_cells byte for byte."""
+    single, groups = deep_es._bos_state
+    state, engine_groups = deep_engine._bos_state
+    assert [(s.n_stream, s.stream, s.pos.tolist()) for s in single.sections] == [(1, 0, [0])] * 2
+    assert [(s.n_stream, s.stream, s.pos.tolist()) for s in state.sections] == [(4, 0, [0])] * 2
+    assert engine_groups == groups
+    deep_engine.first_token_logits(Q, tokens="alcohol,privacy")
+    blob = deep_engine.prefix_cache.get(("alcohol", "privacy"))
+    parsed = kv_cells.parse(blob)
+    assert kv_cells.serialise(parsed) == blob
+    assert [s.pos.tolist() for s in parsed.sections] == [[0] * 16] * 2  # BOS + 15 deep cells, all at position 0
+
+
+def test_deep_cells_do_not_eat_an_engine_sequence_s_context(deep_es, deep_engine):
+    """Each sequence's stream holds n_ctx positions plus the bank's deep cells, as the runtime's context does:
+    a deep request may use every position a bare one could (without the room: "no KV slot")."""
+    es = deep_es
+    assert deep_engine.ctx.n_ctx_seq == es.n_ctx + cells_of(es, "alcohol,privacy") == 256 + 15
+    n_prompt = len(es.tokenize(es.template.render([{"role": "user", "content": Q}])))
+    continuation = es.tokenize(" " + "one two three " * 200)[: es.n_ctx - 2 - n_prompt]  # up to position 253
+    job = deep_engine.forced_logits(Q, continuation, tokens="alcohol,privacy", wait=False)
+    assert job.result().shape == (len(continuation), es._llm.n_vocab)
+    assert job.stats.deep_cells == 15 and all_free(deep_engine)
+
+
+def test_an_engine_refuses_a_quantized_cache_for_a_deep_bank(deep_es, monkeypatch):
+    """The engine's own context is checked at creation (the runtime's already was): a quantized KV cache cannot
+    take deep cells, and the engine says so instead of failing mid-request."""
+    monkeypatch.setattr(deep_es._llm, "_kv_type", "q8_0")  # the engine's context copies the model's KV settings
+    monkeypatch.setattr(deep_es._llm, "_flash_attn", True)  # (a quantized V cache needs flash attention)
+    with pytest.raises(kv_cells.KVCacheTypeError, match="the K cache is q8_0; deep control tokens"):
+        Engine(deep_es, 2)
+
+
+def test_the_engine_follows_its_runtime_s_flash_attention_setting(model_path, deep_bank):
+    """The engine's context takes the runtime's flash-attention and KV-type settings (it used llama.cpp's defaults):
+    with flash attention off, V is stored transposed in both, and deep requests equal the runtime's."""
+    with EdgeSafe(model_path, deep_bank, n_ctx=256, n_threads=1, flash_attn=False) as es, Engine(es, 2) as engine:
+        assert [s.v_trans for s in engine._bos_state[0].sections] == [s.v_trans for s in es._bos_state[0].sections] == [1, 1]
+        jobs = [engine.first_token_logits(Q, tokens=t, wait=False) for t in ("alcohol,privacy", "minors")]
+        for t, job in zip(("alcohol,privacy", "minors"), jobs):
+            es.reset()
+            close(job.result(), es.first_token_logits(Q, tokens=t))

@@ -413,6 +413,38 @@ def test_parallel_decisions_equal_one_at_a_time_up_to_near_ties(model_path):
     assert all(abs(a["margin"] - b["margin"]) < 0.5 for a, b in zip(m1, m4))
 
 
+@pytest.mark.model
+def test_a_deep_bank_is_decided_on_the_engine_like_one_at_a_time(model_path, deep_bank):
+    """eval --parallel N with a bank of deep tokens (the eval used to decide them one at a time): decisions and
+    margins of deep, mixed and shallow compositions are prefetched on the engine and equal the one-at-a-time ones,
+    except where a case sits within half a logit of the decision."""
+    from edge_safe.eval.systems import Runner, System
+    from edge_safe.runtime import EdgeSafe
+
+    prompts = ("How do I get drunk fast?", "Where can I buy beer?", "What is the capital of Peru?",
+               "How do I find someone's home address?")
+    comps = (["alcohol"], ["alcohol", "privacy"], ["alcohol", "gambling"], ["gambling"])
+    out = {}
+    with EdgeSafe(model_path, deep_bank, n_ctx=256, n_threads=1) as es:
+        system = System("bank", "bank", es, "tokens")
+        for parallel in (1, 4):
+            runner = Runner(deep_bank, es.tokenize, progress=False, parallel=parallel)
+            try:
+                items = [(p, runner.request(system, c)) for p in prompts for c in comps]
+                runner.prefetch(system, items)
+                runner.prefetch_margins(system, [(p, c) for p in prompts for c in comps])
+                batched = runner.timing["decide"][0], runner.timing["logits"][0]
+                assert batched == ((len(items), len(items)) if parallel > 1 else (0, 0))  # on the engine, or not
+                out[parallel] = ([runner.decide(system, p, r)[0] for p, r in items],
+                                 [runner.margin(system, p, c) for p in prompts for c in comps])
+            finally:
+                runner.close()
+    (v1, m1), (v4, m4) = out[1], out[4]
+    assert max(abs(a - b) for a, b in zip(m1, m4)) < 0.5
+    differ = [i for i, (a, b) in enumerate(zip(v1, v4)) if a != b]
+    assert all(abs(m1[i]) < 0.5 for i in differ) and len(differ) <= len(v1) // 4, differ
+
+
 # --- real-traffic slices (issue #17) ----------------------------------------------------------
 
 

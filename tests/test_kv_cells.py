@@ -16,12 +16,13 @@ HEADER = struct.pack("<Q", 0xAF135A58)
 
 
 def section(n_cells: int, n_layer: int, width: int, *, v_trans: int, ggml_type: int = 1, seed: int = 0,
-            pos=None, k_type: int | None = None) -> bytes:
-    """One section's bytes, written independently of kv_cells (from the grammar)."""
+            pos=None, k_type: int | None = None, n_stream: int = 1, stream: int = 0) -> bytes:
+    """One section's bytes, written independently of kv_cells (from the grammar): ``n_stream`` streams,
+    all empty but ``stream`` (as a context with a KV stream per sequence writes one sequence's state)."""
     rng = np.random.default_rng(seed)
     dtype = {0: np.float32, 1: np.float16}.get(ggml_type, np.uint8)
     el = np.dtype(dtype).itemsize
-    out = [struct.pack("<II", 1, n_cells)]
+    out = [struct.pack("<I", n_stream), struct.pack("<I", 0) * stream, struct.pack("<I", n_cells)]
     for i, p in enumerate(range(n_cells) if pos is None else pos):
         out.append(struct.pack("<iIi", p, 1, 0))
     out.append(struct.pack("<II", v_trans, n_layer))
@@ -37,6 +38,7 @@ def section(n_cells: int, n_layer: int, width: int, *, v_trans: int, ggml_type: 
         else:
             out.append(struct.pack("<iQ", ggml_type, width * el))
             out.append(rows.tobytes())
+    out.append(struct.pack("<I", 0) * (n_stream - 1 - stream))
     return b"".join(out)
 
 
@@ -56,6 +58,24 @@ def test_parse_serialise_is_byte_exact(v_trans, ggml_type):
     assert K.serialise(state) == b
     assert [s.n_layer for s in state.sections] == [1, 2] and state.sections[1].v_trans == v_trans
     assert state.sections[0].pos.tolist() == [0, 1, 2] and state.sections[0].seq_ids == [(0,), (0,), (0,)]
+
+
+@pytest.mark.parametrize("v_trans", [0, 1])
+def test_a_blob_of_one_stream_among_several_round_trips_and_takes_cells_in_its_stream(v_trans):
+    """A context with a KV stream per sequence writes every stream, all empty but the sequence's own."""
+    b = HEADER + section(1, 1, 8, v_trans=v_trans, n_stream=4, stream=2) + section(1, 2, 8, v_trans=v_trans, seed=1,
+                                                                                   n_stream=4, stream=2)
+    state = K.parse(b)
+    assert K.serialise(state) == b
+    assert [(s.n_stream, s.stream, s.n_cells) for s in state.sections] == [(4, 2, 1)] * 2
+    keys, values = np.random.default_rng(0).standard_normal((2, 3, 3, 8)).astype(np.float32)
+    new = K.with_cells(state, keys, values, GROUPS, pos=0)
+    again = K.parse(K.serialise(new))
+    assert [(s.n_stream, s.stream, s.pos.tolist()) for s in again.sections] == [(4, 2, [0, 0, 0, 0])] * 2
+    np.testing.assert_allclose(K.cells(again, GROUPS, slice(1, None))[0], keys, atol=2e-3, rtol=2e-3)
+    first = K.parse(HEADER + section(1, 1, 8, v_trans=v_trans, n_stream=3, stream=0)
+                    + section(1, 2, 8, v_trans=v_trans, n_stream=3, stream=0))
+    assert [(s.n_stream, s.stream) for s in first.sections] == [(3, 0)] * 2
 
 
 @pytest.mark.parametrize("v_trans", [0, 1])
@@ -134,7 +154,10 @@ def corruptions():
     yield "truncated", good[:-5], "runs past its end"
     yield "cut in a field", good[:10], "ends inside a field"
     yield "trailing bytes", good + b"\x01\x00\x00\x00", "ends inside a field"
-    yield "two streams", HEADER + struct.pack("<II", 2, 1) + good[16:], "has 2 streams, expected 1"
+    one = section(1, 1, 8, v_trans=0)
+    yield "cells in two streams", HEADER + struct.pack("<I", 2) + one[4:] + one[4:], "holds cells in streams 0 and 1"
+    yield "no stream", HEADER + struct.pack("<I", 0) + one[4:], "has 0 streams"
+    yield "every stream empty", HEADER + struct.pack("<III", 2, 0, 0), "is empty"
     yield "v_trans 7", HEADER + section(1, 1, 8, v_trans=7), "v_trans=7"
     yield "header only", HEADER, "holds no KV section"
     yield "huge cell count", HEADER + struct.pack("<II", 1, 10**6) + bytes(100), "claims 1000000 cells"

@@ -130,10 +130,16 @@ def alone_with_ties(es, content, max_tokens, tokens=None, mode=None, min_gap: fl
     llama.cpp's CPU logits move by ~0.01-0.1 with batch boundaries (a reused conversation under load
     re-decodes only its last prompt token), so where the greedy reply's token wins by less than
     ``min_gap`` logits the same request may continue differently under load without any leak between
-    requests. What comes before that point must be the same; read with ``forced_logits``."""
+    requests. What comes before that point must be the same; read with ``forced_logits``. The reply's token
+    ids are recorded as the runtime turns them into text (re-tokenizing the text gets them wrong where a
+    reply starts without a space or after a newline)."""
     es.reset()
-    text = alone(es, content, max_tokens, tokens, mode)
-    ids = es.tokenize(" " + text)[:max_tokens] if text else []
+    ids, piece = [], es._llm.token_to_piece
+    es._llm.token_to_piece = lambda tok: ids.append(int(tok)) or piece(tok)  # shadows the method
+    try:
+        text = alone(es, content, max_tokens, tokens, mode)
+    finally:
+        del es._llm.token_to_piece
     sure = 0
     if ids:
         rows = es.forced_logits([{"role": "user", "content": content}], ids, tokens=tokens, mode=mode)
@@ -144,8 +150,8 @@ def alone_with_ties(es, content, max_tokens, tokens=None, mode=None, min_gap: fl
     es.reset()
     if sure == len(ids) and len(ids) == max_tokens:
         return text, text  # every token clear, and the budget (not a near-tie) ended it
-    prefix = b"".join(es._llm.token_to_piece(t) for t in ids[:sure]).decode("utf-8", "ignore").lstrip()
-    return text, prefix
+    prefix = b"".join(piece(t) for t in ids[:sure]).decode("utf-8", "ignore").strip()
+    return text, text if prefix.startswith(text) else prefix  # clear past where a stop string ended the text
 
 
 def same_as_alone(reply: str, want: tuple[str, str]) -> bool:
@@ -401,6 +407,41 @@ def test_interleaved_compositions_equal_each_request_run_alone(url, es):
         assert same_as_alone(text, expected[key]), (key, text, expected[key])
         assert extra["tokens"] == es.compose(json.loads(key[1]), key[2])[0]
         assert extra["mode"] == es.compose(json.loads(key[1]), key[2])[1]
+
+
+def test_a_deep_bank_is_served_batched(model_path, deep_bank):
+    """With --parallel > 1 a bank of deep tokens is batched on the engine like a shallow one (the server used to
+    fall back to one request at a time): concurrent requests of deep, mixed, shallow and bare compositions, half
+    streamed, each equal the request run alone, and every sequence is empty afterwards."""
+    compositions = ("alcohol", "alcohol,privacy", "minors", "gambling", [])
+    with EdgeSafe(model_path, deep_bank, n_ctx=256, n_threads=1, seed=0) as deep_es:
+        requests = [(q, t) for q in (Q, "How do I get drunk fast?") for t in compositions]
+        expected = {(q, json.dumps(t)): alone_with_ties(deep_es, q, 6, t) for q, t in requests}
+        assert sum(bool(sure) for _, sure in expected.values()) >= len(expected) // 2  # the check has teeth
+        app = create_app(deep_es, ServerSettings(parallel=4))
+        engine = app.state.edge_safe.engine
+        assert engine is not None and engine.n_parallel == 4
+
+        def one(i):
+            q, t = requests[i % len(requests)]
+            c = openai.OpenAI(base_url=base + "/v1", api_key="none", max_retries=0, timeout=120)
+            body = dict(model="any", messages=[{"role": "user", "content": q}], max_tokens=6, extra_body={"tokens": t})
+            if i % 2:
+                chunks = list(c.chat.completions.create(stream=True, **body))
+                return (q, json.dumps(t)), "".join(x.choices[0].delta.content or "" for x in chunks), chunks[-1].edge_safe
+            reply = c.chat.completions.create(**body)
+            return (q, json.dumps(t)), reply.choices[0].message.content, reply.edge_safe
+
+        with live_server(app) as base:
+            assert httpx.get(base + "/health").json()["parallel"] == 4
+            with ThreadPoolExecutor(8) as pool:
+                results = list(pool.map(one, [7, 2, 9, 0, 4, 6, 1, 8, 3, 5] * 2))
+            assert engine.running == 0 and all(engine.ctx.pos_range(s) == (-1, -1) for s in range(4))
+        for key, text, extra in results:
+            assert same_as_alone(text, expected[key]), (key, text, expected[key])
+            tokens = json.loads(key[1])
+            cells = sum(deep_bank.tokens[n].n_vectors for n in deep_bank.resolve(tokens) if deep_bank.tokens[n].is_deep)
+            assert extra.get("deep_cells", 0) == cells and extra["tokens"] == deep_es.compose(tokens)[0]
 
 
 def test_a_client_that_disconnects_mid_stream_frees_the_model(url, http, es, app):

@@ -48,7 +48,7 @@ from edge_safe.convert.errors import (
     PromptTooLongError,
     UnknownTokenError,
 )
-from edge_safe.engine import Engine, EngineClosedError, batchable
+from edge_safe.engine import Engine, EngineClosedError
 from edge_safe.runtime import EdgeSafe
 from edge_safe.server.schema import ChatCompletionRequest, CompletionRequest, ServerSettings
 
@@ -325,10 +325,6 @@ def create_app(es: EdgeSafe, settings: ServerSettings | None = None) -> FastAPI:
     settings = settings or ServerSettings()
     default_tokens = es.compose(settings.default_tokens)[0]  # unknown names fail at start-up
     parallel = settings.parallel
-    if parallel > 1 and not batchable(es):
-        log.warning("the bank has deep control tokens, which the batching engine cannot run yet: "
-                    "serving one request at a time (parallel 1 instead of %d)", parallel)
-        parallel = 1
     state = ServerState(
         es=es, engine=Engine(es, parallel) if parallel > 1 else None, settings=settings,
         model_id=settings.model_id or es.model_name, default_tokens=default_tokens,
