@@ -392,7 +392,8 @@ def test_pipeline_tells_a_refusing_bank_from_no_tokens(refusing_es):
 @pytest.mark.model
 def test_parallel_decisions_equal_one_at_a_time_up_to_near_ties(model_path):
     """The eval's decisions and margins, decided 4 at once on the engine, are the one-at-a-time ones case by case,
-    except where the case sits within half a logit of the decision (batch-dependent rounding; eval/README.md)."""
+    except where the case sits within a logit of the decision: batch shape moves llama.cpp's margins (by up to
+    0.69 measured here on an AMD EPYC, eval/README.md); a leak between sequences moves them by whole logits."""
     from edge_safe.eval.curve import bank_margins
     from edge_safe.eval.evaluate import EvalConfig, Evaluator
 
@@ -408,9 +409,9 @@ def test_parallel_decisions_equal_one_at_a_time_up_to_near_ties(model_path):
     assert [(r["comp"], r["prompt"]) for r in rec1] == [(r["comp"], r["prompt"]) for r in rec4]
     margin = {(r["comp"], r["prompt"]): r["margin"] for r in m1}
     differ = [(r["comp"], r["prompt"]) for r, s in zip(rec1, rec4) if r["verdict"] != s["verdict"]]
-    assert all(abs(margin.get(k, 0.0)) < 0.5 for k in differ), differ
+    assert all(abs(margin.get(k, 0.0)) < 1.0 for k in differ), differ
     assert len(differ) <= len(rec1) // 4
-    assert all(abs(a["margin"] - b["margin"]) < 0.5 for a, b in zip(m1, m4))
+    assert all(abs(a["margin"] - b["margin"]) < 1.0 for a, b in zip(m1, m4))
 
 
 @pytest.mark.model
