@@ -25,7 +25,7 @@ def compare(banks: Sequence[tuple[str, str]], threads: int | None, limit: int | 
             ev.plan()
             ev.run_.start(len(curve_cases(ev)))  # the progress bar
             rows = bank_margins(ev, what=f"{label} curve")
-            out["banks"][label] = {"path": path, "n_vectors": len(ev.bank.tokens[ev.bank.constraints[0]].vectors),
+            out["banks"][label] = {"path": path, "n_vectors": ev.bank.tokens[ev.bank.constraints[0]].n_vectors,
                                    **curve_of(rows)}
         finally:
             ev.run_.stop()

@@ -36,9 +36,7 @@ def base(model_path):
 
 @pytest.fixture(scope="module")
 def shipped():
-    from edge_safe.models import default_bank_path
-
-    return TokenBank.load(default_bank_path())
+    return TokenBank.load(_shipped_path())
 
 
 @pytest.fixture(scope="module")
@@ -53,9 +51,8 @@ def deep_from_shipped(base, shipped, tmp_path_factory) -> tuple[DeepBank, Path]:
 
 
 def _shipped_path():
-    from edge_safe.models import default_bank_path
-
-    return default_bank_path()
+    """The v3 shallow bank (shipped until recipe v4's deep bank replaced it; v4 starts from its K/V)."""
+    return Path(__file__).resolve().parents[1] / "training" / "banks" / "v3_shallow.gguf"
 
 
 @torch.no_grad()
