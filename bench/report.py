@@ -264,10 +264,15 @@ def _miss_notes(r: dict) -> list[str]:
         elif i == 1:
             c, text = comps[FOCUS], r["baselines"][FOCUS]["text-cold"]
             per = f" at {fit['per_position_s'] * 1e3:.2f} ms per position" if fit else ""
-            notes.append(f"cold vs text: `{FOCUS}` prefills {c['cold_positions']} positions in three decode calls "
-                         f"(BOS, {c['prefix_positions']} vectors, prompt), the text rules {text['positions']} in one"
-                         f"{per}; the ratio follows the position ratio, so it is met by banks with few vectors per "
-                         "constraint (a from-text bank has one per rule token, as many as the text).")
+            if c.get("deep_cells"):
+                notes.append(f"cold vs text: `{FOCUS}` writes BOS and {c['deep_cells']} deep cells into the KV cache "
+                             f"(no decode), then prefills {c['cold_positions']} positions, the text rules "
+                             f"{text['positions']} in one{per}; what is left is the cell write and the restore.")
+            else:
+                notes.append(f"cold vs text: `{FOCUS}` prefills {c['cold_positions']} positions in three decode calls "
+                             f"(BOS, {c['prefix_positions']} vectors, prompt), the text rules {text['positions']} in one"
+                             f"{per}; the ratio follows the position ratio, so it is met by banks with few vectors per "
+                             "constraint (a from-text bank has one per rule token, as many as the text).")
         elif i == 2:
             lb, none = t["composition"], comps.get("none", {}).get("decode_tokens_per_s")
             d = comps[lb]["decode_tokens_per_s"]
@@ -275,7 +280,7 @@ def _miss_notes(r: dict) -> list[str]:
             notes.append(f"decode: `{lb}` ran {d['median']:.1f} tok/s "
                          f"(p25–p75 {d['p25']:.1f}–{d['p75']:.1f}){ref}, "
                          f"bare {r['bare']['decode_tokens_per_s']['median']:.1f}; each of its tokens attends to "
-                         f"{comps[lb]['prefix_positions']} more positions, while the layers' weights and the "
+                         f"{comps[lb]['prefix_positions'] + comps[lb].get('deep_cells', 0)} more positions, while the layers' weights and the "
                          "262 k-word output layer are the same per token.")
         elif i == 3:
             lb = t["composition"]
@@ -289,7 +294,7 @@ def _miss_notes(r: dict) -> list[str]:
             lb = t["composition"]
             c = comps[lb]
             notes.append(f"memory: a snapshot holds {c['snapshot_bytes_per_position'] / 1000:.1f} KB of K and V per "
-                         f"position; `{lb}` has 1 + {c['prefix_positions']} positions.")
+                         f"position; `{lb}` has 1 + {c['prefix_positions'] + c.get('deep_cells', 0)} positions.")
     return ["### Missed targets in this run", "", *[f"- {n}" for n in notes]] if notes else []
 
 
