@@ -223,7 +223,13 @@ def test_repl_in_a_pseudo_terminal(bank_path):
     import pty
 
     pid, fd = pty.fork()
-    if pid == 0:  # child: run the CLI on the terminal
+    if pid == 0:  # child: run the CLI on the terminal, with SIGINT as a shell gives it (exec keeps the
+        # forking thread's signal mask and an ignored SIGINT; in CI's full run, after the bench and
+        # engine tests, a Ctrl-C reached the child and was never acted on)
+        import signal
+
+        signal.pthread_sigmask(signal.SIG_SETMASK, set())
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
         os.execv(sys.executable, [sys.executable, "-c", "from edge_safe.cli import main; main()",
                                   "chat", "--bank", str(bank_path), "--n-ctx", "1024", "--max-tokens", "600"])
 

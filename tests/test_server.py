@@ -471,7 +471,8 @@ def test_a_client_that_disconnects_mid_stream_frees_the_model(url, http, es, app
 @pytest.mark.parametrize("parallel", [1, 2])
 def test_requests_queue_for_the_model_and_a_full_queue_is_a_503(es, parallel):
     ask_q = {"messages": [{"role": "user", "content": Q}], "max_tokens": 2, "tokens": []}
-    long = {"messages": [{"role": "user", "content": LONG}], "max_tokens": 64, "stream": True, "tokens": []}
+    # 400 tokens: the held replies must still be running when the queue is checked (64 finished first in a CI run)
+    long = {"messages": [{"role": "user", "content": LONG}], "max_tokens": 400, "stream": True, "tokens": []}
     with live_server(create_app(es, ServerSettings(max_queue=1, parallel=parallel))) as base, \
             httpx.Client(base_url=base, timeout=60) as c, ThreadPoolExecutor(1) as pool:
         with contextlib.ExitStack() as streams:

@@ -35,7 +35,9 @@ def base(model_path):
 def runtime(model_path):
     from edge_safe import EdgeSafe
 
-    es = EdgeSafe(model=model_path, n_ctx=512)
+    # the v3 shallow bank: this is the parity of the shallow layout (deep banks: test_deep_training_real.py)
+    es = EdgeSafe(model=model_path, bank=Path(__file__).resolve().parents[1] / "training" / "banks" / "v3_shallow.gguf",
+                  n_ctx=512)
     yield es
     es.close()
 
@@ -48,7 +50,7 @@ def hf_first_logits(base, bank: Bank, mode, constraints, prompt: str, template) 
 
 
 def test_layout_parity_hf_training_vs_llamacpp_runtime(base, runtime):
-    """The trainer's HF forward and the llama.cpp runtime lay out the shipped bank identically.
+    """The trainer's HF forward and the llama.cpp runtime lay out the v3 shallow bank identically.
 
     fp32 transformers and Q4_K_M llama.cpp differ by up to ~1 logit, so near-ties may flip:
     top-1 must agree wherever HF's margin is clear, and the *effect* of the tokens (logits with
