@@ -321,6 +321,7 @@ class Benchmark:
             "bank": {"path": str(self.bank_path), "name": es.bank.name, "origin": es.bank.origin,
                      "sha256": file_sha256(self.bank_path), "file_bytes": _size(self.bank_path),
                      "vectors": {n: t.n_vectors for n, t in es.bank.tokens.items()}, "modes": es.bank.modes,
+                     "deep": sorted(n for n, t in es.bank.tokens.items() if t.is_deep),
                      "profiles": es.bank.profiles, "template": es.template.name},
             "prompts": {"ttft": list(PROMPTS), "decode": DECODE_QUESTION, "decode_tokens": cfg.max_tokens,
                         "bare_positions": _median_int(self.samples[("bare", "")], "positions")},

@@ -346,4 +346,6 @@ def _vectors(bank: dict) -> str:
     modes = [n for n in counts if n in bank["modes"]]
     cons = [counts[n] for n in counts if n not in bank["modes"]]
     per = f"{min(cons)}–{max(cons)}" if cons and min(cons) != max(cons) else str(cons[0] if cons else 0)
-    return f"{len(cons)} constraints × {per} vectors, modes {', '.join(modes) or 'none'}"
+    deep = set(bank.get("deep") or ())
+    kind = "deep cells" if deep and deep >= set(counts) else "vectors (deep: " + ", ".join(sorted(deep)) + ")" if deep else "vectors"
+    return f"{len(cons)} constraints × {per} {kind}, modes {', '.join(modes) or 'none'}"
