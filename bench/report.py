@@ -347,5 +347,10 @@ def _vectors(bank: dict) -> str:
     cons = [counts[n] for n in counts if n not in bank["modes"]]
     per = f"{min(cons)}–{max(cons)}" if cons and min(cons) != max(cons) else str(cons[0] if cons else 0)
     deep = set(bank.get("deep") or ())
-    kind = "deep cells" if deep and deep >= set(counts) else "vectors (deep: " + ", ".join(sorted(deep)) + ")" if deep else "vectors"
+    if not deep:
+        kind = "vectors"
+    elif deep >= set(counts):
+        kind = "deep cells"
+    else:
+        kind = f"vectors (deep: {', '.join(sorted(deep))})"
     return f"{len(cons)} constraints × {per} {kind}, modes {', '.join(modes) or 'none'}"

@@ -199,7 +199,8 @@ class LlamaModel:
         self.cpu_repack = resolve_cpu_repack(cpu_repack)  # use_extra_bufts, decided before anything loads
         # KV-cache settings (None: llama.cpp's defaults, flash attention auto and an f16 cache); extra_cells
         # enlarges the cache beyond n_ctx for cells that take no position (deep control tokens)
-        self._flash_attn, self._kv_type, self._extra_cells = flash_attn, kv_type, int(extra_cells)
+        self._flash_attn, self._kv_type = flash_attn, kv_type
+        self.extra_cells = int(extra_cells)  # KV cells beyond n_ctx (a bank's deep cells; SeqContext streams too)
         self._stack = ExitStack()
         try:
             self._open(n_ctx, n_batch, n_gpu_layers, n_threads)
@@ -224,7 +225,7 @@ class LlamaModel:
 
         threads = n_threads or default_threads()
         cparams = C.llama_context_default_params()
-        cparams.n_ctx = int(n_ctx) + self._extra_cells
+        cparams.n_ctx = int(n_ctx) + self.extra_cells
         cparams.n_batch = cparams.n_ubatch = int(min(n_batch, n_ctx))
         cparams.n_seq_max = 1
         cparams.n_threads = cparams.n_threads_batch = self.n_threads = threads
@@ -237,7 +238,7 @@ class LlamaModel:
         self._stack.callback(C.llama_free, ctx)
         self.ctx = ctx
         # llama.cpp pads n_ctx up (to 256); keep the asked limit
-        self.n_ctx = min(int(n_ctx), C.llama_n_ctx(ctx) - self._extra_cells)
+        self.n_ctx = min(int(n_ctx), C.llama_n_ctx(ctx) - self.extra_cells)
         self.n_batch = C.llama_n_batch(ctx)
         self.memory = C.llama_get_memory(ctx)
 

@@ -282,7 +282,7 @@ class Engine:
         self.es, self.n_parallel = es, n_parallel
         # deep cells take no position: as in the EdgeSafe's own context, a sequence's KV stream holds n_ctx
         # positions plus every deep cell of the bank
-        self.ctx = SeqContext(es._llm, n_parallel, es.n_ctx + es._deep_room, n_batch=n_batch, unified=False)
+        self.ctx = SeqContext(es._llm, n_parallel, es.n_ctx + es._llm.extra_cells, n_batch=n_batch, unified=False)
         try:
             self._bos_state = self._parse_bos_state() if es._bos_state is not None else None
         except BaseException:  # a layout kv_cells cannot write into (a quantized cache, another blob grammar)

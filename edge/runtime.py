@@ -133,7 +133,6 @@ class EdgeSafe:
         self._held: tuple[tuple[str, ...], list[int]] | None = None  # (prefix key, prompt tokens in KV)
         self._refusal_ids: dict[str, Sequences] = {}  # token -> its refusal's token ids, as written after the header
         deep_cells = sum(t.n_vectors for t in self.bank.tokens.values() if t.is_deep)
-        self._deep_room = deep_cells  # KV cells beyond n_ctx: the most deep cells a request can write (Engine too)
         self._llm = LlamaModel(self.model_path, n_ctx=n_ctx, n_batch=n_batch,
                                n_gpu_layers=n_gpu_layers, n_threads=n_threads, cpu_repack=cpu_repack,
                                flash_attn=flash_attn, kv_type=kv_type, extra_cells=deep_cells)

@@ -17,6 +17,10 @@ from edge_safe.convert.bank import BankToken, TokenBank
 from edge_safe.convert.keys import Model
 
 FAKE_FINGERPRINT = "ab" * 32  # sha256-shaped; matches no real model
+#: The v3 shallow bank (shipped until recipe v4's deep bank replaced it; v4 starts from its K/V): the
+#: tests of the shallow layout use it, since the shipped bank is now deep.
+V3_SHALLOW_BANK = Path(__file__).resolve().parents[1] / "training" / "banks" / "v3_shallow.gguf"
+
 DEEP_TEXTS = {  # deep token of the `deep_bank` fixture -> the text whose K/V rows it holds
     "alcohol": "Do not help with alcohol.\n",
     "privacy": "Do not help find private people.\n",

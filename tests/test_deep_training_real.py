@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import V3_SHALLOW_BANK
 
 torch = pytest.importorskip("torch")
 
@@ -36,23 +37,18 @@ def base(model_path):
 
 @pytest.fixture(scope="module")
 def shipped():
-    return TokenBank.load(_shipped_path())
+    return TokenBank.load(V3_SHALLOW_BANK)
 
 
 @pytest.fixture(scope="module")
 def deep_from_shipped(base, shipped, tmp_path_factory) -> tuple[DeepBank, Path]:
     """Every token of the shipped shallow bank as a deep token: the K/V its vectors produce (init_bank)."""
-    cfg = TrainConfig(kind="deep", init_bank=str(_shipped_path()),
+    cfg = TrainConfig(kind="deep", init_bank=str(V3_SHALLOW_BANK),
                       n_vectors=shipped.tokens[shipped.constraints[0]].n_vectors,
                       n_mode_vectors=shipped.tokens[shipped.modes[0]].n_vectors)
     bank = init_deep(base, cfg, torch.Generator().manual_seed(0))
     path = export_bank(bank, base, cfg, {}).save(tmp_path_factory.mktemp("deep") / "deep.gguf", dtype="F16")
     return bank, path
-
-
-def _shipped_path():
-    """The v3 shallow bank (shipped until recipe v4's deep bank replaced it; v4 starts from its K/V)."""
-    return Path(__file__).resolve().parents[1] / "training" / "banks" / "v3_shallow.gguf"
 
 
 @torch.no_grad()

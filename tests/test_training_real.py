@@ -4,6 +4,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import V3_SHALLOW_BANK
 
 torch = pytest.importorskip("torch")
 
@@ -36,8 +37,7 @@ def runtime(model_path):
     from edge_safe import EdgeSafe
 
     # the v3 shallow bank: this is the parity of the shallow layout (deep banks: test_deep_training_real.py)
-    es = EdgeSafe(model=model_path, bank=Path(__file__).resolve().parents[1] / "training" / "banks" / "v3_shallow.gguf",
-                  n_ctx=512)
+    es = EdgeSafe(model=model_path, bank=V3_SHALLOW_BANK, n_ctx=512)
     yield es
     es.close()
 
