@@ -31,7 +31,7 @@ def machine_info() -> dict:
     import numpy as np
 
     from edge_safe import __version__
-    from edge_safe._llama import amx_in_build, resolve_cpu_repack
+    from edge_safe.llama import amx_in_build, resolve_cpu_repack
 
     try:
         usable = len(os.sched_getaffinity(0))
@@ -128,7 +128,7 @@ def _child(spec: dict) -> dict:
         es.generate(spec["question"], tokens=spec["tokens"], mode=spec["mode"], max_tokens=spec["max_tokens"])
         extra = {"snapshot_bytes": es.prefix_cache.nbytes}
     else:
-        from edge_safe._llama import plain_llama
+        from edge_safe.llama import plain_llama
 
         llm = plain_llama(spec["model"], n_batch=spec["n_batch"], n_threads_batch=spec["n_threads"],
                               verbose=False, **kw)

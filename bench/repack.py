@@ -16,7 +16,7 @@ import statistics
 import sys
 import time
 
-from edge_safe._llama import LlamaModel, amx_in_build, resolve_cpu_repack
+from edge_safe.llama import LlamaModel, amx_in_build, resolve_cpu_repack
 from edge_safe.models import resolve_model_path
 from edge_safe.report_io import make_out_dir, write_text_atomic
 

@@ -168,7 +168,7 @@ class LlamaBench:
     """Bare llama-cpp-python (``llama_cpp.Llama``) and the text baselines built on it."""
 
     def __init__(self, model_path, n_ctx: int, n_batch: int, n_threads: int, n_gpu_layers: int, template):
-        from edge_safe._llama import plain_llama  # the same CPU buffer choice as edge-safe: fair ratios
+        from edge_safe.llama import plain_llama  # the same CPU buffer choice as edge-safe: fair ratios
 
         self.llm = plain_llama(model_path, n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads,
                                    n_threads_batch=n_threads, n_gpu_layers=n_gpu_layers, verbose=False)

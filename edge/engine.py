@@ -11,7 +11,7 @@ On a small model a CPU decode step is bound by reading the weights, so decoding 
 each of several sequences in one ``llama_decode`` costs little more than one. A composition is
 only a KV prefix, so every sequence can have its own.
 
-- A scheduler thread owns the :class:`~edge_safe._llama.SeqContext`: n sequences, each with its
+- A scheduler thread owns the :class:`~edge_safe.llama.SeqContext`: n sequences, each with its
   own KV stream (``kv_unified=False``). One shared stream was faster (4 clients: 2.17x one client's
   throughput against 1.83x, on 2 busy cores: llama.cpp splits a batch that mixes decode rows and a
   prompt into several micro-batches per stream) but gave wrong replies in the 500-request load
@@ -52,7 +52,7 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from edge_safe._llama import SeqContext
+from edge_safe.llama import SeqContext
 from edge_safe.convert.errors import EdgeSafeError
 from edge_safe.prefix_cache import PrefixCache
 from edge_safe.refusals import RefusalGuide, opener_margin

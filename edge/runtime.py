@@ -26,7 +26,7 @@ from typing import Iterator, Mapping, Sequence
 import numpy as np
 
 from edge_safe import kv_cells
-from edge_safe._llama import LlamaModel
+from edge_safe.llama import LlamaModel
 from edge_safe.convert.bank import TokenBank
 from edge_safe.convert.errors import EdgeSafeError, PromptTooLongError
 from edge_safe.convert.layout import ChatTemplate, check_layout, prefix_names

@@ -36,7 +36,7 @@ def model_path() -> Path:
 
 
 def text_cells(llm, text: str) -> tuple[list[int], np.ndarray, np.ndarray, list[list[int]]]:
-    """Decode [BOS] + text in a :class:`~edge_safe._llama.LlamaModel`; the text's ids and key/value rows
+    """Decode [BOS] + text in a :class:`~edge_safe.llama.LlamaModel`; the text's ids and key/value rows
     (n, 18, 256) as llama.cpp stored them, and the layer map of the blob's sections."""
     from edge_safe import kv_cells
 
@@ -55,7 +55,7 @@ def deep_bank(model_path) -> TokenBank:
     """A bank for the real model with two deep constraints (``alcohol``: 7 cells, ``privacy``: 8; the K/V rows
     llama.cpp computed for their rules' text, ``DEEP_TEXTS``), one shallow from-text constraint (``gambling``,
     7 vectors) and a profile mixing both kinds (``minors``: alcohol + gambling). No modes."""
-    from edge_safe._llama import LlamaModel
+    from edge_safe.llama import LlamaModel
     from edge_safe.convert.bank import from_text_bank, from_text_token
     from edge_safe.convert.model import ModelInfo
 

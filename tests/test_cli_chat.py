@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from edge_safe.cli import chat as cli_chat
-from edge_safe._llama import LlamaModel
+from edge_safe.llama import LlamaModel
 from edge_safe.cli import cli
 from edge_safe.convert.bank import from_text_bank, from_text_token
 from edge_safe.convert.model import ModelInfo

@@ -9,7 +9,7 @@ import textwrap
 import pytest
 
 from edge_safe import _llama
-from edge_safe._llama import CPU_REPACK_CHOICES, ENV_CPU_REPACK, amx_in_build, plain_llama, resolve_cpu_repack
+from edge_safe.llama import CPU_REPACK_CHOICES, ENV_CPU_REPACK, amx_in_build, plain_llama, resolve_cpu_repack
 from edge_safe.convert.errors import EdgeSafeError
 
 
@@ -76,7 +76,7 @@ def test_a_short_decode_survives_on_this_amx_cpu(model_path):
     """Without the fix this child dies with SIGSEGV at its first decode (exit -11 / 139)."""
     code = textwrap.dedent(f"""
         from edge_safe import EdgeSafe
-        from edge_safe._llama import plain_llama
+        from edge_safe.llama import plain_llama
         es = EdgeSafe({str(model_path)!r}, n_ctx=256, n_threads=1)
         print(repr(es.generate("What is the capital of Peru?", tokens="minors", max_tokens=4)))
         llm = plain_llama({str(model_path)!r}, n_ctx=128, n_threads=1, verbose=False)

@@ -14,7 +14,7 @@ from fastapi.testclient import TestClient
 from conftest import DEEP_TEXTS as TEXTS  # the deep_bank fixture's tokens and texts
 from conftest import text_cells
 from edge_safe import kv_cells
-from edge_safe._llama import LlamaModel
+from edge_safe.llama import LlamaModel
 from edge_safe.convert.bank import TokenBank
 from edge_safe.convert.model import ModelInfo
 from edge_safe.runtime import EdgeSafe

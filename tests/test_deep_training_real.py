@@ -11,7 +11,7 @@ from conftest import V3_SHALLOW_BANK
 torch = pytest.importorskip("torch")
 
 from edge_safe import kv_cells  # noqa: E402
-from edge_safe._llama import LlamaModel  # noqa: E402
+from edge_safe.llama import LlamaModel  # noqa: E402
 from edge_safe.convert.bank import TokenBank  # noqa: E402
 from edge_safe.training.config import TrainConfig  # noqa: E402
 from edge_safe.training.objective import Bank, DeepBank, batch_inputs, forward_hidden, kv_of_inputs  # noqa: E402

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from edge_safe._llama import LlamaModel
+from edge_safe.llama import LlamaModel
 from edge_safe.convert.bank import from_text_bank, from_text_token, rule_line
 from edge_safe.convert.model import ModelInfo
 from edge_safe.runtime import EdgeSafe

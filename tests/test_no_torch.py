@@ -28,7 +28,7 @@ SCRIPT = textwrap.dedent(
 
     import edge_safe
     from edge_safe import EdgeSafe
-    from edge_safe._llama import LlamaModel
+    from edge_safe.llama import LlamaModel
     from edge_safe.convert.bank import from_text_bank, from_text_token
     from edge_safe.convert.model import ModelInfo
     from edge_safe.models import resolve_model_path

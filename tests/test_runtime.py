@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edge_safe._llama import LlamaModel
+from edge_safe.llama import LlamaModel
 from edge_safe.convert.bank import TokenBank, from_text_bank, from_text_token
 from edge_safe.convert.errors import EdgeSafeError, PromptTooLongError, UnknownTokenError
 from edge_safe.convert.layout import QA_TEMPLATE, clean_reply

@@ -25,7 +25,7 @@ import uvicorn
 from click.testing import CliRunner
 
 from edge_safe.cli import serve as cli_serve
-from edge_safe._llama import LlamaModel
+from edge_safe.llama import LlamaModel
 from edge_safe.cli import cli
 from edge_safe.convert.bank import TokenBank, from_text_bank, from_text_token
 from edge_safe.convert.errors import UnknownTokenError

@@ -76,7 +76,7 @@ def load_gguf_model(model_path: Path, device: str = "cpu") -> BaseModel:
         _save_dequantized(model, cached)
         log.info("dequantized in %.0f s", time.time() - t0)
     model = _load_dequantized(cached)
-    from edge_safe._llama import VocabTokenizer
+    from edge_safe.llama import VocabTokenizer
 
     tok = VocabTokenizer(model_path)
     return BaseModel(

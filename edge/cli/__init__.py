@@ -15,7 +15,7 @@ import click
 from edge_safe import __version__
 from edge_safe.convert.errors import EdgeSafeError
 
-# Kept here (not imported from edge_safe._llama) so `edge-safe --help` never loads llama.cpp.
+# Kept here (not imported from edge_safe.llama) so `edge-safe --help` never loads llama.cpp.
 ENV_CPU_REPACK = "EDGE_SAFE_CPU_REPACK"
 CPU_REPACK_CHOICES = ("auto", "on", "off")
 

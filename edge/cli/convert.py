@@ -36,7 +36,7 @@ dtype_option = click.option(
 
 def llama_tokenizer(model_path: Path) -> Callable[[str], list[int]]:
     """The model's own tokenizer (vocab only: no weights loaded), without BOS or special-token parsing."""
-    from edge_safe._llama import VocabTokenizer
+    from edge_safe.llama import VocabTokenizer
 
     return VocabTokenizer(model_path).tokenize
 

@@ -39,7 +39,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from edge_safe import __version__
-from edge_safe._llama import DecodeError
+from edge_safe.llama import DecodeError
 from edge_safe.convert.errors import (
     BankFormatError,
     BankMismatchError,
