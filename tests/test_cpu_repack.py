@@ -8,7 +8,7 @@ import textwrap
 
 import pytest
 
-from edge_safe import _llama
+from edge_safe import llama as _llama
 from edge_safe.llama import CPU_REPACK_CHOICES, ENV_CPU_REPACK, amx_in_build, plain_llama, resolve_cpu_repack
 from edge_safe.convert.errors import EdgeSafeError
 
