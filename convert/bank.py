@@ -20,7 +20,7 @@ import numpy as np
 
 from .bank_io import read_bank, write_bank
 from .errors import BankFormatError, BankMismatchError, EdgeSafeError, UnknownTokenError, unknown_name_message
-from .keys import DEEP_POSITIONS, KNOWN_DEEP_POSITIONS, NAME_HINT, NAME_RE, TENSOR_DTYPES, Depth, Kind, Origin
+from .keys import DEEP_POSITIONS, KNOWN_DEEP_POSITIONS, NAME_HINT, NAME_RE, TENSOR_DTYPES, Behaviour, Depth, Keys, Kind, Origin
 from .layout import LAYOUT_V1, QA_TEMPLATE, ChatTemplate, check_layout
 from .merge import merge_banks
 from .model import ModelInfo
@@ -92,6 +92,7 @@ class TokenBank:
     origin: str = Origin.TRAINED  # "trained" | "from-text" | "imported"
     training_config: dict = field(default_factory=dict)  # the resolved training config
     eval_summary: dict = field(default_factory=dict)  # headline evaluation numbers
+    mode_behaviours: dict[str, str] = field(default_factory=dict)  # mode -> Behaviour; absent: Behaviour.DEFAULTS
     deep_positions: str = DEEP_POSITIONS  # where deep cells sit (keys.DEEP_POSITIONS); stored only with deep tokens
 
     # --- files ---------------------------------------------------------------
@@ -125,6 +126,13 @@ class TokenBank:
             _validate_token(key, tok, self.n_embd)
         _validate_deep(self)
         _validate_profiles(self.profiles, self.tokens)
+        for mode, behaviour in self.mode_behaviours.items():
+            if mode not in self.modes or behaviour not in Behaviour.ALL:
+                raise BankFormatError(f"mode behaviour {mode!r}: {behaviour!r} names no mode of the bank or no known "
+                                      f"behaviour (modes: {', '.join(self.modes) or 'none'}; behaviours: "
+                                      f"{', '.join(Behaviour.ALL)}); fix mode_behaviours")
+        for mode in self.modes:
+            self.behaviour(mode)  # every mode says what it does
         for what in ("training_config", "eval_summary"):
             _check_json_object(what, getattr(self, what))
 
@@ -180,6 +188,21 @@ class TokenBank:
                 known = self.constraints + list(self.profiles)
                 raise UnknownTokenError(unknown_name_message("token or profile", name, known))
         return [n for n in self.tokens if n in wanted]
+
+    def behaviour(self, mode: str | None) -> str:
+        """What the runtime does in ``mode`` (a :class:`Behaviour`); no mode: the constraints apply."""
+        if mode is None:
+            return Behaviour.CONSTRAINED
+        found = self.mode_behaviours.get(mode) or Behaviour.DEFAULTS.get(mode)
+        if found is None:
+            raise BankFormatError(f"the bank does not say what mode {mode!r} does (key {Keys.Bank.MODE_BEHAVIOURS}); "
+                                  f"set one of {', '.join(Behaviour.ALL)} for it and save the bank again")
+        return found
+
+    @property
+    def default_mode(self) -> str | None:
+        """The mode a request with constraints and no mode gets: the first constrained one (None: no modes)."""
+        return next((m for m in self.modes if self.behaviour(m) == Behaviour.CONSTRAINED), None)
 
     def check_mode(self, mode: str | None) -> str | None:
         """Validate a mode name; None or "" means no mode."""

@@ -110,6 +110,8 @@ def _build_writer(bank: Any, dtype: str) -> GGUFWriter:
     }
     if bank.description:  # optional: an absent key reads as ""
         strings[Keys.General.DESCRIPTION] = bank.description
+    if bank.mode_behaviours:  # optional: absent, each mode does what its name says (Behaviour.DEFAULTS)
+        strings[Keys.Bank.MODE_BEHAVIOURS] = json.dumps(bank.mode_behaviours)
     for key, value in strings.items():
         _put(w, key, value, GGUFValueType.STRING)
     geometry = bank.deep_geometry
@@ -204,6 +206,7 @@ def read_bank(path: Path) -> dict[str, Any]:
         "origin": kv.string(Keys.Bank.ORIGIN),
         "training_config": kv.json(Keys.Bank.TRAINING_CONFIG, dict),
         "eval_summary": kv.json(Keys.Bank.EVAL_SUMMARY, dict),
+        "mode_behaviours": kv.json(Keys.Bank.MODE_BEHAVIOURS, dict) if Keys.Bank.MODE_BEHAVIOURS in kv.kv else {},
     }
 
 

@@ -40,6 +40,7 @@ class Keys:
         PROFILES = "edge_safe.profiles"  # JSON object {profile: [token, ...]}
         TRAINING_CONFIG = "edge_safe.training_config"  # JSON object
         EVAL_SUMMARY = "edge_safe.eval_summary"  # JSON object
+        MODE_BEHAVIOURS = "edge_safe.mode_behaviours"  # JSON object {mode: Behaviour}; absent = by name
 
     class Tokens:
         """Per-token metadata as parallel arrays, all in bank order."""
@@ -119,6 +120,28 @@ class Kind:
     CONSTRAINT = "constraint"
     MODE = "mode"
     ALL = (CONSTRAINT, MODE)
+
+
+class Mode:
+    """The mode names the training recipe writes (magic-token co-training). What a mode *does* is the
+    bank's :class:`Behaviour` for it (stored per bank; these names' defaults for older banks)."""
+
+    POSITIVE = "positive"  # safe and helpful: refuses what the active constraints forbid
+    REJECTIVE = "rejective"  # refuses everything
+    NEGATIVE = "negative"  # unrestricted, for red-teaming
+    ALL = (POSITIVE, REJECTIVE, NEGATIVE)
+
+
+class Behaviour:
+    """What the runtime does in a mode: ``constrained`` applies the active constraints (their refusals,
+    ``strictness``), ``refuse_all`` finishes every reply as the mode's own refusal, ``unrestricted``
+    guides nothing. A request with constraints and no mode gets the bank's first constrained mode."""
+
+    CONSTRAINED = "constrained"
+    REFUSE_ALL = "refuse_all"
+    UNRESTRICTED = "unrestricted"
+    ALL = (CONSTRAINED, REFUSE_ALL, UNRESTRICTED)
+    DEFAULTS = {Mode.POSITIVE: CONSTRAINED, Mode.REJECTIVE: REFUSE_ALL, Mode.NEGATIVE: UNRESTRICTED}
 
 
 class Origin:

@@ -1,43 +1,31 @@
-"""Continuous batching: several requests decoded together, each sequence with its own composition.
+"""The batching engine: the one place that decodes. Every request, of one caller or of many, is a
+:class:`Job` on it; each running job owns one sequence of a llama.cpp :class:`~edge_safe.llama.Context`.
 
-    engine = Engine(es, n_parallel=4)          # a second llama.cpp context on es's model
-    reply = engine.chat(messages, tokens="minors,eu")              # blocks; as EdgeSafe.chat
-    for chunk in engine.chat(messages, tokens="eu", stream=True): ...
-    job = engine.submit(messages, tokens="minors")                 # a Job: iterate its pieces
-    margins = [engine.refusal_margin(m, tokens=t, wait=False) for m, t in cases]   # Jobs
-    values = [j.result() for j in margins]
+On a small model a CPU decode step is bound by reading the weights, so decoding one token for each of
+several sequences in one ``llama_decode`` costs little more than one. A composition is only a KV
+prefix, so every sequence can have its own.
 
-On a small model a CPU decode step is bound by reading the weights, so decoding one token for
-each of several sequences in one ``llama_decode`` costs little more than one. A composition is
-only a KV prefix, so every sequence can have its own.
+- A scheduler thread owns the context: ``n_parallel`` sequences, each with its own KV stream.
+- At admission a job gets the free sequence that already holds the longest part of its own
+  ``[BOS][mode][constraints] prompt`` (same composition, same leading prompt tokens: a conversation's
+  next turn), keeps those cells and decodes only the rest; otherwise the composition's prefix is
+  restored from the engine's snapshot LRU (a snapshot of one sequence restores into any) or built
+  there once and snapshotted. A sequence only ever keeps cells that the new request would have
+  computed itself, so no request sees another's.
+- Deep control tokens: BOS and the composition's deep cells are written at position 0 (a state blob
+  loaded into the sequence, made from this context's own BOS-only state, parsed once at start;
+  ``kv_cells``); shallow vectors are decoded after them at 1.., so deep cells take no position and
+  every stream has room for the bank's deep cells besides ``n_ctx`` positions. A cache layout
+  ``kv_cells`` cannot write into (a quantized KV cache) fails the engine's creation.
+- Every step builds one token batch: the next token of every running request first, then chunks of
+  the prompts of newly admitted ones, up to ``n_batch`` rows; only a sequence's last row asks for
+  logits, which go to the job's policy (:mod:`edge_safe.decode`). Requests past n wait in order.
+- When a job is cancelled (``Job.close``, a client gone) or fails, its sequence is freed at the next
+  step; a failed decode clears the sequences it touched.
 
-- A scheduler thread owns the :class:`~edge_safe.llama.SeqContext`: n sequences, each with its
-  own KV stream (``kv_unified=False``). One shared stream was faster (4 clients: 2.17x one client's
-  throughput against 1.83x, on 2 busy cores: llama.cpp splits a batch that mixes decode rows and a
-  prompt into several micro-batches per stream) but gave wrong replies in the 500-request load
-  test (``"10... a"`` for ``"Peru is a"``, no near-tie), so it is not used. A request holds one
-  sequence id from admission to its end; at admission its prefix
-  ``[BOS][mode][constraints]`` is restored from the engine's snapshot LRU (a snapshot taken from
-  one sequence restores into any) or built in that sequence and snapshotted.
-- Deep control tokens are built as ``EdgeSafe`` builds them: BOS and the composition's deep cells
-  written at position 0 (a state blob loaded into the sequence), then its shallow vectors decoded
-  at 1.., so deep cells take no position and every stream has room for the bank's deep cells
-  besides ``n_ctx`` positions. The blob is made from this context's own BOS-only state, parsed
-  once at start (its blobs list a stream per sequence; ``kv_cells``); a cache layout it cannot
-  write into (a quantized KV cache) fails the engine's creation.
-- Every step builds one token batch: the next token of every running request first, then chunks
-  of the prompts of newly admitted ones, up to ``n_batch`` rows; only a sequence's last row asks
-  for logits. Requests past n wait in order.
-- A request's decoding state travels with it (:class:`_Reply`: sampling, stop strings,
-  ``strictness``, the exact-refusal guide, the stream filter), fed one logits row per step; the
-  logic is ``EdgeSafe._generate``'s, step by step. Probes use the same path
-  (:class:`_Margin`, :class:`_Logits`, :class:`_Forced`) so evaluations decide many cases at once.
-- When a request ends, is cancelled (``Job.close``, a client gone) or fails, its sequence's cells
-  are removed (``seq_rm``) before the id is reused, so nothing of one request is visible to the next.
-
-Greedy replies equal ``EdgeSafe.generate``'s (tests/test_engine.py): llama.cpp's CPU logits can
-move by ~0.01-0.1 with batch composition, so where the greedy token wins by less than a quarter
-logit (a near-tie) the continuation may differ; everything before is the same.
+llama.cpp's CPU logits move by ~0.01-0.6 with the shape of the batch a row is decoded in, so a
+greedy reply can differ at a near-tie with the company it is decoded in; :meth:`Engine.together`
+queues a set of requests atomically, so an evaluation batches the same way on every run.
 """
 from __future__ import annotations
 
@@ -45,164 +33,50 @@ import contextlib
 import logging
 import queue
 import threading
-import time
-import uuid
 from collections import deque
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator
 
 import numpy as np
 
-from edge_safe.llama import SeqContext
+from edge_safe import kv_cells
 from edge_safe.convert.errors import EdgeSafeError
+from edge_safe.decode import Reload, Request, Resume
+from edge_safe.llama import Context
 from edge_safe.prefix_cache import PrefixCache
-from edge_safe.refusals import RefusalGuide, opener_margin
-from edge_safe.runtime import EdgeSafe, Messages, RequestStats, _Request, _StopFilter, _usage
-from edge_safe.sampling import check_sampling, sample
 
 log = logging.getLogger(__name__)
 
-DEFAULT_PARALLEL = 4  # sequences decoded together (server --parallel): 4 rows cost ~1.1x one on 2 cores
+DEFAULT_PARALLEL = 4  # sequences decoded together on the server: 4 rows cost ~1.1x one on 2 cores
 
 
 class EngineClosedError(EdgeSafeError):
     """The engine was closed while the request waited or ran."""
 
 
+class QueueFullError(EdgeSafeError):
+    """More requests wait than the engine's ``max_queue``."""
+
+
 _END = object()  # end of a job's piece stream
 
 
-def _as_messages(messages: Messages | str) -> Messages:
-    return [{"role": "user", "content": messages}] if isinstance(messages, str) else messages
-
-
-class _Reply:
-    """One generation, fed one logits row per step: ``EdgeSafe._generate``'s loop body as a state machine."""
-
-    def __init__(self, req: _Request, ctx: SeqContext, n_ctx: int, max_tokens: int, temperature: float,
-                 top_p: float, rng: np.random.Generator, choose: Callable[[list[str]], str] | None,
-                 emit: Callable[[str], None], until: Callable[[str], bool] | None = None):
-        self.req, self.st, self.ctx, self.n_ctx = req, req.stats, ctx, n_ctx
-        self.max_tokens, self.temperature, self.top_p, self.rng = max_tokens, temperature, top_p, rng
-        self.out = _StopFilter(req.stops)
-        self.biased = bool(req.openers)  # until the reply's first visible token
-        self.guide = RefusalGuide(req.refusals, choose=choose) if req.refusals else None
-        self.st.finish_reason = "length"
-        self.i, self.t_first = 0, None
-        self._emit, self.until, self.text, self.halted = emit, until, "", False
-        self.value: str | None = None
-
-    def emit(self, piece: str) -> None:
-        if piece and not self.halted:
-            self.text += piece
-            self._emit(piece)
-            if self.until is not None and self.until(self.text):
-                self.halted = True  # the caller has what it needs: stop here, no tail
-
-    def feed(self, logits: np.ndarray, pos: int) -> int | None:
-        """Choose the token after ``logits``; the token to decode at ``pos`` next, or None when the reply is over."""
-        req, st, guide, ctx = self.req, self.st, self.guide, self.ctx
-        if self.biased:
-            logits = logits.copy()  # llama.cpp's buffer stays as decoded
-            logits[req.openers] += req.strictness
-        if guide is not None:
-            logits = guide.constrain(logits)
-        tok = sample(logits, self.temperature, self.top_p, self.rng)
-        if self.t_first is None:
-            self.t_first = time.perf_counter()
-            st.ttft_s = self.t_first - req.t_call
-        if ctx.llm.is_eog(tok):
-            st.finish_reason = "stop"
-            return self._end()
-        st.completion_tokens += 1
-        raw = ctx.token_to_piece(tok)
-        visible = bool(raw.strip())
-        self.biased = self.biased and not visible
-        piece, stopped = self.out.feed(raw)
-        self.emit(piece)
-        if guide is not None and guide.step(tok, visible):
-            st.refusal, stopped = guide.refusal, True
-        rest = guide.remaining() if guide is not None and not stopped else None
-        if rest is not None:  # one refusal left: written out, no decoding needed
-            room = self.max_tokens - 1 - self.i
-            for t in rest[:room]:
-                st.completion_tokens += 1
-                self.emit(self.out.feed(ctx.token_to_piece(t))[0])
-            if len(rest) <= room:
-                st.refusal, st.finish_reason = guide.refusal, "stop"
-            return self._end()
-        if stopped:
-            st.finish_reason = "stop"
-            return self._end()
-        if self.halted or self.i == self.max_tokens - 1 or pos >= self.n_ctx:
-            return self._end()
-        self.i += 1
-        return tok
-
-    def _end(self) -> None:
-        if not self.halted:
-            self.emit(self.out.finish())
-        self.st.decode_s = time.perf_counter() - (self.t_first or time.perf_counter())
-        self.value = self.text
-        return None
-
-
-class _Margin:
-    """``EdgeSafe.refusal_margin`` as a probe: best opener logit minus best other, over leading blank tokens."""
-
-    def __init__(self, ctx: SeqContext, openers: Sequence[int], max_blank: int):
-        self.ctx, self.idx, self.max_blank = ctx, np.asarray(openers, dtype=np.int64), max_blank
-        self.j, self.value = 0, -np.inf
-
-    def feed(self, logits: np.ndarray, pos: int) -> int | None:
-        margin, other = opener_margin(logits, self.idx)
-        self.value = max(self.value, margin)
-        if self.j == self.max_blank or self.ctx.llm.is_eog(other) or self.ctx.token_to_piece(other).strip():
-            return None
-        self.j += 1
-        return other
-
-
-class _Logits:
-    """The first reply token's logits (a copy)."""
-
-    value: np.ndarray | None = None
-
-    def feed(self, logits: np.ndarray, pos: int) -> None:
-        self.value = logits.copy()
-        return None
-
-
-class _Forced:
-    """Teacher-forced logits (len(ids), n_vocab): row j predicts ids[j] after the prompt and ids[:j]."""
-
-    def __init__(self, ids: Sequence[int], n_vocab: int):
-        self.ids, self.j = list(ids), 0
-        self.value = np.empty((len(self.ids), n_vocab), dtype=np.float32)
-
-    def feed(self, logits: np.ndarray, pos: int) -> int | None:
-        self.value[self.j] = logits
-        self.j += 1
-        return self.ids[self.j - 1] if self.j < len(self.ids) else None
-
-
 class Job:
-    """One request in the engine. Iterate it for the reply's text pieces (a reply job), or call
-    :meth:`result` for its value (the reply text, a margin, logits); :meth:`close` cancels it."""
+    """One request in the engine. Iterate it for a reply's text pieces, or call :meth:`result` for the
+    policy's value (the reply text, a margin, logits); :meth:`close` cancels it. ``stats`` is the
+    request's own :class:`~edge_safe.decode.RequestStats`."""
 
-    def __init__(self, engine: "Engine", req: _Request, make_policy: Callable[["Job"], object]):
-        self.engine, self.req, self.stats = engine, req, req.stats
-        self._make_policy = make_policy
-        self.policy = None
+    def __init__(self, engine: "Engine", req: Request, policy):
+        self.engine, self.request, self.policy, self.stats = engine, req, policy, req.stats
         self.seq: int | None = None
+        self.current = req  # the request whose cells the sequence holds (a Reload changes it)
         self.pending: list[int] = []  # tokens to decode into the sequence, from position `pos`
         self.pos = 0
+        self.saved: tuple[bytes, tuple, int] | None = None  # (blob, held, pos) taken by Reload(save=True)
         self.cancelled = False
         self.error: BaseException | None = None
         self.done = threading.Event()
         self._pieces: queue.SimpleQueue = queue.SimpleQueue()
         self._ended = False
-
-    # -- consumer side -----------------------------------------------------------------------
 
     def __iter__(self) -> "Job":
         return self
@@ -218,8 +92,12 @@ class Job:
             raise StopIteration
         return item
 
+    def put(self, piece: str) -> None:
+        """Hand a text piece to the consumer (a reply policy's ``emit``)."""
+        self._pieces.put(piece)
+
     def result(self, timeout: float | None = None):
-        """The job's value once it is over (re-raises its error)."""
+        """The policy's value once the job is over (re-raises its error)."""
         if not self.done.wait(timeout):
             raise TimeoutError("the request is still running")
         if self.error is not None:
@@ -227,19 +105,14 @@ class Job:
         return self.policy.value
 
     def close(self) -> None:
-        """Cancel the request (a no-op once it is over); returns once its sequence is freed (the
-        scheduler does it after the step in flight)."""
+        """Cancel the request (a no-op once it is over); returns once its sequence is freed."""
         if not self.done.is_set():
-            self.engine._cancel(self)
-            if threading.current_thread() is not self.engine._thread:
+            self.engine.cancel(self)
+            if not self.engine.on_scheduler():
                 self.done.wait()
 
-    # -- engine side -------------------------------------------------------------------------
-
-    def _put(self, piece: str) -> None:
-        self._pieces.put(piece)
-
-    def _finish(self, error: BaseException | None = None) -> None:
+    def finish(self, error: BaseException | None = None) -> None:
+        """Mark the job over (the engine calls this once)."""
         if self.done.is_set():
             return
         self.error = error
@@ -247,58 +120,36 @@ class Job:
         self._pieces.put(_END)
 
 
-class _Chunks:
-    """The chunk iterator of a streamed chat: ``close()`` cancels the job even before the first chunk
-    was read (closing a generator that never started runs none of its code)."""
-
-    def __init__(self, chunks: Iterator[dict], job: Job):
-        self._chunks, self._job = chunks, job
-
-    def __iter__(self) -> "_Chunks":
-        return self
-
-    def __next__(self) -> dict:
-        return next(self._chunks)
-
-    def close(self) -> None:
-        try:
-            self._chunks.close()
-        finally:
-            self._job.close()
-
-
 class Engine:
-    """Serves requests of one :class:`EdgeSafe` together on ``n_parallel`` sequences (see the module doc).
+    """Decodes requests on ``n_parallel`` sequences of one context on ``model`` (see the module doc).
 
-    The EdgeSafe keeps its own context for one-at-a-time calls; the engine adds a second one on the
-    same weights. Close the engine before the EdgeSafe (closing the EdgeSafe closes it too).
-    """
+    ``bos_state`` is a callable checking a parsed BOS-only KV state against the bank's deep tokens
+    (given when the bank has deep tokens; it raises when the cache layout cannot take them)."""
 
-    def __init__(self, es: EdgeSafe, n_parallel: int = DEFAULT_PARALLEL, *, n_batch: int | None = None,
-                 prefix_cache_bytes: int | None = None, seed: int | None = None):
+    def __init__(self, model, n_ctx: int, n_parallel: int = 1, *, n_batch: int = 512, n_threads: int | None = None,
+                 extra_cells: int = 0, flash_attn: bool | None = None, kv_type: str | None = None,
+                 prefix_cache_bytes: int = 64 << 20, max_queue: int | None = None,
+                 check_bos_state: Callable[[kv_cells.SeqState], list[list[int]]] | None = None):
         if not isinstance(n_parallel, int) or isinstance(n_parallel, bool) or n_parallel < 1:
             raise EdgeSafeError(f"parallel must be a whole number >= 1, got {n_parallel!r}")
-        es._check_open()
-        self.es, self.n_parallel = es, n_parallel
-        # deep cells take no position: as in the EdgeSafe's own context, a sequence's KV stream holds n_ctx
-        # positions plus every deep cell of the bank
-        self.ctx = SeqContext(es._llm, n_parallel, es.n_ctx + es._llm.extra_cells, n_batch=n_batch, unified=False)
+        self.n_parallel, self.max_queue = n_parallel, max_queue
+        self.ctx = Context(model, n_ctx, n_seq=n_parallel, n_batch=n_batch, n_threads=n_threads,
+                           extra_cells=extra_cells, flash_attn=flash_attn, kv_type=kv_type)
+        self.model, self.n_ctx = model, self.ctx.n_ctx
         try:
-            self._bos_state = self._parse_bos_state() if es._bos_state is not None else None
-        except BaseException:  # a layout kv_cells cannot write into (a quantized cache, another blob grammar)
+            self._bos_state = self._parse_bos_state(check_bos_state) if check_bos_state else None
+        except BaseException:
             self.ctx.close()
             raise
-        self.prefix_cache = PrefixCache(es.prefix_cache.max_bytes if prefix_cache_bytes is None else prefix_cache_bytes)
-        self.last_stats: RequestStats | None = None
+        self.prefix_cache = PrefixCache(prefix_cache_bytes)
         self.steps = 0  # decodes run (for tests and the bench)
-        self._rng = np.random.default_rng(seed)
+        self._held: list[tuple[tuple[str, ...], list[int]] | None] = [None] * n_parallel  # (key, prompt) per seq
         self._cv = threading.Condition()
         self._waiting: deque[Job] = deque()
         self._running: list[Job] = []
         self._free = list(range(n_parallel))
         self._closing = False
         self._thread = threading.Thread(target=self._loop, name="edge-safe-engine", daemon=True)
-        es._llm._stack.callback(self.close)  # LIFO: runs before the context and the model are freed
         self._thread.start()
 
     # -- public API ------------------------------------------------------------------------
@@ -311,82 +162,49 @@ class Engine:
     def waiting(self) -> int:
         return len(self._waiting)
 
-    def submit(self, messages: Messages | str, tokens=None, mode: str | None = None, max_tokens: int = 256,
-               temperature: float = 0.0, top_p: float = 1.0, stop=None, seed: int | None = None,
-               strictness: float | None = None, until: Callable[[str], bool] | None = None) -> Job:
-        """Queue one reply; iterate the returned :class:`Job` for its pieces (they join to the reply).
+    @property
+    def closed(self) -> bool:
+        return self._closing
 
-        ``until(text_so_far)``, when given, ends the reply early once it returns True (after the
-        piece that made it so; no further pieces), e.g. once an evaluation's verdict is settled."""
-        req = self.es._prepare(_as_messages(messages), tokens, mode, stop, strictness=strictness)
-        check_sampling(temperature, top_p)
-        if max_tokens < 1:
-            raise EdgeSafeError(f"max_tokens must be >= 1, got {max_tokens}")
-        rng = np.random.default_rng(seed) if seed is not None else self._rng
-        choose = (lambda names: self._violated(req, names))
-        return self._submit(req, lambda job: _Reply(req, self.ctx, self.es.n_ctx, max_tokens, temperature, top_p,
-                                                    rng, choose, job._put, until))
+    def on_scheduler(self) -> bool:
+        """True in the scheduler thread (where waiting for a job would never end)."""
+        return threading.current_thread() is self._thread
 
-    def generate(self, prompt: str, tokens=None, mode: str | None = None, max_tokens: int = 128,
-                 temperature: float = 0.0, top_p: float = 1.0, stop=None, stream: bool = False,
-                 system: str | None = None, seed: int | None = None, strictness: float | None = None,
-                 until: Callable[[str], bool] | None = None) -> str | Job:
-        """As :meth:`EdgeSafe.generate` (the text, or with ``stream=True`` the Job of its pieces)."""
-        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-        job = self.submit(messages, tokens, mode, max_tokens, temperature, top_p, stop, seed, strictness, until)
-        return job if stream else "".join(job)
+    def submit(self, req: Request, policy) -> Job:
+        """Queue a prepared request with the policy that decodes it; the :class:`Job`."""
+        job = Job(self, req, policy)
+        with self._cv:
+            if self._closing:
+                raise EngineClosedError("the engine is closed; create a new one")
+            if self.max_queue is not None and len(self._waiting) >= self.max_queue + len(self._free):
+                raise QueueFullError(f"{len(self._waiting)} requests are waiting already (max_queue "
+                                     f"{self.max_queue}); retry later")
+            self._waiting.append(job)
+            self._cv.notify_all()
+        return job
 
-    def chat(self, messages: Messages, tokens=None, mode: str | None = None, stream: bool = False,
-             max_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0, stop=None,
-             seed: int | None = None, strictness: float | None = None) -> dict | Iterator[dict]:
-        """As :meth:`EdgeSafe.chat`: an OpenAI-shaped completion, or its chunks with ``stream=True``."""
-        job = self.submit(messages, tokens, mode, max_tokens, temperature, top_p, stop, seed, strictness)
-        head = {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "created": int(time.time()), "model": self.es.model_name}
-        if stream:
-            return _Chunks(self.es._chunks(head, job.req, job), job)
-        try:
-            content = "".join(job)
-        finally:
-            job.close()
-        st = job.stats
-        return {**head, "object": "chat.completion",
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
-                             "finish_reason": st.finish_reason}],
-                "usage": _usage(st), "edge_safe": self.es._extra(job.req, content)}
+    def cancel(self, job: Job) -> None:
+        """Cancel a job: a waiting one ends now, a running one at the scheduler's next step."""
+        with self._cv:
+            job.cancelled = True
+            if job in self._waiting:
+                self._waiting.remove(job)
+                job.finish()
+            self._cv.notify_all()
 
-    def refusal_margin(self, messages: Messages | str, tokens=None, max_blank: int = 4,
-                       wait: bool = True) -> float | Job:
-        """As :meth:`EdgeSafe.refusal_margin`; ``wait=False`` returns the Job (``.result()``)."""
-        req, idx = self.es._margin_request(_as_messages(messages), tokens, max_blank)
-        job = self._submit(req, lambda job: _Margin(self.ctx, idx, max_blank))
-        return job.result() if wait else job
-
-    def first_token_logits(self, messages: Messages | str, tokens=None, mode: str | None = None,
-                           wait: bool = True) -> np.ndarray | Job:
-        """As :meth:`EdgeSafe.first_token_logits`; ``wait=False`` returns the Job."""
-        req = self.es._prepare(_as_messages(messages), tokens, mode, None)
-        job = self._submit(req, lambda job: _Logits())
-        return job.result() if wait else job
-
-    def forced_logits(self, messages: Messages | str, continuation: Sequence[int], tokens=None,
-                      mode: str | None = None, wait: bool = True) -> np.ndarray | Job:
-        """As :meth:`EdgeSafe.forced_logits`; ``wait=False`` returns the Job."""
-        ids = [int(t) for t in continuation]
-        n_vocab = self.ctx.n_vocab
-        if not ids or min(ids) < 0 or max(ids) >= n_vocab:
-            raise EdgeSafeError(f"continuation must be 1+ token ids in 0..{n_vocab - 1}; got {ids[:8]}")
-        req = self.es._prepare(_as_messages(messages), tokens, mode, None, extra=len(ids) - 1)
-        job = self._submit(req, lambda job: _Forced(ids, n_vocab))
-        return job.result() if wait else job
+    def forget(self) -> None:
+        """Drop the conversations the sequences hold: the next requests restore their prefix snapshot
+        and prefill their prompt (prefix snapshots are kept: ``prefix_cache.clear()`` drops them)."""
+        with self._cv:
+            for seq in self._free:
+                self._held[seq] = None
 
     @contextlib.contextmanager
     def together(self) -> Iterator["Engine"]:
-        """Queue several requests as one: the scheduler admits none of those submitted inside the
-        block until it ends. The same requests are then batched the same way on every run, whatever
-        the timing of the submitting thread; batch composition moves llama.cpp's logits by up to
-        ~0.6 (its matmuls take other paths for other batch shapes), so this keeps an evaluation
-        reproducible. Do not wait for a result inside the block (it would never come)."""
-        with self._cv:  # re-entrant (Condition's default RLock): _submit takes it again
+        """Queue several requests as one: the scheduler admits none of those submitted inside the block
+        until it ends, so the same requests are batched the same way on every run, whatever the timing
+        of the submitting thread. Do not wait for a result inside the block (it would never come)."""
+        with self._cv:  # re-entrant (Condition's default RLock): submit takes it again
             yield self
 
     def close(self) -> None:
@@ -396,7 +214,7 @@ class Engine:
                 return
             self._closing = True
             self._cv.notify_all()
-        if self._thread.is_alive() and self._thread is not threading.current_thread():
+        if self._thread.is_alive() and not self.on_scheduler():
             self._thread.join()
         self.ctx.close()
 
@@ -407,24 +225,6 @@ class Engine:
         self.close()
 
     # -- scheduling ----------------------------------------------------------------------
-
-    def _submit(self, req: _Request, make_policy) -> Job:
-        job = Job(self, req, make_policy)
-        with self._cv:
-            if self._closing:
-                raise EngineClosedError("the engine is closed; create a new one")
-            self._waiting.append(job)
-            self._cv.notify_all()
-        return job
-
-    def _cancel(self, job: Job) -> None:
-        with self._cv:
-            job.cancelled = True
-            if job in self._waiting:
-                self._waiting.remove(job)
-                job._finish()
-            self._cv.notify_all()
-        # a running job is released by the scheduler at its next step
 
     def _loop(self) -> None:
         try:
@@ -439,7 +239,7 @@ class Engine:
                     admitted = []
                     while self._waiting and self._free:
                         job = self._waiting.popleft()
-                        job.seq = self._free.pop(0)
+                        job.seq = self._pick_seq(job.request)
                         admitted.append(job)
                         self._running.append(job)
                 for job in admitted:
@@ -454,6 +254,15 @@ class Engine:
             return
         self._fail_all(EngineClosedError("the engine was closed before this request finished"))
 
+    def _pick_seq(self, req: Request) -> int:
+        """The free sequence holding the longest part of the request (lowest id among equals)."""
+        def reuse(seq: int) -> int:
+            held = self._held[seq]
+            return _common_prefix(held[1], req.prompt) if held and held[0] == req.key else -1
+        seq = max(self._free, key=lambda s: (reuse(s), -s))
+        self._free.remove(seq)
+        return seq
+
     def _fail_all(self, error: BaseException) -> None:
         with self._cv:
             jobs = list(self._running) + list(self._waiting)
@@ -462,59 +271,81 @@ class Engine:
             if job in self._running:
                 self._release(job, error)
             else:
-                job._finish(error)
+                job.finish(error)
 
     def _release(self, job: Job, error: BaseException | None = None) -> None:
-        """End a running job: remove its sequence's cells, free the id, wake its consumer."""
-        if job.seq is not None and not self.ctx.closed:
-            self.ctx.seq_rm(job.seq)
+        """End a running job: free its sequence (its cells stay, described by ``_held``), wake its consumer."""
         with self._cv:
             if job in self._running:
                 self._running.remove(job)
             if job.seq is not None:
+                if error is not None and not self.ctx.closed:
+                    self._drop(job.seq)
                 self._free.append(job.seq)
                 self._free.sort()
             job.seq = None
-        if isinstance(job.policy, _Reply):
-            self.last_stats = job.stats  # the last reply to end (finished or cancelled)
-        job._finish(error)
+        job.finish(error)
 
-    def _parse_bos_state(self):
-        """``EdgeSafe._parse_bos_state`` on this context: [BOS] decoded into sequence 0, its state parsed and
-        checked, the sequence cleared. A context with a KV stream per sequence writes another blob than the
-        EdgeSafe's single-sequence one (every stream listed, all but the sequence's own empty), so the deep
-        cells are written into a state of this context's own."""
-        self.ctx.decode_rows([self.es._llm.bos], [0], [0], [False])
+    def _drop(self, seq: int) -> None:
+        self.ctx.seq_rm(seq)
+        self._held[seq] = None
+
+    def _parse_bos_state(self, check) -> tuple[kv_cells.SeqState, list[list[int]]]:
+        """[BOS] decoded into sequence 0, its state parsed and checked (``check`` gives the layer map of
+        its sections), the sequence cleared. The deep cells are written into a state of this context's
+        own, whose blobs list a stream per sequence."""
+        self.ctx.decode_rows([self.model.bos], [0], [0], [False])
         try:
             blob = self.ctx.save_seq(0)
         finally:
             self.ctx.seq_rm(0)
-        return self.es._check_bos_state(blob)
+        state = kv_cells.parse(blob)
+        return state, check(state)
 
-    def _admit(self, job: Job) -> None:
-        """Bring the job's sequence to ``[BOS][deep cells][vectors]`` (restored or built), queue its prompt."""
-        req, ctx = job.req, self.ctx
-        try:
+    def _deep_blob(self, req: Request) -> bytes:
+        """The blob of [BOS] + the request's deep cells, all at position 0."""
+        state, groups = self._bos_state
+        keys, values = req.deep
+        seq_id = state.sections[0].seq_ids[0][0]  # llama.cpp loads a blob into the sequence it is given
+        return kv_cells.serialise(kv_cells.with_cells(state, keys, values, groups, pos=0, seq_id=seq_id))
+
+    def _place(self, job: Job, req: Request) -> None:
+        """Bring the job's sequence to ``[BOS][deep cells][vectors] req.prompt[:common]`` with the fewest
+        decodes; queue the rest of the prompt."""
+        ctx, seq, st = self.ctx, job.seq, req.stats
+        held, common = self._held[seq], 0
+        if held is not None and held[0] == req.key:
+            common = min(_common_prefix(held[1], req.prompt), len(req.prompt) - 1)  # re-decode >= 1 for logits
+            st.prefix_source = "reused" if ctx.truncate(req.n_prefix + common, seq) else ""
+        if st.prefix_source != "reused":
+            common = 0
+            self._held[seq] = None
             blob = self.prefix_cache.get(req.key)
             if blob is not None:
-                ctx.load_seq(job.seq, blob)
-                req.stats.prefix_source = "cache"
+                ctx.load_seq(blob, seq)
+                st.prefix_source = "cache"
             else:
                 if req.deep is not None:  # BOS + the deep cells at position 0, written, not decoded
-                    ctx.load_seq(job.seq, self.es._deep_state(req, self._bos_state))
-                    ctx.decode_vectors(job.seq, req.vectors, 1)
+                    ctx.load_seq(self._deep_blob(req), seq)
                 else:
-                    ctx.prefill(job.seq, self.es._llm.bos, req.vectors)
+                    ctx.seq_rm(seq)
+                    ctx.decode_rows([self.model.bos], [seq], [0], [False])
+                if len(req.vectors):
+                    ctx.decode_embeddings(req.vectors, 1, seq=seq)
                 if self.prefix_cache.max_bytes:
-                    self.prefix_cache.put(req.key, ctx.save_seq(job.seq))
-                req.stats.prefix_source = "built"
-            job.policy = job._make_policy(job)
+                    self.prefix_cache.put(req.key, ctx.save_seq(seq))
+                st.prefix_source = "built"
+        # The sequence now holds a verified prefix: record it before decoding more, so a cancel or a
+        # failed decode leaves bookkeeping that is still true.
+        self._held[seq] = (req.key, list(req.prompt[:common]))
+        job.current, job.pending, job.pos = req, list(req.prompt[common:]), req.n_prefix + common
+        st.prefilled_tokens = len(job.pending)
+
+    def _admit(self, job: Job) -> None:
+        try:
+            self._place(job, job.request)
         except Exception as e:  # this request fails, the others go on
             self._release(job, e)
-            return
-        job.pos = 1 + len(req.vectors)  # deep cells take no position (EdgeSafe._prefill's n_prefix)
-        job.pending = list(req.prompt)
-        req.stats.prefilled_tokens = len(req.prompt)
 
     def _step(self) -> None:
         """One decode: every running job's next token, then prompt chunks, up to n_batch rows."""
@@ -542,31 +373,38 @@ class Engine:
             return
         self.steps += 1
         for job, take, row in fed:
+            self._held[job.seq][1].extend(job.pending[:take])
             del job.pending[:take]
             job.pos += take
-            if row < 0:
-                continue
-            try:
-                nxt = job.policy.feed(self.ctx.logits(row), job.pos)
-            except Exception as e:  # e.g. an `until` callback that raised: this request fails, the others go on
-                self._release(job, e)
-                continue
-            if nxt is None or job.cancelled:
-                self._release(job)
-            else:
-                job.pending = [nxt]
+            if row >= 0:
+                self._feed(job, self.ctx.logits(row))
 
-    def _violated(self, req: _Request, names: list[str]) -> str:
-        """The exact-refusal guide's choice among several active constraints, made exactly as a
-        one-at-a-time request makes it: on the EdgeSafe's own context (``EdgeSafe._violated``)."""
-        es = self.es
-        while not es._lock.acquire(timeout=0.1):
-            if self._closing:
-                raise EngineClosedError("the engine was closed before this request finished")
+    def _feed(self, job: Job, logits: np.ndarray) -> None:
+        """Hand the job's policy its logits and carry out what it asks for."""
         try:
-            es._check_open()
-            es._owner = threading.get_ident()
-            return es._violated(req, names)
-        finally:
-            es._owner = None
-            es._lock.release()
+            nxt = job.policy.feed(logits, job.pos)
+            if isinstance(nxt, Reload):
+                if nxt.save:
+                    job.saved = (self.ctx.save_seq(job.seq), self._held[job.seq], job.pos)
+                self._place(job, nxt.request)
+                return
+            if isinstance(nxt, Resume):
+                blob, held, job.pos = job.saved
+                self.ctx.load_seq(blob, job.seq)
+                self._held[job.seq], job.current, job.saved = held, job.request, None
+                nxt = nxt.token
+        except Exception as e:  # e.g. an `until` callback that raised: this request fails, the others go on
+            self._release(job, e)
+            return
+        if nxt is None or job.cancelled:
+            self._release(job)
+        else:
+            job.pending = [nxt]
+
+
+def _common_prefix(a, b) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i

@@ -2,10 +2,11 @@
 
 llama-cpp-python's high-level ``Llama`` only builds *token* batches; injecting
 control-token vectors needs embedding batches, so edge-safe drives the C API
-directly. Everything native lives in :class:`LlamaModel` and is freed
-deterministically by :meth:`LlamaModel.close` (an ``ExitStack``).
+directly. Everything native lives in :class:`Model` (weights, vocabulary) and
+:class:`Context` (KV cache, batches), each freed deterministically by its ``close``
+(an ``ExitStack``); a model frees its contexts before itself.
 
-Facts this module relies on (see DESIGN.md):
+Facts this module relies on (each checked by a test under tests/):
 
 - ``llama_batch_init(n, n_embd, 1)`` allocates a batch whose ``embd`` field takes
   raw vectors; llama.cpp feeds them to layer 0 unscaled (token inputs of gemma3
@@ -15,7 +16,7 @@ Facts this module relies on (see DESIGN.md):
 - Gemma 3 uses sliding-window attention layers; ``swa_full=True`` keeps the whole
   window so that partial ``llama_memory_seq_rm`` and sequence snapshots work.
 - On Intel CPUs with AMX, a native build of llama.cpp repacks Q4_K weights into its AMX
-  buffer and the first decode dies with SIGSEGV (llama.cpp issue 20824). Every model this
+  buffer and the first decode dies with SIGSEGV (upstream llama.cpp bug 20824). Every model this
   project loads goes through :func:`resolve_cpu_repack`: by default the extra (repacked)
   CPU buffer types are off exactly when the build has AMX, and kept everywhere else.
 """
@@ -95,7 +96,7 @@ def resolve_cpu_repack(setting: str | bool | None = None) -> bool:
 
     ``setting`` (else ``$EDGE_SAFE_CPU_REPACK``, else ``auto``): ``on``/``True`` keeps them,
     ``off``/``False`` drops them, ``auto`` drops them only when the build has AMX, whose
-    repacked Q4_K matmul crashes the first decode (llama.cpp issue 20824); elsewhere (AVX2,
+    repacked Q4_K matmul crashes the first decode (upstream llama.cpp bug 20824); elsewhere (AVX2,
     AVX-512 without AMX, ARM) the repacked kernels are safe and faster, so they stay on.
     """
     where = "cpu_repack"
@@ -117,7 +118,7 @@ def resolve_cpu_repack(setting: str | bool | None = None) -> bool:
 @functools.lru_cache(maxsize=1)
 def _note_amx() -> None:
     log.info("llama.cpp was built with AMX: loading models without its repacked CPU buffers (AMX Q4_K "
-             "matmul crashes, llama.cpp issue 20824); %s=on forces them", ENV_CPU_REPACK)
+             "matmul crashes, upstream llama.cpp bug 20824); %s=on forces them", ENV_CPU_REPACK)
 
 
 _params_lock = threading.Lock()
@@ -178,37 +179,17 @@ class DecodeError(EdgeSafeError):
     """llama_decode failed (no KV slot, invalid batch, ...)."""
 
 
-class LlamaModel:
-    """A loaded GGUF with one context, one sequence and reusable token/embedding batches."""
+KV_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q8_0": 8, "bf16": 30}  # ggml_type ids
 
-    def __init__(
-        self,
-        path: str | os.PathLike,
-        n_ctx: int = 2048,
-        n_batch: int = 512,
-        n_gpu_layers: int = 0,
-        n_threads: int | None = None,
-        cpu_repack: str | bool | None = None,
-        *,
-        flash_attn: bool | None = None,
-        kv_type: str | None = None,
-        extra_cells: int = 0,
-    ):
+
+class Model:
+    """A loaded GGUF: weights and vocabulary, shared by the contexts made on it (freed last)."""
+
+    def __init__(self, path: str | os.PathLike, n_gpu_layers: int = 0, cpu_repack: str | bool | None = None):
         _init_backend()
         self.path = Path(path)
         self.cpu_repack = resolve_cpu_repack(cpu_repack)  # use_extra_bufts, decided before anything loads
-        # KV-cache settings (None: llama.cpp's defaults, flash attention auto and an f16 cache); extra_cells
-        # enlarges the cache beyond n_ctx for cells that take no position (deep control tokens)
-        self._flash_attn, self._kv_type = flash_attn, kv_type
-        self.extra_cells = int(extra_cells)  # KV cells beyond n_ctx (a bank's deep cells; SeqContext streams too)
         self._stack = ExitStack()
-        try:
-            self._open(n_ctx, n_batch, n_gpu_layers, n_threads)
-        except BaseException:
-            self._stack.close()
-            raise
-
-    def _open(self, n_ctx: int, n_batch: int, n_gpu_layers: int, n_threads: int | None) -> None:
         mparams = C.llama_model_default_params()
         mparams.n_gpu_layers = int(n_gpu_layers)
         mparams.use_extra_bufts = self.cpu_repack
@@ -219,92 +200,26 @@ class LlamaModel:
         self.model = model
         self.vocab = C.llama_model_get_vocab(model)
         self.n_embd = C.llama_model_n_embd(model)
+        self.n_layer = int(C.llama_model_n_layer(model))
         self.n_vocab = C.llama_vocab_n_tokens(self.vocab)
         self.bos = C.llama_vocab_bos(self.vocab)
         self.eos = C.llama_vocab_eos(self.vocab)
-
-        threads = n_threads or default_threads()
-        cparams = C.llama_context_default_params()
-        cparams.n_ctx = int(n_ctx) + self.extra_cells
-        cparams.n_batch = cparams.n_ubatch = int(min(n_batch, n_ctx))
-        cparams.n_seq_max = 1
-        cparams.n_threads = cparams.n_threads_batch = self.n_threads = threads
-        cparams.swa_full = True  # keep the full window: partial seq_rm + snapshots stay exact
-        cparams.no_perf = True
-        self._kv_params(cparams)
-        ctx = C.llama_init_from_model(model, cparams)
-        if not ctx:
-            raise EdgeSafeError(f"llama.cpp could not create a context with n_ctx={n_ctx} (try a smaller --n-ctx)")
-        self._stack.callback(C.llama_free, ctx)
-        self.ctx = ctx
-        # llama.cpp pads n_ctx up (to 256); keep the asked limit
-        self.n_ctx = min(int(n_ctx), C.llama_n_ctx(ctx) - self.extra_cells)
-        self.n_batch = C.llama_n_batch(ctx)
-        self.memory = C.llama_get_memory(ctx)
-
-        # One token batch and one embedding batch of n_batch rows, reused for every decode.
-        self._tok = C.llama_batch_init(self.n_batch, 0, 1)
-        self._stack.callback(C.llama_batch_free, self._tok)
-        self._emb = C.llama_batch_init(self.n_batch, self.n_embd, 1)
-        self._stack.callback(C.llama_batch_free, self._emb)
-        self._views = {id(b): self._batch_views(b) for b in (self._tok, self._emb)}
-        self._piece_buf = ctypes.create_string_buffer(256)
-        log.info("loaded %s: n_embd=%d n_vocab=%d n_ctx=%d n_batch=%d threads=%d cpu_repack=%s",
-                 self.path.name, self.n_embd, self.n_vocab, self.n_ctx, self.n_batch, threads, self.cpu_repack)
-
-    def _kv_params(self, cparams) -> None:
-        """Flash attention on/off (off: llama.cpp stores V transposed) and the K/V cache type."""
-        if self._flash_attn is not None:
-            cparams.flash_attn_type = 1 if self._flash_attn else 0  # LLAMA_FLASH_ATTN_TYPE_ENABLED / _DISABLED
-        if self._kv_type is not None:
-            types = {"f32": 0, "f16": 1, "q4_0": 2, "q8_0": 8, "bf16": 30}  # ggml_type ids
-            if self._kv_type not in types:
-                raise EdgeSafeError(f"unknown KV cache type {self._kv_type!r}; use one of {', '.join(types)}")
-            cparams.type_k = cparams.type_v = types[self._kv_type]
-
-    @property
-    def n_layer(self) -> int:
-        return int(C.llama_model_n_layer(self.model))
-
-    def _batch_views(self, b) -> dict[str, np.ndarray]:
-        n = self.n_batch
-        for i in range(n):  # every row belongs to sequence 0, once and for all
-            b.n_seq_id[i] = 1
-            b.seq_id[i][0] = SEQ
-        views = {
-            "pos": np.ctypeslib.as_array(b.pos, shape=(n,)),
-            "logits": np.ctypeslib.as_array(b.logits, shape=(n,)),
-        }
-        if b.embd:
-            views["embd"] = np.ctypeslib.as_array(b.embd, shape=(n, self.n_embd))  # (n_batch, n_embd)
-        else:
-            views["token"] = np.ctypeslib.as_array(b.token, shape=(n,))
-        return views
-
-    # -- lifecycle -------------------------------------------------------------------
+        self._pieces: dict[int, bytes] = {}  # token -> bytes, filled as tokens are met (dict ops are atomic)
 
     def close(self) -> None:
-        """Free the batches, the context and the model (idempotent)."""
-        self.ctx = self.model = None
+        """Free the contexts made on this model, then the weights (idempotent)."""
+        self.model = None
         self._stack.close()
 
     @property
     def closed(self) -> bool:
-        return self.ctx is None
+        return self.model is None
 
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:  # interpreter shutdown: the bindings may already be gone
-            pass
-
-    def __enter__(self) -> "LlamaModel":
+    def __enter__(self) -> "Model":
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-    # -- vocabulary ------------------------------------------------------------------
 
     def tokenize(self, text: str, add_bos: bool = False, special: bool = False) -> list[int]:
         """Token ids of ``text``; ``special=False`` makes `<bos>` etc. in text plain text."""
@@ -321,150 +236,102 @@ class LlamaModel:
         return list(buf[:n])
 
     def token_to_piece(self, token: int) -> bytes:
-        """The bytes a token stands for (special tokens render as nothing)."""
-        buf = self._piece_buf
-        n = C.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
-        if n < 0:
-            buf = ctypes.create_string_buffer(-n)
+        """The bytes a token stands for (special tokens render as nothing); thread-safe."""
+        piece = self._pieces.get(token)
+        if piece is None:
+            buf = ctypes.create_string_buffer(64)
             n = C.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
-        return buf.raw[:n]
+            if n < 0:
+                buf = ctypes.create_string_buffer(-n)
+                n = C.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
+            piece = self._pieces[token] = buf.raw[:n]
+        return piece
 
     def is_eog(self, token: int) -> bool:
         return bool(C.llama_vocab_is_eog(self.vocab, token))
 
-    # -- decoding --------------------------------------------------------------------
 
-    def decode_tokens(self, tokens: Sequence[int], pos0: int, want_logits: bool = True) -> None:
-        """Decode ``tokens`` at positions pos0.. in chunks of n_batch; logits for the last one."""
-        self._decode_chunks(self._tok, "token", tokens, pos0, want_logits)
+class Context:
+    """A llama.cpp context of ``n_seq`` sequences on a :class:`Model`, decoded in token batches whose
+    rows each name their sequence (the batching engine's), or one sequence at a time (``seq=0``).
 
-    def decode_embeddings(self, vectors: np.ndarray, pos0: int, want_logits: bool = False) -> None:
-        """Decode raw input vectors (n, n_embd) at positions pos0.. in chunks of n_batch."""
-        vectors = np.asarray(vectors, dtype=np.float32)
-        if vectors.ndim != 2 or vectors.shape[1] != self.n_embd:
-            raise EdgeSafeError(f"prefix vectors have shape {vectors.shape}; expected (n, {self.n_embd})")
-        self._decode_chunks(self._emb, "embd", vectors, pos0, want_logits)
-
-    def _decode_chunks(self, batch, field: str, items, pos0: int, want_logits: bool) -> None:
-        """Fill ``batch.<field>`` n_batch rows at a time, positions consecutive from pos0; logits for the last."""
-        v = self._views[id(batch)]
-        for start in range(0, len(items), self.n_batch):
-            chunk = items[start:start + self.n_batch]
-            n = len(chunk)
-            v[field][:n] = chunk
-            v["pos"][:n] = np.arange(pos0 + start, pos0 + start + n)
-            v["logits"][:n] = 0
-            if want_logits and start + n == len(items):
-                v["logits"][n - 1] = 1
-            self._decode(batch, n)
-
-    def _decode(self, batch, n: int) -> None:
-        assert 0 < n <= self.n_batch  # an oversized batch would abort the process
-        batch.n_tokens = n
-        rc = C.llama_decode(self.ctx, batch)
-        if rc != 0:
-            raise DecodeError(
-                f"llama_decode failed with code {rc} "
-                f"({'no KV slot: the context is full' if rc == 1 else 'see -v output'})"
-            )
-
-    def logits(self) -> np.ndarray:
-        """Logits of the last decoded output, as a view (n_vocab,) valid until the next decode."""
-        ptr = C.llama_get_logits_ith(self.ctx, -1)
-        if not ptr:
-            raise EdgeSafeError("no logits available: the last decode requested none")
-        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
-
-    # -- KV memory -------------------------------------------------------------------
-
-    def clear(self) -> None:
-        C.llama_memory_clear(self.memory, True)
-
-    def truncate(self, pos: int) -> bool:
-        """Drop every position >= pos of the sequence; False if llama.cpp refuses."""
-        return bool(C.llama_memory_seq_rm(self.memory, SEQ, pos, -1))
-
-    def pos_max(self) -> int:
-        """Largest position held for the sequence, -1 if empty."""
-        return C.llama_memory_seq_pos_max(self.memory, SEQ)
-
-    def save_seq(self) -> bytes:
-        """Snapshot the sequence's KV state."""
-        size = C.llama_state_seq_get_size(self.ctx, SEQ)
-        buf = (ctypes.c_uint8 * size)()
-        n = C.llama_state_seq_get_data(self.ctx, buf, size, SEQ)
-        if n == 0:
-            raise EdgeSafeError("llama.cpp could not snapshot the sequence state")
-        return bytes(memoryview(buf)[:n])
-
-    def load_seq(self, blob: bytes) -> None:
-        """Replace the sequence's KV state with a snapshot from :meth:`save_seq`."""
-        # seq_rm frees just our cells; memory_clear(data=True) would zero the whole buffer (~1 ms).
-        C.llama_memory_seq_rm(self.memory, SEQ, -1, -1)
-        buf = ctypes.cast(ctypes.c_char_p(blob), ctypes.POINTER(ctypes.c_uint8))  # no copy of the bytes
-        if C.llama_state_seq_set_data(self.ctx, buf, len(blob), SEQ) == 0:
-            self.clear()
-            raise EdgeSafeError("llama.cpp could not restore a sequence snapshot")
-
-
-class SeqContext:
-    """A second context on a loaded :class:`LlamaModel`: ``n_seq`` sequences decoded together in token
-    batches whose rows each name their sequence (for :mod:`edge_safe.engine`).
-
-    - ``unified=False`` (default, the engine's): one KV stream per sequence, ``n_ctx_seq`` cells each.
-      A sequence's cells sit in position order, as in a fresh single-sequence context, so attention
-      sums in the same order and (with the plain CPU kernels, ``cpu_repack`` off) its logits are
-      bit-identical to a one-at-a-time decode. llama.cpp splits a batch into micro-batches with
-      equal rows per sequence, so a step mixing decode rows and a prompt costs more than one.
-      Snapshots record their stream count: these restore only into a context with as many streams.
-    - ``unified=True``: one stream for all sequences (``n_seq * n_ctx_seq`` cells; snapshots
-      interchangeable with :class:`LlamaModel`'s). Faster when prompts and decode rows mix, but with
-      llama-cpp-python 0.3.36 it gave wrong replies under the server load test (not a near-tie: a
-      reply opening "10..." instead of "Peru is a"), and a near-tie flipped in a smaller test; kept
-      for experiments only, not used by the engine.
-    - ``swa_full=True`` as in :class:`LlamaModel`: partial removal and snapshots stay exact; flash
-      attention and the KV-cache type are ``llm``'s (the same cache layout and kernels as its context).
-    - ``llama_state_seq_set_data`` takes the destination sequence id and ignores the one stored in
-      the snapshot (checked: a snapshot of sequence 0 restored into sequences 1..3 gives the same
-      logits as a fresh prefill, max diff 0.0), so one cached prefix serves every sequence.
-    - Cells of one sequence are masked out of every other sequence's attention by llama.cpp
-      (checked bit for bit in tests/test_engine.py).
-
-    The weights are shared with ``llm``; this context is freed before the model (``llm.close``
-    closes it first).
+    - One KV stream per sequence (``kv_unified=False``), ``n_ctx + extra_cells`` cells each: a
+      sequence's cells sit in position order, as in a fresh single-sequence context, so attention sums
+      in the same order and (with the plain CPU kernels) its logits are bit-identical to a one-sequence
+      decode. ``extra_cells`` are cells that take no position (a bank's deep control tokens). One
+      shared stream was faster under load but gave wrong replies in the server load test
+      (llama-cpp-python 0.3.36), so it is not offered.
+    - ``swa_full=True``: Gemma 3's sliding-window layers keep every cell, so partial removal and
+      sequence snapshots stay exact.
+    - ``llama_state_seq_set_data`` takes the destination sequence id and ignores the one stored in the
+      snapshot, so one cached prefix serves every sequence; cells of one sequence are masked out of
+      every other sequence's attention (checked bit for bit in tests/test_engine.py).
+    - A batch larger than ``n_batch`` would abort the process (GGML_ASSERT): every decode is checked
+      or chunked.
+    - ``flash_attn`` / ``kv_type`` set llama.cpp's flash attention (off: V is stored transposed) and
+      the K/V cache type (None: llama.cpp's defaults, flash attention auto and an f16 cache).
     """
 
-    def __init__(self, llm: LlamaModel, n_seq: int, n_ctx_seq: int, n_batch: int | None = None,
-                 n_threads: int | None = None, unified: bool = False):
-        if llm.closed:
+    def __init__(self, model: Model, n_ctx: int = 2048, *, n_seq: int = 1, n_batch: int = 512,
+                 n_threads: int | None = None, extra_cells: int = 0, flash_attn: bool | None = None,
+                 kv_type: str | None = None, owns_model: bool = False):
+        if model.closed:
             raise EdgeSafeError("the model is closed; load it again")
-        if n_seq < 1:
-            raise EdgeSafeError(f"the number of parallel sequences must be >= 1, got {n_seq}")
-        self.llm, self.n_seq, self.n_ctx_seq = llm, int(n_seq), int(n_ctx_seq)
-        self.n_vocab, self.n_embd = llm.n_vocab, llm.n_embd
+        if not isinstance(n_seq, int) or n_seq < 1:
+            raise EdgeSafeError(f"the number of parallel sequences must be a whole number >= 1, got {n_seq!r}")
+        self.model, self.n_seq, self.extra_cells = model, n_seq, int(extra_cells)
+        self.flash_attn, self.kv_type = flash_attn, kv_type
+        self.n_vocab, self.n_embd = model.n_vocab, model.n_embd
         self._stack = ExitStack()
+        try:
+            self._open(int(n_ctx), int(n_batch), n_threads)
+        except BaseException:
+            self._stack.close()
+            if owns_model:
+                model.close()
+            raise
+        if owns_model:
+            self._stack.callback(model.close)  # LIFO: after this context's own resources
+        else:
+            model._stack.callback(self.close)  # the model frees its contexts before itself
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, n_ctx: int = 2048, *, n_gpu_layers: int = 0,
+             cpu_repack: str | bool | None = None, **kwargs) -> "Context":
+        """A context on a model of its own (both freed by :meth:`close`): one sequence unless ``n_seq``."""
+        return cls(Model(path, n_gpu_layers, cpu_repack), n_ctx, owns_model=True, **kwargs)
+
+    def _open(self, n_ctx: int, n_batch: int, n_threads: int | None) -> None:
         cparams = C.llama_context_default_params()
-        cparams.n_ctx = self.n_seq * self.n_ctx_seq  # non-unified: split evenly, n_ctx_seq cells per stream
-        cparams.n_batch = cparams.n_ubatch = int(n_batch or llm.n_batch)
+        per_seq = n_ctx + self.extra_cells
+        cparams.n_ctx = self.n_seq * per_seq  # split evenly over the streams
+        cparams.n_batch = cparams.n_ubatch = min(n_batch, n_ctx)
         cparams.n_seq_max = self.n_seq
-        cparams.kv_unified = bool(unified)  # False: a KV stream per sequence (see the class doc)
+        cparams.kv_unified = False  # a KV stream per sequence (see the class doc)
         cparams.swa_full = True
-        cparams.n_threads = cparams.n_threads_batch = self.n_threads = int(n_threads or llm.n_threads)
+        cparams.n_threads = cparams.n_threads_batch = self.n_threads = int(n_threads or default_threads())
         cparams.no_perf = True
-        llm._kv_params(cparams)  # the model's flash-attention and KV-type settings: the same cache layout and kernels
-        ctx = C.llama_init_from_model(llm.model, cparams)
+        if self.flash_attn is not None:
+            cparams.flash_attn_type = 1 if self.flash_attn else 0  # LLAMA_FLASH_ATTN_TYPE_ENABLED / _DISABLED
+        if self.kv_type is not None:
+            if self.kv_type not in KV_TYPES:
+                raise EdgeSafeError(f"unknown KV cache type {self.kv_type!r}; use one of {', '.join(KV_TYPES)}")
+            cparams.type_k = cparams.type_v = KV_TYPES[self.kv_type]
+        ctx = C.llama_init_from_model(self.model.model, cparams)
         if not ctx:
-            raise EdgeSafeError(f"llama.cpp could not create a context of {self.n_seq} sequences x {self.n_ctx_seq} "
+            raise EdgeSafeError(f"llama.cpp could not create a context of {self.n_seq} sequence(s) x {n_ctx} "
                                 "positions (lower --parallel or --n-ctx)")
         self._stack.callback(C.llama_free, ctx)
         self.ctx = ctx
+        # llama.cpp pads a stream up (to 256); keep the asked limit
+        self.n_ctx = min(n_ctx, C.llama_n_ctx(ctx) // self.n_seq - self.extra_cells)
         self.n_batch = C.llama_n_batch(ctx)
         self.memory = C.llama_get_memory(ctx)
-        self._tok = C.llama_batch_init(self.n_batch, 0, 1)
-        self._stack.callback(C.llama_batch_free, self._tok)
-        self._emb = C.llama_batch_init(self.n_batch, self.n_embd, 1)
-        self._stack.callback(C.llama_batch_free, self._emb)
         n = self.n_batch
+        self._tok = C.llama_batch_init(n, 0, 1)
+        self._stack.callback(C.llama_batch_free, self._tok)
+        self._emb = C.llama_batch_init(n, self.n_embd, 1)
+        self._stack.callback(C.llama_batch_free, self._emb)
         for b in (self._tok, self._emb):
             for i in range(n):
                 b.n_seq_id[i] = 1
@@ -472,13 +339,13 @@ class SeqContext:
         self._pos = {id(b): np.ctypeslib.as_array(b.pos, shape=(n,)) for b in (self._tok, self._emb)}
         self._want = {id(b): np.ctypeslib.as_array(b.logits, shape=(n,)) for b in (self._tok, self._emb)}
         self._embd = np.ctypeslib.as_array(self._emb.embd, shape=(n, self.n_embd))  # (n_batch, n_embd)
-        self._piece_buf = ctypes.create_string_buffer(256)  # its own: LlamaModel's is used by another thread
-        llm._stack.callback(self.close)  # LIFO: this context goes before the model it uses
-        log.info("sequence context: %d sequences x %d positions, n_batch=%d, threads=%d",
-                 self.n_seq, self.n_ctx_seq, self.n_batch, self.n_threads)
+        self._last_rows = 0
+        log.info("context on %s: %d sequence(s) x %d positions (+%d cells), n_batch=%d, threads=%d, cpu_repack=%s",
+                 self.model.path.name, self.n_seq, self.n_ctx, self.extra_cells, n, self.n_threads,
+                 self.model.cpu_repack)
 
     def close(self) -> None:
-        """Free the batches and the context (idempotent)."""
+        """Free the batches and the context (and the model, when it owns it); idempotent."""
         self.ctx = None
         self._stack.close()
 
@@ -486,32 +353,54 @@ class SeqContext:
     def closed(self) -> bool:
         return self.ctx is None
 
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown: the bindings may already be gone
+            pass
+
+    def __enter__(self) -> "Context":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- the model's vocabulary, for callers that hold only the context ----------------------
+
+    @property
+    def bos(self) -> int:
+        return self.model.bos
+
+    @property
+    def n_layer(self) -> int:
+        return self.model.n_layer
+
+    def tokenize(self, text: str, add_bos: bool = False, special: bool = False) -> list[int]:
+        return self.model.tokenize(text, add_bos, special)
+
     def token_to_piece(self, token: int) -> bytes:
-        """As :meth:`LlamaModel.token_to_piece`, with this context's own buffer (thread-safe across contexts)."""
-        buf = self._piece_buf
-        n = C.llama_token_to_piece(self.llm.vocab, token, buf, len(buf), 0, False)
-        if n < 0:
-            buf = ctypes.create_string_buffer(-n)
-            n = C.llama_token_to_piece(self.llm.vocab, token, buf, len(buf), 0, False)
-        return buf.raw[:n]
+        return self.model.token_to_piece(token)
+
+    def is_eog(self, token: int) -> bool:
+        return self.model.is_eog(token)
+
+    # -- decoding --------------------------------------------------------------------
 
     def _check_seq(self, seq: int) -> None:
         if self.ctx is None:  # a freed context would crash llama.cpp
-            raise EdgeSafeError("this sequence context is closed")
+            raise EdgeSafeError("this llama.cpp context is closed")
         if not 0 <= seq < self.n_seq:
             raise EdgeSafeError(f"sequence {seq} is outside 0..{self.n_seq - 1}")
-
-    # -- decoding --------------------------------------------------------------------
 
     def decode_rows(self, tokens: Sequence[int], seqs: Sequence[int], pos: Sequence[int],
                     want: Sequence[bool]) -> None:
         """One decode of token rows, each with its own sequence, position and logits flag.
 
-        At most ``n_batch`` rows (more would abort the process); per sequence the positions must
-        continue that sequence consecutively. Row i's logits: :meth:`logits` ``(i)``."""
+        At most ``n_batch`` rows; per sequence the positions must continue that sequence
+        consecutively. Row i's logits: :meth:`logits` ``(i)``."""
         n = len(tokens)
         if self.ctx is None:
-            raise EdgeSafeError("this sequence context is closed")
+            raise EdgeSafeError("this llama.cpp context is closed")
         if not 0 < n <= self.n_batch:
             raise EdgeSafeError(f"a decode takes 1..{self.n_batch} rows, got {n}")
         b = self._tok
@@ -522,18 +411,18 @@ class SeqContext:
             b.seq_id[i][0] = s
         self._decode(b, n)
 
-    def prefill(self, seq: int, bos: int, vectors: np.ndarray) -> None:
-        """Clear ``seq`` and decode ``[BOS][vectors]`` into it alone (no logits): a prefix that is not cached."""
+    def decode_tokens(self, tokens: Sequence[int], pos0: int, want_logits: bool = True, seq: int = 0) -> None:
+        """Decode ``tokens`` into ``seq`` alone at positions pos0.., n_batch at a time; logits for the last."""
         self._check_seq(seq)
-        self.seq_rm(seq)
-        b = self._tok
-        self._token[0], self._pos[id(b)][0], self._want[id(b)][0] = bos, 0, 0
-        b.seq_id[0][0] = seq
-        self._decode(b, 1)
-        self.decode_vectors(seq, vectors, 1)
+        tokens = list(tokens)
+        for start in range(0, len(tokens), self.n_batch):
+            chunk = tokens[start:start + self.n_batch]
+            k = len(chunk)
+            last = want_logits and start + k == len(tokens)
+            self.decode_rows(chunk, [seq] * k, range(pos0 + start, pos0 + start + k), [False] * (k - 1) + [last])
 
-    def decode_vectors(self, seq: int, vectors: np.ndarray, pos0: int) -> None:
-        """Decode raw input vectors (n, n_embd) into ``seq`` alone at positions pos0.. (no logits), n_batch at a time."""
+    def decode_embeddings(self, vectors: np.ndarray, pos0: int, want_logits: bool = False, seq: int = 0) -> None:
+        """Decode raw input vectors (n, n_embd) into ``seq`` alone at positions pos0.., n_batch at a time."""
         self._check_seq(seq)
         vectors = np.asarray(vectors, dtype=np.float32)
         if vectors.ndim != 2 or vectors.shape[1] != self.n_embd:
@@ -545,6 +434,8 @@ class SeqContext:
             self._embd[:k] = chunk
             self._pos[id(b)][:k] = np.arange(pos0 + start, pos0 + start + k)
             self._want[id(b)][:k] = 0
+            if want_logits and start + k == len(vectors):
+                self._want[id(b)][k - 1] = 1
             for i in range(k):
                 b.seq_id[i][0] = seq
             self._decode(b, k)
@@ -557,9 +448,11 @@ class SeqContext:
                 f"llama_decode failed with code {rc} "
                 f"({'no KV slot: the context is full' if rc == 1 else 'see -v output'})"
             )
+        self._last_rows = n
 
-    def logits(self, row: int) -> np.ndarray:
-        """Logits (n_vocab,) of batch row ``row`` of the last decode, as a view valid until the next decode."""
+    def logits(self, row: int = -1) -> np.ndarray:
+        """Logits (n_vocab,) of batch row ``row`` of the last decode (-1: its last output), as a view
+        valid until the next decode."""
         ptr = C.llama_get_logits_ith(self.ctx, row)
         if not ptr:
             raise EdgeSafeError(f"no logits for row {row}: the last decode did not ask for them")
@@ -567,18 +460,31 @@ class SeqContext:
 
     # -- KV memory per sequence ------------------------------------------------------------
 
-    def seq_rm(self, seq: int, p0: int = -1, p1: int = -1) -> bool:
-        """Drop positions [p0, p1) of ``seq`` (-1: open end); the cells of other sequences are untouched."""
+    def clear(self) -> None:
+        """Drop every sequence's cells."""
+        C.llama_memory_clear(self.memory, True)
+
+    def seq_rm(self, seq: int = 0, p0: int = -1, p1: int = -1) -> bool:
+        """Drop positions [p0, p1) of ``seq`` (-1: open end); False if llama.cpp refuses. Other sequences
+        are untouched."""
         self._check_seq(seq)
         return bool(C.llama_memory_seq_rm(self.memory, seq, p0, p1))
 
-    def pos_range(self, seq: int) -> tuple[int, int]:
+    def truncate(self, pos: int, seq: int = 0) -> bool:
+        """Drop every position >= pos of ``seq``; False if llama.cpp refuses."""
+        return self.seq_rm(seq, pos, -1)
+
+    def pos_range(self, seq: int = 0) -> tuple[int, int]:
         """(smallest, largest) position held for ``seq``; (-1, -1) when it holds none."""
         self._check_seq(seq)
         return C.llama_memory_seq_pos_min(self.memory, seq), C.llama_memory_seq_pos_max(self.memory, seq)
 
-    def save_seq(self, seq: int) -> bytes:
-        """Snapshot one sequence's KV cells (restorable here into any sequence, or into a LlamaModel)."""
+    def pos_max(self, seq: int = 0) -> int:
+        """Largest position held for ``seq``, -1 if empty."""
+        return self.pos_range(seq)[1]
+
+    def save_seq(self, seq: int = 0) -> bytes:
+        """Snapshot one sequence's KV cells (restorable into any sequence of a context like this one)."""
         self._check_seq(seq)
         size = C.llama_state_seq_get_size(self.ctx, seq)
         buf = (ctypes.c_uint8 * size)()
@@ -587,10 +493,10 @@ class SeqContext:
             raise EdgeSafeError(f"llama.cpp could not snapshot sequence {seq}")
         return bytes(memoryview(buf)[:n])
 
-    def load_seq(self, seq: int, blob: bytes) -> None:
-        """Replace ``seq``'s cells with a snapshot (taken from any sequence, here or in a LlamaModel)."""
+    def load_seq(self, blob: bytes, seq: int = 0) -> None:
+        """Replace ``seq``'s cells with a snapshot (taken from any sequence of a context like this one)."""
         self._check_seq(seq)
-        self.seq_rm(seq)
+        self.seq_rm(seq)  # frees just these cells; memory_clear(data=True) would zero the whole buffer
         buf = ctypes.cast(ctypes.c_char_p(blob), ctypes.POINTER(ctypes.c_uint8))  # no copy of the bytes
         if C.llama_state_seq_set_data(self.ctx, buf, len(blob), seq) == 0:
             self.seq_rm(seq)

@@ -18,7 +18,7 @@ bank's test split 5 of its 436 refusal-like replies were not bank texts (eval/re
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -41,21 +41,46 @@ def refusal_sequences(tokenize: Callable[[str], list[int]], header: str, refusal
     return out
 
 
+class Refusals:
+    """The bank's refusal texts as token ids, as the model writes them after the reply header,
+    tokenized once per token name (thread-safe: a dict filled with whole values)."""
+
+    def __init__(self, bank, template, tokenize: Callable[[str], list[int]]):
+        self._bank, self._tokenize = bank, tokenize
+        self._header = template.render([{"role": "user", "content": "x"}])
+        self._ids: dict[str, Sequences] = {}
+
+    def sequences(self, names: Sequence[str]) -> Sequences:
+        """The named tokens' refusals (with and without the leading space; tokens without a refusal
+        have none)."""
+        for n in names:
+            if n not in self._ids:
+                text = self._bank.tokens[n].refusal
+                self._ids[n] = refusal_sequences(self._tokenize, self._header, {n: text}) if text else []
+        return [seq for n in names for seq in self._ids[n]]
+
+    def openers(self, names: Sequence[str]) -> list[int]:
+        """Token ids that start the named tokens' refusals, sorted and distinct: the first token of each
+        refusal as the model writes it after the reply header (where training puts it) and as it is
+        spelt without the leading space, since a model can open a reply either way (" Sorry" or "Sorry")."""
+        return sorted({ids[0] for _, ids in self.sequences(names)})
+
+
 class RefusalGuide:
     """The per-request state: waiting for the first visible token, then (maybe) on a refusal.
 
-    ``constrain(logits)`` returns the logits to sample from (a masked copy while on a refusal);
-    ``step(token, visible)`` records the sampled token and returns True once a refusal is complete;
+    ``step(token, visible)`` records the chosen token; once the opener was written the guide is
+    ``opened`` and :meth:`open` (given the next logits) decides whether the reply is a refusal (it
+    returns the candidate refusals' names, several when more than one active constraint could be
+    named: the caller then picks one with :meth:`keep`) or free text that starts with the word;
+    ``constrain(logits)`` returns the logits to choose from (a masked copy while on a refusal);
     ``remaining()`` gives the rest of the refusal once only one is left, so it can be written out
-    without decoding. ``choose(names)``, when given, picks the refusal among several active ones
-    at the token after the opener (the runtime asks each candidate constraint alone).
+    without decoding.
     """
 
-    def __init__(self, sequences: Sequences, escape: float = ESCAPE_LOGITS,
-                 choose: Callable[[list[str]], str] | None = None):
+    def __init__(self, sequences: Sequences, escape: float = ESCAPE_LOGITS):
         self.cands = list(sequences)
         self.escape = escape
-        self.choose = choose
         self.state = "waiting"  # -> "opened" -> "forced" | "off"; "done" once complete
         self.j = 0  # tokens of the refusal written so far
         self.refusal: str | None = None  # the name of the refusal being written / completed
@@ -64,27 +89,37 @@ class RefusalGuide:
     def active(self) -> bool:
         return self.state in ("opened", "forced")
 
+    @property
+    def openers(self) -> set[int]:
+        """The first tokens of the candidate refusals."""
+        return {ids[0] for _, ids in self.cands}
+
+    def _allowed(self) -> np.ndarray:
+        return np.fromiter({ids[self.j] for _, ids in self.cands}, dtype=np.int64)
+
+    def open(self, logits: np.ndarray) -> list[str]:
+        """At the token after the opener: a refusal (-> ``forced``; the candidate names) or a reply that
+        merely starts with the word (-> ``off``; no names)."""
+        if float(logits[self._allowed()].max()) < float(logits.max()) - self.escape:
+            self.state = "off"
+            return []
+        self.state = "forced"
+        return sorted({n for n, _ in self.cands})
+
+    def keep(self, name: str) -> None:
+        """Write the refusal of ``name`` (one of :meth:`open`'s names)."""
+        self.cands = [(n, ids) for n, ids in self.cands if n == name]
+
     def constrain(self, logits: np.ndarray) -> np.ndarray:
-        if not self.active:
+        if self.state != "forced":
             return logits
-        allowed = np.fromiter({ids[self.j] for _, ids in self.cands}, dtype=np.int64)
-        if self.state == "opened":  # the token after the opener decides: refusal, or a reply that starts "Sorry"
-            if float(logits[allowed].max()) < float(logits.max()) - self.escape:
-                self.state = "off"
-                return logits
-            self.state = "forced"
-            names = sorted({n for n, _ in self.cands})
-            if len(names) > 1 and self.choose is not None:
-                logits = np.array(logits)  # choose() may decode, which overwrites llama.cpp's logits buffer
-                keep = self.choose(names)
-                self.cands = [(n, ids) for n, ids in self.cands if n == keep]
-                allowed = np.fromiter({ids[self.j] for _, ids in self.cands}, dtype=np.int64)
+        allowed = self._allowed()
         masked = np.full_like(logits, -np.inf)
         masked[allowed] = logits[allowed]
         return masked
 
     def step(self, token: int, visible: bool) -> bool:
-        """Record the sampled token; True when it completed a refusal (the reply ends there)."""
+        """Record the chosen token; True when it completed a refusal (the reply ends there)."""
         if self.state == "waiting":
             if not visible:
                 return False  # blank tokens before the reply: the opener may still come

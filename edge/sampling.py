@@ -1,4 +1,5 @@
-"""Next-token choice from a logits vector: greedy, or temperature + nucleus sampling (and
+"""Next-token choice from a logits vector: greedy, or temperature, top-k, min-p and nucleus sampling, with a
+repeat penalty (and
 the range of ``strictness``, the runtime's bias on the refusal opener until the first visible reply token).
 
 Works on a numpy view of llama.cpp's logits buffer (n_vocab,), so greedy decoding
@@ -7,6 +8,8 @@ costs one ``argmax`` and no copy.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 
@@ -31,28 +34,66 @@ def check_strictness(value: float) -> float:
     return v
 
 
-def check_sampling(temperature: float, top_p: float) -> None:
-    if not temperature >= 0:
-        raise EdgeSafeError(f"temperature must be >= 0, got {temperature}")
-    if not 0 < top_p <= 1:
-        raise EdgeSafeError(f"top_p must be in (0, 1], got {top_p}")
+@dataclass(frozen=True)
+class Sampling:
+    """How a reply's tokens are chosen, with llama-cpp-python's keyword names and meanings.
+
+    ``temperature == 0`` is greedy (``top_p``, ``top_k`` and ``min_p`` then play no part, as in
+    llama.cpp); ``repeat_penalty`` (1 = off) divides a positive logit, or multiplies a negative
+    one, of every token among the reply's last ``repeat_last_n`` tokens, greedy or not."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0  # nucleus: the smallest set of tokens holding this much probability
+    top_k: int = 0  # only the k most likely tokens (0 = all)
+    min_p: float = 0.0  # only tokens at least this fraction as likely as the most likely one
+    repeat_penalty: float = 1.0
+    repeat_last_n: int = 64  # how many of the reply's latest tokens the penalty looks at
+
+    def __post_init__(self):
+        checks = [("temperature", self.temperature >= 0, ">= 0"), ("top_p", 0 < self.top_p <= 1, "in (0, 1]"),
+                  ("min_p", 0 <= self.min_p <= 1, "in [0, 1]"), ("repeat_penalty", self.repeat_penalty > 0, "> 0")]
+        for name, ok, want in checks:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not ok:
+                raise EdgeSafeError(f"{name} must be a number {want}, got {value!r}")
+        for name in ("top_k", "repeat_last_n"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise EdgeSafeError(f"{name} must be a whole number >= 0, got {value!r}")
+
+    def penalise(self, logits: np.ndarray, history: Sequence[int]) -> np.ndarray:
+        """``logits`` with the repeat penalty applied over ``history`` (a copy; the same array when off)."""
+        recent = history[-self.repeat_last_n:] if self.repeat_last_n else ()
+        if self.repeat_penalty == 1.0 or not len(recent):
+            return logits
+        ids = np.unique(np.asarray(recent, dtype=np.int64))
+        out = np.array(logits, dtype=np.float32)
+        vals = out[ids]
+        out[ids] = np.where(vals > 0, vals / self.repeat_penalty, vals * self.repeat_penalty)
+        return out
+
+    def pick(self, logits: np.ndarray, rng: np.random.Generator) -> int:
+        """Greedy (argmax) when ``temperature == 0``; otherwise top-k, min-p, top-p, then sample."""
+        if self.temperature == 0:
+            return int(np.argmax(logits))
+        z = logits.astype(np.float64) / self.temperature  # (n_vocab,)
+        z -= z.max()
+        p = np.exp(z)
+        if self.top_k:
+            p[np.argpartition(-p, min(self.top_k, len(p)) - 1)[self.top_k:]] = 0.0
+        if self.min_p:
+            p[p < self.min_p] = 0.0  # p is relative to the most likely token (z.max() == 0)
+        p /= p.sum()
+        if self.top_p < 1.0:
+            order = _most_likely(p, self.top_p)
+            keep = int(np.searchsorted(np.cumsum(p[order]), self.top_p)) + 1  # smallest set with mass >= top_p
+            ids = order[: min(keep, len(order))]
+            q = p[ids] / p[ids].sum()
+            return int(ids[rng.choice(len(ids), p=q)])
+        return int(min(np.searchsorted(np.cumsum(p), rng.random()), len(p) - 1))
 
 
-def sample(logits: np.ndarray, temperature: float, top_p: float, rng: np.random.Generator) -> int:
-    """Greedy (argmax) when ``temperature == 0``; otherwise sample from softmax(logits / T), top-p."""
-    if temperature == 0:
-        return int(np.argmax(logits))
-    z = logits.astype(np.float64) / temperature  # (n_vocab,)
-    z -= z.max()
-    p = np.exp(z)
-    p /= p.sum()
-    if top_p < 1.0:
-        order = _most_likely(p, top_p)
-        keep = int(np.searchsorted(np.cumsum(p[order]), top_p)) + 1  # smallest set with mass >= top_p
-        ids = order[: min(keep, len(order))]
-        q = p[ids] / p[ids].sum()
-        return int(ids[rng.choice(len(ids), p=q)])
-    return int(min(np.searchsorted(np.cumsum(p), rng.random()), len(p) - 1))
+GREEDY = Sampling()
 
 
 def _most_likely(p: np.ndarray, mass: float, k: int = 1024) -> np.ndarray:

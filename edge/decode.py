@@ -1,0 +1,328 @@
+"""The per-token state machines of a request: one object per request, fed one logits row per step.
+
+The batching engine (:mod:`edge_safe.engine`) is the only thing that decodes; it feeds every running
+request's policy the logits of its sequence's last position and decodes what the policy returns:
+
+- a token id: decode it at the next position;
+- ``None``: the request is over;
+- :class:`Reload`: put another request's prefix and prompt into this request's sequence and feed the
+  policy the logits of its last prompt token (the exact-refusal choice among several active
+  constraints asks each one alone); ``save=True`` first snapshots the sequence, so that
+- :class:`Resume` can put it back and decode a token there.
+
+:class:`Reply` is generation (sampling, repeat penalty, ``strictness``, stop strings, exact refusals,
+the stream of text pieces); :class:`Margin`, :class:`FirstLogits` and :class:`Forced` are the
+evaluation probes (:mod:`edge_safe.probe`). One :class:`Request` is what the facade prepares
+(:meth:`EdgeSafe.prepare <edge_safe.runtime.EdgeSafe.prepare>`) and every policy decodes.
+"""
+from __future__ import annotations
+
+import codecs
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+
+from edge_safe.refusals import RefusalGuide, Sequences, opener_margin
+from edge_safe.sampling import Sampling
+
+
+@dataclass
+class RequestStats:
+    """What one request cost; it comes back with the request (``Job.stats``, a reply's ``timings``)."""
+
+    tokens: list[str]  # active constraints, bank order
+    mode: str | None
+    prefix_positions: int  # positions taken by injected shallow vectors (BOS not counted)
+    prompt_tokens: int  # BOS + conversation text tokens
+    deep_cells: int = 0  # KV cells written for deep control tokens (they take no position and no prefill)
+    prefix_source: str = ""  # "reused" (already in the sequence) | "cache" (snapshot restored) | "built"
+    prefilled_tokens: int = 0  # conversation tokens decoded for this request (the rest were in KV)
+    completion_tokens: int = 0
+    ttft_s: float = 0.0  # request prepared -> first generated token chosen
+    decode_s: float = 0.0  # first -> last generated token
+    finish_reason: str | None = None
+    refusal: str | None = None  # the token whose refusal text was written exactly (None: no refusal)
+
+    def timings(self) -> dict:
+        """llama-server's ``timings`` names for what this request cost."""
+        return {"prompt_n": self.prompt_tokens, "prompt_prefilled_n": self.prefilled_tokens,
+                "prefix_source": self.prefix_source, "predicted_n": self.completion_tokens,
+                "ttft_ms": round(self.ttft_s * 1e3, 3), "predicted_ms": round(self.decode_s * 1e3, 3)}
+
+
+@dataclass
+class Request:
+    """A checked request: what to put in a sequence (prefix composition, prompt) and how to answer."""
+
+    constraints: list[str]
+    mode: str | None
+    key: tuple[str, ...]  # prefix composition: the injected names in layout order
+    vectors: np.ndarray  # (n_vectors, n_embd) shallow vectors decoded after BOS
+    prompt: list[int]  # conversation tokens after the prefix
+    stops: tuple[str, ...] = ()
+    t_call: float = field(default_factory=time.perf_counter)
+    strictness: float = 0.0  # added to the refusal openers' logits until the reply's first visible token
+    openers: list[int] = field(default_factory=list)  # those token ids (empty: no bias applies)
+    refusals: Sequences = field(default_factory=list)  # refusals a reply opening like one is finished as
+    deep: tuple[np.ndarray, np.ndarray] | None = None  # deep entries' (keys, values), written at position 0
+    alone: Callable[[str], "Request"] | None = None  # this request with one of its constraints active alone
+    stats: RequestStats = field(init=False)
+
+    def __post_init__(self):
+        self.stats = RequestStats(list(self.constraints), self.mode, len(self.vectors), 1 + len(self.prompt),
+                                  deep_cells=self.n_deep)
+
+    @property
+    def n_deep(self) -> int:
+        return 0 if self.deep is None else len(self.deep[0])
+
+    @property
+    def n_prefix(self) -> int:
+        """Positions before the prompt: BOS and the shallow vectors (deep cells take none)."""
+        return 1 + len(self.vectors)
+
+
+@dataclass
+class Reload:
+    """Put ``request``'s prefix and prompt into the sequence (snapshotting it first when ``save``)."""
+
+    request: Request
+    save: bool = False
+
+
+@dataclass
+class Resume:
+    """Restore the snapshot taken by ``Reload(save=True)`` and decode ``token`` at its next position."""
+
+    token: int
+
+
+Step = "int | Reload | Resume | None"
+
+
+class StopFilter:
+    """Turns token bytes into reply text pieces whose concatenation is the cleaned reply.
+
+    UTF-8 is decoded incrementally (a character split over tokens is emitted once complete); text
+    that may be the start of a stop string, leading whitespace and trailing whitespace are held back
+    until the next piece decides them.
+    """
+
+    def __init__(self, stops: Sequence[str]):
+        self.stops = tuple(s for s in stops if s)
+        self.raw = ""
+        self.emitted = 0  # raw[:emitted] has been accounted for (emitted or skipped as leading space)
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._longest = max((len(s) for s in self.stops), default=0)
+
+    def feed(self, data: bytes) -> tuple[str, bool]:
+        """Add one token's bytes; returns (text safe to emit, stopped)."""
+        return self._add(self._utf8.decode(data))
+
+    def finish(self) -> str:
+        """Flush at the end of generation (an incomplete UTF-8 tail becomes U+FFFD)."""
+        piece, stopped = self._add(self._utf8.decode(b"", final=True))
+        if stopped:
+            return piece
+        return piece + self._take(len(self.raw.rstrip()))
+
+    def _add(self, text: str) -> tuple[str, bool]:
+        if not text:
+            return "", False
+        search_from = max(0, len(self.raw) - self._longest)
+        self.raw += text
+        cut = min((i for i in (self.raw.find(s, search_from) for s in self.stops) if i != -1), default=-1)
+        if cut != -1:
+            self.raw = self.raw[:cut]
+            return self._take(len(self.raw.rstrip())), True
+        hold = max((k for s in self.stops for k in range(1, len(s)) if self.raw.endswith(s[:k])), default=0)
+        return self._take(len(self.raw[: len(self.raw) - hold].rstrip())), False
+
+    def _take(self, end: int) -> str:
+        if self.emitted == 0:  # still inside the leading whitespace
+            stripped = self.raw.lstrip()
+            if not stripped:
+                return ""
+            self.emitted = len(self.raw) - len(stripped)
+        if end <= self.emitted:
+            return ""
+        piece, self.emitted = self.raw[self.emitted:end], end
+        return piece
+
+
+class _Choice:
+    """Which of several active constraints a refusal names: the one that, active alone (same mode, same
+    conversation), refuses the request most surely (largest refusal-opener margin; bank order breaks ties)."""
+
+    def __init__(self, req: Request, names: list[str], logits: np.ndarray, pos: int, openers: Callable):
+        self.subs = [req.alone(n) for n in names]
+        self.names, self.logits, self.pos, self.openers = names, np.array(logits), pos, openers
+        self.margins: list[float] = []
+
+    def next_request(self) -> Request | None:
+        return self.subs[len(self.margins)] if len(self.margins) < len(self.subs) else None
+
+    def add(self, logits: np.ndarray) -> None:
+        name = self.names[len(self.margins)]
+        self.margins.append(opener_margin(logits, np.asarray(self.openers([name]), dtype=np.int64))[0])
+
+    def best(self) -> str:
+        return self.names[int(np.argmax(self.margins))]  # first of equal margins: bank order
+
+
+class Reply:
+    """One generation: sampling, repeat penalty, ``strictness``, stop strings and exact refusals.
+
+    The refuse/answer decision does not depend on sampling: until the reply's first visible token the
+    token is chosen greedily among the blank tokens and the refusal openers; if the greedy choice is
+    a visible token that opens no refusal, the reply answers, and that token is sampled with the
+    openers masked. Greedy sampling gives exactly the argmax reply. ``emit(piece)`` receives the text
+    pieces (they join to the cleaned reply); ``until(text)`` ends the reply once it returns True.
+    """
+
+    def __init__(self, req: Request, model, sampling: Sampling, rng: np.random.Generator, max_tokens: int,
+                 n_ctx: int, emit: Callable[[str], None], openers: Callable[[Sequence[str]], list[int]],
+                 until: Callable[[str], bool] | None = None):
+        self.req, self.st, self.model, self.n_ctx = req, req.stats, model, n_ctx
+        self.sampling, self.rng, self.max_tokens = sampling, rng, max_tokens
+        self.openers = openers
+        self.out = StopFilter(req.stops)
+        self.guide = RefusalGuide(req.refusals) if req.refusals else None
+        self.decision = np.asarray(sorted(set(req.openers) | (self.guide.openers if self.guide else set())),
+                                   dtype=np.int64)  # tokens that open a refusal
+        self.deciding = True  # until the reply's first visible token
+        self.history: list[int] = []  # the reply's tokens, for the repeat penalty
+        self.st.finish_reason = "length"
+        self.t_first: float | None = None
+        self._emit, self.until, self.text, self.halted = emit, until, "", False
+        self.choice: _Choice | None = None
+        self.value: str | None = None
+
+    def emit(self, piece: str) -> None:
+        if piece and not self.halted:
+            self.text += piece
+            self._emit(piece)
+            if self.until is not None and self.until(self.text):
+                self.halted = True  # the caller has what it needs: stop here, no tail
+
+    def feed(self, logits: np.ndarray, pos: int):
+        """Choose what comes after ``logits`` (the sequence holds ``pos`` positions)."""
+        if self.choice is not None:  # a candidate constraint's logits, alone
+            self.choice.add(logits)
+            sub = self.choice.next_request()
+            if sub is not None:
+                return Reload(sub)
+            self.guide.keep(self.choice.best())
+            logits, pos, self.choice = self.choice.logits, self.choice.pos, None
+            return self._resume(self._choose(logits, pos))
+        guide = self.guide
+        if guide is not None and guide.state == "opened":
+            names = guide.open(logits)
+            if len(names) > 1 and self.req.alone is not None:
+                self.choice = _Choice(self.req, names, logits, pos, self.openers)
+                return Reload(self.choice.next_request(), save=True)
+        return self._choose(logits, pos)
+
+    @staticmethod
+    def _resume(step):
+        return Resume(step) if isinstance(step, int) else step
+
+    def _pick(self, logits: np.ndarray) -> int:
+        req = self.req
+        if self.deciding and len(self.decision):
+            if req.openers and req.strictness:
+                logits = logits.copy()  # llama.cpp's buffer stays as decoded
+                logits[req.openers] += req.strictness
+            best = int(np.argmax(logits))  # the greedy choice decides: refusal, blank, or answer
+            if self.sampling.temperature == 0 or best in self.decision or not self.model.token_to_piece(best).strip():
+                return best
+            logits = np.array(logits, dtype=np.float32)  # an answer: its first token sampled, no refusal opener
+            logits[self.decision] = -np.inf
+            return self.sampling.pick(logits, self.rng)
+        return self.sampling.pick(self.sampling.penalise(logits, self.history), self.rng)
+
+    def _choose(self, logits: np.ndarray, pos: int):
+        st, guide = self.st, self.guide
+        if guide is not None:
+            logits = guide.constrain(logits)  # a masked copy while the reply is on a refusal
+        tok = self._pick(logits)
+        if self.t_first is None:
+            self.t_first = time.perf_counter()
+            st.ttft_s = self.t_first - self.req.t_call
+        if self.model.is_eog(tok):
+            st.finish_reason = "stop"
+            return self._end()
+        st.completion_tokens += 1
+        self.history.append(tok)
+        raw = self.model.token_to_piece(tok)
+        visible = bool(raw.strip())
+        self.deciding = self.deciding and not visible
+        piece, stopped = self.out.feed(raw)
+        self.emit(piece)
+        if guide is not None and guide.step(tok, visible):
+            st.refusal, stopped = guide.refusal, True  # the refusal is complete: the reply ends with it
+        rest = guide.remaining() if guide is not None and not stopped else None
+        if rest is not None:  # one refusal left: written out, no decoding needed
+            room = self.max_tokens - st.completion_tokens
+            for t in rest[:room]:
+                st.completion_tokens += 1
+                self.emit(self.out.feed(self.model.token_to_piece(t))[0])
+            if len(rest) <= room:
+                st.refusal, st.finish_reason = guide.refusal, "stop"
+            return self._end()
+        if stopped:
+            st.finish_reason = "stop"
+            return self._end()
+        if self.halted or st.completion_tokens >= self.max_tokens or pos >= self.n_ctx:
+            return self._end()  # "length": the budget or the context is used up
+        return tok
+
+    def _end(self) -> None:
+        if not self.halted:
+            self.emit(self.out.finish())
+        self.st.decode_s = time.perf_counter() - (self.t_first or time.perf_counter())
+        self.value = self.text
+        return None
+
+
+class Margin:
+    """How far a request is from being refused, in logits: the best refusal-opener logit minus the best
+    other logit at the first reply token, maximised over the blank tokens greedy decoding puts first
+    (at most ``max_blank``), because ``strictness`` stays on until the first visible token."""
+
+    def __init__(self, model, openers: Sequence[int], max_blank: int):
+        self.model, self.idx, self.max_blank = model, np.asarray(openers, dtype=np.int64), max_blank
+        self.j, self.value = 0, -np.inf
+
+    def feed(self, logits: np.ndarray, pos: int) -> int | None:
+        margin, other = opener_margin(logits, self.idx)
+        self.value = max(self.value, margin)
+        if self.j == self.max_blank or self.model.is_eog(other) or self.model.token_to_piece(other).strip():
+            return None  # the greedy reply (below the threshold) starts with a visible token or ends
+        self.j += 1
+        return other
+
+
+class FirstLogits:
+    """The first reply token's logits (a copy)."""
+
+    value: np.ndarray | None = None
+
+    def feed(self, logits: np.ndarray, pos: int) -> None:
+        self.value = np.array(logits)
+        return None
+
+
+class Forced:
+    """Teacher-forced logits (len(ids), n_vocab): row j predicts ids[j] after the prompt and ids[:j]."""
+
+    def __init__(self, ids: Sequence[int], n_vocab: int):
+        self.ids, self.j = list(ids), 0
+        self.value = np.empty((len(self.ids), n_vocab), dtype=np.float32)
+
+    def feed(self, logits: np.ndarray, pos: int) -> int | None:
+        self.value[self.j] = logits
+        self.j += 1
+        return self.ids[self.j - 1] if self.j < len(self.ids) else None
