@@ -253,7 +253,11 @@ class Benchmark:
             dict.fromkeys(",".join(c.constraints) or "none" for c in self.comps.values()))
         ccfg = ConcurrencyConfig(levels=tuple(cfg.concurrency), requests=cfg.concurrency_requests,
                                  max_tokens=max(cfg.max_tokens, 16), rounds=1 if cfg.quick else 2, compositions=mix)
-        return run_concurrency(self.es, ccfg, progress=lambda what: bar.set_description(f"concurrency: {what}"))
+        from edge_safe.runtime import EdgeSafe
+
+        with EdgeSafe(self.model_path, self.bank_path, n_ctx=cfg.n_ctx, n_gpu_layers=cfg.n_gpu_layers,
+                      n_threads=cfg.n_threads, n_batch=cfg.n_batch, n_parallel=max(ccfg.levels)) as es:
+            return run_concurrency(es, ccfg, progress=lambda what: bar.set_description(f"concurrency: {what}"))
 
     def _rss_specs(self) -> dict[str, dict]:
         common = {"model": str(self.model_path), "bank": str(self.bank_path), "n_ctx": self.cfg.n_ctx,

@@ -20,6 +20,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from edge_safe.convert.errors import EdgeSafeError
+
 QUESTIONS = (  # benign, answered at length by the base model
     "Tell me about the history of the bicycle.",
     "Describe how a steam engine works.",
@@ -50,22 +52,21 @@ def _tokens(label: str) -> str | None:
 
 
 def run_concurrency(es, cfg: ConcurrencyConfig, progress=None) -> dict:
-    """Measure one-at-a-time and every level; plain JSON (see the module doc)."""
-    from edge_safe.engine import Engine
-
+    """Measure one-at-a-time and every level on ``es`` (an EdgeSafe with ``n_parallel >= max(levels)``);
+    plain JSON (see the module doc)."""
+    if es.n_parallel < max(cfg.levels):
+        raise EdgeSafeError(f"the concurrency bench needs EdgeSafe(n_parallel={max(cfg.levels)}), got {es.n_parallel}")
     reqs = request_list(cfg)
     tick = progress or (lambda what: None)
-    with Engine(es, max(cfg.levels)) as engine:
-        for q, lb in dict.fromkeys(reqs):  # warm-up: every composition's prefix in both snapshot caches
-            es.generate(q, tokens=_tokens(lb), max_tokens=2)
-            engine.generate(q, tokens=_tokens(lb), max_tokens=2)
-        samples: dict[str, list[dict]] = {}
-        for r in range(cfg.rounds):
-            tick(f"round {r + 1}/{cfg.rounds}: one at a time")
-            samples.setdefault("alone", []).append(_alone(es, reqs, cfg.max_tokens))
-            for c in cfg.levels:
-                tick(f"round {r + 1}/{cfg.rounds}: {c} clients")
-                samples.setdefault(str(c), []).append(_level(engine, reqs, c, cfg.max_tokens))
+    for q, lb in dict.fromkeys(reqs):  # warm-up: every composition's prefix in the snapshot cache
+        "".join(es.submit(q, tokens=_tokens(lb), max_tokens=2))
+    samples: dict[str, list[dict]] = {}
+    for r in range(cfg.rounds):
+        tick(f"round {r + 1}/{cfg.rounds}: one at a time")
+        samples.setdefault("alone", []).append(_alone(es, reqs, cfg.max_tokens))
+        for c in cfg.levels:
+            tick(f"round {r + 1}/{cfg.rounds}: {c} clients")
+            samples.setdefault(str(c), []).append(_level(es, reqs, c, cfg.max_tokens))
     alone = _pool(samples.pop("alone"))
     levels = {c: _pool(rows) for c, rows in samples.items()}
     base_tps, base_ttft = levels[str(min(cfg.levels))]["tokens_per_s"], levels[str(min(cfg.levels))]["ttft_s"]["p50"]
@@ -82,13 +83,14 @@ def _alone(es, reqs, max_tokens) -> dict:
     ttft, tokens = [], 0
     t0 = time.perf_counter()
     for q, lb in reqs:
-        es.generate(q, tokens=_tokens(lb), max_tokens=max_tokens)
-        ttft.append(es.last_stats.ttft_s)
-        tokens += es.last_stats.completion_tokens
+        job = es.submit(q, tokens=_tokens(lb), max_tokens=max_tokens)
+        "".join(job)
+        ttft.append(job.stats.ttft_s)
+        tokens += job.stats.completion_tokens
     return _row(time.perf_counter() - t0, tokens, ttft, len(reqs))
 
 
-def _level(engine, reqs, clients: int, max_tokens: int) -> dict:
+def _level(es, reqs, clients: int, max_tokens: int) -> dict:
     todo = list(enumerate(reqs))
     lock = threading.Lock()
     stats = [None] * len(reqs)
@@ -101,14 +103,14 @@ def _level(engine, reqs, clients: int, max_tokens: int) -> dict:
                     return
                 i, (q, lb) = todo.pop(0)
             try:
-                job = engine.submit(q, tokens=_tokens(lb), max_tokens=max_tokens)
+                job = es.submit(q, tokens=_tokens(lb), max_tokens=max_tokens)
                 "".join(job)
                 stats[i] = job.stats
             except BaseException as e:  # reported, not hidden: the bench fails
                 errors.append(e)
                 return
 
-    steps0 = engine.steps
+    steps0 = es.engine.steps
     t0 = time.perf_counter()
     threads = [threading.Thread(target=client) for _ in range(clients)]
     for t in threads:
@@ -119,7 +121,7 @@ def _level(engine, reqs, clients: int, max_tokens: int) -> dict:
     if errors:
         raise errors[0]
     row = _row(wall, sum(s.completion_tokens for s in stats), [s.ttft_s for s in stats], len(reqs))
-    row["decode_steps"] = engine.steps - steps0
+    row["decode_steps"] = es.engine.steps - steps0
     return row
 
 
@@ -222,7 +224,7 @@ def main(argv=None) -> int:
     over = {"requests": args.requests, "max_tokens": args.max_tokens, "rounds": args.rounds,
             "levels": tuple(int(x) for x in args.levels.split(",")) if args.levels else None}
     cfg = ConcurrencyConfig(**{**asdict(cfg), **{k: v for k, v in over.items() if v is not None}})
-    with EdgeSafe(n_threads=args.threads, n_ctx=512) as es:
+    with EdgeSafe(n_threads=args.threads, n_ctx=512, n_parallel=max(cfg.levels)) as es:
         res = run_concurrency(es, cfg, progress=lambda what: print(f"measuring {what}", file=sys.stderr))
     res["command"] = " ".join(["python -m edge_safe.bench.concurrency", *(argv if argv is not None else sys.argv[1:])])
     out = make_out_dir(args.out)

@@ -125,7 +125,7 @@ def _child(spec: dict) -> dict:
 
         es = EdgeSafe(spec["model"], spec["bank"], **kw)
         loaded = _rss("VmRSS")
-        es.generate(spec["question"], tokens=spec["tokens"], mode=spec["mode"], max_tokens=spec["max_tokens"])
+        "".join(es.submit(spec["question"], tokens=spec["tokens"], mode=spec["mode"], max_tokens=spec["max_tokens"]))
         extra = {"snapshot_bytes": es.prefix_cache.nbytes}
     else:
         from edge_safe.llama import plain_llama

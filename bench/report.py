@@ -240,10 +240,10 @@ def _time_split(r: dict) -> list[str]:
     return lines
 
 
-SPLIT_NAMES = {"kv_clear_s": "KV clear", "bos_s": "BOS decode", "kv_write_s": "BOS + deep cells written to KV",
+SPLIT_NAMES = {"bos_s": "BOS decode", "kv_write_s": "BOS + deep cells written to KV",
                "vectors_s": "vector prefill",
                "snapshot_s": "snapshot save", "restore_s": "snapshot restore",
-               "restore_clear_s": "(of which KV clear)", "prompt_prefill_s": "prompt prefill + first logits",
+               "prompt_prefill_s": "prompt prefill + first logits",
                "other_s": "render, tokenize, sampling, Python"}
 
 
@@ -285,9 +285,8 @@ def _miss_notes(r: dict) -> list[str]:
         elif i == 3:
             lb = t["composition"]
             w = comps[lb]["time_split_warm_s"]
-            notes.append(f"switch: the restore of `{lb}` took {w['restore_s'] * 1e3:.2f} ms, of which "
-                         f"{w.get('restore_clear_s', 0) * 1e3:.2f} ms is `llama_memory_clear(data=true)` zeroing "
-                         "the whole KV buffer before `llama_state_seq_set_data` (see bench/README.md).")
+            notes.append(f"switch: the restore of `{lb}` (`llama_memory_seq_rm` of the sequence, then "
+                         f"`llama_state_seq_set_data`) took {w['restore_s'] * 1e3:.2f} ms.")
         elif i == 4:
             notes.append(f"bank load: {r['bank']['file_bytes']} bytes parsed and validated by `TokenBank.load`.")
         elif i == 5:
@@ -304,7 +303,7 @@ def _method(r: dict) -> list[str]:
         "One process loads edge-safe and a bare `llama_cpp.Llama` on the same GGUF with the same n_ctx, "
         "n_batch and threads. Each round runs every (variant, composition) once, in an order shuffled with a "
         "seeded RNG, on the round's prompt, so machine noise hits every variant alike; warm-up rounds are "
-        "discarded. TTFT is call → first token: edge-safe `generate` (`last_stats.ttft_s`, KV reset before "
+        "discarded. TTFT is call → first token: edge-safe's request (`job.stats.ttft_s`, KV reset before "
         "each request), `Llama.create_completion(stream=True)` to its first chunk. Cold: the composition's "
         "snapshot is not cached and BOS + vectors + prompt are prefilled (the snapshot is saved, as in "
         "service); warm: the snapshot is restored and the prompt prefilled. Decode: a fixed greedy "

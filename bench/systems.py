@@ -5,8 +5,8 @@ evict or prime a prefix), times exactly one request and returns a dict of
 figures. Nothing here orders or repeats measurements; :mod:`.benchmark` does.
 
 - :class:`EdgeBench` -- the runtime (:class:`~edge_safe.runtime.EdgeSafe`) per composition:
-  TTFT cold / warm / with the prefix held, forced greedy decode, and a
-  :class:`Probe` that splits each request into its native steps.
+  TTFT cold / warm / with the prefix held, forced greedy decode, each request split into the native
+  steps the engine timed for it.
 - :class:`LlamaBench` -- bare llama-cpp-python ``Llama`` (no rules), the rules as
   a text system line (cold, and warm through ``Llama``'s own KV prefix reuse), and
   a two-call guard (classify, then answer).
@@ -19,6 +19,7 @@ from typing import Callable, Sequence
 
 from edge_safe.convert.errors import EdgeSafeError
 from edge_safe.convert.layout import prefix_names
+from edge_safe.probe import Probe
 
 PRIME_QUESTION = "Who wrote Hamlet?"  # primes caches and slots; never a measured prompt
 PRIME_SYSTEM = "Note."  # held prompt starts with this, so the next request shares no prompt token with it
@@ -44,45 +45,9 @@ class Composition:
         return {"tokens": list(self.constraints) or None, "mode": self.mode}
 
 
-class Probe:
-    """Wall time of the runtime's native steps per request (restore, prefill, snapshot).
-
-    ``RequestStats`` gives TTFT but not its parts, so the probe wraps the methods of
-    the EdgeSafe's ``LlamaModel`` instance (about 1 µs per call) and logs
-    ``(method, n, start, end)``; :meth:`close` removes the wrappers.
-    """
-
-    METHODS = ("load_seq", "save_seq", "decode_tokens", "decode_embeddings", "clear", "truncate")
-
-    def __init__(self, es):
-        self._llm = es._llm  # noqa: SLF001 - the one place the bench reaches into the runtime
-        self.events: list[tuple[str, int, float, float]] = []
-        for name in self.METHODS:
-            setattr(self._llm, name, self._wrap(name, getattr(self._llm, name)))
-
-    def _wrap(self, name: str, fn: Callable) -> Callable:
-        def timed(*args, **kwargs):
-            t0 = time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                n = len(args[0]) if name.startswith("decode") else 0
-                self.events.append((name, n, t0, time.perf_counter()))
-        return timed
-
-    def start(self) -> None:
-        self.events.clear()
-
-    def seconds(self, name: str) -> float:
-        return sum(e[3] - e[2] for e in self.events if e[0] == name)
-
-    def close(self) -> None:
-        for name in self.METHODS:
-            self._llm.__dict__.pop(name, None)
-
-
 class EdgeBench:
-    """The edge-safe runtime, measured per composition."""
+    """The edge-safe runtime, measured per composition. Each request's native steps (restore, KV write,
+    prefill, ...) are timed by the engine itself and come back in its ``stats.steps``."""
 
     def __init__(self, es, decode_messages: list[dict], continuation: Sequence[int]):
         self.es = es
@@ -91,7 +56,7 @@ class EdgeBench:
         self.continuation = list(continuation)  # forced greedy generation: N + 1 token ids
 
     def close(self) -> None:
-        self.probe.close()
+        pass
 
     def ttft(self, comp: Composition, prompt: str, cold: bool) -> dict:
         """Call -> first token with the KV reset; cold: prefix built (not cached), warm: restored from the LRU."""
@@ -107,24 +72,21 @@ class EdgeBench:
         for k, blob in others.items():  # put the other compositions back, LRU order kept
             cache.put(k, blob)
         _expect(st, "built" if cold else "cache", comp, "cold" if cold else "warm")
-        p, decodes = self.probe, [e for e in self.probe.events if e[0] == "decode_tokens"]
-        parts = {"prompt_prefill_s": decodes[-1][3] - decodes[-1][2]}  # the prompt batch, with the first logits
+        steps = st.steps
+        parts = {"prompt_prefill_s": steps.get("prompt", 0.0)}  # the prompt batch, with the first logits
         if cold and st.deep_cells:  # deep cells written with BOS (no decode), shallow vectors, snapshot, prompt
-            parts.update(kv_write_s=p.seconds("load_seq"), vectors_s=p.seconds("decode_embeddings"),
-                         snapshot_s=p.seconds("save_seq"))
+            parts.update(kv_write_s=steps.get("kv_write", 0.0), vectors_s=steps.get("vectors", 0.0),
+                         snapshot_s=steps.get("snapshot", 0.0))
             positions = st.prefix_positions + st.prefilled_tokens  # decoded positions: BOS is written with the cells
-        elif cold:  # clear, BOS, vectors, snapshot, prompt
-            parts.update(kv_clear_s=p.seconds("clear"), bos_s=decodes[0][3] - decodes[0][2],
-                         vectors_s=p.seconds("decode_embeddings"), snapshot_s=p.seconds("save_seq"))
+        elif cold:  # BOS, vectors, snapshot, prompt
+            parts.update(bos_s=steps.get("bos", 0.0), vectors_s=steps.get("vectors", 0.0),
+                         snapshot_s=steps.get("snapshot", 0.0))
             positions = 1 + st.prefix_positions + st.prefilled_tokens
-        else:  # restore (KV clear + set_data), prompt
-            parts["restore_s"] = p.seconds("load_seq")
+        else:  # restore (seq_rm + set_data), prompt
+            parts["restore_s"] = steps.get("restore", 0.0)
             positions = st.prefilled_tokens
-        out = {"ttft_s": st.ttft_s, "positions": positions, "prompt_tokens": st.prefilled_tokens, **parts,
-               "other_s": st.ttft_s - sum(parts.values())}  # render, tokenize, sampling, Python
-        if not cold:
-            out["restore_clear_s"] = p.seconds("clear")  # part of restore_s
-        return out
+        return {"ttft_s": st.ttft_s, "positions": positions, "prompt_tokens": st.prefilled_tokens, **parts,
+                "other_s": st.ttft_s - sum(parts.values())}  # render, tokenize, queue, sampling, Python
 
     def stay(self, comp: Composition, prompt: str) -> dict:
         """Call -> first token when the previous request had the same composition (prefix held in KV)
@@ -136,26 +98,28 @@ class EdgeBench:
         if st.prefilled_tokens != st.prompt_tokens - 1:
             raise EdgeSafeError(f"bench: 'stay' reused {st.prompt_tokens - 1 - st.prefilled_tokens} prompt tokens; "
                                 "expected none (the priming prompt should share no token)")
-        return {"ttft_s": st.ttft_s, "positions": st.prefilled_tokens, "truncate_s": self.probe.seconds("truncate")}
+        return {"ttft_s": st.ttft_s, "positions": st.prefilled_tokens, "truncate_s": st.steps.get("truncate", 0.0)}
 
     def decode(self, comp: Composition) -> dict:
         """Tokens/s over a fixed greedy generation: the continuation's tokens decoded one at a
-        time after the prompt (``forced_logits``: each token alone, as in generation)."""
+        time after the prompt (teacher-forced: each token alone, as in generation)."""
         self.es.reset()
-        self.probe.start()
-        self.es.forced_logits(self.decode_messages, self.continuation, **comp.request())
+        job = self.probe.forced_logits(self.decode_messages, self.continuation, wait=False, **comp.request())
+        job.result()
         t_end = time.perf_counter()
         n = len(self.continuation) - 1
-        steps = [e for e in self.probe.events if e[0] == "decode_tokens"]
-        if len(steps) < n + 1 or any(e[1] != 1 for e in steps[-n:]):
-            raise EdgeSafeError("bench: forced decoding did not run one token per step")
-        seconds = t_end - steps[-n - 1][3]  # from the end of the prompt prefill
+        st = job.stats
+        if st.t_prefilled <= 0:
+            raise EdgeSafeError("bench: the forced decode reported no prompt prefill")
+        seconds = t_end - st.t_prefilled  # from the end of the prompt prefill
         return {"tokens_per_s": n / seconds, "tokens": n, "decode_s": seconds}
 
     def _request(self, comp: Composition, prompt: str, system: str | None = None):
-        self.probe.start()
-        self.es.generate(prompt, max_tokens=1, system=system, **comp.request())
-        return self.es.last_stats
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+        job = self.es.submit(messages, max_tokens=1, **comp.request())
+        for _ in job:
+            pass
+        return job.stats
 
 
 def _expect(st, source: str, comp: Composition, what: str) -> None:

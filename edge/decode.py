@@ -44,6 +44,13 @@ class RequestStats:
     decode_s: float = 0.0  # first -> last generated token
     finish_reason: str | None = None
     refusal: str | None = None  # the token whose refusal text was written exactly (None: no refusal)
+    # seconds of each native step the engine ran for this request: restore, kv_write, bos, vectors, snapshot,
+    # truncate, prompt (decodes holding its prompt rows), decode (its one-token decodes); for benchmarks
+    steps: dict = field(default_factory=dict)
+    t_prefilled: float = 0.0  # perf_counter when its prompt was decoded (first logits)
+
+    def add_step(self, name: str, seconds: float) -> None:
+        self.steps[name] = self.steps.get(name, 0.0) + seconds
 
     def timings(self) -> dict:
         """llama-server's ``timings`` names for what this request cost."""

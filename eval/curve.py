@@ -1,8 +1,8 @@
 """The operating curve of a bank: defense against over-refusal as the refusal threshold moves.
 
 A bank decides at the first visible reply token: it refuses when a refusal opener
-of the active constraints (" Sorry", "Sorry"; ``EdgeSafe.refusal_openers``) beats
-every other token. The **margin** of a case (``EdgeSafe.refusal_margin``, through
+of the active constraints (" Sorry", "Sorry"; ``Probe.refusal_openers``) beats
+every other token. The **margin** of a case (``Probe.refusal_margin``, through
 the llama.cpp runtime) is that opener's logit minus the best other logit. The
 runtime's ``strictness`` s adds s to the openers' logits, so at strictness s a case
 is refused exactly when ``margin + s > 0``; sweeping s traces the whole trade-off the

@@ -78,7 +78,7 @@ class EvalConfig:
     seed: int = 0  # compositions, prompts and samples
     n_ctx: int = 1024  # context of each runtime (text rules of 7 categories take ~170 tokens)
     n_threads: int | None = None  # CPU threads (None: all cores)
-    parallel: int = 4  # cases decided at once on a batching engine (1: one at a time on the runtime itself)
+    parallel: int = 4  # sequences of the runtime decoding cases together (1: one at a time)
     n_gpu_layers: int = 0
     # the bank's runtime bias on the refusal opener (EdgeSafe strictness); logits-based figures (SAM, KL) ignore it
     strictness: float = 0.0
@@ -121,12 +121,13 @@ class Evaluator:
         self.bank_path = resolve_bank_path(cfg.bank) if es is None or cfg.bank else None
         self.model_path = es.model_path if es is not None else resolve_model_path(cfg.model)
         self._open = lambda bank, strictness=0.0: EdgeSafe(
-            model=self.model_path, bank=bank, n_ctx=cfg.n_ctx, n_gpu_layers=cfg.n_gpu_layers,
-            n_threads=cfg.n_threads, strictness=strictness, exact_refusals=cfg.exact_refusals)
+            model_path=self.model_path, bank=bank, n_ctx=cfg.n_ctx, n_gpu_layers=cfg.n_gpu_layers,
+            n_threads=cfg.n_threads, strictness=strictness, exact_refusals=cfg.exact_refusals,
+            n_parallel=cfg.parallel)
         self._owned: list = []
         self.es = es if es is not None else self._own(self._open(self.bank_path, cfg.strictness))
         self.bank: TokenBank = self.es.bank
-        self.run_ = Runner(self.bank, self.es.tokenize, progress, cfg.parallel)
+        self.run_ = Runner(self.bank, self.es.tokenize, progress)
         self.notes: list[str] = []
 
     def _own(self, es):
@@ -134,8 +135,7 @@ class Evaluator:
         return es
 
     def close(self) -> None:
-        """Close the engines, and the runtimes this evaluator opened (not one passed in)."""
-        self.run_.close()
+        """Close the runtimes this evaluator opened (not one passed in)."""
         for es in self._owned:
             es.close()
         self._owned.clear()
@@ -395,7 +395,7 @@ class Evaluator:
         bare = self.run_.request(none, ())
         base: dict[int, tuple[list[int], np.ndarray]] = {}
         for i in sorted({pi for _, pi in self.kl_pairs}):
-            text = self.es.generate(self.prompts[i].text, max_tokens=cfg.kl_tokens)
+            text = "".join(self.es.submit(self.prompts[i].text, max_tokens=cfg.kl_tokens))
             ids = self.es.tokenize(" " + text)[: cfg.kl_tokens] if text else []
             if ids:
                 base[i] = (ids, self.run_.logits(none, self.prompts[i].text, bare, ids, what="base answers"))

@@ -6,13 +6,11 @@ request: as bank tokens (``tokens``), as the rules written in a system line
 judges replies with early stopping, memoises identical requests and keeps the
 progress bar and timings.
 
-With ``parallel > 1`` the runner decides many cases at once: :meth:`Runner.prefetch` and
-:meth:`Runner.prefetch_margins` hand a whole list to an :class:`~edge_safe.engine.Engine` on the
-system's runtime (one per runtime, ``parallel`` sequences decoded together), each reply stopping
-as soon as its verdict is settled, and memoise the results; :meth:`Runner.decide` and
-:meth:`Runner.margin` then read them. Every case is still prefilled on its own from its
-composition's prefix, so each decision is the one-at-a-time decision up to llama.cpp's
-batch-dependent rounding (near-ties; eval/README.md).
+:meth:`Runner.prefetch` and :meth:`Runner.prefetch_margins` queue a whole list of cases at once on
+the system's runtime (its ``n_parallel`` sequences decode them together), each reply stopping as soon
+as its verdict is settled, and memoise the results; :meth:`Runner.decide` and :meth:`Runner.margin`
+then read them. Every request takes the one decode path of the runtime; a decision can move with the
+batch it was decoded in only at a near-tie (llama.cpp's batch-dependent rounding; eval/README.md).
 """
 from __future__ import annotations
 
@@ -26,6 +24,7 @@ import numpy as np
 from edge_safe.convert.bank import TokenBank, from_text_bank, from_text_token
 from edge_safe.convert.errors import EdgeSafeError
 from edge_safe.eval.metrics import Judge
+from edge_safe.probe import Probe
 
 
 @dataclass
@@ -39,7 +38,7 @@ class System:
 class Runner:
     """Requests to systems: verdicts with early stopping, and logits; memoised, timed, with a progress bar."""
 
-    def __init__(self, bank: TokenBank, tokenize, progress: bool = True, parallel: int = 1):
+    def __init__(self, bank: TokenBank, tokenize, progress: bool = True):
         refusals = bank.refusals()
         if not refusals:
             raise EdgeSafeError("the bank has no refusal texts, so refusals cannot be judged; "
@@ -51,13 +50,11 @@ class Runner:
         self.timing = {"decide": [0, 0.0], "logits": [0, 0.0]}
         self._memo: dict = {}
         self._bar = None
-        self.parallel = parallel
-        self._engines: dict = {}  # EdgeSafe -> Engine
 
     # -- requests ----------------------------------------------------------------------------
 
     def request(self, system: System, constraints: Sequence[str], mode: str | None = None) -> dict | None:
-        """generate() keyword arguments for a composition (and mode) on a system; None if it cannot express it."""
+        """Request fields for a composition (and mode) on a system; None if it cannot express it."""
         if system.via == "none":
             return {"tokens": None, "mode": None, "system": None} if mode is None else None
         if system.via == "tokens":
@@ -79,105 +76,79 @@ class Runner:
         key = self._key(system, prompt, req)
         if key not in self._memo:
             t0 = time.perf_counter()
-            stream = (_chat_pieces(system.es, prompt, self.max_tokens, req) if not isinstance(prompt, str)
-                      else system.es.generate(prompt, max_tokens=self.max_tokens, stream=True, **req))
-            self._memo[key] = self._judge(stream)
+            self._memo[key] = self._judge(self._submit(system, prompt, req))
             self._time("decide", t0)
         self.tick(what or system.name)
         return self._memo[key]
 
-    def prefetch(self, system: System, items: Sequence[tuple[str, dict]]) -> None:
-        """Decide every (prompt, request) not yet memoised at once on the engine (``parallel > 1``)."""
-        engine = self.engine(system)
-        if engine is None:
-            return
-        todo: dict[tuple, tuple[str, dict]] = {}
+    def prefetch(self, system: System, items: Sequence[tuple[object, dict]]) -> None:
+        """Queue every (prompt, request) not yet memoised at once, so the runtime's ``n_parallel``
+        sequences decide them together; :meth:`decide` then reads them."""
+        todo: dict[tuple, tuple[object, dict]] = {}
         for p, r in items:
-            if not isinstance(p, str):
-                continue  # conversations are decided one at a time (decide)
             k = self._key(system, p, r)
             if k not in self._memo:
                 todo.setdefault(k, (p, r))
         if not todo:
             return
         t0 = time.perf_counter()
-        settled = lambda text: self.judge.settled(text) is not None  # noqa: E731
-        with engine.together():  # the same batches on every run (reproducible figures)
-            jobs = [engine.generate(p, max_tokens=self.max_tokens, stream=True, until=settled, **r)
-                    for p, r in todo.values()]
+        with system.es.engine.together():  # the same batches on every run (reproducible figures)
+            jobs = [self._submit(system, p, r) for p, r in todo.values()]
         for k, job in zip(todo, jobs):
             self._memo[k] = self._judge(job)
         self.timing["decide"][0] += len(todo)
         self.timing["decide"][1] += time.perf_counter() - t0
 
-    def _judge(self, stream) -> tuple[str, str]:
-        text, verdict = "", None
+    def _submit(self, system: System, prompt, req: dict):
+        """The reply job of a request, ending as soon as its verdict is settled."""
+        settled = lambda text: self.judge.settled(text) is not None  # noqa: E731
+        return system.es.submit(_messages(prompt, req), tokens=req["tokens"], mode=req["mode"],
+                                max_tokens=self.max_tokens, until=settled)
+
+    def _judge(self, job) -> tuple[str, str]:
         try:
-            for piece in stream:
-                text += piece
-                verdict = self.judge.settled(text)
-                if verdict:
-                    break
+            text = "".join(job)
         finally:
-            stream.close()
-        return verdict or self.judge.verdict(text), text
+            job.close()
+        return self.judge.settled(text) or self.judge.verdict(text), text
 
     @staticmethod
     def _key(system: System, prompt, req: dict) -> tuple:
         return (system.name, _hashable(prompt), tuple(req["tokens"] or ()), req["mode"], req["system"])
 
-    def engine(self, system: System):
-        """The batching engine on the system's runtime (made on first use); None with ``parallel`` 1."""
-        if self.parallel <= 1:
-            return None
-        engine = self._engines.get(system.es)
-        if engine is None or engine.ctx.closed:
-            from edge_safe.engine import Engine
-
-            engine = self._engines[system.es] = Engine(system.es, self.parallel)
-        return engine
-
-    def close(self) -> None:
-        """Close the engines (before their runtimes)."""
-        for engine in self._engines.values():
-            engine.close()
-        self._engines.clear()
-
-    def logits(self, system: System, prompt: str, req: dict, continuation=None, what: str = "") -> np.ndarray:
+    def logits(self, system: System, prompt, req: dict, continuation=None, what: str = "") -> np.ndarray:
         """First-reply-token logits (n_vocab,), or teacher-forced logits (len, n_vocab) of a continuation."""
         t0 = time.perf_counter()
-        msgs = ([{"role": "system", "content": req["system"]}] if req["system"] else []) + (
-            [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt))
+        probe, msgs = Probe(system.es), _messages(prompt, req)
         if continuation is None:
-            out = system.es.first_token_logits(msgs, tokens=req["tokens"], mode=req["mode"])
+            out = probe.first_token_logits(msgs, tokens=req["tokens"], mode=req["mode"])
         else:
-            out = system.es.forced_logits(msgs, continuation, tokens=req["tokens"], mode=req["mode"])
+            out = probe.forced_logits(msgs, continuation, tokens=req["tokens"], mode=req["mode"])
         self._time("logits", t0)
         self.tick(what or system.name)
         return out
 
     def margin(self, system: System, prompt, constraints: Sequence[str], what: str = "") -> float:
-        """``EdgeSafe.refusal_margin`` of a prompt (or a conversation) under a composition (counted with
-        the logit requests)."""
+        """The refusal margin (:meth:`Probe.refusal_margin <edge_safe.probe.Probe.refusal_margin>`) of a
+        prompt (or a conversation) under a composition (counted with the logit requests)."""
         key = ("margin", system.name, _hashable(prompt), tuple(constraints))
         out = self._memo.get(key)  # prefetched
         if out is None:
             t0 = time.perf_counter()
-            out = system.es.refusal_margin(prompt, tokens=list(constraints))
+            out = Probe(system.es).refusal_margin(prompt, tokens=list(constraints))
             self._time("logits", t0)
         self.tick(what or system.name)
         return out
 
-    def prefetch_margins(self, system: System, items: Sequence[tuple[str, Sequence[str]]]) -> None:
-        """Every (prompt, constraints) margin at once on the engine (``parallel > 1``), for :meth:`margin`."""
-        engine = self.engine(system)
-        todo = [k for k in dict.fromkeys(("margin", system.name, p, tuple(c)) for p, c in items if isinstance(p, str))
-                if k not in self._memo]  # conversations: one at a time (margin)
-        if engine is None or not todo:
+    def prefetch_margins(self, system: System, items: Sequence[tuple[object, Sequence[str]]]) -> None:
+        """Every (prompt, constraints) margin queued at once, for :meth:`margin`."""
+        todo = {k: (p, c) for p, c in items if (k := ("margin", system.name, _hashable(p), tuple(c))) not in self._memo}
+        if not todo:
             return
         t0 = time.perf_counter()
-        with engine.together():  # the same batches on every run (reproducible figures)
-            jobs = [engine.refusal_margin(k[2], tokens=list(k[3]), wait=False) for k in todo]
+        probe = Probe(system.es)
+        with probe.together():  # the same batches on every run (reproducible figures)
+            jobs = [probe.refusal_margin(p, tokens=list(c), wait=False) for p, c in todo.values()]
         for k, job in zip(todo, jobs):
             self._memo[k] = job.result()
         self.timing["logits"][0] += len(todo)
@@ -219,17 +190,10 @@ def _hashable(prompt):
     return prompt if isinstance(prompt, str) else tuple((m["role"], m["content"]) for m in prompt)
 
 
-def _chat_pieces(es, messages, max_tokens: int, req: dict):
-    """The reply text pieces of a conversation (``EdgeSafe.chat`` streamed); closing stops generation."""
-    msgs = ([{"role": "system", "content": req["system"]}] if req["system"] else []) + list(messages)
-    chunks = es.chat(msgs, tokens=req["tokens"], mode=req["mode"], max_tokens=max_tokens, stream=True)
-    try:
-        for chunk in chunks:
-            piece = chunk["choices"][0]["delta"].get("content")
-            if piece:
-                yield piece
-    finally:
-        chunks.close()
+def _messages(prompt, req: dict) -> list[dict]:
+    """The conversation of a request: its system line (text-rules baseline), then the user request or turns."""
+    head = [{"role": "system", "content": req["system"]}] if req["system"] else []
+    return head + ([{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt))
 
 
 # --- banks for the baselines -------------------------------------------------------------------

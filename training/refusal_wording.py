@@ -37,7 +37,7 @@ def wording(bank_path: str, n: int = 160, seed: int = 7) -> dict:
         for i in range(n):
             order = min(1 + i % 4, len(cons))
             p = rng.choice(viol)
-            reply = es.generate(p.text, tokens=[p.category] + rng.sample([c for c in cons if c != p.category], order - 1),
+            reply = _text(es, p.text, tokens=[p.category] + rng.sample([c for c in cons if c != p.category], order - 1),
                                 max_tokens=16)
             verdict = judge.verdict(reply)
             who = es.bank.refusal_of(reply) if verdict == REFUSAL else None
@@ -45,10 +45,14 @@ def wording(bank_path: str, n: int = 160, seed: int = 7) -> dict:
             out["exact_refusal"] += verdict == REFUSAL
             out["own_category"] += who == p.category
             q = rng.choice(near)
-            reply = es.generate(q.text, tokens=[q.category] + rng.sample([c for c in cons if c != q.category], order - 1),
+            reply = _text(es, q.text, tokens=[q.category] + rng.sample([c for c in cons if c != q.category], order - 1),
                                 max_tokens=4)
             out["near_miss_refused"] += refusal_like({"verdict": judge.verdict(reply), "reply": reply})
     return out
+
+
+def _text(es, prompt: str, **request) -> str:
+    return es.create_completion(prompt, **request)["choices"][0]["text"]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -76,14 +76,16 @@ def _runtime(bank_path, model_path, cfg, split: str, cases, fp32: list[float]) -
     import numpy as np
     from tqdm.auto import tqdm
 
+    from edge_safe.probe import Probe
     from edge_safe.runtime import EdgeSafe
     from edge_safe.training.sampler import load_prompts
     from edge_safe.training.trainer import summarize
 
     prompts = load_prompts(cfg.data_dir or None, split, cfg.slices)
     keep = [i for i, c in enumerate(cases) if c.constraints and c.mode in ("positive", None)]
-    with EdgeSafe(model=model_path, bank=bank_path, n_ctx=1024) as es:
-        rt = [es.refusal_margin(prompts[cases[i].prompt].chat(), tokens=list(cases[i].constraints))
+    with EdgeSafe(model_path=model_path, bank=bank_path, n_ctx=1024) as es:
+        probe = Probe(es)
+        rt = [probe.refusal_margin(prompts[cases[i].prompt].chat(), tokens=list(cases[i].constraints))
               for i in tqdm(keep, desc="runtime", unit="case", file=sys.stderr)]
     sub = [cases[i] for i in keep]
     out = {k: v for k, v in summarize(sub, [m > 0 for m in rt], rt).items()

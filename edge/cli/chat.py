@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import click
 
 from edge_safe.convert.errors import EdgeSafeError
+from edge_safe.sampling import CHAT_MIN_P, CHAT_REPEAT_PENALTY, CHAT_TOP_K
 
 REPL_HELP = """\
 Commands:
@@ -53,6 +54,15 @@ def stdin_is_tty() -> bool:
               help="Sampling temperature; 0 is greedy and deterministic.")
 @click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0.0, 1.0, min_open=True),
               help="Nucleus sampling mass (with --temperature > 0).")
+@click.option("--top-k", default=CHAT_TOP_K, show_default=True, type=click.IntRange(min=0),
+              help="Sample among the k most likely tokens only (0: all; with --temperature > 0).")
+@click.option("--min-p", default=CHAT_MIN_P, show_default=True, type=click.FloatRange(0.0, 1.0),
+              help="Drop tokens less likely than this fraction of the most likely one (with --temperature > 0).")
+@click.option("--repeat-penalty", default=CHAT_REPEAT_PENALTY, show_default=True,
+              type=click.FloatRange(min=0.0, min_open=True),
+              help="Penalise tokens the reply already used (its last 64), greedy or not; 1 turns it off. The "
+                   "default stops the bundled model from repeating a sentence; the refuse/answer decision "
+                   "does not depend on it.")
 @click.option("--seed", default=None, type=int, help="Random seed for sampling.")
 @click.option("--strictness", default=0.0, show_default=True, type=float, metavar="LOGITS",
               help="Refuse more (> 0) or less (< 0) than the bank as trained: added to the refusal opener's "
@@ -63,8 +73,8 @@ def stdin_is_tty() -> bool:
               help="Layers to offload to the GPU (-1: all); needs a Metal or CUDA build of llama-cpp-python.")
 @click.option("--threads", default=None, type=click.IntRange(min=1), help="CPU threads [default: half the cores].")
 @click.option("--json", "as_json", is_flag=True, help="Print the OpenAI-shaped response as JSON (one-shot only).")
-def chat(prompt, tokens, mode, model, bank, system, max_tokens, temperature, top_p, seed, strictness, n_ctx,
-         n_gpu_layers, threads, as_json):
+def chat(prompt, tokens, mode, model, bank, system, max_tokens, temperature, top_p, top_k, min_p, repeat_penalty,
+         seed, strictness, n_ctx, n_gpu_layers, threads, as_json):
     """Chat with the model, with control tokens switched on per request.
 
     With PROMPT (or text piped on stdin) it answers once and exits; with
@@ -84,11 +94,12 @@ def chat(prompt, tokens, mode, model, bank, system, max_tokens, temperature, top
         prompt = sys.stdin.read().strip()
         if not prompt:
             raise click.UsageError("no prompt: pass PROMPT or pipe text on stdin")
-    es = load_edge_safe(model=model, bank=bank, n_ctx=n_ctx, n_gpu_layers=n_gpu_layers,
+    es = load_edge_safe(model_path=model, bank=bank, n_ctx=n_ctx, n_gpu_layers=n_gpu_layers,
                         n_threads=threads, seed=seed)
     session = Session(es, tokens=tokens, mode=mode, system=system)
     session.check()
-    gen = dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, strictness=strictness)
+    gen = dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
+               repeat_penalty=repeat_penalty, strictness=strictness)
     if prompt is not None:
         one_shot(session, prompt, gen, as_json)
     else:
@@ -122,10 +133,10 @@ class Session:
 def one_shot(session: Session, prompt: str, gen: dict, as_json: bool) -> None:
     messages = session.messages(prompt)
     if as_json:
-        reply = session.es.chat(messages, tokens=session.tokens, mode=session.mode, **gen)
+        reply = session.es.create_chat_completion(messages, tokens=session.tokens, mode=session.mode, **gen)
         click.echo(json.dumps(reply, indent=2, ensure_ascii=False))
         return
-    stream = session.es.chat(messages, tokens=session.tokens, mode=session.mode, stream=True, **gen)
+    stream = session.es.create_chat_completion(messages, tokens=session.tokens, mode=session.mode, stream=True, **gen)
     for chunk in stream:
         piece = chunk["choices"][0]["delta"].get("content")
         if piece:
@@ -168,7 +179,7 @@ class Repl:
         parts: list[str] = []
         stream = None
         try:
-            stream = self.s.es.chat(messages, tokens=self.s.tokens, mode=self.s.mode, stream=True, **self.gen)
+            stream = self.s.es.create_chat_completion(messages, tokens=self.s.tokens, mode=self.s.mode, stream=True, **self.gen)
             for chunk in stream:
                 piece = chunk["choices"][0]["delta"].get("content")
                 if piece:

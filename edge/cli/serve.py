@@ -41,14 +41,20 @@ def _help(field: str) -> str:
 @click.option("--max-body-bytes", default=None, type=click.IntRange(min=1024), metavar="N",
               help=_help("max_body_bytes"))
 @click.option("--max-queue", default=None, type=click.IntRange(min=1), metavar="N", help=_help("max_queue"))
-@click.option("--parallel", default=None, type=click.IntRange(min=1, max=64), metavar="N", help=_help("parallel"))
+@click.option("--parallel", default=4, show_default=True, type=click.IntRange(min=1, max=64), metavar="N",
+              help="Requests decoded together, each in its own sequence with its own composition (1: one at a time).")
+@click.option("--repeat-penalty", default=None, type=click.FloatRange(min=0.0, min_open=True), metavar="X",
+              help=_help("repeat_penalty"))
+@click.option("--top-k", default=None, type=click.IntRange(min=0), metavar="K", help=_help("top_k"))
+@click.option("--min-p", default=None, type=click.FloatRange(0.0, 1.0), metavar="P", help=_help("min_p"))
 @click.option("--model-id", default=None, metavar="ID", help=_help("model_id"))
 @click.option("--n-ctx", default=2048, show_default=True, type=click.IntRange(min=16), help="Context length.")
 @click.option("--n-gpu-layers", default=0, show_default=True, type=int,
               help="Layers to offload to the GPU (-1: all); needs a Metal or CUDA build of llama-cpp-python.")
 @click.option("--threads", default=None, type=click.IntRange(min=1), help="CPU threads [default: half the cores].")
 def serve(host, port, model, bank, api_key, default_tokens, max_tokens_limit, allow_negative_mode,
-          default_strictness, max_body_bytes, max_queue, parallel, model_id, n_ctx, n_gpu_layers, threads):
+          default_strictness, max_body_bytes, max_queue, parallel, repeat_penalty, top_k, min_p, model_id, n_ctx,
+          n_gpu_layers, threads):
     """Serve an OpenAI-compatible API with control tokens chosen per request.
 
     Requests pick constraints with the extra body fields `tokens` and `mode`
@@ -70,8 +76,8 @@ def serve(host, port, model, bank, api_key, default_tokens, max_tokens_limit, al
         raise click.ClickException(f"the server needs FastAPI and uvicorn ({e}); {SERVER_EXTRA}") from None
     given = dict(api_key=api_key or None, default_tokens=default_tokens, max_tokens_limit=max_tokens_limit,
                  allow_negative_mode=allow_negative_mode, default_strictness=default_strictness,
-                 max_body_bytes=max_body_bytes, max_queue=max_queue, parallel=parallel,
-                 model_id=model_id)
+                 max_body_bytes=max_body_bytes, max_queue=max_queue, repeat_penalty=repeat_penalty, top_k=top_k,
+                 min_p=min_p, model_id=model_id)
     from pydantic import ValidationError
 
     try:
@@ -82,7 +88,8 @@ def serve(host, port, model, bank, api_key, default_tokens, max_tokens_limit, al
     if settings.api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
         click.echo(f"edge-safe: warning: serving on {host} without an API key (--api-key or ${ENV_API_KEY})",
                    err=True)
-    es = load_edge_safe(model=model, bank=bank, n_ctx=n_ctx, n_gpu_layers=n_gpu_layers, n_threads=threads)
+    es = load_edge_safe(model_path=model, bank=bank, n_ctx=n_ctx, n_gpu_layers=n_gpu_layers, n_threads=threads,
+                        n_parallel=parallel)
     with es:
         app = create_app(es, settings)
         state = app.state.edge_safe
@@ -90,7 +97,7 @@ def serve(host, port, model, bank, api_key, default_tokens, max_tokens_limit, al
             f"edge-safe: serving {state.model_id} on http://{host}:{port}/v1 "
             f"(tokens: {', '.join(es.tokens)}; profiles: {', '.join(es.profiles) or '(none)'}; "
             f"modes: {', '.join(es.modes) or '(none)'}; default tokens: {', '.join(state.default_tokens) or '(none)'}; "
-            f"parallel: {settings.parallel})",
+            f"parallel: {es.n_parallel})",
             err=True,
         )
         uvicorn.run(app, host=host, port=port, log_level=_uvicorn_level(), timeout_graceful_shutdown=5)

@@ -5,11 +5,10 @@ fields, ``tokens`` (names or profiles, list or comma string), ``mode`` and
 ``strictness`` (refuse more or less than the bank as trained); every reply says
 which composition was applied in its ``edge_safe`` field.
 
-- ``parallel`` requests run at once: with ``parallel > 1`` on an
-  :class:`~edge_safe.engine.Engine` (one decode step batches every running request,
-  each in its own sequence with its own composition), with 1 on the EdgeSafe itself.
-  More requests queue in the app state's gate (``max_queue`` may wait, more get 503);
-  the blocking calls run in worker threads, so the event loop stays free for ``/health``.
+- The EdgeSafe's ``n_parallel`` requests run at once on its engine (one decode step batches
+  every running request, each in its own sequence with its own composition). More requests
+  queue in the app state's gate (``max_queue`` may wait, more get 503); the blocking calls
+  run in worker threads, so the event loop stays free for ``/health``.
 - A stream holds its slot until it ends; when the client goes away the iterator is
   closed at once, which cancels the request and frees its slot (and its sequence).
 - Errors leave through one boundary, mapped by exception *type* to OpenAI's
@@ -25,7 +24,6 @@ import hmac
 import json
 import logging
 import time
-from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Callable, Iterator, TypeVar
@@ -48,7 +46,7 @@ from edge_safe.convert.errors import (
     PromptTooLongError,
     UnknownTokenError,
 )
-from edge_safe.engine import Engine, EngineClosedError
+from edge_safe.engine import EngineClosedError
 from edge_safe.runtime import EdgeSafe
 from edge_safe.server.schema import ChatCompletionRequest, CompletionRequest, ServerSettings
 
@@ -252,24 +250,15 @@ class ServerState:
     """Everything one app needs, built by create_app and kept on ``app.state.edge_safe``."""
 
     es: EdgeSafe
-    engine: Engine | None  # parallel > 1: requests are batched on it; None: one at a time on es
     settings: ServerSettings
     model_id: str
     default_tokens: list[str]
     gate: ModelGate
     started: int
 
-    @property
-    def runner(self) -> EdgeSafe | Engine:
-        """What answers: the engine, or the EdgeSafe itself (both have ``chat`` and ``last_stats``)."""
-        return self.engine or self.es
-
-    def close(self) -> None:
-        if self.engine is not None:
-            self.engine.close()
-
     def generation_args(self, req, kind: str) -> dict[str, Any]:
-        """Validated EdgeSafe.chat keyword arguments for a request (composition, budget, sampling)."""
+        """Validated keyword arguments of EdgeSafe.create_(chat_)completion for a request (composition,
+        budget, sampling; the server's defaults where the request names none)."""
         given = "tokens" in req.model_fields_set and req.tokens is not None
         tokens = req.tokens if given else self.default_tokens
         try:
@@ -287,6 +276,8 @@ class ServerState:
                            param="mode", code="mode_not_allowed")
         return {"tokens": constraints, "mode": mode, "max_tokens": self.max_tokens(req, kind),
                 "temperature": req.temperature, "top_p": req.top_p, "stop": req.stop, "seed": req.seed,
+                **{k: getattr(self.settings, k) if getattr(req, k) is None else getattr(req, k)
+                   for k in ("top_k", "min_p", "repeat_penalty")},
                 "strictness": self.settings.default_strictness if req.strictness is None else req.strictness}
 
     def max_tokens(self, req, kind: str) -> int:
@@ -299,19 +290,19 @@ class ServerState:
                            param=param, code="max_tokens_exceeded")
         return wanted
 
-    async def run(self, req, messages: list[dict], kind: str, reshape: Callable[[dict], dict],
-                  reshape_chunk: Callable[[dict], dict | None]):
+    async def run(self, req, kind: str, answer: Callable):
         """Queue for the model, then answer (a JSON reply, or an event stream that holds the model)."""
         args = self.generation_args(req, kind)
         await self.gate.acquire()
         release = True
+        named = {"model": self.model_id}
         try:
             if not req.stream:
-                reply = await run_in_threadpool(partial(self.runner.chat, messages, **args))
-                return JSONResponse(reshape(reply))
-            chunks = await run_in_threadpool(partial(self.runner.chat, messages, stream=True, **args))
+                reply = await run_in_threadpool(partial(answer, **args))
+                return JSONResponse({**reply, **named})
+            chunks = await run_in_threadpool(partial(answer, stream=True, **args))
             release = False  # the stream owns the gate now
-            return EventStream(chunks, reshape_chunk, self.gate.release)
+            return EventStream(chunks, lambda chunk: {**chunk, **named}, self.gate.release)
         finally:
             if release:
                 self.gate.release()
@@ -319,27 +310,14 @@ class ServerState:
 
 def create_app(es: EdgeSafe, settings: ServerSettings | None = None) -> FastAPI:
     """The FastAPI app serving ``es``; the caller owns ``es`` (and closes it after the server stops).
-
-    With ``settings.parallel > 1`` the app runs an :class:`Engine` on ``es``, closed when the app shuts
-    down (or with ``es``)."""
+    ``es.n_parallel`` requests are decoded together (``EdgeSafe(n_parallel=...)``)."""
     settings = settings or ServerSettings()
     default_tokens = es.compose(settings.default_tokens)[0]  # unknown names fail at start-up
-    parallel = settings.parallel
     state = ServerState(
-        es=es, engine=Engine(es, parallel) if parallel > 1 else None, settings=settings,
-        model_id=settings.model_id or es.model_name, default_tokens=default_tokens,
-        gate=ModelGate(settings.max_queue, parallel), started=int(time.time()),
+        es=es, settings=settings, model_id=settings.model_id or es.model_name, default_tokens=default_tokens,
+        gate=ModelGate(settings.max_queue, es.n_parallel), started=int(time.time()),
     )
-
-    @asynccontextmanager
-    async def lifespan(app: FastAPI):
-        try:
-            yield
-        finally:
-            await run_in_threadpool(state.close)
-
-    app = FastAPI(title="edge-safe", version=__version__, docs_url=None, redoc_url=None, openapi_url=None,
-                  lifespan=lifespan)
+    app = FastAPI(title="edge-safe", version=__version__, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.edge_safe = state
     _add_error_handlers(app)
     app.include_router(_routes(state))
@@ -405,7 +383,7 @@ def _routes(state: ServerState) -> APIRouter:
     @router.get("/health")
     async def health() -> dict:
         return {"status": "ok", "model": model_id, "busy": state.gate.busy, "running": state.gate.holders,
-                "queued": state.gate.waiting, "parallel": state.engine.n_parallel if state.engine else 1}
+                "queued": state.gate.waiting, "parallel": es.n_parallel}
 
     @v1.get("/models")
     async def models() -> dict:
@@ -436,42 +414,12 @@ def _routes(state: ServerState) -> APIRouter:
     @v1.post("/chat/completions")
     async def chat_completions(request: Request):
         req = await read_request(request, ChatCompletionRequest, settings.max_body_bytes)
-        named = partial(_named, model_id=model_id)
-        return await state.run(req, req.conversation(), "chat", named, named)
+        return await state.run(req, "chat", partial(es.create_chat_completion, req.conversation()))
 
     @v1.post("/completions")
     async def completions(request: Request):
         req = await read_request(request, CompletionRequest, settings.max_body_bytes)
-        return await state.run(req, [{"role": "user", "content": req.text()}], "completion",
-                               partial(_as_completion, model_id=model_id),
-                               partial(_as_completion_chunk, model_id=model_id))
+        return await state.run(req, "completion", partial(es.create_completion, req.text()))
 
     router.include_router(v1)
     return router
-
-
-# --- reply shapes: EdgeSafe.chat gives chat completions; /v1/completions reshapes them ----------
-
-
-def _named(reply: dict, model_id: str) -> dict:
-    return {**reply, "model": model_id}
-
-
-def _as_completion(reply: dict, model_id: str) -> dict:
-    choice = reply["choices"][0]
-    return {"id": "cmpl-" + reply["id"].removeprefix("chatcmpl-"), "object": "text_completion",
-            "created": reply["created"], "model": model_id,
-            "choices": [{"index": 0, "text": choice["message"]["content"], "logprobs": None,
-                         "finish_reason": choice["finish_reason"]}],
-            "usage": reply["usage"], "edge_safe": reply["edge_safe"]}
-
-
-def _as_completion_chunk(chunk: dict, model_id: str) -> dict | None:
-    choice = chunk["choices"][0]
-    if "role" in choice["delta"]:
-        return None  # completion streams have no role chunk
-    out = {"id": "cmpl-" + chunk["id"].removeprefix("chatcmpl-"), "object": "text_completion",
-           "created": chunk["created"], "model": model_id,
-           "choices": [{"index": 0, "text": choice["delta"].get("content", ""), "logprobs": None,
-                        "finish_reason": choice["finish_reason"]}]}
-    return out | {k: chunk[k] for k in ("usage", "edge_safe") if k in chunk}

@@ -16,7 +16,7 @@ from typing import Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from pydantic_core import PydanticCustomError
 
-from edge_safe.sampling import MAX_STRICTNESS
+from edge_safe.sampling import CHAT_MIN_P, CHAT_REPEAT_PENALTY, CHAT_TOP_K, MAX_STRICTNESS
 
 _STRICT = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
@@ -52,10 +52,12 @@ class ServerSettings(BaseModel):
     max_body_bytes: int = Field(
         1 << 20, ge=1024, description="Largest request body in bytes; larger ones get 413 [default: 1048576].")
     max_queue: int = Field(64, ge=1, description="Requests that may wait for the model; more get 503 [default: 64].")
-    parallel: int = Field(
-        4, ge=1, le=64,
-        description="Requests decoded together, each in its own sequence with its own composition; 1 serves "
-                    "one at a time on the runtime's own context [default: 4].")
+    repeat_penalty: float = Field(
+        CHAT_REPEAT_PENALTY, gt=0, allow_inf_nan=False,
+        description=f"repeat_penalty for requests without one (1: off); the default stops the bundled model "
+                    f"from repeating a sentence [default: {CHAT_REPEAT_PENALTY}].")
+    top_k: int = Field(CHAT_TOP_K, ge=0, description=f"top_k for requests without one [default: {CHAT_TOP_K}].")
+    min_p: float = Field(CHAT_MIN_P, ge=0, le=1, description=f"min_p for requests without one [default: {CHAT_MIN_P}].")
     model_id: Optional[str] = Field(None, description="Model id reported by /v1/models [default: the GGUF's name].")
 
 
@@ -109,6 +111,9 @@ class _Generation(BaseModel):
     max_tokens: Optional[int] = Field(None, ge=1)
     temperature: float = Field(0.0, ge=0.0, le=2.0)  # 0: greedy (edge-safe's default, unlike OpenAI's 1)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: Optional[int] = Field(None, ge=0)  # llama-cpp-python's server fields; absent: the server's defaults
+    min_p: Optional[float] = Field(None, ge=0.0, le=1.0)
+    repeat_penalty: Optional[float] = Field(None, gt=0.0)
     stop: Optional[Stop] = None
     seed: Optional[int] = Field(None, ge=0)
     stream: bool = False
