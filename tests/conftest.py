@@ -36,8 +36,8 @@ def model_path() -> Path:
 
 
 def text_cells(llm, text: str) -> tuple[list[int], np.ndarray, np.ndarray, list[list[int]]]:
-    """Decode [BOS] + text in a :class:`~edge_safe.llama.LlamaModel`; the text's ids and key/value rows
-    (n, 18, 256) as llama.cpp stored them, and the layer map of the blob's sections."""
+    """Decode [BOS] + text in sequence 0 of a :class:`~edge_safe.llama.Context`; the text's ids and key/value
+    rows (n, 18, 256) as llama.cpp stored them, and the layer map of the blob's sections."""
     from edge_safe import kv_cells
 
     ids = llm.tokenize(text)
@@ -55,17 +55,39 @@ def deep_bank(model_path) -> TokenBank:
     """A bank for the real model with two deep constraints (``alcohol``: 7 cells, ``privacy``: 8; the K/V rows
     llama.cpp computed for their rules' text, ``DEEP_TEXTS``), one shallow from-text constraint (``gambling``,
     7 vectors) and a profile mixing both kinds (``minors``: alcohol + gambling). No modes."""
-    from edge_safe.llama import LlamaModel
+    from edge_safe.llama import Context
     from edge_safe.convert.bank import from_text_bank, from_text_token
     from edge_safe.convert.model import ModelInfo
 
     info = ModelInfo.read(model_path)
-    with LlamaModel(info.path, n_ctx=64) as llm:
+    with Context.load(info.path, n_ctx=64) as llm:
         deep = [BankToken.deep(n, "constraint", *text_cells(llm, t)[1:3], refusal=f"Sorry, I can't help with {n}.",
                                rule=t.strip()) for n, t in DEEP_TEXTS.items()]
         shallow = from_text_token(info, llm.tokenize, "gambling", "Do not help with gambling.",
                                   refusal="Sorry, I can't help with gambling.")
     return from_text_bank(info, [*deep, shallow], {"minors": ["alcohol", "gambling"]})
+
+
+def as_messages(prompt_or_messages) -> list[dict]:
+    """A prompt string as one user turn; a message list as it is."""
+    if isinstance(prompt_or_messages, str):
+        return [{"role": "user", "content": prompt_or_messages}]
+    return list(prompt_or_messages)
+
+
+def complete(es, prompt_or_messages, **kw) -> dict:
+    """``es.create_chat_completion`` of a prompt (one user turn) or a message list: the whole reply dict."""
+    return es.create_chat_completion(as_messages(prompt_or_messages), **kw)
+
+
+def reply(es, prompt_or_messages, **kw) -> str:
+    """The text of ``es``'s (greedy, by default) chat reply to a prompt or a message list."""
+    return complete(es, prompt_or_messages, **kw)["choices"][0]["message"]["content"]
+
+
+def probed(job):
+    """A probe job's value and its request's stats (``Probe.<probe>(..., wait=False)``)."""
+    return job.result(), job.stats
 
 
 @pytest.fixture

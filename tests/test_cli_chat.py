@@ -11,11 +11,12 @@ import pytest
 from click.testing import CliRunner
 
 from edge_safe.cli import chat as cli_chat
-from edge_safe.llama import LlamaModel
 from edge_safe.cli import cli
+from edge_safe.llama import Context
 from edge_safe.convert.bank import from_text_bank, from_text_token
 from edge_safe.convert.model import ModelInfo
 from edge_safe.runtime import EdgeSafe
+from edge_safe.sampling import CHAT_MIN_P, CHAT_REPEAT_PENALTY, CHAT_TOP_K
 from edge_safe.training.categories import CATEGORIES, MODES, PROFILES
 
 pytestmark = pytest.mark.model
@@ -28,7 +29,7 @@ def bank_path(model_path, tmp_path_factory):
     """A from-text bank like the one shipped before training: every category + the rejective mode."""
     info = ModelInfo.read(model_path)
     rejective = next(m for m in MODES if m.name == "rejective")
-    with LlamaModel(model_path, n_ctx=64) as llm:
+    with Context.load(model_path, n_ctx=64) as llm:
         toks = [from_text_token(info, llm.tokenize, c.name, c.rule, description=c.description, refusal=c.refusal)
                 for c in CATEGORIES]
         toks.append(from_text_token(info, llm.tokenize, "rejective", rejective.rule, kind="mode",
@@ -49,6 +50,27 @@ def patched(monkeypatch, shared):
     monkeypatch.setattr(cli_chat, "load_edge_safe", lambda **kw: shared)
     monkeypatch.setattr(cli_chat, "stdin_is_tty", lambda: True)
     return shared
+
+
+@pytest.fixture
+def loads(patched, monkeypatch) -> list[dict]:
+    """The keywords the CLI builds the runtime with, one dict per load (it gets the shared one)."""
+    seen = []
+    monkeypatch.setattr(cli_chat, "load_edge_safe", lambda **kw: seen.append(kw) or patched)
+    return seen
+
+
+def record_requests(monkeypatch, es) -> list[tuple[list[dict], dict]]:
+    """Record (messages, keywords) of every ``create_chat_completion`` the CLI makes, and answer them."""
+    seen = []
+    real = es.create_chat_completion
+
+    def create_chat_completion(messages, **kw):
+        seen.append((list(messages), kw))
+        return real(messages, **kw)
+
+    monkeypatch.setattr(es, "create_chat_completion", create_chat_completion)
+    return seen
 
 
 def invoke(*args, input=None):
@@ -129,6 +151,27 @@ def test_strictness_flag_reaches_the_runtime_and_bad_values_fail_before_loading(
     assert r.exit_code == 1 and r.stderr.startswith("Error: strictness must be between -20 and 20")
 
 
+def test_sampling_flags_reach_the_runtime_with_the_chat_defaults(patched, loads, monkeypatch):
+    seen = record_requests(monkeypatch, patched)
+    r = invoke("chat", "--json", "--model", "some/model.gguf", "--threads", "1", Q)
+    assert r.exit_code == 0, r.output
+    assert loads[-1]["model_path"] == "some/model.gguf" and loads[-1]["n_threads"] == 1
+    (_, kw), = seen
+    assert (kw["top_k"], kw["min_p"], kw["repeat_penalty"]) == (CHAT_TOP_K, CHAT_MIN_P, CHAT_REPEAT_PENALTY)
+    assert (CHAT_TOP_K, CHAT_MIN_P, CHAT_REPEAT_PENALTY) == (40, 0.05, 1.1)
+    assert (kw["temperature"], kw["top_p"], kw["max_tokens"], kw["strictness"]) == (0.0, 1.0, 256, 0.0)
+    assert json.loads(r.stdout)["choices"][0]["message"]["content"].startswith("Lima")
+    r = invoke("chat", "--json", "--top-k", "5", "--min-p", "0.2", "--repeat-penalty", "1.0", "--temperature", "0.7",
+               "--seed", "3", Q)
+    assert r.exit_code == 0, r.output
+    kw = seen[-1][1]
+    assert (kw["top_k"], kw["min_p"], kw["repeat_penalty"], kw["temperature"]) == (5, 0.2, 1.0, 0.7)
+    assert loads[-1]["seed"] == 3
+    for flag, value in [("--repeat-penalty", "0"), ("--min-p", "1.5"), ("--top-k", "-1")]:
+        r = invoke("chat", flag, value, Q)
+        assert r.exit_code == 2 and flag in r.stderr, (flag, r.output)
+
+
 def test_prompt_longer_than_the_context_is_a_clear_error(bank_path):
     r = invoke("chat", "--bank", str(bank_path), "--n-ctx", "32", "word " * 40)
     assert r.exit_code == 1
@@ -186,11 +229,11 @@ def test_repl_strictness_command(patched):
 
 
 def test_repl_keeps_the_conversation(patched, monkeypatch):
-    seen = []
-    real_chat = patched.chat
-    monkeypatch.setattr(patched, "chat", lambda messages, **kw: seen.append(list(messages)) or real_chat(messages, **kw))
+    requests = record_requests(monkeypatch, patched)
     r = invoke("chat", "--system", "Be brief.", input=f"{Q}\nAnd of France?\n")  # EOF exits
     assert r.exit_code == 0
+    seen = [messages for messages, _ in requests]
+    assert all(kw["stream"] is True for _, kw in requests)  # the REPL streams its replies
     assert [m["role"] for m in seen[1]] == ["system", "user", "assistant", "user"]
     assert seen[1][0]["content"] == "Be brief." and seen[1][1]["content"] == Q
     assert seen[1][2]["content"].startswith("Lima") and seen[1][3]["content"] == "And of France?"
@@ -198,7 +241,7 @@ def test_repl_keeps_the_conversation(patched, monkeypatch):
 
 def test_ctrl_c_stops_the_reply_not_the_program(patched, monkeypatch):
     seen = []
-    real_chat = patched.chat
+    real_chat = patched.create_chat_completion
 
     def chat(messages, **kw):
         seen.append(list(messages))
@@ -210,7 +253,7 @@ def test_ctrl_c_stops_the_reply_not_the_program(patched, monkeypatch):
             return interrupted()
         return real_chat(messages, **kw)
 
-    monkeypatch.setattr(patched, "chat", chat)
+    monkeypatch.setattr(patched, "create_chat_completion", chat)
     r = invoke("chat", input=f"Tell me a story.\n{Q}\n/exit\n")
     assert r.exit_code == 0
     assert r.stdout == "> Once\n> Lima\n> "

@@ -49,9 +49,9 @@ def test_runtime_and_bare_baseline_load_alike(model_path, use):
         assert bool(llm.model_params.use_extra_bufts) is use
     finally:
         llm.close()
-    m = _llama.LlamaModel(model_path, n_ctx=64, n_threads=1, cpu_repack=use)
+    m = _llama.Context.load(model_path, n_ctx=64, n_threads=1, cpu_repack=use)
     try:
-        assert m.cpu_repack is use
+        assert m.model.cpu_repack is use
         m.decode_tokens([m.bos, *m.tokenize("Question: What is the capital of Peru?\nAnswer:")], 0)
         assert m.token_to_piece(int(m.logits().argmax())).strip() == b"Lima"
     finally:
@@ -78,7 +78,8 @@ def test_a_short_decode_survives_on_this_amx_cpu(model_path):
         from edge_safe import EdgeSafe
         from edge_safe.llama import plain_llama
         es = EdgeSafe({str(model_path)!r}, n_ctx=256, n_threads=1)
-        print(repr(es.generate("What is the capital of Peru?", tokens="minors", max_tokens=4)))
+        out = es.create_completion("What is the capital of Peru?", tokens="minors", max_tokens=4)
+        print(repr(out["choices"][0]["text"]))
         llm = plain_llama({str(model_path)!r}, n_ctx=128, n_threads=1, verbose=False)
         print(repr(llm("Question: What is the capital of Peru?\\nAnswer:", max_tokens=4)["choices"][0]["text"]))
     """)

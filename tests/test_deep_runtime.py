@@ -12,11 +12,12 @@ import pytest
 from fastapi.testclient import TestClient
 
 from conftest import DEEP_TEXTS as TEXTS  # the deep_bank fixture's tokens and texts
-from conftest import text_cells
+from conftest import probed, reply, text_cells
 from edge_safe import kv_cells
-from edge_safe.llama import LlamaModel
 from edge_safe.convert.bank import TokenBank
 from edge_safe.convert.model import ModelInfo
+from edge_safe.llama import Context
+from edge_safe.probe import Probe
 from edge_safe.runtime import EdgeSafe
 
 pytestmark = pytest.mark.model
@@ -33,7 +34,7 @@ def info(model_path) -> ModelInfo:
                          ids=["fa-auto-f16", "fa-off-f16", "fa-auto-f32", "fa-off-f32"])
 def test_written_cells_reproduce_the_decoded_ones_exactly(model_path, flash_attn, kv_type):
     """K/V read back from llama.cpp for real tokens, written back at their positions: the same blob, the same logits."""
-    with LlamaModel(model_path, n_ctx=256, flash_attn=flash_attn, kv_type=kv_type) as llm:
+    with Context.load(model_path, n_ctx=256, flash_attn=flash_attn, kv_type=kv_type) as llm:
         ids, keys, values, groups = text_cells(llm, TEXTS["alcohol"])
         decoded = llm.save_seq()
         assert kv_cells.serialise(kv_cells.parse(decoded)) == decoded  # the parser is byte-exact on real blobs
@@ -54,7 +55,12 @@ def test_written_cells_reproduce_the_decoded_ones_exactly(model_path, flash_attn
         assert np.abs(llm.logits() - reference).max() == 0.0
 
 
-def relabelled_logits(llm: LlamaModel, texts: list[str], prompt: list[int], shallow: np.ndarray | None = None,
+def first_logits(es: EdgeSafe, prompt, **kw):
+    """The first reply token's logits and the probe request's stats."""
+    return probed(Probe(es).first_token_logits(prompt, wait=False, **kw))
+
+
+def relabelled_logits(llm: Context, texts: list[str], prompt: list[int], shallow: np.ndarray | None = None,
                       cells: list[tuple[np.ndarray, np.ndarray]] | None = None) -> np.ndarray:
     """The reference for a deep composition, built by hand: decode [BOS] + each text, relabel the text's cells
     to position 0 (or take ``cells``), then (mixed) the shallow vectors at 1.., then the prompt."""
@@ -76,22 +82,22 @@ def relabelled_logits(llm: LlamaModel, texts: list[str], prompt: list[int], shal
 @pytest.mark.parametrize("flash_attn", [None, False], ids=["v_trans0", "v_trans1"])
 def test_edgesafe_writes_a_deep_composition_at_position_0(model_path, deep_bank, flash_attn):
     with EdgeSafe(model_path, deep_bank, n_ctx=256, flash_attn=flash_attn) as es:
-        plain = es.first_token_logits(Q)
-        got = es.first_token_logits(Q, tokens="alcohol,privacy")
-        st = es.last_stats
+        plain = Probe(es).first_token_logits(Q)
+        got, st = first_logits(es, Q, tokens="alcohol,privacy")
         n_cells = deep_bank.tokens["alcohol"].n_vectors + deep_bank.tokens["privacy"].n_vectors
         assert (st.prefix_source, st.deep_cells, st.prefix_positions) == ("built", n_cells, 0)
         assert st.prefilled_tokens == len(es.tokenize(PROMPT))
-        assert es._llm.pos_max() == len(es.tokenize(PROMPT))  # deep cells take no position: the prompt is at 1..
-        with LlamaModel(model_path, n_ctx=256, flash_attn=flash_attn) as llm:
+        # sequence 0 holds the request: deep cells take no position, the prompt is at 1..
+        assert es.engine.ctx.pos_range(0) == (0, len(es.tokenize(PROMPT)))
+        with Context.load(model_path, n_ctx=256, flash_attn=flash_attn) as llm:
             # the bank's own rows (made with flash attention on, which computes them slightly differently)
             bank_cells = [(deep_bank.tokens[n].keys, deep_bank.tokens[n].values) for n in ("alcohol", "privacy")]
             want = relabelled_logits(llm, [], llm.tokenize(PROMPT), cells=bank_cells)
         assert np.abs(got - want).max() <= 1e-4
         assert np.abs(got - plain).max() > 1.0  # the cells act
         es.reset()
-        again = es.first_token_logits(Q, tokens="privacy,alcohol")  # a set: the same cached composition
-        assert es.last_stats.prefix_source == "cache" and np.array_equal(again, got)
+        again, st = first_logits(es, Q, tokens="privacy,alcohol")  # a set: the same cached composition
+        assert st.prefix_source == "cache" and np.array_equal(again, got)
 
 
 def test_a_composition_is_a_set_cells_in_any_order_give_the_same_logits(model_path):
@@ -99,7 +105,7 @@ def test_a_composition_is_a_set_cells_in_any_order_give_the_same_logits(model_pa
     kernels round the activations to 8 bits before each quantized matmul, which turns that into up to ~1 logit of
     noise (measured 0.42-0.80, f16/f32 cache, flash attention on/off; the same noise as a different batch split);
     the runtime always writes a set in bank order, so one composition always gets the same cells in the same order."""
-    with LlamaModel(model_path, n_ctx=256) as llm:
+    with Context.load(model_path, n_ctx=256) as llm:
         prompt = llm.tokenize(PROMPT)
         ab = relabelled_logits(llm, [TEXTS["alcohol"], TEXTS["privacy"]], prompt)
         ba = relabelled_logits(llm, [TEXTS["privacy"], TEXTS["alcohol"]], prompt)
@@ -111,11 +117,10 @@ def test_a_composition_is_a_set_cells_in_any_order_give_the_same_logits(model_pa
 
 def test_mixed_deep_and_shallow_tokens_deep_at_0_shallow_after_bos(model_path, deep_bank):
     with EdgeSafe(model_path, deep_bank, n_ctx=256) as es:
-        got = es.first_token_logits(Q, tokens="minors")  # alcohol (deep) + gambling (shallow)
-        st = es.last_stats
+        got, st = first_logits(es, Q, tokens="minors")  # alcohol (deep) + gambling (shallow)
         cells = (deep_bank.tokens["alcohol"].n_vectors, deep_bank.tokens["gambling"].n_vectors)
         assert st.tokens == ["alcohol", "gambling"] and (st.deep_cells, st.prefix_positions) == cells
-        with LlamaModel(model_path, n_ctx=256) as llm:
+        with Context.load(model_path, n_ctx=256) as llm:
             want = relabelled_logits(llm, [TEXTS["alcohol"]], llm.tokenize(PROMPT),
                                      shallow=deep_bank.tokens["gambling"].vectors)
         assert np.abs(got - want).max() <= 1e-4
@@ -135,29 +140,35 @@ def test_cells_of_one_request_never_leak_into_the_next(model_path, deep_bank):
         want = {}
         for tokens in dict.fromkeys(sequence):
             fresh.reset()
-            want[tokens] = fresh.first_token_logits(Q, tokens=tokens)
+            want[tokens] = Probe(fresh).first_token_logits(Q, tokens=tokens)
     with EdgeSafe(model_path, deep_bank, n_ctx=256) as es:
         sources = []
         for tokens in sequence:
-            got = es.first_token_logits(Q, tokens=tokens)
-            sources.append(es.last_stats.prefix_source)
+            got, st = first_logits(es, Q, tokens=tokens)
+            sources.append(st.prefix_source)
             assert np.abs(got - want[tokens]).max() <= 1e-4, tokens
-            assert es.last_stats.deep_cells == cells_of(deep_bank, tokens)
+            assert st.deep_cells == cells_of(deep_bank, tokens)
         assert {"built", "cache"} <= set(sources)
         # a continued conversation after a deep request keeps its cells ("reused"), and only them
-        reply = es.chat([{"role": "user", "content": Q}], tokens="alcohol", max_tokens=3)
-        assert reply["edge_safe"]["deep_cells"] == cells_of(deep_bank, "alcohol") > 0
-        assert reply["edge_safe"]["prefix_positions"] == 0
-        shallow = es.chat([{"role": "user", "content": Q}], tokens="gambling", max_tokens=3)
+        msgs = [{"role": "user", "content": Q}]
+        first = es.create_chat_completion(msgs, tokens="alcohol", max_tokens=3)
+        msgs += [first["choices"][0]["message"], {"role": "user", "content": "And a daiquiri?"}]
+        out = es.create_chat_completion(msgs, tokens="alcohol", max_tokens=3)
+        assert out["timings"]["prefix_source"] == "reused"
+        assert out["timings"]["prompt_prefilled_n"] < out["timings"]["prompt_n"] - len(es.tokenize(PROMPT))
+        assert out["edge_safe"]["deep_cells"] == cells_of(deep_bank, "alcohol") > 0
+        assert out["edge_safe"]["prefix_positions"] == 0
+        assert es.engine.ctx.pos_range(0)[0] == 0  # BOS and the deep cells still at position 0
+        shallow = es.create_chat_completion([{"role": "user", "content": Q}], tokens="gambling", max_tokens=3)
         assert "deep_cells" not in shallow["edge_safe"]  # shallow replies are shaped as before
 
 
 def test_deep_and_shallow_requests_interleaved_through_the_server(model_path, deep_bank):
     from edge_safe.server import create_app
 
-    with EdgeSafe(model_path, deep_bank, n_ctx=256) as es:
-        app = create_app(es)  # --parallel 4 by default: the batching engine writes the deep cells
-        assert app.state.edge_safe.engine is not None
+    with EdgeSafe(model_path, deep_bank, n_ctx=256, n_parallel=4) as es:
+        app = create_app(es)  # 4 sequences decoded together: the batching engine writes the deep cells
+        assert app.state.edge_safe.es.n_parallel == 4
         client = TestClient(app)
         listed = {t["id"]: t for t in client.get("/v1/tokens").json()["data"]}
         assert listed["alcohol"]["depth"] == "deep" and "depth" not in listed["gambling"]
@@ -183,7 +194,7 @@ def test_a_quantized_kv_cache_is_refused_for_a_deep_bank_only(model_path, deep_b
         EdgeSafe(model_path, deep_bank, n_ctx=256, kv_type="q8_0", flash_attn=True)
     shallow = replace(deep_bank, tokens={"gambling": deep_bank.tokens["gambling"]}, profiles={})
     with EdgeSafe(model_path, shallow, n_ctx=256, kv_type="q8_0", flash_attn=True) as es:
-        assert es.generate(Q, tokens="gambling", max_tokens=2) is not None
+        assert reply(es, Q, tokens="gambling", max_tokens=2) is not None
 
 
 def test_a_deep_bank_for_another_layer_count_is_refused(model_path, deep_bank):
@@ -204,10 +215,10 @@ def test_deep_cells_do_not_eat_the_context(model_path, deep_bank):
         assert es.n_ctx == 256
         n_prompt = len(es.tokenize(PROMPT))
         continuation = es.tokenize(" " + "one two three " * 200)[: 256 - 2 - n_prompt]  # fills up to position 253
-        out = es.forced_logits(Q, continuation, tokens="alcohol,privacy")
-        assert out.shape == (len(continuation), es._llm.n_vocab)
-        assert es.last_stats.deep_cells == cells_of(deep_bank, "alcohol,privacy") == 15
-        assert es._llm.pos_max() == 1 + n_prompt + len(continuation) - 2
+        out, st = probed(Probe(es).forced_logits(Q, continuation, tokens="alcohol,privacy", wait=False))
+        assert out.shape == (len(continuation), es.model.n_vocab)
+        assert st.deep_cells == cells_of(deep_bank, "alcohol,privacy") == 15
+        assert es.engine.ctx.pos_max(0) == 1 + n_prompt + len(continuation) - 2
 
 
 def test_bench_runs_a_deep_bank_and_times_its_kv_write(deep_bank, tmp_path):
@@ -240,14 +251,15 @@ def test_an_exact_refusal_choosing_among_deep_constraints_caches_their_true_comp
     one that refuses most surely alone; the single compositions it builds for that hold their deep cells, so the
     snapshots they leave in the prefix cache are the real ones."""
     with EdgeSafe(model_path, deep_bank, n_ctx=256, prefix_cache_bytes=0) as fresh:
-        want = {t: fresh.first_token_logits(Q, tokens=t) for t in ("alcohol", "privacy", "gambling")}
+        want = {t: Probe(fresh).first_token_logits(Q, tokens=t) for t in ("alcohol", "privacy", "gambling")}
     with EdgeSafe(model_path, deep_bank, n_ctx=256) as es:
-        reply = es.chat([{"role": "user", "content": Q}], tokens="alcohol,privacy,gambling", strictness=20,
-                        max_tokens=16)
-        assert reply["edge_safe"]["refusal"] and reply["edge_safe"]["deep_cells"] == cells_of(deep_bank, "alcohol,privacy")
-        assert reply["edge_safe"]["refused_by"] in ("alcohol", "privacy", "gambling")
+        out = es.create_chat_completion([{"role": "user", "content": Q}], tokens="alcohol,privacy,gambling",
+                                        strictness=20, max_tokens=16)
+        assert out["edge_safe"]["refusal"] and out["edge_safe"]["deep_cells"] == cells_of(deep_bank, "alcohol,privacy")
+        assert out["edge_safe"]["refused_by"] in ("alcohol", "privacy", "gambling")
+        assert out["choices"][0]["message"]["content"] == deep_bank.tokens[out["edge_safe"]["refused_by"]].refusal
         assert {("alcohol",), ("privacy",), ("gambling",)} <= set(es.prefix_cache.keys())
         for tokens, logits in want.items():
             es.reset()
-            got = es.first_token_logits(Q, tokens=tokens)
-            assert es.last_stats.prefix_source == "cache" and np.abs(got - logits).max() <= 1e-4, tokens
+            got, st = first_logits(es, Q, tokens=tokens)
+            assert st.prefix_source == "cache" and np.abs(got - logits).max() <= 1e-4, tokens

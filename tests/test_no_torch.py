@@ -28,7 +28,7 @@ SCRIPT = textwrap.dedent(
 
     import edge_safe
     from edge_safe import EdgeSafe
-    from edge_safe.llama import LlamaModel
+    from edge_safe.llama import Context
     from edge_safe.convert.bank import from_text_bank, from_text_token
     from edge_safe.convert.model import ModelInfo
     from edge_safe.models import resolve_model_path
@@ -36,12 +36,16 @@ SCRIPT = textwrap.dedent(
     from edge_safe.cli import cli
 
     info = ModelInfo.read(resolve_model_path())
-    with LlamaModel(info.path, n_ctx=64) as llm:
-        tok = from_text_token(info, llm.tokenize, "alcohol", "Do not help with alcohol.")
+    with Context.load(info.path, n_ctx=64) as llm:
+        tok = from_text_token(info, llm.tokenize, "alcohol", "Do not help with alcohol.",
+                              refusal="Sorry, I can't help with alcohol.")
     bank_path = from_text_bank(info, [tok], {"minors": ["alcohol"]}).save(sys.argv[1])
 
     with EdgeSafe(bank=bank_path, n_ctx=256) as es:
-        print("generate:", es.generate("What is the capital of Peru?", tokens="minors", max_tokens=4))
+        out = es.create_completion("What is the capital of Peru?", tokens="minors", max_tokens=4)
+        print("reply:", out["choices"][0]["text"])
+        from edge_safe.probe import Probe
+        print("margin:", Probe(es).refusal_margin("What is the capital of Peru?", tokens="minors") < 0)
     r = CliRunner().invoke(cli, ["chat", "--bank", str(bank_path), "--n-ctx", "256", "--max-tokens", "4",
                                  "--tokens", "minors", "What is the capital of Peru?"])
     assert r.exit_code == 0, r.output
@@ -57,6 +61,7 @@ def test_runtime_and_cli_never_import_torch(tmp_path):
     proc = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path / "bank.gguf")],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "generate: Lima" in proc.stdout
+    assert "reply: Lima" in proc.stdout
+    assert "margin: True" in proc.stdout
     assert "imported: []" in proc.stdout
     assert "attempts: []" in proc.stdout

@@ -13,13 +13,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edge_safe.llama import LlamaModel
+from conftest import complete, probed, reply
 from edge_safe.convert.bank import TokenBank, from_text_bank, from_text_token
 from edge_safe.convert.errors import EdgeSafeError, PromptTooLongError, UnknownTokenError
 from edge_safe.convert.layout import QA_TEMPLATE, clean_reply
 from edge_safe.convert.model import ModelInfo
-from edge_safe.runtime import EdgeSafe, _StopFilter
-from edge_safe.sampling import check_sampling, sample
+from edge_safe.decode import StopFilter
+from edge_safe.llama import Context
+from edge_safe.probe import Probe
+from edge_safe.runtime import EdgeSafe
+from edge_safe.sampling import Sampling
 from edge_safe.training.categories import CATEGORIES, MODES, PROFILES
 
 pytestmark = pytest.mark.model
@@ -44,7 +47,7 @@ def info(model_path) -> ModelInfo:
 
 @pytest.fixture(scope="module")
 def bank(info) -> TokenBank:
-    with LlamaModel(info.path, n_ctx=64) as llm:
+    with Context.load(info.path, n_ctx=64) as llm:
         return text_bank(info, llm.tokenize)
 
 
@@ -54,7 +57,22 @@ def es(bank):
         yield es
 
 
+@pytest.fixture(scope="module")
+def probe(es) -> Probe:
+    return Probe(es)
+
+
 Q = "What is the capital of Peru?"
+
+
+def first_logits(probe: Probe, prompt, **kw):
+    """The first reply token's logits and the probe request's stats."""
+    return probed(probe.first_token_logits(prompt, wait=False, **kw))
+
+
+def pieces(es: EdgeSafe, prompt: str, **kw) -> list[str]:
+    """The text pieces of a streamed ``create_completion`` (the final, empty chunk left out)."""
+    return [c["choices"][0]["text"] for c in es.create_completion(prompt, stream=True, **kw) if c["choices"][0]["text"]]
 
 
 # --- injection is exact -------------------------------------------------------------
@@ -63,90 +81,95 @@ Q = "What is the capital of Peru?"
 @pytest.mark.parametrize("split", [1, 5, 11])
 def test_injected_token_rows_reproduce_the_text_path(es, info, split):
     """[BOS] + token_embd[ids]*sqrt(n_embd) as embeddings == the same ids as tokens (same batch split)."""
-    llm = es._llm
     ids = es.tokenize(QA_TEMPLATE.prompt(Q))
     head, tail = ids[:split], ids[split:]
 
-    def run(decode_head):
-        llm.clear()
-        llm.decode_tokens([llm.bos], 0, want_logits=False)
-        decode_head()
-        llm.decode_tokens(tail, 1 + len(head))
-        return llm.logits().copy()
+    with Context(es.model, N_CTX, n_batch=N_BATCH) as llm:  # a context of its own on the runtime's model
 
-    text = run(lambda: llm.decode_tokens(head, 1, want_logits=False))
-    injected = run(lambda: llm.decode_embeddings(info.embedding_rows(head), 1))
-    es.reset()  # we drove the context by hand
+        def run(decode_head):
+            llm.clear()
+            llm.decode_tokens([llm.bos], 0, want_logits=False)
+            decode_head()
+            llm.decode_tokens(tail, 1 + len(head))
+            return llm.logits().copy()
+
+        text = run(lambda: llm.decode_tokens(head, 1, want_logits=False))
+        injected = run(lambda: llm.decode_embeddings(info.embedding_rows(head), 1))
     assert np.abs(text - injected).max() <= 1e-3
     assert int(text.argmax()) == es.tokenize(" Lima")[0]
 
 
-def test_cached_and_uncached_prefix_give_the_same_first_token_logits(es):
-    es.first_token_logits(Q, tokens=None)  # the sequence no longer holds minors,eu
+def test_cached_and_uncached_prefix_give_the_same_first_token_logits(es, probe):
+    probe.first_token_logits(Q, tokens=None)  # the sequence no longer holds minors,eu
     es.prefix_cache.clear()
-    cold = es.first_token_logits(Q, tokens="minors,eu")
-    assert es.last_stats.prefix_source == "built"
-    es.first_token_logits(Q, tokens=None)
+    cold, st = first_logits(probe, Q, tokens="minors,eu")
+    assert st.prefix_source == "built"
+    probe.first_token_logits(Q, tokens=None)
     hits = es.prefix_cache.hits
-    warm = es.first_token_logits(Q, tokens="minors,eu")
-    assert es.last_stats.prefix_source == "cache" and es.prefix_cache.hits == hits + 1
+    warm, st = first_logits(probe, Q, tokens="minors,eu")
+    assert st.prefix_source == "cache" and es.prefix_cache.hits == hits + 1
     assert np.abs(cold - warm).max() <= 1e-3
 
 
 def test_switching_between_cached_compositions_costs_no_prefix_prefill(es):
     for t in ("minors,eu", "kiosk", None):
-        es.generate(Q, tokens=t, max_tokens=1)  # make sure all three are cached
+        complete(es, Q, tokens=t, max_tokens=1)  # make sure all three are cached
     for t in ("minors,eu", "kiosk", None, "minors,eu"):
-        es.generate(Q, tokens=t, max_tokens=1)
-        st = es.last_stats
-        assert st.prefix_source == "cache", t
-        assert st.prefilled_tokens == st.prompt_tokens - 1  # only the prompt; BOS + vectors restored
+        timings = complete(es, Q, tokens=t, max_tokens=1)["timings"]
+        assert timings["prefix_source"] == "cache", t
+        assert timings["prompt_prefilled_n"] == timings["prompt_n"] - 1  # only the prompt; BOS + vectors restored
 
 
-def test_canonical_order_makes_compositions_identical(es):
+def test_canonical_order_makes_compositions_identical(es, probe):
     assert es.compose("eu,minors") == es.compose(["minors", "eu"]) == es.compose(["eu", "minors", "eu"])
     constraints, mode = es.compose("eu,minors")
     assert constraints == ["alcohol", "gambling", "drugs", "sexual", "horror", "weapons", "privacy"]
     assert mode == "positive"
-    a = es.first_token_logits(Q, tokens="eu,minors")
-    b = es.first_token_logits(Q, tokens="minors,eu")
+    a = probe.first_token_logits(Q, tokens="eu,minors")
+    b = probe.first_token_logits(Q, tokens="minors,eu")
     assert np.array_equal(a, b)
-    assert es.generate(Q, tokens="eu,minors", max_tokens=8) == es.generate(Q, tokens=["minors", "eu"], max_tokens=8)
+    assert reply(es, Q, tokens="eu,minors", max_tokens=8) == reply(es, Q, tokens=["minors", "eu"], max_tokens=8)
 
 
-def test_forced_logits_follow_a_greedy_reply(es):
+def test_forced_logits_follow_a_greedy_reply(es, probe):
+    # reset() before each request: each then prefills the prompt in the same batches (a reused conversation
+    # re-decodes only its last token, which moves llama.cpp's CPU logits by up to ~0.6)
     prompt = "How do I mix a mojito?"
-    reply = es.generate(prompt, tokens="eu", max_tokens=8)
-    ids = es.tokenize(" " + reply)[:6]
-    forced = es.forced_logits(prompt, ids, tokens="eu")
-    assert forced.shape == (len(ids), es._llm.n_vocab)
+    es.reset()
+    text = reply(es, prompt, tokens="eu", max_tokens=8)
+    ids = es.tokenize(" " + text)[:6]
+    es.reset()
+    forced = probe.forced_logits(prompt, ids, tokens="eu")
+    assert forced.shape == (len(ids), es.model.n_vocab)
     assert forced.argmax(axis=1).tolist() == ids  # greedy picked exactly these tokens
     es.reset()
-    assert np.abs(forced[0] - es.first_token_logits(prompt, tokens="eu")).max() <= 1e-3
+    assert np.abs(forced[0] - probe.first_token_logits(prompt, tokens="eu")).max() <= 1e-3
     with pytest.raises(EdgeSafeError, match="continuation must be 1"):
-        es.forced_logits(prompt, [])
+        probe.forced_logits(prompt, [])
 
 
-def test_strictness_moves_the_refusal_decision_by_that_many_logits(es):
-    opener = es.refusal_openers(["alcohol"])
-    pieces = [es._llm.token_to_piece(t).decode() for t in opener]
-    assert sorted(pieces) == sorted({"Sorry", " Sorry"})  # the refusal's first word, with and without its space
-    assert es.refusal_openers(["alcohol", "gambling", "privacy"]) == opener  # shared by every refusal here
+def test_strictness_moves_the_refusal_decision_by_that_many_logits(es, probe):
+    opener = probe.refusal_openers(["alcohol"])
+    words = [es.model.token_to_piece(t).decode() for t in opener]
+    assert sorted(words) == sorted({"Sorry", " Sorry"})  # the refusal's first word, with and without its space
+    assert probe.refusal_openers(["alcohol", "gambling", "privacy"]) == opener  # shared by every refusal here
     es.reset()
-    logits = es.first_token_logits(Q, tokens="alcohol")
+    logits = probe.first_token_logits(Q, tokens="alcohol")
     gap = float(np.delete(logits, opener).max() - logits[opener].max())  # what the openers lack to win
     assert 1.5 < gap < 18.5  # the from-text bank answers this prompt, by a margin a bias can cross
+    es.reset()  # the same batches as the logits above
+    assert probe.refusal_margin(Q, tokens="alcohol", max_blank=0) == pytest.approx(-gap, abs=1e-4)
     word = es.bank.tokens["alcohol"].refusal.split()[0].strip(",")
-    answer = es.generate(Q, tokens="alcohol", max_tokens=4)
+    answer = reply(es, Q, tokens="alcohol", max_tokens=4)
     assert not answer.startswith(word)
-    assert es.generate(Q, tokens="alcohol", max_tokens=4, strictness=gap - 1.0) == answer
-    assert es.generate(Q, tokens="alcohol", max_tokens=4, strictness=gap + 1.0).startswith(word)
-    assert es.chat([{"role": "user", "content": Q}], tokens="alcohol", max_tokens=2,
-                   strictness=gap + 1.0)["edge_safe"]["strictness"] == gap + 1.0
+    assert reply(es, Q, tokens="alcohol", max_tokens=4, strictness=gap - 1.0) == answer
+    assert reply(es, Q, tokens="alcohol", max_tokens=4, strictness=gap + 1.0).startswith(word)
+    assert complete(es, Q, tokens="alcohol", max_tokens=2,
+                    strictness=gap + 1.0)["edge_safe"]["strictness"] == gap + 1.0
     # only with constraints in the positive mode: not for the bare model, not in the rejective/negative modes
-    assert es.generate(Q, max_tokens=4, strictness=20) == es.generate(Q, max_tokens=4)
-    rejective = es.generate(Q, tokens="alcohol", mode="rejective", max_tokens=4)
-    assert es.generate(Q, tokens="alcohol", mode="rejective", max_tokens=4, strictness=-20) == rejective
+    assert reply(es, Q, max_tokens=4, strictness=20) == reply(es, Q, max_tokens=4)
+    rejective = reply(es, Q, tokens="alcohol", mode="rejective", max_tokens=4)
+    assert reply(es, Q, tokens="alcohol", mode="rejective", max_tokens=4, strictness=-20) == rejective
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), 20.5, -99, "high", True, None])
@@ -156,51 +179,58 @@ def test_strictness_out_of_range_is_a_clear_error_before_decoding(es, bad):
             EdgeSafe(bank=es.bank, strictness=bad)
         return
     with pytest.raises(EdgeSafeError, match="strictness must be"):
-        es.generate(Q, tokens="alcohol", strictness=bad)
+        es.create_completion(Q, tokens="alcohol", strictness=bad)
     with pytest.raises(EdgeSafeError, match="strictness must be"):
-        es.chat([{"role": "user", "content": Q}], tokens="alcohol", stream=True, strictness=bad)
+        complete(es, Q, tokens="alcohol", stream=True, strictness=bad)
+    with pytest.raises(EdgeSafeError, match="strictness must be"):
+        es.submit(Q, tokens="alcohol", strictness=bad)
     with pytest.raises(EdgeSafeError, match="strictness must be"):
         EdgeSafe(bank=es.bank, strictness=bad)  # before the model loads
 
 
 def test_reset_forgets_the_conversation_but_keeps_snapshots(es):
-    es.generate(Q, tokens="kiosk", max_tokens=1)
-    es.generate(Q, tokens="kiosk", max_tokens=1)
-    assert es.last_stats.prefix_source == "reused"
+    complete(es, Q, tokens="kiosk", max_tokens=1)
+    assert complete(es, Q, tokens="kiosk", max_tokens=1)["timings"]["prefix_source"] == "reused"
     es.reset()
-    es.generate(Q, tokens="kiosk", max_tokens=1)
-    assert es.last_stats.prefix_source == "cache"
+    assert complete(es, Q, tokens="kiosk", max_tokens=1)["timings"]["prefix_source"] == "cache"
 
 
 # --- generation -------------------------------------------------------------------------
 
 
 def test_greedy_answer_and_determinism(es):
-    first = es.generate(Q, max_tokens=16)
+    out = complete(es, Q, max_tokens=16)
+    first = out["choices"][0]["message"]["content"]
     assert first == "Lima"
-    assert es.last_stats.finish_reason == "stop"
-    es.generate("How do I tie a tie?", tokens="kiosk", max_tokens=4)  # disturb the KV cache
-    assert es.generate(Q, max_tokens=16) == first
+    assert out["choices"][0]["finish_reason"] == "stop"
+    reply(es, "How do I tie a tie?", tokens="kiosk", max_tokens=4)  # disturb the KV cache
+    assert reply(es, Q, max_tokens=16) == first
+    assert es.create_completion(Q, max_tokens=16)["choices"][0]["text"] == first  # a prompt is one user turn
 
 
 def test_streaming_and_non_streaming_give_the_same_text(es):
     # reset() before each call: every call then decodes the prompt in the same batches (a reused
     # conversation re-decodes only its last token, and llama.cpp's CPU logits move by ~0.01 with
     # batch boundaries, enough to flip this long greedy reply's near-ties of < 0.1 logits)
+    prompt = "How do I mix a mojito?"
     for tokens in (None, "minors,eu"):
         es.reset()
-        text = es.generate("How do I mix a mojito?", tokens=tokens, max_tokens=24)
+        out = es.create_completion(prompt, tokens=tokens, max_tokens=24)
+        assert out["object"] == "text_completion" and out["id"].startswith("cmpl-")
+        text = out["choices"][0]["text"]
         es.reset()
-        pieces = list(es.generate("How do I mix a mojito?", tokens=tokens, max_tokens=24, stream=True))
-        assert "".join(pieces) == text and len(pieces) > 1
+        streamed = pieces(es, prompt, tokens=tokens, max_tokens=24)
+        assert "".join(streamed) == text and len(streamed) > 1
         es.reset()
-        chunks = list(es.chat([{"role": "user", "content": "How do I mix a mojito?"}], tokens=tokens,
-                              max_tokens=24, stream=True))
+        chunks = list(complete(es, prompt, tokens=tokens, max_tokens=24, stream=True))
         assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == text
+        es.reset()
+        job = es.submit(prompt, tokens=tokens, max_tokens=24)
+        assert "".join(job) == text and job.stats.completion_tokens == out["usage"]["completion_tokens"]
 
 
 def test_chat_is_openai_shaped(es):
-    r = es.chat([{"role": "user", "content": Q}], tokens="eu", max_tokens=8)
+    r = complete(es, Q, tokens="eu", max_tokens=8)
     assert r["object"] == "chat.completion" and r["id"].startswith("chatcmpl-")
     assert r["choices"][0]["message"] == {"role": "assistant", "content": "Lima"}
     assert r["choices"][0]["finish_reason"] == "stop"
@@ -208,7 +238,11 @@ def test_chat_is_openai_shaped(es):
     n_vectors = sum(len(es.bank.tokens[n].vectors) for n in ("positive", "privacy"))
     assert r["edge_safe"] == {"tokens": ["privacy"], "mode": "positive", "prefix_positions": n_vectors, "strictness": 0.0,
                               "refusal": False, "refused_by": None}
-    chunks = list(es.chat([{"role": "user", "content": Q}], max_tokens=8, stream=True))
+    t = r["timings"]
+    assert t["prompt_n"] == r["usage"]["prompt_tokens"] and t["predicted_n"] == r["usage"]["completion_tokens"]
+    assert t["prefix_source"] in ("reused", "cache", "built") and 0 < t["prompt_prefilled_n"] < t["prompt_n"]
+    assert t["ttft_ms"] > 0 and t["predicted_ms"] >= 0
+    chunks = list(complete(es, Q, max_tokens=8, stream=True))
     assert chunks[0]["choices"][0]["delta"] == {"role": "assistant"}
     assert all(c["object"] == "chat.completion.chunk" and c["id"] == chunks[0]["id"] for c in chunks)
     assert chunks[-1]["choices"][0] == {"index": 0, "delta": {}, "finish_reason": "stop"}
@@ -216,20 +250,25 @@ def test_chat_is_openai_shaped(es):
 
 
 def test_max_tokens_gives_finish_reason_length(es):
-    r = es.chat([{"role": "user", "content": "Write a long story about a dragon."}], max_tokens=3)
+    r = complete(es, "Write a long story about a dragon.", max_tokens=3)
     assert r["choices"][0]["finish_reason"] == "length" and r["usage"]["completion_tokens"] == 3
 
 
 def test_user_stop_strings_cut_the_reply(es):
-    full = es.generate("How do I mix a mojito?", max_tokens=24)
+    full = reply(es, "How do I mix a mojito?", max_tokens=24)
     word = full.split()[2]
-    cut = es.generate("How do I mix a mojito?", max_tokens=24, stop=[word])
-    assert cut == full[: full.index(word)].strip() and es.last_stats.finish_reason == "stop"
+    out = complete(es, "How do I mix a mojito?", max_tokens=24, stop=[word])
+    cut = out["choices"][0]["message"]["content"]
+    assert cut == full[: full.index(word)].strip() and out["choices"][0]["finish_reason"] == "stop"
 
 
 def test_sampling_with_a_seed_is_reproducible(es):
-    a = es.generate("Tell me about cats.", max_tokens=12, temperature=0.9, top_p=0.9, seed=7)
-    b = es.generate("Tell me about cats.", max_tokens=12, temperature=0.9, top_p=0.9, seed=7)
+    # reset() first: the same prompt batches both times (a sequence that holds part of the prompt re-decodes
+    # only the rest, and the logits' ~0.01-0.6 batch-shape noise is enough to move a sampled token)
+    es.reset()
+    a = reply(es, "Tell me about cats.", max_tokens=12, temperature=0.9, top_p=0.9, seed=7)
+    es.reset()
+    b = reply(es, "Tell me about cats.", max_tokens=12, temperature=0.9, top_p=0.9, seed=7)
     assert a == b
 
 
@@ -238,29 +277,28 @@ def test_sampling_with_a_seed_is_reproducible(es):
 
 def test_multi_turn_chat_does_not_re_prefill_the_conversation(es):
     msgs = [{"role": "user", "content": Q}]
-    r1 = es.chat(msgs, tokens="eu", max_tokens=8)
+    r1 = complete(es, msgs, tokens="eu", max_tokens=8)
     msgs += [r1["choices"][0]["message"], {"role": "user", "content": "And of France?"}]
-    es.chat(msgs, tokens="eu", max_tokens=8)
-    st = es.last_stats
-    assert st.prefix_source == "reused"
+    t = complete(es, msgs, tokens="eu", max_tokens=8)["timings"]
+    assert t["prefix_source"] == "reused"
     new = len(es.tokenize(" Lima\nQuestion: And of France?\nAnswer:"))
-    assert st.prefilled_tokens <= new + 1
-    assert st.prompt_tokens > 2 * new
+    assert t["prompt_prefilled_n"] <= new + 1
+    assert t["prompt_n"] > 2 * new
 
 
 def test_prompt_longer_than_n_batch_works(es):
     long = "Here is some context. " * 40 + Q
     assert len(es.tokenize(long)) > 2 * N_BATCH
-    text = es.generate(long, tokens="minors,eu", max_tokens=8)
-    assert es.last_stats.prefilled_tokens > 2 * N_BATCH and es.last_stats.prefix_positions > N_BATCH
-    assert isinstance(text, str)
+    out = complete(es, long, tokens="minors,eu", max_tokens=8)
+    assert out["timings"]["prompt_prefilled_n"] > 2 * N_BATCH and out["edge_safe"]["prefix_positions"] > N_BATCH
+    assert isinstance(out["choices"][0]["message"]["content"], str)
 
 
 def test_prompt_too_long_is_a_clear_error_and_the_runtime_keeps_working(es):
     with pytest.raises(PromptTooLongError, match=r"the prompt needs \d+ positions .* context holds 512; "
                                                  r"pass a larger --n-ctx"):
-        es.generate("word " * 600, tokens="minors,eu")
-    assert es.generate(Q, max_tokens=8) == "Lima"
+        complete(es, "word " * 600, tokens="minors,eu")
+    assert reply(es, Q, max_tokens=8) == "Lima"
 
 
 def test_hitting_the_context_while_generating_is_finish_reason_length(es):
@@ -270,25 +308,33 @@ def test_hitting_the_context_while_generating_is_finish_reason_length(es):
         filler = " ".join(words)
         n = 1 + len(es.tokenize(QA_TEMPLATE.prompt(filler)))
     assert n < N_CTX
-    r = es.chat([{"role": "user", "content": filler}], max_tokens=50)
+    r = complete(es, filler, max_tokens=50)
     assert r["choices"][0]["finish_reason"] == "length"
     assert r["usage"]["completion_tokens"] <= N_CTX - n + 1
 
 
-def test_an_abandoned_stream_leaves_the_runtime_consistent(es):
-    expected = es.generate("How do I mix a mojito?", max_tokens=16)
-    it = es.generate("How do I mix a mojito?", max_tokens=16, stream=True)
+def test_a_second_request_while_a_stream_is_open_is_answered_and_both_are_right(es):
+    """An unconsumed stream blocks nothing: the engine runs it to completion in the background, so the same
+    thread may ask something else before reading on; and a stream closed early leaves the runtime consistent."""
+    expected = reply(es, "How do I mix a mojito?", max_tokens=16)
+    it = complete(es, "How do I mix a mojito?", max_tokens=16, stream=True)
+    assert next(it)["choices"][0]["delta"] == {"role": "assistant"}
+    assert reply(es, Q, max_tokens=8) == "Lima"  # same thread, stream still open
+    rest = list(it)
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in rest) == expected
+    assert rest[-1]["usage"]["completion_tokens"] > 1
+    it = complete(es, "How do I mix a mojito?", max_tokens=16, stream=True)
     next(it)
-    with pytest.raises(EdgeSafeError, match="unfinished stream"):
-        es.generate(Q)  # same thread, stream still open
-    it.close()
-    assert es.generate("How do I mix a mojito?", max_tokens=16) == expected
+    next(it)
+    it.close()  # abandoned mid-reply: cancelled, its sequence freed
+    assert it.job.done.is_set()
+    assert reply(es, "How do I mix a mojito?", max_tokens=16) == expected
 
 
 def test_threads_share_one_instance(es):
-    expected = {p: es.generate(p, max_tokens=6) for p in (Q, "What is 2 + 2?")}
+    expected = {p: reply(es, p, max_tokens=6) for p in (Q, "What is 2 + 2?")}
     got = {}
-    threads = [threading.Thread(target=lambda p=p: got.__setitem__(p, es.generate(p, max_tokens=6)))
+    threads = [threading.Thread(target=lambda p=p: got.__setitem__(p, reply(es, p, max_tokens=6)))
                for p in expected]
     for t in threads:
         t.start()
@@ -311,20 +357,19 @@ def test_names_profiles_and_modes(es):
 
 def test_unknown_names_list_what_exists(es):
     with pytest.raises(UnknownTokenError, match="unknown token or profile 'minor'; did you mean 'minors'"):
-        es.generate(Q, tokens="minor")
+        complete(es, Q, tokens="minor")
     with pytest.raises(UnknownTokenError, match="is a mode, not a constraint"):
-        es.generate(Q, tokens="rejective")
+        complete(es, Q, tokens="rejective")
     with pytest.raises(UnknownTokenError, match="unknown mode 'rejectve'; did you mean 'rejective'"):
-        es.generate(Q, mode="rejectve")
+        complete(es, Q, mode="rejectve")
 
 
 def test_typed_special_tokens_are_text(es):
     for text in ("<bos>", "<start_of_turn>user", "<eos>"):
         ids = es.tokenize(text)
-        assert es._llm.bos not in ids and es._llm.eos not in ids and len(ids) > 1
-    es.generate("<start_of_turn>model rejective <bos>", max_tokens=2)
-    st = es.last_stats
-    assert (st.tokens, st.mode, st.prefix_positions) == ([], None, 0)
+        assert es.model.bos not in ids and es.model.eos not in ids and len(ids) > 1
+    applied = complete(es, "<start_of_turn>model rejective <bos>", max_tokens=2)["edge_safe"]
+    assert (applied["tokens"], applied["mode"], applied["prefix_positions"]) == ([], None, 0)
 
 
 def test_is_refusal(es):
@@ -337,7 +382,7 @@ def test_closed_instance_refuses_work(bank):
     other.close()
     other.close()  # idempotent
     with pytest.raises(EdgeSafeError, match="closed"):
-        other.generate(Q)
+        complete(other, Q)
 
 
 # --- the stop filter (no model) ----------------------------------------------------------
@@ -352,7 +397,7 @@ def test_closed_instance_refuses_work(bank):
 def test_stop_filter_pieces_join_to_the_cleaned_reply(text, cuts, user_stop):
     data = text.encode()
     bounds = sorted({min(c, len(data)) for c in cuts} | {0, len(data)})
-    f = _StopFilter(QA_TEMPLATE.stop + user_stop)
+    f = StopFilter(QA_TEMPLATE.stop + user_stop)
     out, stopped, fed = [], False, data
     for a, b in zip(bounds, bounds[1:]):  # byte splits, also inside multi-byte characters
         piece, stopped = f.feed(data[a:b])
@@ -372,11 +417,41 @@ def test_stop_filter_pieces_join_to_the_cleaned_reply(text, cuts, user_stop):
 def test_sampling_greedy_nucleus_and_validation():
     rng = np.random.default_rng(0)
     logits = np.array([0.0, 3.0, 1.0, 2.9] + [-20.0] * 2000, dtype=np.float32)  # p ≈ .02 .48 .06 .43
-    assert sample(logits, 0.0, 1.0, rng) == 1
-    assert {sample(logits, 1.0, 1e-6, rng) for _ in range(20)} == {1}  # top_p that small keeps the argmax only
-    draws = [sample(logits, 1.0, 0.9, rng) for _ in range(400)]
+    assert Sampling().pick(logits, rng) == 1
+    assert {Sampling(1.0, top_p=1e-6).pick(logits, rng) for _ in range(20)} == {1}  # that small keeps the argmax only
+    draws = [Sampling(1.0, top_p=0.9).pick(logits, rng) for _ in range(400)]
     assert set(draws) == {1, 3}  # the smallest set holding 90 %
-    with pytest.raises(EdgeSafeError, match="temperature must be >= 0"):
-        check_sampling(-1.0, 1.0)
-    with pytest.raises(EdgeSafeError, match=r"top_p must be in \(0, 1\]"):
-        check_sampling(1.0, 0.0)
+    with pytest.raises(EdgeSafeError, match="temperature must be a number >= 0"):
+        Sampling(-1.0)
+    with pytest.raises(EdgeSafeError, match=r"top_p must be a number in \(0, 1\]"):
+        Sampling(1.0, top_p=0.0)
+    with pytest.raises(EdgeSafeError, match="top_k must be a whole number >= 0"):
+        Sampling(1.0, top_k=-1)
+    with pytest.raises(EdgeSafeError, match=r"min_p must be a number in \[0, 1\]"):
+        Sampling(1.0, min_p=1.5)
+    with pytest.raises(EdgeSafeError, match="repeat_penalty must be a number > 0"):
+        Sampling(repeat_penalty=0)
+
+
+def test_sampling_top_k_min_p_and_the_repeat_penalty():
+    rng = np.random.default_rng(0)
+    logits = np.array([0.0, 3.0, 1.0, 2.9] + [-20.0] * 2000, dtype=np.float32)
+    assert {Sampling(1.0, top_k=1).pick(logits, rng) for _ in range(50)} == {1}
+    assert set(Sampling(1.0, top_k=2).pick(logits, rng) for _ in range(400)) == {1, 3}
+    assert set(Sampling(1.0, min_p=0.5).pick(logits, rng) for _ in range(400)) == {1, 3}  # p(0), p(2) < p(1)/2
+    pen = Sampling(repeat_penalty=2.0)
+    out = pen.penalise(logits, [1, 0, 4])
+    assert out[1] == 1.5 and out[0] == 0.0 and out[4] == -40.0 and out[3] == logits[3]  # / positive, * negative
+    assert logits[1] == 3.0  # a copy
+    assert pen.pick(out, rng) == 3  # greedy, penalised: the repeated argmax loses
+    assert Sampling().penalise(logits, [1]) is logits  # off: the same array
+    assert Sampling(repeat_penalty=2.0, repeat_last_n=1).penalise(logits, [1, 0])[1] == 3.0  # only the latest
+
+
+def test_the_reply_ends_earlier_with_a_repeat_penalty(es):
+    """Greedy with no penalty, the bundled model repeats a sentence until max_tokens; 1.1 ends the reply."""
+    msgs = [{"role": "user", "content": "My grandmother's birthday is next week. Any gift ideas?"}]
+    plain = es.create_chat_completion(msgs, max_tokens=256)
+    penalised = es.create_chat_completion(msgs, max_tokens=256, repeat_penalty=1.1)
+    assert plain["usage"]["completion_tokens"] == 256 and plain["choices"][0]["finish_reason"] == "length"
+    assert penalised["usage"]["completion_tokens"] < 128 and penalised["choices"][0]["finish_reason"] == "stop"
