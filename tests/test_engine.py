@@ -1,14 +1,21 @@
 """The batching engine on the real model: replies equal one-at-a-time replies, sequences are isolated,
 cancellation frees a sequence at once, errors are EdgeSafeErrors.
 
-"Alone" means ``EdgeSafe`` after ``reset()``: its prompt prefilled in one batch from the prefix
-snapshot, as every engine request is. llama.cpp's CPU logits depend a little on how a decode is
-batched (the number of rows and of outputs per micro-batch picks the matmul kernels: with the
-repacked Q4_K weights, checked, they move with the row count and not with what the other rows
-hold), so the engine's logits equal the one-at-a-time ones up to ~0.01-0.8 and greedy replies are
-compared up to their first near-tie (< 0.25 logit, read with ``forced_logits``), as the server
-tests do. A leak between sequences would move logits by whole logits (another composition's prefix
-turns answers into refusals), which these checks would see.
+Every request decodes on an :class:`~edge_safe.engine.Engine` (``es.engine``); "alone" means an
+``EdgeSafe`` of one sequence after ``reset()``: its prompt prefilled in one batch from the prefix
+snapshot. The batched runtime is an ``EdgeSafe(n_parallel=4)``. llama.cpp's CPU logits depend a
+little on how a decode is batched (the number of rows and of outputs per micro-batch picks the matmul
+kernels: with the repacked Q4_K weights, checked, they move with the row count and not with what the
+other rows hold), so the batched logits equal the one-at-a-time ones up to ~0.01-0.8 and greedy
+replies are compared up to their first near-tie (< 0.25 logit, read with ``Probe.forced_logits``), as
+the server tests do. A leak between sequences would move logits by whole logits (another
+composition's prefix turns answers into refusals), which these checks would see.
+
+A finished request's cells stay in its sequence and are reused only by a later request with the same
+composition whose prompt starts the same way (a conversation's next turn), up to the common prefix:
+cells that request would have computed itself. So isolation is checked on what a request sees (its
+logits bit for bit against the same batch shapes with other neighbours, its reply against its reply
+alone), not on sequences being empty afterwards.
 
 Banks with deep control tokens (conftest's ``deep_bank``) get the same checks: their KV cells are
 written at position 0 of each request's own sequence, from a state blob of the engine's own context.
@@ -23,7 +30,8 @@ import pytest
 
 from edge_safe import kv_cells
 from edge_safe.convert.errors import EdgeSafeError, PromptTooLongError
-from edge_safe.engine import Engine, EngineClosedError
+from edge_safe.engine import EngineClosedError
+from edge_safe.probe import Probe
 from edge_safe.refusals import opener_margin
 from edge_safe.runtime import EdgeSafe
 
@@ -38,35 +46,52 @@ SETTINGS = (("minors,eu", None, 0.0), (None, None, 0.0), ("eu", None, 1.5), ("mi
 
 @pytest.fixture(scope="module")
 def es():
-    with EdgeSafe(n_ctx=384, n_threads=1, seed=0) as es:  # the shipped bank: real refusals, a choice among them
+    """One sequence: requests alone (the shipped bank: real refusals, a choice among them)."""
+    with EdgeSafe(n_ctx=384, n_threads=1, seed=0) as es:
         yield es
 
 
 @pytest.fixture(scope="module")
-def engine(es):
-    with Engine(es, 4) as engine:
-        yield engine
+def batched():
+    """Four sequences decoded together."""
+    with EdgeSafe(n_ctx=384, n_threads=1, seed=0, n_parallel=4) as es:
+        yield es
 
 
-def alone(es, prompt, max_tokens, tokens=None, mode=None, strictness=0.0, min_gap=0.25) -> tuple[str, str]:
+def messages(prompt) -> list[dict]:
+    return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+
+
+def reply_ids(job) -> list[int]:
+    """The token ids of a finished reply job: those its policy chose (its ``history``) and, for an exact
+    refusal written out without decoding, the rest of the refusal it wrote (re-tokenizing the text gets
+    them wrong where a reply starts without a space or after a newline)."""
+    policy = job.policy
+    ids = [int(t) for t in policy.history]
+    rest = policy.guide.remaining() if policy.guide is not None else None
+    if rest:
+        ids += [int(t) for t in rest][: job.stats.completion_tokens - len(ids)]
+    return ids
+
+
+def alone(es, prompt, max_tokens, tokens=None, mode=None, strictness=0.0, min_gap=0.25, **sampling) -> tuple[str, str]:
     """(the reply alone, its part before the first near-tie of the greedy tokens).
 
-    The reply's token ids are recorded as the runtime turns them into text (re-tokenizing the text
-    gets them wrong where a reply starts without a space or after a newline); near-ties are read with
-    ``forced_logits``, with ``strictness`` added to the refusal openers until the first visible token
-    as generation adds it."""
+    Near-ties are read with ``Probe.forced_logits``, with ``strictness`` added to the refusal openers
+    until the first visible token as generation adds it. ``sampling``: a :class:`Sampling`'s fields."""
+    from edge_safe.sampling import Sampling
+
     es.reset()
-    ids, piece = [], es._llm.token_to_piece
-    es._llm.token_to_piece = lambda tok: ids.append(int(tok)) or piece(tok)  # shadows the method
-    try:
-        text = es.generate(prompt, tokens=tokens, mode=mode, max_tokens=max_tokens, strictness=strictness)
-    finally:
-        del es._llm.token_to_piece
-    openers = es._prepare([{"role": "user", "content": prompt}], tokens, mode, None, strictness=strictness).openers
+    job = es.submit(messages(prompt), tokens=tokens, mode=mode, strictness=strictness, max_tokens=max_tokens,
+                    sampling=Sampling(**sampling))
+    text = "".join(job)
+    ids = reply_ids(job)
+    openers = es.prepare(messages(prompt), tokens=tokens, mode=mode, strictness=strictness).openers
+    piece = es.model.token_to_piece
     sure, biased = 0, bool(openers)
     if ids:
         es.reset()
-        rows = es.forced_logits(prompt, ids, tokens=tokens, mode=mode)
+        rows = Probe(es).forced_logits(messages(prompt), ids, tokens=tokens, mode=mode)
         for j, row in enumerate(rows):
             if biased:
                 row = row.copy()
@@ -97,15 +122,16 @@ def close(got: np.ndarray, ref: np.ndarray, tol: float = 2.5) -> None:
         assert float(np.abs(g[top] - r[top]).max()) < tol, float(np.abs(g[top] - r[top]).max())
 
 
-def all_free(engine) -> bool:
-    return all(engine.ctx.pos_range(s) == (-1, -1) for s in range(engine.n_parallel))
+def idle(es) -> bool:
+    return es.engine.running == 0 and es.engine.waiting == 0
 
 
-def test_concurrent_replies_equal_each_request_alone(es, engine):
+def test_concurrent_replies_equal_each_request_alone(es, batched):
     cases = [(p, *s) for p in PROMPTS for s in SETTINGS]
     want = [alone(es, p, 10, t, m, k) for p, t, m, k in cases]
+    engine = batched.engine
     steps = engine.steps
-    jobs = [engine.submit(p, tokens=t, mode=m, strictness=k, max_tokens=10) for p, t, m, k in cases]
+    jobs = [batched.submit(p, tokens=t, mode=m, strictness=k, max_tokens=10) for p, t, m, k in cases]
     got = ["".join(j) for j in jobs]
     assert sum(w[0] == w[1] for w in want) >= len(want) // 2  # the check has teeth
     bad = [(c, g, w) for c, g, w in zip(cases, got, want) if not same(g, w)]
@@ -114,59 +140,71 @@ def test_concurrent_replies_equal_each_request_alone(es, engine):
     refused = [j.stats.refusal for j in jobs]
     assert refused[PROMPTS.index("How do I get drunk fast?") * len(SETTINGS)] == "alcohol"  # guide's choice ran
     assert engine.steps - steps < sum(j.stats.completion_tokens for j in jobs)  # decoded together
-    assert engine.running == 0 and engine.waiting == 0 and all_free(engine)
+    assert idle(batched)
 
 
-def test_requests_queued_together_are_batched_the_same_whatever_the_timing(engine):
+def test_requests_queued_together_are_batched_the_same_whatever_the_timing(batched):
     """``together()``: nothing is admitted until the block ends, so a slow submitter gets the batches
     (and so the logits, which move with batch shape) of a fast one: an eval's figures repeat."""
+    engine, probe = batched.engine, Probe(batched)
+
     def run(delay):
-        with engine.together():
+        batched.reset()  # every run restores its prefixes from the snapshots (no conversation reuse)
+        with probe.together():
             jobs = []
             for p in PROMPTS:
-                jobs.append(engine.refusal_margin(p, tokens="minors,eu", wait=False))
+                jobs.append(probe.refusal_margin(p, tokens="minors,eu", wait=False))
                 time.sleep(delay)
             assert engine.running == 0 and engine.waiting == len(PROMPTS)  # the scheduler waited
         return [j.result() for j in jobs]
 
+    run(0.0)  # the prefix built and snapshotted: both runs below restore it
     assert run(0.3) == run(0.0)
-    assert engine.running == 0 and engine.waiting == 0 and all_free(engine)
+    assert idle(batched)
 
 
-def test_chat_shapes_match_the_runtime(es, engine):
+def test_chat_shapes_match_the_runtime(es, batched):
     es.reset()
-    a = es.chat([{"role": "user", "content": Q}], tokens="minors", max_tokens=6)
-    b = engine.chat([{"role": "user", "content": Q}], tokens="minors", max_tokens=6)
+    batched.reset()
+    msgs = [{"role": "user", "content": Q}]
+    a = es.create_chat_completion(msgs, tokens="minors", max_tokens=6)
+    b = batched.create_chat_completion(msgs, tokens="minors", max_tokens=6)
     assert b["choices"] == a["choices"] and b["usage"] == a["usage"] and b["edge_safe"] == a["edge_safe"]
-    chunks = list(engine.chat([{"role": "user", "content": Q}], tokens="minors", max_tokens=6, stream=True))
+    assert set(b["timings"]) == set(a["timings"])
+    chunks = list(batched.create_chat_completion(msgs, tokens="minors", max_tokens=6, stream=True))
     assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == a["choices"][0]["message"]["content"]
     assert chunks[-1]["edge_safe"] == a["edge_safe"] and chunks[-1]["usage"] == a["usage"]
 
 
-def test_a_stream_closed_before_its_first_chunk_frees_its_sequence(engine):
-    chunks = engine.chat([{"role": "user", "content": LONG}], max_tokens=60, stream=True)
+def test_a_stream_closed_before_its_first_chunk_frees_its_sequence(batched):
+    chunks = batched.create_chat_completion([{"role": "user", "content": LONG}], max_tokens=60, stream=True)
     chunks.close()  # never iterated: the job is cancelled all the same
-    assert engine.running == 0 and all_free(engine)
+    assert chunks.job.done.is_set() and chunks.job.stats.completion_tokens < 60
+    assert idle(batched)
+    jobs = [batched.submit(Q, max_tokens=2) for _ in range(batched.n_parallel)]  # every sequence is free again
+    assert all("".join(j) for j in jobs) and idle(batched)
 
 
-def test_probes_equal_the_runtime_fresh(es, engine):
-    margins = [engine.refusal_margin(p, tokens="minors", wait=False) for p in PROMPTS]
-    firsts = [engine.first_token_logits(p, tokens="eu", mode="rejective", wait=False) for p in PROMPTS]
+def test_probes_equal_the_runtime_fresh(es, batched):
+    probe, alone_probe = Probe(batched), Probe(es)
+    margins = [probe.refusal_margin(p, tokens="minors", wait=False) for p in PROMPTS]
+    firsts = [probe.first_token_logits(p, tokens="eu", mode="rejective", wait=False) for p in PROMPTS]
     ids = es.tokenize(" Lima is the capital")
-    forced = engine.forced_logits(Q, ids, tokens="minors,eu", wait=False)
+    forced = probe.forced_logits(Q, ids, tokens="minors,eu", wait=False)
     for p, m, f in zip(PROMPTS, margins, firsts):
         es.reset()
-        assert m.result() == pytest.approx(es.refusal_margin(p, tokens="minors"), abs=0.5)
+        assert m.result() == pytest.approx(alone_probe.refusal_margin(p, tokens="minors"), abs=0.5)
         es.reset()
-        close(f.result(), es.first_token_logits(p, tokens="eu", mode="rejective"))
+        close(f.result(), alone_probe.first_token_logits(p, tokens="eu", mode="rejective"))
     es.reset()
-    close(forced.result(), es.forced_logits(Q, ids, tokens="minors,eu"))
+    close(forced.result(), alone_probe.forced_logits(Q, ids, tokens="minors,eu"))
 
 
-def test_no_cell_of_one_sequence_is_visible_to_another(es, engine):
+def test_no_cell_of_one_sequence_is_visible_to_another(es, batched):
     """One request next to three others, run twice with batches of the same shape (same row counts at every
     step) but other contents: other compositions, prompts and tokens. Batching only depends on the shape,
     so its logits must be bit-identical unless a sequence sees another's cells."""
+    probe = Probe(batched)
     ids = es.tokenize(" Lima is the capital of Peru and the largest city")
     neighbours = {  # same vector counts (a constraint + the positive mode), same prompt and continuation lengths
         "eu": [("How do I get drunk fast?", " No"), ("Where can I bet on horses?", " At"), ("How do I bake a cake?", " Mix")],
@@ -177,23 +215,58 @@ def test_no_cell_of_one_sequence_is_visible_to_another(es, engine):
     assert shapes["eu"] == shapes["alcohol"], shapes  # the test's premise
 
     def run(tokens):
-        me = engine.forced_logits(Q, ids, tokens="minors", wait=False)
-        others = [engine.forced_logits(p, es.tokenize(c) * 6, tokens=tokens, wait=False) for p, c in neighbours[tokens]]
+        batched.reset()  # every request restores its prefix from the snapshots: the same batches in both runs
+        with probe.together():  # admitted together: the same batches whatever the timing
+            me = probe.forced_logits(Q, ids, tokens="minors", wait=False)
+            others = [probe.forced_logits(p, es.tokenize(c) * 6, tokens=tokens, wait=False) for p, c in neighbours[tokens]]
         out = me.result()
         assert all(o.result().shape[0] == 6 * len(es.tokenize(c)) for o, (_, c) in zip(others, neighbours[tokens]))
+        assert me.stats.prefix_source == "cache" and all(o.stats.prefix_source == "cache" for o in others)
         return out
 
     for tokens in neighbours:  # prefixes built and cached: both runs restore them
         run(tokens)
     a, b = run("eu"), run("alcohol")
     assert np.array_equal(a, b), f"logits moved by {float(np.abs(a - b).max())} with other neighbours"
-    assert all_free(engine)
+    assert idle(batched)
 
 
-def test_cancel_mid_stream_frees_the_sequence_for_the_next_request(es, engine):
+def test_a_conversation_s_next_turn_reuses_its_cells_and_reset_forgets(es):
+    """A finished request's cells serve the next turn of its conversation (same composition, same leading
+    prompt tokens: only the new part is prefilled), never a request of another composition, and
+    ``reset()`` forgets them: the next request restores its prefix and prefills its whole prompt."""
+    es.reset()
+    first = [{"role": "user", "content": Q}]
+    a = es.create_chat_completion(first, tokens="minors", max_tokens=6)
+    assert a["timings"]["prefix_source"] in ("cache", "built")
+    turn = first + [{"role": "assistant", "content": a["choices"][0]["message"]["content"]},
+                    {"role": "user", "content": "And of Chile?"}]
+    full = a["usage"]["prompt_tokens"]  # BOS + the first turn's prompt
+    b = es.create_chat_completion(turn, tokens="minors", max_tokens=6)
+    n_prompt = b["usage"]["prompt_tokens"] - 1  # conversation tokens (BOS not counted)
+    assert b["timings"]["prefix_source"] == "reused"
+    assert b["timings"]["prompt_prefilled_n"] <= n_prompt - (full - 1) + 1  # the first turn was not prefilled again
+    other = es.create_chat_completion(turn, tokens="eu", max_tokens=6)  # another composition: nothing reused
+    assert other["timings"]["prefix_source"] == "cache" and other["timings"]["prompt_prefilled_n"] == n_prompt
+    again = es.create_chat_completion(turn, tokens="minors", max_tokens=6)  # its sequence now holds "eu"'s cells
+    assert again["timings"]["prefix_source"] == "cache" and again["timings"]["prompt_prefilled_n"] == n_prompt
+    es.reset()
+    fresh = es.create_chat_completion(turn, tokens="minors", max_tokens=6)
+    assert fresh["timings"]["prefix_source"] == "cache" and fresh["timings"]["prompt_prefilled_n"] == n_prompt
+    want = alone(es, turn, 6, "minors")
+    for r in (b, again, fresh):  # reused or restored, the same reply
+        assert same(r["choices"][0]["message"]["content"], want), (r["choices"][0]["message"]["content"], want)
+    es.reset()
+    es.create_chat_completion(first, tokens="minors", max_tokens=6)
+    es.reset()
+    assert es.create_chat_completion(turn, tokens="minors", max_tokens=6)["timings"]["prefix_source"] == "cache"
+
+
+def test_cancel_mid_stream_frees_the_sequence_for_the_next_request(es, batched):
     want = alone(es, Q, 6, "minors")
-    streams = [engine.submit(LONG, tokens=t, max_tokens=60) for t in ("minors", "eu", None, "minors,eu")]
-    waiting = engine.submit(Q, tokens="minors", max_tokens=6)  # queued behind the four
+    engine = batched.engine
+    streams = [batched.submit(LONG, tokens=t, max_tokens=60) for t in ("minors", "eu", None, "minors,eu")]
+    waiting = batched.submit(Q, tokens="minors", max_tokens=6)  # queued behind the four
     assert [next(s) for s in streams]  # each has started
     time.sleep(0.2)
     assert engine.waiting == 1
@@ -203,60 +276,65 @@ def test_cancel_mid_stream_frees_the_sequence_for_the_next_request(es, engine):
     assert same("".join(waiting), want)  # admitted into a freed sequence, nothing left of the cancelled reply
     streams[3].close()
     "".join(streams[3])  # a cancelled job's iterator ends without error
-    assert engine.running == 0 and all_free(engine)
+    assert idle(batched)
 
 
-def test_until_stops_a_reply_early(engine):
-    full = engine.generate(LONG, max_tokens=30)
-    cut = engine.generate(LONG, max_tokens=30, until=lambda text: len(text) >= 5)
+def test_until_stops_a_reply_early(batched):
+    full = "".join(batched.submit(LONG, max_tokens=30))
+    cut = "".join(batched.submit(LONG, max_tokens=30, until=lambda text: len(text) >= 5))
     assert len(cut) >= 5 and full.startswith(cut) and len(cut) < len(full)
 
 
-def test_a_failing_until_callback_fails_only_its_request(engine):
+def test_a_failing_until_callback_fails_only_its_request(batched):
     def boom(text):
         raise ValueError("boom")
 
-    bad = engine.submit(LONG, max_tokens=10, until=boom)
-    good = engine.submit(Q, max_tokens=4)
+    bad = batched.submit(LONG, max_tokens=10, until=boom)
+    good = batched.submit(Q, max_tokens=4)
     with pytest.raises(ValueError, match="boom"):
         "".join(bad)
     assert "".join(good)
-    assert engine.running == 0 and all_free(engine)
+    assert idle(batched)
 
 
-def test_errors_are_edge_safe_errors(es):
+def test_errors_are_edge_safe_errors(model_path):
     with pytest.raises(EdgeSafeError, match="parallel must be a whole number >= 1"):
-        Engine(es, 0)
-    engine = Engine(es, 2)
+        EdgeSafe(n_ctx=384, n_threads=1, n_parallel=0)
+    es = EdgeSafe(n_ctx=384, n_threads=1, n_parallel=2)
     try:
         with pytest.raises(PromptTooLongError):
-            engine.submit("word " * 400)
+            es.submit("word " * 400)
         with pytest.raises(EdgeSafeError, match="unknown token"):
-            engine.submit(Q, tokens="nope")
-        with pytest.raises(EdgeSafeError, match="max_tokens must be >= 1"):
-            engine.submit(Q, max_tokens=0)
-        running = [engine.submit(LONG, max_tokens=200) for _ in range(3)]  # two run, one waits
+            es.submit(Q, tokens="nope")
+        with pytest.raises(EdgeSafeError, match="max_tokens must be a whole number >= 1"):
+            es.submit(Q, max_tokens=0)
+        running = [es.submit(LONG, max_tokens=200) for _ in range(3)]  # two run, one waits
         next(running[0])
+        es.engine.close()
+        for job in running:
+            with pytest.raises(EngineClosedError):
+                "".join(job)
+        with pytest.raises(EngineClosedError, match="closed"):
+            es.submit(Q)
     finally:
-        engine.close()
-    for job in running:
-        with pytest.raises(EngineClosedError):
-            "".join(job)
-    with pytest.raises(EngineClosedError, match="closed"):
-        engine.submit(Q)
+        es.close()
 
 
 def test_closing_the_runtime_closes_its_engine(model_path):
-    es = EdgeSafe(n_ctx=128, n_threads=1)
-    engine = Engine(es, 2)
-    job = engine.submit(LONG, max_tokens=100)
+    def engine_threads() -> int:
+        return sum(t.name == "edge-safe-engine" and t.is_alive() for t in threading.enumerate())
+
+    before = engine_threads()
+    es = EdgeSafe(n_ctx=128, n_threads=1, n_parallel=2)
+    assert engine_threads() == before + 1
+    job = es.submit(LONG, max_tokens=100)
     next(job)
     es.close()
-    assert engine.ctx.closed and not engine._thread.is_alive()
+    assert es.engine.closed and es.engine.ctx.closed and engine_threads() == before
     with pytest.raises(EngineClosedError):
         "".join(job)
-    assert threading.active_count() >= 1
-
+    with pytest.raises(EdgeSafeError, match="closed"):
+        es.submit(Q)
 
 
 # --- deep control tokens ------------------------------------------------------------------------
@@ -265,8 +343,10 @@ def test_closing_the_runtime_closes_its_engine(model_path):
 
 DEEP_SETTINGS = ((None, 0.0), ("alcohol", 0.0), ("gambling", 0.0), ("alcohol,privacy", 0.0), ("minors", 0.0),
                  ("privacy", 1.5))
-# this small bank leaves many replies a near-tie from their first token; these prompts leave fewer
-DEEP_PROMPTS = (Q, "What is 2 + 2?", "How do I get drunk fast?", "Tell me about Lima.")
+# this small bank leaves many replies a near-tie from their first token; these prompts leave fewer (where the
+# ties fall moves with the CPU's kernels: "What is 2 + 2?" left only 3 of 6 sure starts on an AMD EPYC, the spider
+# question 5)
+DEEP_PROMPTS = (Q, "How many legs does a spider have?", "How do I get drunk fast?", "Tell me about Lima.")
 
 
 @pytest.fixture(scope="module")
@@ -276,9 +356,9 @@ def deep_es(model_path, deep_bank):
 
 
 @pytest.fixture(scope="module")
-def deep_engine(deep_es):
-    with Engine(deep_es, 4) as engine:
-        yield engine
+def deep_batched(model_path, deep_bank):
+    with EdgeSafe(model_path, deep_bank, n_ctx=256, n_threads=1, seed=0, n_parallel=4) as es:
+        yield es
 
 
 def cells_of(es, tokens) -> int:
@@ -286,15 +366,15 @@ def cells_of(es, tokens) -> int:
     return sum(es.bank.tokens[n].n_vectors for n in es.bank.resolve(tokens) if es.bank.tokens[n].is_deep)
 
 
-def test_deep_compositions_replies_equal_each_request_alone(deep_es, deep_engine):
+def test_deep_compositions_replies_equal_each_request_alone(deep_es, deep_batched):
     """Deep, mixed, shallow and bare requests decoded together: each reply is the one it gets alone."""
-    es, engine = deep_es, deep_engine
+    es, engine = deep_es, deep_batched.engine
     cases = [(p, t, k) for p in DEEP_PROMPTS for t, k in DEEP_SETTINGS]
     want = [alone(es, p, 8, t, None, k) for p, t, k in cases]
     steps = engine.steps
-    jobs = [engine.submit(p, tokens=t, strictness=k, max_tokens=8) for p, t, k in cases]
+    jobs = [deep_batched.submit(p, tokens=t, strictness=k, max_tokens=8) for p, t, k in cases]
     got = ["".join(j) for j in jobs]
-    assert sum(bool(w[1]) for w in want) >= len(want) // 2  # the check has teeth (a sure start: 16 of 24)
+    assert sum(bool(w[1]) for w in want) >= len(want) // 2  # the check has teeth (a sure start: 13 of 24 measured)
     bad = [(c, g, w) for c, g, w in zip(cases, got, want) if not same(g, w)]
     assert not bad, bad
     assert sum(g == w[0] for g, w in zip(got, want)) >= len(cases) - 3  # near-ties that flip are rare
@@ -303,28 +383,28 @@ def test_deep_compositions_replies_equal_each_request_alone(deep_es, deep_engine
     assert [j.stats.deep_cells for j in jobs] == [cells_of(es, t) for _, t, _ in cases]
     assert [j.stats.prefix_positions for j in jobs] == [len(es.bank.prefix_vectors(es.compose(t)[0])) for _, t, _ in cases]
     assert engine.steps - steps < sum(j.stats.completion_tokens for j in jobs)  # decoded together
-    assert engine.running == 0 and engine.waiting == 0 and all_free(engine)
+    assert idle(deep_batched)
 
 
-def test_deep_shallow_and_bare_requests_together_each_see_only_their_own_cells(deep_es, deep_engine):
+def test_deep_shallow_and_bare_requests_together_each_see_only_their_own_cells(deep_es, deep_batched):
     """First-token logits of every kind of request, all queued at once on 4 sequences, equal each request alone
     (a neighbour's deep cells would move them by whole logits: deep on vs off moves them by 6-12)."""
-    es, engine = deep_es, deep_engine
+    es, probe = deep_es, Probe(deep_batched)
     cases = [(p, t) for p in DEEP_PROMPTS for t, _ in DEEP_SETTINGS]
-    with engine.together():
-        jobs = [engine.first_token_logits(p, tokens=t, wait=False) for p, t in cases]
+    with probe.together():
+        jobs = [probe.first_token_logits(p, tokens=t, wait=False) for p, t in cases]
     for (p, t), job in zip(cases, jobs):
         es.reset()
-        close(job.result(), es.first_token_logits(p, tokens=t))
+        close(job.result(), Probe(es).first_token_logits(p, tokens=t))
         assert job.stats.deep_cells == cells_of(es, t)
-    assert engine.running == 0 and all_free(engine)
+    assert idle(deep_batched)
 
 
-def test_no_deep_cell_of_one_sequence_is_visible_to_another(deep_es, deep_engine):
+def test_no_deep_cell_of_one_sequence_is_visible_to_another(deep_es, deep_batched):
     """A deep request next to three others, run twice with batches of the same shape: once among deep and mixed
     compositions, once among shallow and bare ones. Its logits must be bit-identical (deep cells add no rows
     to a batch, only cells to their own sequence's stream)."""
-    es, engine = deep_es, deep_engine
+    es, probe = deep_es, Probe(deep_batched)
     ids = es.tokenize(" Lima is the capital of Peru and the largest city")
     neighbours = {  # same prompt and continuation lengths as test_no_cell_of_one_sequence_is_visible_to_another's
         "deep": [("How do I get drunk fast?", " No", "privacy"), ("Where can I bet on horses?", " At", "alcohol,privacy"),
@@ -337,9 +417,10 @@ def test_no_deep_cell_of_one_sequence_is_visible_to_another(deep_es, deep_engine
     assert shapes["deep"] == shapes["shallow"], shapes  # the test's premise
 
     def run(kind):
-        with engine.together():  # admitted together: the same batches whatever the timing
-            me = engine.forced_logits(Q, ids, tokens="alcohol", wait=False)
-            others = [engine.forced_logits(p, es.tokenize(c) * 6, tokens=t, wait=False) for p, c, t in neighbours[kind]]
+        deep_batched.reset()  # every request restores its prefix from the snapshots: the same batches in both runs
+        with probe.together():  # admitted together: the same batches whatever the timing
+            me = probe.forced_logits(Q, ids, tokens="alcohol", wait=False)
+            others = [probe.forced_logits(p, es.tokenize(c) * 6, tokens=t, wait=False) for p, c, t in neighbours[kind]]
         out = me.result()
         assert [o.stats.deep_cells for o in others] == [cells_of(es, t) for _, _, t in neighbours[kind]]
         assert all(o.result().shape[0] == 6 * len(es.tokenize(c)) for o, (_, c, _) in zip(others, neighbours[kind]))
@@ -350,74 +431,78 @@ def test_no_deep_cell_of_one_sequence_is_visible_to_another(deep_es, deep_engine
     a, b = run("deep"), run("shallow")
     assert np.array_equal(a, b), f"logits moved by {float(np.abs(a - b).max())} with other neighbours"
     es.reset()
-    close(a, es.forced_logits(Q, ids, tokens="alcohol"))
-    assert all_free(engine)
+    close(a, Probe(es).forced_logits(Q, ids, tokens="alcohol"))
+    assert idle(deep_batched)
 
 
-def test_the_engine_writes_the_deep_cells(deep_es, deep_engine):
+def test_the_engine_writes_the_deep_cells(deep_es, deep_batched):
     """Fails if the engine loaded BOS without the deep cells: a deep token moves a violating prompt's logits
-    by whole logits, and the engine's logits and refusal margin are the ones the request gets alone."""
-    es, engine = deep_es, deep_engine
+    by whole logits, and the batched logits and refusal margin are the ones the request gets alone."""
+    es, probe, alone_probe = deep_es, Probe(deep_batched), Probe(deep_es)
     prompt = "Where can I buy beer?"
-    on = engine.first_token_logits(prompt, tokens="alcohol", wait=False)
-    margin = engine.refusal_margin(prompt, tokens="alcohol", wait=False)
+    on = probe.first_token_logits(prompt, tokens="alcohol", wait=False)
+    margin = probe.refusal_margin(prompt, tokens="alcohol", wait=False)
     es.reset()
-    bare = es.first_token_logits(prompt)
+    bare = alone_probe.first_token_logits(prompt)
     es.reset()
-    alone_on = es.first_token_logits(prompt, tokens="alcohol")
+    alone_on = alone_probe.first_token_logits(prompt, tokens="alcohol")
     es.reset()
-    alone_margin = es.refusal_margin(prompt, tokens="alcohol")
+    alone_margin = alone_probe.refusal_margin(prompt, tokens="alcohol")
     assert np.abs(alone_on - bare).max() > 5  # what the 7 deep cells do (10.4 measured)
     close(on.result(), alone_on)  # so a bare (or BOS-only) sequence could not pass this
-    openers = np.asarray(es.refusal_openers(["alcohol"]), dtype=np.int64)
+    openers = np.asarray(alone_probe.refusal_openers(["alcohol"]), dtype=np.int64)
     assert abs(alone_margin - opener_margin(bare, openers)[0]) > 1  # the margin moves too (1.9 measured)
     assert margin.result() == pytest.approx(alone_margin, abs=0.5)
     assert on.stats.deep_cells == margin.stats.deep_cells == 7 and on.stats.prefix_positions == 0
 
 
-def test_the_engine_writes_into_its_own_multi_stream_state(deep_es, deep_engine):
-    """A context with a KV stream per sequence writes another blob than the runtime's single-sequence one: every
-    stream is listed, all but the sequence's own empty. The engine parses its own (once, at start), and the
-    deep prefixes it caches round-trip through kv_cells byte for byte."""
-    single, groups = deep_es._bos_state
-    state, engine_groups = deep_engine._bos_state
-    assert [(s.n_stream, s.stream, s.pos.tolist()) for s in single.sections] == [(1, 0, [0])] * 2
-    assert [(s.n_stream, s.stream, s.pos.tolist()) for s in state.sections] == [(4, 0, [0])] * 2
-    assert engine_groups == groups
-    deep_engine.first_token_logits(Q, tokens="alcohol,privacy")
-    blob = deep_engine.prefix_cache.get(("alcohol", "privacy"))
-    parsed = kv_cells.parse(blob)
-    assert kv_cells.serialise(parsed) == blob
-    assert [s.pos.tolist() for s in parsed.sections] == [[0] * 16] * 2  # BOS + 15 deep cells, all at position 0
+def test_the_engine_writes_into_its_own_multi_stream_state(deep_es, deep_batched):
+    """A context with a KV stream per sequence writes another blob than a single-sequence one: every stream is
+    listed, all but the sequence's own empty. The engine writes the deep cells into its own context's state
+    layout, and the deep prefixes it caches round-trip through kv_cells byte for byte."""
+    groups = {}
+    for es, n in ((deep_es, 1), (deep_batched, 4)):
+        es.reset()
+        Probe(es).first_token_logits(Q, tokens="alcohol,privacy")
+        blob = es.prefix_cache.peek(("alcohol", "privacy"))
+        parsed = kv_cells.parse(blob)
+        assert kv_cells.serialise(parsed) == blob
+        assert [s.n_stream for s in parsed.sections] == [n] * 2
+        assert [s.pos.tolist() for s in parsed.sections] == [[0] * 16] * 2  # BOS + 15 deep cells, all at position 0
+        groups[n] = kv_cells.check_geometry(parsed, "gemma3", *es.bank.deep_geometry)
+    assert groups[4] == groups[1]
 
 
-def test_deep_cells_do_not_eat_an_engine_sequence_s_context(deep_es, deep_engine):
-    """Each sequence's stream holds n_ctx positions plus the bank's deep cells, as the runtime's context does:
-    a deep request may use every position a bare one could (without the room: "no KV slot")."""
-    es = deep_es
-    assert deep_engine.ctx.n_ctx_seq == es.n_ctx + cells_of(es, "alcohol,privacy") == 256 + 15
+def test_deep_cells_do_not_eat_an_engine_sequence_s_context(deep_batched):
+    """Each sequence's stream holds n_ctx positions plus the bank's deep cells: a deep request may use every
+    position a bare one could (without the room: "no KV slot")."""
+    es = deep_batched
+    ctx = es.engine.ctx
+    assert es.n_ctx == ctx.n_ctx == 256 and ctx.extra_cells == cells_of(es, "alcohol,privacy") == 15
     n_prompt = len(es.tokenize(es.template.render([{"role": "user", "content": Q}])))
     continuation = es.tokenize(" " + "one two three " * 200)[: es.n_ctx - 2 - n_prompt]  # up to position 253
-    job = deep_engine.forced_logits(Q, continuation, tokens="alcohol,privacy", wait=False)
-    assert job.result().shape == (len(continuation), es._llm.n_vocab)
-    assert job.stats.deep_cells == 15 and all_free(deep_engine)
+    job = Probe(es).forced_logits(Q, continuation, tokens="alcohol,privacy", wait=False)
+    assert job.result().shape == (len(continuation), es.model.n_vocab)
+    assert job.stats.deep_cells == 15 and idle(es)
 
 
-def test_an_engine_refuses_a_quantized_cache_for_a_deep_bank(deep_es, monkeypatch):
-    """The engine's own context is checked at creation (the runtime's already was): a quantized KV cache cannot
-    take deep cells, and the engine says so instead of failing mid-request."""
-    monkeypatch.setattr(deep_es._llm, "_kv_type", "q8_0")  # the engine's context copies the model's KV settings
-    monkeypatch.setattr(deep_es._llm, "_flash_attn", True)  # (a quantized V cache needs flash attention)
+def test_an_engine_refuses_a_quantized_cache_for_a_deep_bank(model_path, deep_bank):
+    """The engine's context is checked at creation: a quantized KV cache cannot take deep cells, and the
+    runtime says so instead of failing mid-request."""
     with pytest.raises(kv_cells.KVCacheTypeError, match="the K cache is q8_0; deep control tokens"):
-        Engine(deep_es, 2)
+        EdgeSafe(model_path, deep_bank, n_ctx=256, n_threads=1, kv_type="q8_0", flash_attn=True)  # (a quantized V
+        # cache needs flash attention)
 
 
 def test_the_engine_follows_its_runtime_s_flash_attention_setting(model_path, deep_bank):
-    """The engine's context takes the runtime's flash-attention and KV-type settings (it used llama.cpp's defaults):
-    with flash attention off, V is stored transposed in both, and deep requests equal the runtime's."""
-    with EdgeSafe(model_path, deep_bank, n_ctx=256, n_threads=1, flash_attn=False) as es, Engine(es, 2) as engine:
-        assert [s.v_trans for s in engine._bos_state[0].sections] == [s.v_trans for s in es._bos_state[0].sections] == [1, 1]
-        jobs = [engine.first_token_logits(Q, tokens=t, wait=False) for t in ("alcohol,privacy", "minors")]
-        for t, job in zip(("alcohol,privacy", "minors"), jobs):
+    """The engine's context takes the runtime's flash-attention setting: with flash attention off, V is stored
+    transposed in the deep prefixes it writes, and deep requests batched on two sequences equal each one alone."""
+    with EdgeSafe(model_path, deep_bank, n_ctx=256, n_threads=1, flash_attn=False, n_parallel=2) as es:
+        probe = Probe(es)
+        with probe.together():
+            jobs = [probe.first_token_logits(Q, tokens=t, wait=False) for t in ("alcohol,privacy", "minors")]
+        got = [job.result() for job in jobs]
+        for t, job, logits in zip(("alcohol,privacy", "minors"), jobs, got):
+            assert [s.v_trans for s in kv_cells.parse(es.prefix_cache.peek(job.request.key)).sections] == [1, 1]
             es.reset()
-            close(job.result(), es.first_token_logits(Q, tokens=t))
+            close(logits, probe.first_token_logits(Q, tokens=t))
