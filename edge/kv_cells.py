@@ -301,3 +301,38 @@ def cells(state: SeqState, groups: Sequence[Sequence[int]], index: slice | Seque
             ks[layer] = s.k_rows[j][index].view(_FLOAT_TYPES[s.k_types[j]]).astype(np.float32)
             vs[layer] = s.v_rows[j][index].view(_FLOAT_TYPES[s.v_types[j]]).astype(np.float32)
     return np.stack(ks, axis=1), np.stack(vs, axis=1)
+
+
+def rope_neox(keys: np.ndarray, pos: int, bases: Sequence[float]) -> np.ndarray:
+    """Keys (n, n_layer, n_head_kv * head_dim) stored at position 0 (no rotation, as a deep bank holds
+    them), rotated to position ``pos`` the way llama.cpp's NEOX RoPE rotates a key decoded there (its
+    K-shift by ``pos`` gives the same rows): per head, the two halves of the head dimension are rotated
+    by ``pos * base ** (-2 i / head_dim)``, with each layer's ``base`` (Gemma 3: 10 000 in sliding-window
+    layers, 1 000 000 in global ones). ``head_dim`` is 256 for Gemma 3 270M (one KV head)."""
+    keys = np.asarray(keys, dtype=np.float32)
+    n, n_layer, width = keys.shape
+    if len(bases) != n_layer:
+        raise EdgeSafeError(f"rope_neox: {len(bases)} bases for {n_layer} layers")
+    if pos == 0:
+        return keys.copy()
+    head_dim = ROPE_HEAD_DIM
+    half = head_dim // 2
+    out = keys.reshape(n, n_layer, width // head_dim, head_dim).astype(np.float64)
+    i = np.arange(half, dtype=np.float64)
+    for layer, base in enumerate(bases):
+        theta = pos * np.power(float(base), -2.0 * i / head_dim)  # (half,)
+        cos, sin = np.cos(theta), np.sin(theta)
+        x1, x2 = out[:, layer, :, :half].copy(), out[:, layer, :, half:].copy()
+        out[:, layer, :, :half] = x1 * cos - x2 * sin
+        out[:, layer, :, half:] = x2 * cos + x1 * sin
+    return out.reshape(n, n_layer, width).astype(np.float32)
+
+
+ROPE_HEAD_DIM = 256  # Gemma 3's key_length
+
+
+def gemma3_rope_bases(n_layer: int, freq_base: float = 1_000_000.0, swa_base: float = 10_000.0,
+                      pattern: int = 6) -> list[float]:
+    """Gemma 3's RoPE base per layer: every ``pattern``-th layer is global (``freq_base``), the others
+    attend through the sliding window with their own base (llama.cpp: 10 000)."""
+    return [freq_base if (layer + 1) % pattern == 0 else swa_base for layer in range(n_layer)]

@@ -179,13 +179,31 @@ class DecodeError(EdgeSafeError):
     """llama_decode failed (no KV slot, invalid batch, ...)."""
 
 
+def _kv_override_array(overrides: dict[str, int | float | bool]):
+    """llama.cpp's zero-terminated ``llama_model_kv_override`` array for numeric header overrides."""
+    arr = (C.llama_model_kv_override * (len(overrides) + 1))()
+    for i, (key, value) in enumerate(overrides.items()):
+        arr[i].key = key.encode("utf-8")
+        if isinstance(value, bool):
+            arr[i].tag, arr[i].value.val_bool = C.LLAMA_KV_OVERRIDE_TYPE_BOOL, value
+        elif isinstance(value, int):
+            arr[i].tag, arr[i].value.val_i64 = C.LLAMA_KV_OVERRIDE_TYPE_INT, value
+        elif isinstance(value, float):
+            arr[i].tag, arr[i].value.val_f64 = C.LLAMA_KV_OVERRIDE_TYPE_FLOAT, value
+        else:
+            raise EdgeSafeError(f"kv override {key!r} must be a number or a bool, got {value!r}")
+    arr[len(overrides)].key = b"\0"
+    return arr
+
+
 KV_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q8_0": 8, "bf16": 30}  # ggml_type ids
 
 
 class Model:
     """A loaded GGUF: weights and vocabulary, shared by the contexts made on it (freed last)."""
 
-    def __init__(self, path: str | os.PathLike, n_gpu_layers: int = 0, cpu_repack: str | bool | None = None):
+    def __init__(self, path: str | os.PathLike, n_gpu_layers: int = 0, cpu_repack: str | bool | None = None,
+                 kv_overrides: dict[str, int | float | bool] | None = None):
         _init_backend()
         self.path = Path(path)
         self.cpu_repack = resolve_cpu_repack(cpu_repack)  # use_extra_bufts, decided before anything loads
@@ -193,6 +211,9 @@ class Model:
         mparams = C.llama_model_default_params()
         mparams.n_gpu_layers = int(n_gpu_layers)
         mparams.use_extra_bufts = self.cpu_repack
+        if kv_overrides:  # e.g. {"gemma3.attention.sliding_window": 4096} for a measurement
+            self._overrides = _kv_override_array(kv_overrides)  # kept alive while llama.cpp reads it
+            mparams.kv_overrides = self._overrides
         model = C.llama_model_load_from_file(str(self.path).encode(), mparams)
         if not model:
             raise ModelNotFoundError(f"llama.cpp could not load {self.path} (is it a GGUF model file? run with -v for details)")
