@@ -1,7 +1,7 @@
 """The OpenAI-compatible server, live on 127.0.0.1, called with the real `openai` client.
 
 One EdgeSafe (bundled Gemma 3 270M, a small from-text bank with all three modes,
-n_ctx 512, one thread) is shared by the module's servers; replies are greedy and
+n_ctx 512, one thread, 4 sequences) is shared by the module's servers; replies are greedy and
 short so the module runs in seconds on 2 shared cores.
 """
 from __future__ import annotations
@@ -25,12 +25,14 @@ import uvicorn
 from click.testing import CliRunner
 
 from edge_safe.cli import serve as cli_serve
-from edge_safe.llama import LlamaModel
 from edge_safe.cli import cli
 from edge_safe.convert.bank import TokenBank, from_text_bank, from_text_token
 from edge_safe.convert.errors import UnknownTokenError
 from edge_safe.convert.model import ModelInfo
+from edge_safe.llama import Context
+from edge_safe.probe import Probe
 from edge_safe.runtime import EdgeSafe
+from edge_safe.sampling import Sampling
 from edge_safe.server import create_app
 from edge_safe.server.schema import ServerSettings
 
@@ -51,7 +53,7 @@ PROFILES = {"minors": ["alcohol", "gambling"], "eu": ["privacy"]}
 
 def small_bank(model_path) -> TokenBank:
     info = ModelInfo.read(model_path)
-    with LlamaModel(info.path, n_ctx=64) as llm:
+    with Context.load(info.path, n_ctx=64) as llm:
         toks = [from_text_token(info, llm.tokenize, n, rule, kind=kind, description=f"{n}: {rule}",
                                 refusal="Sorry, I can't help with that." if n != "positive" and n != "negative" else "")
                 for n, (kind, rule) in RULES.items()]
@@ -86,14 +88,14 @@ def bank(model_path) -> TokenBank:
 
 @pytest.fixture(scope="module")
 def es(bank):
-    with EdgeSafe(bank=bank, n_ctx=512, n_batch=128, n_threads=1, seed=0) as es:
+    with EdgeSafe(bank=bank, n_ctx=512, n_batch=128, n_threads=1, seed=0, n_parallel=4) as es:
         yield es
 
 
 @pytest.fixture(scope="module")
 def app(es):
     settings = ServerSettings(api_key=KEY, default_tokens="minors", max_tokens_limit=64, max_body_bytes=32 * 1024)
-    return create_app(es, settings)  # parallel 4: requests are batched on an Engine
+    return create_app(es, settings)  # es.n_parallel 4: requests are batched on its engine
 
 
 @pytest.fixture(scope="module")
@@ -118,10 +120,28 @@ def ask(client, content=Q, max_tokens=6, **extra):
                                           max_tokens=max_tokens, extra_body=extra or None)
 
 
+#: what the server samples with when a request names nothing (greedy, so only the repeat penalty matters)
+SERVER_SAMPLING = {k: getattr(ServerSettings(), k) for k in ("repeat_penalty", "top_k", "min_p")}
+
+
 def alone(es, content=Q, max_tokens=6, tokens=None, mode=None) -> str:
-    """The same request run directly on the runtime (greedy): what the server must answer."""
+    """The same request run directly on the runtime (greedy, the server's default sampling), its prefix
+    restored fresh: what the server must answer."""
     messages = [{"role": "user", "content": content}]
-    return es.chat(messages, tokens=tokens, mode=mode, max_tokens=max_tokens)["choices"][0]["message"]["content"]
+    es.reset()
+    out = es.create_chat_completion(messages, tokens=tokens, mode=mode, max_tokens=max_tokens, **SERVER_SAMPLING)
+    return out["choices"][0]["message"]["content"]
+
+
+def reply_ids(job) -> list[int]:
+    """The token ids of a finished reply job: those its policy chose (its ``history``) and, for an exact
+    refusal written out without decoding, the rest of the refusal it wrote."""
+    policy = job.policy
+    ids = [int(t) for t in policy.history]
+    rest = policy.guide.remaining() if policy.guide is not None else None
+    if rest:
+        ids += [int(t) for t in rest][: job.stats.completion_tokens - len(ids)]
+    return ids
 
 
 def alone_with_ties(es, content, max_tokens, tokens=None, mode=None, min_gap: float = 0.25) -> tuple[str, str]:
@@ -130,19 +150,17 @@ def alone_with_ties(es, content, max_tokens, tokens=None, mode=None, min_gap: fl
     llama.cpp's CPU logits move by ~0.01-0.1 with batch boundaries (a reused conversation under load
     re-decodes only its last prompt token), so where the greedy reply's token wins by less than
     ``min_gap`` logits the same request may continue differently under load without any leak between
-    requests. What comes before that point must be the same; read with ``forced_logits``. The reply's token
-    ids are recorded as the runtime turns them into text (re-tokenizing the text gets them wrong where a
-    reply starts without a space or after a newline)."""
+    requests. What comes before that point must be the same; read with ``Probe.forced_logits``. The reply's
+    token ids are the ones its policy chose (re-tokenizing the text gets them wrong where a reply starts
+    without a space or after a newline)."""
+    messages = [{"role": "user", "content": content}]
     es.reset()
-    ids, piece = [], es._llm.token_to_piece
-    es._llm.token_to_piece = lambda tok: ids.append(int(tok)) or piece(tok)  # shadows the method
-    try:
-        text = alone(es, content, max_tokens, tokens, mode)
-    finally:
-        del es._llm.token_to_piece
+    job = es.submit(messages, tokens=tokens, mode=mode, max_tokens=max_tokens, sampling=Sampling(**SERVER_SAMPLING))
+    text = "".join(job)
+    ids, piece = reply_ids(job), es.model.token_to_piece
     sure = 0
-    if ids:
-        rows = es.forced_logits([{"role": "user", "content": content}], ids, tokens=tokens, mode=mode)
+    if ids:  # right after the reply: its prompt's cells are reused, as a conversation's next request reuses them
+        rows = Probe(es).forced_logits(messages, ids, tokens=tokens, mode=mode)
         for j, row in enumerate(rows):
             if row[ids[j]] - np.max(np.delete(row, ids[j])) < min_gap:
                 break
@@ -240,9 +258,9 @@ def test_completions_endpoint_streaming_and_not(client, es):
 
 
 def test_strictness_per_request_and_as_the_server_default(client, es):
-    opener = es.refusal_openers(["privacy"])
+    opener = Probe(es).refusal_openers(["privacy"])
     es.reset()
-    logits = es.first_token_logits(Q, tokens="eu")
+    logits = Probe(es).first_token_logits(Q, tokens="eu")
     gap = float(np.delete(logits, opener).max() - logits[opener].max())  # what the refusal openers lack to win
     assert 1.5 < gap < 18.5
     plain = ask(client, tokens="eu")
@@ -256,6 +274,39 @@ def test_strictness_per_request_and_as_the_server_default(client, es):
         assert httpx.get(base + "/v1/tokens").json()["default_strictness"] == gap + 1
         relaxed = ask(strict_server, tokens="eu", strictness=0)  # the request's own value wins
         assert relaxed.choices[0].message.content == plain.choices[0].message.content
+
+
+def test_a_request_s_repeat_penalty_is_honoured_and_the_server_s_default_applies_otherwise(es):
+    """Without a repeat penalty the bundled model repeats itself to the end of its budget on this question;
+    the server's default (1.1) ends it far earlier (256 vs 30 tokens measured); a request's own value wins."""
+    gift = [{"role": "user", "content": "My grandmother's birthday is next week. Any gift ideas?"}]
+    with live_server(create_app(es, ServerSettings())) as base:
+        server = openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=300)
+
+        def ask_gift(**extra):
+            return server.chat.completions.create(model="any", messages=gift, max_tokens=256,
+                                                  extra_body={"tokens": [], **extra})
+
+        default, plain = ask_gift(), ask_gift(repeat_penalty=1.0)
+        assert plain.usage.completion_tokens == 256 and plain.choices[0].finish_reason == "length"
+        assert default.usage.completion_tokens < 128 and default.choices[0].finish_reason == "stop"
+        explicit = ask_gift(repeat_penalty=ServerSettings().repeat_penalty)
+        assert explicit.choices[0].message.content == default.choices[0].message.content
+        assert default.choices[0].message.content == alone(es, gift[0]["content"], 256, tokens=[])
+
+
+@pytest.mark.parametrize("extra, says", [
+    ({"top_k": -1}, "greater than or equal to 0"),
+    ({"min_p": 1.5}, "less than or equal to 1"),
+    ({"repeat_penalty": 0}, "greater than 0"),
+])
+def test_bad_sampling_fields_are_400_naming_the_field(client, extra, says):
+    with pytest.raises(openai.BadRequestError) as e:
+        ask(client, max_tokens=2, **extra)
+    err = api_error(e.value)
+    (param,) = extra
+    assert (err["type"], err["param"], err["code"]) == ("invalid_request_error", param, "invalid_value")
+    assert says in err["message"]
 
 
 def test_negative_mode_needs_the_server_flag(client, es):
@@ -412,15 +463,15 @@ def test_interleaved_compositions_equal_each_request_run_alone(url, es):
 def test_a_deep_bank_is_served_batched(model_path, deep_bank):
     """With --parallel > 1 a bank of deep tokens is batched on the engine like a shallow one (the server used to
     fall back to one request at a time): concurrent requests of deep, mixed, shallow and bare compositions, half
-    streamed, each equal the request run alone, and every sequence is empty afterwards."""
+    streamed, each equal the request run alone, and nothing is left running or waiting afterwards."""
     compositions = ("alcohol", "alcohol,privacy", "minors", "gambling", [])
-    with EdgeSafe(model_path, deep_bank, n_ctx=256, n_threads=1, seed=0) as deep_es:
+    with EdgeSafe(model_path, deep_bank, n_ctx=256, n_threads=1, seed=0, n_parallel=4) as deep_es:
         requests = [(q, t) for q in (Q, "How do I get drunk fast?") for t in compositions]
         expected = {(q, json.dumps(t)): alone_with_ties(deep_es, q, 6, t) for q, t in requests}
         assert sum(bool(sure) for _, sure in expected.values()) >= len(expected) // 2  # the check has teeth
-        app = create_app(deep_es, ServerSettings(parallel=4))
-        engine = app.state.edge_safe.engine
-        assert engine is not None and engine.n_parallel == 4
+        app = create_app(deep_es, ServerSettings())
+        engine = app.state.edge_safe.es.engine
+        assert engine.n_parallel == 4
 
         def one(i):
             q, t = requests[i % len(requests)]
@@ -436,7 +487,7 @@ def test_a_deep_bank_is_served_batched(model_path, deep_bank):
             assert httpx.get(base + "/health").json()["parallel"] == 4
             with ThreadPoolExecutor(8) as pool:
                 results = list(pool.map(one, [7, 2, 9, 0, 4, 6, 1, 8, 3, 5] * 2))
-            assert engine.running == 0 and all(engine.ctx.pos_range(s) == (-1, -1) for s in range(4))
+            assert engine.running == 0 and engine.waiting == 0
         for key, text, extra in results:
             assert same_as_alone(text, expected[key]), (key, text, expected[key])
             tokens = json.loads(key[1])
@@ -445,6 +496,7 @@ def test_a_deep_bank_is_served_batched(model_path, deep_bank):
 
 
 def test_a_client_that_disconnects_mid_stream_frees_the_model(url, http, es, app):
+    steps = es.engine.steps  # nothing else runs meanwhile: every decode step is this request's
     with httpx.Client(timeout=60) as c:
         with c.stream("POST", url + "/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"},
                       json={"messages": [{"role": "user", "content": LONG}], "tokens": [], "max_tokens": 64,
@@ -459,10 +511,9 @@ def test_a_client_that_disconnects_mid_stream_frees_the_model(url, http, es, app
     while httpx.get(url + "/health").json()["busy"]:
         assert time.monotonic() < deadline, "the model was not freed after the client went away"
         time.sleep(0.05)
-    engine = app.state.edge_safe.engine
-    aborted = engine.last_stats
-    assert engine.running == 0 and all(engine.ctx.pos_range(s) == (-1, -1) for s in range(engine.n_parallel))
-    assert aborted.finish_reason == "length" and aborted.completion_tokens < 40  # stopped early, not run to 64
+    engine = app.state.edge_safe.es.engine
+    assert engine.running == 0 and engine.waiting == 0
+    assert engine.steps - steps < 40  # stopped early, not run to 64 tokens
     t0 = time.monotonic()
     reply = http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": Q}], "max_tokens": 2})
     assert reply.status_code == 200 and time.monotonic() - t0 < 10
@@ -473,7 +524,8 @@ def test_requests_queue_for_the_model_and_a_full_queue_is_a_503(es, parallel):
     ask_q = {"messages": [{"role": "user", "content": Q}], "max_tokens": 2, "tokens": []}
     # 400 tokens: the held replies must still be running when the queue is checked (64 finished first in a CI run)
     long = {"messages": [{"role": "user", "content": LONG}], "max_tokens": 400, "stream": True, "tokens": []}
-    with live_server(create_app(es, ServerSettings(max_queue=1, parallel=parallel))) as base, \
+    with EdgeSafe(bank=es.bank, n_ctx=512, n_batch=128, n_threads=1, n_parallel=parallel) as par, \
+            live_server(create_app(par, ServerSettings(max_queue=1))) as base, \
             httpx.Client(base_url=base, timeout=60) as c, ThreadPoolExecutor(1) as pool:
         with contextlib.ExitStack() as streams:
             holders = [streams.enter_context(c.stream("POST", "/v1/chat/completions", json=long))
@@ -519,7 +571,8 @@ def test_serve_cli_passes_settings_to_the_app(monkeypatch, bank):
 
     monkeypatch.setattr(uvicorn, "run", fake_run)
     monkeypatch.setattr(cli_serve, "load_edge_safe",
-                        lambda **kw: seen.update(load=kw) or EdgeSafe(bank=bank, n_ctx=64, n_threads=1))
+                        lambda **kw: seen.update(load=kw) or EdgeSafe(bank=bank, n_ctx=64, n_threads=1,
+                                                                      n_parallel=kw["n_parallel"]))
     monkeypatch.setenv("EDGE_SAFE_API_KEY", "from-env")
     result = CliRunner().invoke(cli, ["serve", "--port", "9999", "-t", "eu", "--max-tokens-limit", "8",
                                       "--allow-negative-mode", "--default-strictness", "1.5", "--n-ctx", "64",
@@ -527,13 +580,14 @@ def test_serve_cli_passes_settings_to_the_app(monkeypatch, bank):
     assert result.exit_code == 0, result.output
     state = seen["state"]
     assert (seen["host"], seen["port"]) == ("127.0.0.1", 9999)
-    assert seen["load"] == {"model": None, "bank": None, "n_ctx": 64, "n_gpu_layers": 0, "n_threads": 1}
+    assert seen["load"] == {"model_path": None, "bank": None, "n_ctx": 64, "n_gpu_layers": 0, "n_threads": 1,
+                            "n_parallel": 2}
     assert state.settings.api_key.get_secret_value() == "from-env" and "from-env" not in repr(state.settings)
     assert state.default_tokens == ["privacy"] and state.settings.max_tokens_limit == 8
     assert state.settings.allow_negative_mode is True and state.settings.default_strictness == 1.5
-    assert state.settings.parallel == 2 and state.engine.n_parallel == 2
-    state.close()
-    assert "serving" in result.output and "default tokens: privacy" in result.output
+    assert state.es.n_parallel == 2 and state.gate.slots == 2
+    assert state.es.model.closed  # serve closes its runtime when the server stops
+    assert "serving" in result.output and "default tokens: privacy" in result.output and "parallel: 2" in result.output
 
     result = CliRunner().invoke(cli, ["serve", "-t", "minor", "--n-ctx", "64"])
     assert result.exit_code == 1
