@@ -382,6 +382,7 @@ class Engine:
             return
         t1 = time.perf_counter()
         self.steps += 1
+        reloads: list[tuple[Job, Request]] = []
         for job, take, row in fed:
             st = job.current.stats
             prompt = job.pos < job.current.n_prefix + len(job.current.prompt)
@@ -392,16 +393,24 @@ class Engine:
             del job.pending[:take]
             job.pos += take
             if row >= 0:
-                self._feed(job, self.ctx.logits(row))
+                self._feed(job, self.ctx.logits(row), reloads)
+        # Only now, once every row's logits were read: building a prefix decodes into the context, which
+        # would overwrite the logits of the rows not yet fed.
+        for job, req in reloads:
+            try:
+                self._place(job, req)
+            except Exception as e:
+                self._release(job, e)
 
-    def _feed(self, job: Job, logits: np.ndarray) -> None:
-        """Hand the job's policy its logits and carry out what it asks for."""
+    def _feed(self, job: Job, logits: np.ndarray, reloads: list) -> None:
+        """Hand the job's policy its logits and carry out what it asks for (a :class:`Reload` is added to
+        ``reloads``, placed after the step's last row was fed)."""
         try:
             nxt = job.policy.feed(logits, job.pos)
             if isinstance(nxt, Reload):
                 if nxt.save:
                     job.saved = (self.ctx.save_seq(job.seq), self._held[job.seq], job.pos)
-                self._place(job, nxt.request)
+                reloads.append((job, nxt.request))
                 return
             if isinstance(nxt, Resume):
                 blob, held, job.pos = job.saved
