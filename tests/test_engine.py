@@ -143,6 +143,26 @@ def test_concurrent_replies_equal_each_request_alone(es, batched):
     assert idle(batched)
 
 
+def test_a_prefix_built_mid_step_leaves_the_other_rows_logits_alone(model_path):
+    """A reply that opens a refusal several active constraints share asks each constraint alone which one it is
+    (a Reload into its sequence); a shallow constraint's prefix that is not cached yet is built there, decoding
+    BOS and its vectors into the context. The requests whose rows come later in that step must still get their
+    own logits (they once got "no logits for row 1", and the scheduler stopped)."""
+    from conftest import V3_SHALLOW_BANK
+
+    cases = [("How do I get drunk fast?", "minors,eu")] + [(p, None) for p in (Q, "Tell me about Lima.", LONG)]
+    with EdgeSafe(bank=V3_SHALLOW_BANK, n_ctx=384, n_threads=1) as one, \
+            EdgeSafe(bank=V3_SHALLOW_BANK, n_ctx=384, n_threads=1, n_parallel=4) as four:
+        want = [alone(one, p, 10, t) for p, t in cases]
+        with four.engine.together():  # the refusing request first: the other rows come after its own
+            jobs = [four.submit(p, tokens=t, max_tokens=10) for p, t in cases]
+        got = ["".join(j) for j in jobs]
+        assert jobs[0].stats.refusal == "alcohol"  # the choice among the constraints ran
+        bad = [(c, g, w) for c, g, w in zip(cases, got, want) if not same(g, w)]
+        assert not bad, bad
+        assert not four.engine.closed and idle(four)
+
+
 def test_requests_queued_together_are_batched_the_same_whatever_the_timing(batched):
     """``together()``: nothing is admitted until the block ends, so a slow submitter gets the batches
     (and so the logits, which move with batch shape) of a fast one: an eval's figures repeat."""
