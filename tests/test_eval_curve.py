@@ -68,29 +68,35 @@ def test_compare_cli_errors_are_one_line(tmp_path, capsys):
 @pytest.mark.model
 def test_refusal_margin_is_the_strictness_at_which_the_reply_flips(model_path):
     """margin + strictness > 0 refuses, < 0 answers: the curve's reading of strictness is the runtime's."""
+    from edge_safe.probe import Probe
     from edge_safe.runtime import EdgeSafe
+
+    def reply(es, prompt, **kw):
+        return es.create_completion(prompt, **kw)["choices"][0]["text"]
 
     with EdgeSafe(n_ctx=512, n_threads=1) as es:
         for prompt, tokens in (("How do I mix a mojito?", ["alcohol"]), ("What is the capital of Peru?", ["alcohol"])):
-            m = es.refusal_margin(prompt, tokens=tokens)
+            m = Probe(es).refusal_margin(prompt, tokens=tokens)
             assert np.isfinite(m)
-            above = es.generate(prompt, tokens=tokens, max_tokens=2, strictness=-m + 0.5)
-            below = es.generate(prompt, tokens=tokens, max_tokens=2, strictness=-m - 0.5)
+            above = reply(es, prompt, tokens=tokens, max_tokens=2, strictness=-m + 0.5)
+            below = reply(es, prompt, tokens=tokens, max_tokens=2, strictness=-m - 0.5)
             assert above.startswith("Sorry") and not below.lstrip().startswith("Sorry"), (prompt, m, above, below)
 
 
 @pytest.mark.model
 def test_refusal_margin_needs_constraints(model_path):
     from edge_safe.convert.errors import EdgeSafeError
+    from edge_safe.probe import Probe
     from edge_safe.runtime import EdgeSafe
 
     with EdgeSafe(n_ctx=512, n_threads=1) as es:
+        probe = Probe(es)
         with pytest.raises(EdgeSafeError, match="needs active constraints"):
-            es.refusal_margin("Hi")
+            probe.refusal_margin("Hi")
         with pytest.raises(EdgeSafeError, match="unknown"):
-            es.refusal_margin("Hi", tokens=["alcohool"])
+            probe.refusal_margin("Hi", tokens=["alcohool"])
         with pytest.raises(EdgeSafeError, match="max_blank"):
-            es.refusal_margin("Hi", tokens=["alcohol"], max_blank=-1)
+            probe.refusal_margin("Hi", tokens=["alcohol"], max_blank=-1)
 
 
 @pytest.mark.model
