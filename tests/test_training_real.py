@@ -37,7 +37,7 @@ def runtime(model_path):
     from edge_safe import EdgeSafe
 
     # the v3 shallow bank: this is the parity of the shallow layout (deep banks: test_deep_training_real.py)
-    es = EdgeSafe(model=model_path, bank=V3_SHALLOW_BANK, n_ctx=512)
+    es = EdgeSafe(model_path=model_path, bank=V3_SHALLOW_BANK, n_ctx=512)
     yield es
     es.close()
 
@@ -59,17 +59,19 @@ def test_layout_parity_hf_training_vs_llamacpp_runtime(base, runtime):
     Measured: 0.86-0.99 for the shipped bank; dropping the mode vectors in one path gave 0.82 on
     one prompt, so this is a coarse check and the top-1 check is the sharp one.
     """
-    tb = runtime.bank
+    from edge_safe.probe import Probe
+
+    tb, probe = runtime.bank, Probe(runtime)
     bank = Bank.from_token_bank(tb)
     compositions = [runtime.compose(c) for c in (tb.constraints[:1], "minors", "minors,eu")]
     if "rejective" in tb.modes:  # a mode with a large effect (negative ≈ no tokens: noise only)
         compositions.append(runtime.compose(None, mode="rejective"))
     for prompt in PROMPTS:
         hf0 = hf_first_logits(base, bank, None, [], prompt, tb.template)
-        cpp0 = runtime.first_token_logits(prompt)
+        cpp0 = probe.first_token_logits(prompt)
         for constraints, mode in compositions:
             hf = hf_first_logits(base, bank, mode, constraints, prompt, tb.template)
-            cpp = runtime.first_token_logits(prompt, tokens=constraints, mode=mode)
+            cpp = probe.first_token_logits(prompt, tokens=constraints, mode=mode)
             top2 = np.sort(hf)[-2:]
             if top2[1] - top2[0] > 0.5:
                 assert hf.argmax() == cpp.argmax(), (prompt, constraints, mode)
@@ -94,9 +96,9 @@ def test_smoke_training_on_real_model_exports_a_bank_the_runtime_loads(base, tmp
 
     from edge_safe import EdgeSafe
 
-    with EdgeSafe(model=model_path, bank=path, n_ctx=256) as es:
+    with EdgeSafe(model_path=model_path, bank=path, n_ctx=256) as es:
         assert es.tokens == list(cfg.constraints)
-        reply = es.chat([{"role": "user", "content": "What is the capital of Peru?"}], tokens="minors", max_tokens=4)
+        reply = es.create_chat_completion([{"role": "user", "content": "What is the capital of Peru?"}], tokens="minors", max_tokens=4)
         assert reply["edge_safe"]["mode"] == "positive"
         assert reply["edge_safe"]["tokens"] == [c for c in cfg.constraints if c in loaded.profiles["minors"]]
 
