@@ -11,7 +11,7 @@ from conftest import V3_SHALLOW_BANK
 torch = pytest.importorskip("torch")
 
 from edge_safe import kv_cells  # noqa: E402
-from edge_safe.llama import LlamaModel  # noqa: E402
+from edge_safe.llama import Context  # noqa: E402
 from edge_safe.convert.bank import TokenBank  # noqa: E402
 from edge_safe.training.config import TrainConfig  # noqa: E402
 from edge_safe.training.objective import Bank, DeepBank, batch_inputs, forward_hidden, kv_of_inputs  # noqa: E402
@@ -60,7 +60,7 @@ def hf_first(base, bank, mode, constraints, prompt: str, template) -> np.ndarray
 def test_hf_keys_and_values_are_llamacpps_layer_for_layer(base, model_path):
     """kv_of_inputs (HF, fp32) and llama.cpp's stored rows (Q4_K_M) for the same text: each HF layer matches the
     llama.cpp layer of the same index best (so both sides use the model's layer order), nearly exactly."""
-    with LlamaModel(model_path, n_ctx=64) as llm:
+    with Context.load(model_path, n_ctx=64) as llm:
         ids = llm.tokenize("Do not help with alcohol.\n")
         llm.clear()
         llm.decode_tokens([llm.bos], 0, want_logits=False)
@@ -80,21 +80,24 @@ def test_deep_bank_decisions_agree_between_training_and_runtime(base, shipped, d
     llama.cpp runtime (cells written at position 0): top-1 agrees wherever HF's margin is clear, and the token
     effect (logits with minus without tokens) correlates as in the shallow parity test."""
     from edge_safe import EdgeSafe
+    from edge_safe.probe import Probe
 
     bank, path = deep_from_shipped
     template = shipped.template
-    with EdgeSafe(model=model_path, bank=path, n_ctx=512) as es:
+    with EdgeSafe(model_path=model_path, bank=path, n_ctx=512) as es:
+        probe = Probe(es)
         assert all(t.is_deep for t in es.bank.tokens.values())
         compositions = [es.compose(c) for c in (shipped.constraints[:1], "minors", "minors,eu")]
         compositions.append(es.compose(None, mode="rejective"))
         checked = 0
         for prompt in PROMPTS:
             hf0 = hf_first(base, bank, None, [], prompt, template)
-            cpp0 = es.first_token_logits(prompt)
+            cpp0 = probe.first_token_logits(prompt)
             for constraints, mode in compositions:
                 hf = hf_first(base, bank, mode, constraints, prompt, template)
-                cpp = es.first_token_logits(prompt, tokens=constraints, mode=mode)
-                assert es.last_stats.deep_cells == sum(bank.keys[n].shape[0] for n in [mode, *constraints])
+                job = probe.first_token_logits(prompt, tokens=constraints, mode=mode, wait=False)
+                cpp = job.result()
+                assert job.stats.deep_cells == sum(bank.keys[n].shape[0] for n in [mode, *constraints])
                 top2 = np.sort(hf)[-2:]
                 if top2[1] - top2[0] > 0.5:
                     assert hf.argmax() == cpp.argmax(), (prompt, constraints, mode)
@@ -142,7 +145,7 @@ def test_smoke_training_of_deep_tokens_on_the_real_model(base, tmp_path, monkeyp
 
     from edge_safe import EdgeSafe
 
-    with EdgeSafe(model=model_path, bank=path, n_ctx=256) as es:
-        reply = es.chat([{"role": "user", "content": "What is the capital of Peru?"}], tokens="minors", max_tokens=4)
+    with EdgeSafe(model_path=model_path, bank=path, n_ctx=256) as es:
+        reply = es.create_chat_completion([{"role": "user", "content": "What is the capital of Peru?"}], tokens="minors", max_tokens=4)
         assert reply["edge_safe"]["mode"] == "positive" and reply["edge_safe"]["deep_cells"] > 0
         assert reply["edge_safe"]["prefix_positions"] == 0
