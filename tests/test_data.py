@@ -20,7 +20,7 @@ DATA = ROOT / "training" / "data"
 GENERATOR = DATA / "generate.py"
 SPLITS = ("train", "val", "test")
 KEYS = ("prompt", "category", "label", "family", "split")
-#: Keys of the real-traffic rows (issue #17), in file order; the last three only where they apply.
+#: Keys of the real-traffic rows, in file order; the last three only where they apply.
 REAL_KEYS = KEYS + ("slice",)
 REAL_OPTIONAL = ("wrapper", "messages", "context_category")
 SLICES = ("general-real", "sounds-risky", "styled", "wrapped", "multi-turn")
@@ -188,7 +188,7 @@ def test_readme_has_current_stats():
     assert str(gen.SEED) in readme
 
 
-# ------------------------------------------------------------------ real-traffic slices (#17)
+# ------------------------------------------------------------------ real-traffic slices
 def test_real_schema(real):
     allowed = set(CATEGORY_NAMES) | {"general"}
     for split, rs in real.items():

@@ -267,7 +267,7 @@ def test_refusal_weight_scales_the_refusal_examples_only(cfg):
     torch.testing.assert_close(per_example, expected)
 
 
-# ------------------------------------------------------------------ real-traffic slices (issue #17)
+# ------------------------------------------------------------------ real-traffic slices
 def write_sliced_data(folder):
     """Classic rows plus one row of each new kind, in the shipped files' schema."""
     write_data(folder)
