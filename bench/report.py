@@ -22,7 +22,7 @@ MB = 1_000_000
 
 
 def evaluate_targets(results: dict) -> list[dict]:
-    """The issue's targets, each {target, goal, measured, pass (None: not measured), detail}."""
+    """The benchmark's targets (bench/README.md), each {target, goal, measured, pass (None: not measured), detail}."""
     comps, base = results["compositions"], results["baselines"]
     focus, fb = comps.get(FOCUS), base.get(FOCUS, {})
     decode = {lb: c["decode_tokens_per_s"]["ratio"] for lb, c in comps.items()}

@@ -20,7 +20,7 @@ DATA = ROOT / "training" / "data"
 GENERATOR = DATA / "generate.py"
 SPLITS = ("train", "val", "test")
 KEYS = ("prompt", "category", "label", "family", "split")
-#: Keys of the real-traffic rows (issue #17), in file order; the last three only where they apply.
+#: Keys of the real-traffic rows, in file order; the last three only where they apply.
 REAL_KEYS = KEYS + ("slice",)
 REAL_OPTIONAL = ("wrapper", "messages", "context_category")
 SLICES = ("general-real", "sounds-risky", "styled", "wrapped", "multi-turn")
@@ -188,7 +188,7 @@ def test_readme_has_current_stats():
     assert str(gen.SEED) in readme
 
 
-# ------------------------------------------------------------------ real-traffic slices (#17)
+# ------------------------------------------------------------------ real-traffic slices
 def test_real_schema(real):
     allowed = set(CATEGORY_NAMES) | {"general"}
     for split, rs in real.items():
@@ -299,3 +299,33 @@ def test_bad_table_is_reported(tmp_path, monkeypatch):
         gen._real_table("nope")
     with pytest.raises(SystemExit, match="non-empty list of templates"):
         gen._family_spec("x", [])
+
+
+# ------------------------------------------------------------------ an installed package's splits
+
+
+def test_splits_json_records_the_committed_files():
+    """training/data/splits.json is what an installed package checks its regenerated splits against."""
+    import hashlib
+
+    manifest = json.loads((DATA / "splits.json").read_text())
+    assert manifest["seed"] == gen.SEED
+    for split in SPLITS:
+        data = (DATA / f"{split}.jsonl").read_bytes()
+        assert manifest["splits"][split] == {"sha256": hashlib.sha256(data).hexdigest(), "rows": data.count(b"\n")}, (
+            f"{split}.jsonl changed: record it with "
+            "python -c 'from edge_safe.training.data.splits import write_manifest; write_manifest()'")
+
+
+def test_a_package_without_the_splits_regenerates_them_into_the_cache(tmp_path, monkeypatch):
+    from edge_safe.eval.data import default_data_path
+    from edge_safe.training.data import splits
+
+    monkeypatch.setattr(splits, "HERE", tmp_path / "package")  # an installed package: no .jsonl files
+    monkeypatch.setenv("EDGE_SAFE_CACHE", str(tmp_path / "cache"))
+    path = default_data_path()
+    assert path == tmp_path / "cache" / "data" / "test.jsonl"
+    for split in SPLITS:
+        assert (tmp_path / "cache" / "data" / f"{split}.jsonl").read_bytes() == (DATA / f"{split}.jsonl").read_bytes()
+    path.write_text("tampered\n")  # a damaged cache copy is made again
+    assert splits.split_path("test").read_bytes() == (DATA / "test.jsonl").read_bytes()

@@ -446,7 +446,7 @@ def test_a_deep_bank_is_decided_on_the_engine_like_one_at_a_time(model_path, dee
     assert all(abs(m1[i]) < 0.5 for i in differ) and len(differ) <= len(v1) // 4, differ
 
 
-# --- real-traffic slices (issue #17) ----------------------------------------------------------
+# --- real-traffic slices ----------------------------------------------------------------------
 
 
 def _slice_prompts():

@@ -27,7 +27,7 @@ Usage (from the repository root)::
 Rows: {"prompt", "category" (a category name or "general"), "label" ("violating" |
 "benign"), "family" (e.g. "alcohol/v/persona-bartender"), "split"}.
 
-Real-traffic slices (issue #17, tables in ``tables/real/``) follow the classic rows in each file
+Real-traffic slices (tables in ``tables/real/``) follow the classic rows in each file
 and add "slice" ("general-real" | "sounds-risky" | "styled" | "wrapped" | "multi-turn"), plus
 "wrapper" (wrapped rows: the jailbreak wrapper family), "messages" (multi-turn rows: the whole
 conversation; "prompt" is its last user turn) and "context_category" (multi-turn rows whose
@@ -317,7 +317,7 @@ def generate() -> dict[str, list[dict]]:
 
 
 # =======================================================================================
-# Real-traffic slices (issue #17): tables/real/*.json
+# Real-traffic slices: tables/real/*.json
 # =======================================================================================
 REAL = TABLES / "real"
 #: New slices, in file order after the classic rows (which carry no "slice" field).
