@@ -80,11 +80,11 @@ class Case:
 # --- data ---------------------------------------------------------------------------
 
 
-def default_data_path() -> Path:
-    """The repository's held-out test split (shipped in the package)."""
+def default_data_path(split: str = "test") -> Path:
+    """A split of the repository's prompts (shipped in the package); the eval's own is the held-out test split."""
     from importlib.resources import files
 
-    return Path(str(files("edge_safe.training.data").joinpath("test.jsonl")))
+    return Path(str(files("edge_safe.training.data").joinpath(f"{split}.jsonl")))
 
 
 def load_prompts(path: str | Path) -> list[EvalPrompt]:
