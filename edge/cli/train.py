@@ -62,15 +62,15 @@ def train(ctx, config_path, output, model, out_dir, resume, steps, seed, device,
         return
     if output is None:
         raise click.UsageError("Missing option '-o' / '--output' (the bank file to write).", ctx)
+    output = Path(output)
+    if output.exists() and not force:
+        raise EdgeSafeError(f"{output} already exists; pass --force to overwrite it")
     need_torch()
     from edge_safe.models import resolve_model_path
     from edge_safe.training.base_model import load_gguf_model
     from edge_safe.training.config import DEFAULT_CONFIG, TrainConfig
     from edge_safe.training.trainer import export_bank, train as run_training
 
-    output = Path(output)
-    if output.exists() and not force:
-        raise EdgeSafeError(f"{output} already exists; pass --force to overwrite it")
     cfg = TrainConfig.from_yaml(config_path or DEFAULT_CONFIG)
     if steps is not None:
         cfg = cfg.replace(steps=steps)
