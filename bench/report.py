@@ -5,9 +5,7 @@ so a report can be rebuilt from a saved ``results.json`` without running anythin
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
-
 
 from edge_safe.convert.errors import EdgeSafeError
 from edge_safe.bench.plots import prefill_fit
