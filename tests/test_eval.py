@@ -581,3 +581,14 @@ def test_runner_judges_the_reply_of_a_conversation():
     assert es.calls[0] == ("chat", msgs, ["alcohol"])
     assert run.decide(system, "capital of Peru?", req) == (ANSWER, "Lima")
     assert es.calls[1][0] == "generate"
+
+
+@pytest.mark.model
+def test_refusal_wording_counts_the_shipped_banks_replies():
+    from edge_safe.eval.refusal_wording import wording
+    from edge_safe.models import default_bank_path
+
+    out = wording(str(default_bank_path()), n=4)
+    assert out["n"] == 4
+    assert 0 <= out["own_category"] <= out["exact_refusal"] <= out["opens_like_refusal"] <= 4
+    assert 0 <= out["near_miss_refused"] <= 4

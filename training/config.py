@@ -10,6 +10,9 @@ from edge_safe.convert.errors import EdgeSafeError
 from edge_safe.training.categories import CATEGORY_NAMES, MODE_NAMES
 
 
+#: The shipped config `edge-safe train` uses without --config.
+DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "default.yaml"
+
 #: The data slices (training/data/README.md): the classic rows and the real-traffic ones.
 SLICES = ("classic", "general-real", "sounds-risky", "styled", "wrapped", "multi-turn")
 

@@ -90,7 +90,7 @@ def load_prompts(data_dir: str | Path | None, split: str, slices=("classic",)) -
     slices = parse_slices(slices)
     path = Path(data_dir) / f"{split}.jsonl" if data_dir else split_path(split)
     if not path.is_file():
-        raise EdgeSafeError(f"training data not found: {path} (run `python -m edge_safe.training.data.generate`)")
+        raise EdgeSafeError(f"training data not found: {path} (run `edge-safe data generate`)")
     prompts = []
     with path.open(encoding="utf-8") as f:
         for i, line in enumerate(f, 1):

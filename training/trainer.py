@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from edge_safe.convert.errors import EdgeSafeError
 from edge_safe.convert.layout import LAYOUT_V1, QA_TEMPLATE, ChatTemplate
-from edge_safe.eval.curve import auc  # the eval's AUC: training and runtime figures rank alike
+from edge_safe.margins import auc  # the eval's AUC too: training and runtime figures rank alike
 from edge_safe.training.base_model import BaseModel
 from edge_safe.training.categories import BY_NAME, PROFILES
 from edge_safe.training.config import TrainConfig
