@@ -146,7 +146,7 @@ def _row(wall: float, tokens: int, ttft: list[float], n: int) -> dict:
 
 
 def targets(levels: dict) -> list[dict]:
-    """Issue 18's targets at 4 clients (mixed compositions) against one client, within this run."""
+    """The concurrency targets at 4 clients (mixed compositions) against one client, within this run."""
     four = levels.get("4")
     tps = four and four["tokens_per_s_vs_one_client"]
     ttft = four and four["ttft_p50_vs_one_client"]

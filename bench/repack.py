@@ -13,7 +13,7 @@ from __future__ import annotations
 import statistics
 import time
 
-from edge_safe.llama import LlamaModel, amx_in_build, resolve_cpu_repack
+from edge_safe.llama import Context, amx_in_build, resolve_cpu_repack
 from edge_safe.models import resolve_model_path
 
 TEXT = ("Question: Summarise the following notes for a colleague in three sentences. The committee met on "
@@ -22,7 +22,7 @@ TEXT = ("Question: Summarise the following notes for a colleague in three senten
         "reported that the spring fair raised more than expected. ")
 
 
-def measure(m: LlamaModel, prompt: list[int], n_decode: int) -> tuple[float, float]:
+def measure(m: Context, prompt: list[int], n_decode: int) -> tuple[float, float]:
     """(prefill tokens/s, decode tokens/s) of one greedy request from an empty cache."""
     m.clear()
     t0 = time.perf_counter()
@@ -39,7 +39,7 @@ def measure(m: LlamaModel, prompt: list[int], n_decode: int) -> tuple[float, flo
 def run(model: str | None, threads: int, rounds: int, n_prompt: int, n_decode: int, force_on: bool) -> dict:
     path = resolve_model_path(model)
     arms = {"off": False} if amx_in_build() and not force_on else {"on": True, "off": False}
-    models = {name: LlamaModel(path, n_ctx=n_prompt + n_decode + 16, n_threads=threads, cpu_repack=use)
+    models = {name: Context.load(path, n_ctx=n_prompt + n_decode + 16, n_threads=threads, cpu_repack=use)
               for name, use in arms.items()}
     try:
         any_model = next(iter(models.values()))

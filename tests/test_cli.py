@@ -87,7 +87,7 @@ def test_every_group_lists_its_commands():
 
     assert commands() == ["bench", "chat", "convert", "data", "eval", "serve", "tokens", "train"]
     assert commands("train") == ["deep-bank", "refusal-wording", "text-bank", "validate"]
-    assert commands("data") == ["generate"]
+    assert commands("data") == ["fetch", "generate"]
     assert commands("eval") == ["compare"]
     assert commands("bench") == ["concurrency", "repack"]
     usage = CliRunner().invoke(cli, ["eval", "--help"]).stdout.splitlines()[0]

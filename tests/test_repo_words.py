@@ -18,11 +18,6 @@ BINARY = (".gguf", ".png", ".jpg", ".pt", ".npz", ".npy", ".whl", ".gz", ".zip",
 
 #: Files another change is rewriting; the runtime rewrite removes their words. Keep this list empty
 #: once it has landed.
-PENDING_REWRITE = {
-    "bench/concurrency.py",  # "Issue 18's targets"
-    "edge/llama.py",  # "(see DESIGN.md)"
-    "edge/runtime.py",  # "(DESIGN.md, convert/layout.py)"
-}
 
 #: This file holds the words it looks for (the planted examples below).
 SELF = "tests/test_repo_words.py"
@@ -63,7 +58,7 @@ def test_no_tracked_file_names_a_session_or_an_issue():
     for name in files:
         if any(re.fullmatch(r"s\d+", part) for part in Path(name).parts[:-1]):
             problems.append(f"{name}: folder named after a work session")
-        if name in PENDING_REWRITE or name == SELF:
+        if name == SELF:
             continue
         path = ROOT / name
         if not path.is_file():  # deleted in the working tree
@@ -74,10 +69,6 @@ def test_no_tracked_file_names_a_session_or_an_issue():
         text = data.decode("utf-8", errors="replace")
         problems += [f"{name}:{n}: {what}: {line}" for n, what, line in offending(text)]
     assert not problems, "session/issue words in tracked files:\n" + "\n".join(problems)
-
-
-def test_pending_rewrite_lists_only_tracked_files():
-    assert PENDING_REWRITE <= set(tracked_text_files())
 
 
 @pytest.mark.parametrize("planted", [

@@ -35,7 +35,6 @@ COMMANDS = {
     "eval": "edge_safe.cli.eval:eval_cmd",
     "bench": "edge_safe.cli.bench:bench",
     "serve": "edge_safe.cli.serve:serve",
-    "data": "edge_safe.training.data.cli:data",
 }
 
 
