@@ -23,12 +23,13 @@ from typing import Callable
 
 import numpy as np
 
-from edge_safe.bench.env import file_sha256, load_average, machine_info, measure_peak_rss
+from edge_safe.bench.env import load_average, machine_info, measure_peak_rss
 from edge_safe.bench.report import FOCUS, FORMAT, evaluate_targets
 from edge_safe.bench.systems import PRIME_QUESTION, Composition, EdgeBench, LlamaBench
 from edge_safe.convert.bank import TokenBank, split_names
 from edge_safe.convert.errors import EdgeSafeError
 from edge_safe.convert.keys import Kind
+from edge_safe.eval.reporting import file_sha256
 from edge_safe.models import resolve_bank_path, resolve_model_path
 
 PROMPTS = (  # benign, 10-16 tokens each; round r uses PROMPTS[r % len] for every variant

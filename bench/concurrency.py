@@ -1,6 +1,6 @@
 """Concurrent clients on the batching engine against the same requests one at a time, in one run.
 
-    python -m edge_safe.bench.concurrency --quick --threads 2 --out runs/concurrency
+    edge-safe bench concurrency --quick --threads 2 --out runs/concurrency
     results = run_concurrency(es, ConcurrencyConfig(levels=(1, 2, 4, 8)))   # inside `edge-safe bench`
 
 The same request list (benign prompts that get long answers, compositions cycling through a mix)
@@ -39,6 +39,10 @@ class ConcurrencyConfig:
     rounds: int = 2  # each round measures one at a time and every level once (interleaved: slow drifts of a
     # shared machine's load hit every variant alike); figures pool the rounds
     compositions: tuple[str, ...] = MIX  # cycled through by the requests (labels as in `edge-safe bench`)
+
+
+#: `edge-safe bench concurrency --quick`: a smoke run.
+QUICK = ConcurrencyConfig(levels=(1, 2, 4), requests=8, max_tokens=16, rounds=1)
 
 
 def request_list(cfg: ConcurrencyConfig) -> list[tuple[str, str]]:
@@ -142,7 +146,7 @@ def _row(wall: float, tokens: int, ttft: list[float], n: int) -> dict:
 
 
 def targets(levels: dict) -> list[dict]:
-    """Issue 18's targets at 4 clients (mixed compositions) against one client, within this run."""
+    """The concurrency targets at 4 clients (mixed compositions) against one client, within this run."""
     four = levels.get("4")
     tps = four and four["tokens_per_s_vs_one_client"]
     ttft = four and four["ttft_p50_vs_one_client"]
@@ -179,6 +183,8 @@ def markdown(res: dict) -> list[str]:
 
 def plot(res: dict, path, plt):
     """Aggregate tok/s and TTFT p50/p95 against the number of clients; one-at-a-time as dashed lines."""
+    from edge_safe.eval.reporting import save_figure
+
     cs = [int(c) for c in res["levels"]]
     rows = list(res["levels"].values())
     a = res["one_at_a_time"]
@@ -198,45 +204,25 @@ def plot(res: dict, path, plt):
         ax.legend(fontsize=8)
     fig.suptitle("Mixed compositions, one batch per step", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, plt)
 
 
-def main(argv=None) -> int:
-    import argparse
-    import json
-    import sys
-
-    from edge_safe.report_io import make_out_dir, pyplot, write_text_atomic
+def standalone(cfg: ConcurrencyConfig, threads: int | None = None, progress=None) -> dict:
+    """``edge-safe bench concurrency``: the measurement on its own runtime (the bundled model and bank)."""
     from edge_safe.runtime import EdgeSafe
 
-    ap = argparse.ArgumentParser(prog="python -m edge_safe.bench.concurrency", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="8 requests of 16 tokens, levels 1, 2, 4, one round")
-    ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: the runtime's)")
-    ap.add_argument("--requests", type=int, default=None)
-    ap.add_argument("--max-tokens", type=int, default=None)
-    ap.add_argument("--rounds", type=int, default=None)
-    ap.add_argument("--levels", default=None, help="comma list of client counts (default 1,2,4,8)")
-    ap.add_argument("--out", default="runs/concurrency", help="folder for concurrency.json, CONCURRENCY.md, plot")
-    args = ap.parse_args(argv)
-    cfg = ConcurrencyConfig(levels=(1, 2, 4), requests=8, max_tokens=16, rounds=1) if args.quick else ConcurrencyConfig()
-    over = {"requests": args.requests, "max_tokens": args.max_tokens, "rounds": args.rounds,
-            "levels": tuple(int(x) for x in args.levels.split(",")) if args.levels else None}
-    cfg = ConcurrencyConfig(**{**asdict(cfg), **{k: v for k, v in over.items() if v is not None}})
-    with EdgeSafe(n_threads=args.threads, n_ctx=512, n_parallel=max(cfg.levels)) as es:
-        res = run_concurrency(es, cfg, progress=lambda what: print(f"measuring {what}", file=sys.stderr))
-    res["command"] = " ".join(["python -m edge_safe.bench.concurrency", *(argv if argv is not None else sys.argv[1:])])
-    out = make_out_dir(args.out)
-    write_text_atomic(out / "concurrency.json", json.dumps(res, indent=2) + "\n")
+    with EdgeSafe(n_threads=threads, n_ctx=512, n_parallel=max(cfg.levels)) as es:
+        return run_concurrency(es, cfg, progress=progress)
+
+
+def write_report(res: dict, out) -> tuple[str, list]:
+    """concurrency.json, CONCURRENCY.md and concurrency.png in ``out``; returns (the markdown, paths written)."""
+    from edge_safe.eval.reporting import make_out_dir, pyplot, write_json, write_text_atomic
+
+    out = make_out_dir(out)
     text = "\n".join([f"Made with `{res['command']}`.", "", *markdown(res)]) + "\n"
-    write_text_atomic(out / "CONCURRENCY.md", text)
+    written = [write_json(out / "concurrency.json", res), write_text_atomic(out / "CONCURRENCY.md", text)]
     plt = pyplot()
     if plt is not None:
-        plot(res, out / "concurrency.png", plt)
-    print(text, end="")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+        written.append(plot(res, out / "concurrency.png", plt))
+    return text, written

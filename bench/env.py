@@ -5,12 +5,10 @@ read the peak): one process's peak cannot be split between variants, and the
 bench process itself holds two models. The child reads ``VmHWM`` from
 ``/proc/self/status`` (the peak of its own address space; ``ru_maxrss`` may
 carry the parent's peak across fork + exec on Linux), else ``ru_maxrss``.
-
-    python -m edge_safe.bench.env '{"system": "edge-safe", "tokens": ["minors"], ...}'
+The child is ``python -c`` running :func:`child_main` with the variant as JSON.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import platform
@@ -20,6 +18,8 @@ import time
 from pathlib import Path
 
 RSS_TIMEOUT_S = 300
+#: What the child process runs: one variant, given as JSON in argv[1] (see child_main).
+CHILD = "from edge_safe.bench.env import child_main; child_main()"
 
 
 # --- machine ----------------------------------------------------------------------------------
@@ -90,14 +90,6 @@ def _git_commit() -> str | None:
     return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
-def file_sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 # --- peak RSS per variant ----------------------------------------------------------------------
 
 
@@ -105,7 +97,7 @@ def measure_peak_rss(spec: dict) -> dict:
     """Run one variant in a fresh Python process; returns its peak and post-load RSS in bytes
     (``{"error": ...}`` when the child fails)."""
     try:
-        out = subprocess.run([sys.executable, "-m", "edge_safe.bench.env", json.dumps(spec)],
+        out = subprocess.run([sys.executable, "-c", CHILD, json.dumps(spec)],
                              capture_output=True, text=True, timeout=RSS_TIMEOUT_S)
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {RSS_TIMEOUT_S} s"}
@@ -152,5 +144,6 @@ def _rss(field: str) -> int | None:
     return peak if sys.platform == "darwin" else peak * 1024
 
 
-if __name__ == "__main__":
+def child_main() -> None:
+    """The child's entry: the variant from argv[1], its memory figures as one JSON line on stdout."""
     print(json.dumps(_child(json.loads(sys.argv[1]))), flush=True)

@@ -9,26 +9,26 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_safe.report_io import PLOTS_SKIPPED, pyplot
+from edge_safe.eval import reporting
+from edge_safe.eval.reporting import save_figure
 
 PLOTS = ("ttft_per_composition.png", "prefill_vs_ttft.png")
 
 
 def write_plots(results: dict, folder: Path) -> tuple[list[Path], str | None]:
     """plots/ttft_per_composition.png and plots/prefill_vs_ttft.png; skipped with a note without matplotlib."""
-    plt = pyplot()
-    if plt is None:
-        return [], PLOTS_SKIPPED
-    folder.mkdir(parents=True, exist_ok=True)
-    made = [_plot_ttft(results, folder / PLOTS[0], plt), _plot_prefill(results, folder / PLOTS[1], plt)]
-    if results.get("concurrency"):
-        from edge_safe.bench.concurrency import plot
-
-        made.append(plot(results["concurrency"], folder / "concurrency.png", plt))
-    return made, None
+    return reporting.write_plots(results, folder, (_plot_ttft, _plot_prefill, _plot_concurrency))
 
 
-def _plot_ttft(r: dict, path: Path, plt) -> Path:
+def _plot_concurrency(r: dict, folder: Path, plt) -> Path | None:
+    if not r.get("concurrency"):
+        return None
+    from edge_safe.bench.concurrency import plot
+
+    return plot(r["concurrency"], folder / "concurrency.png", plt)
+
+
+def _plot_ttft(r: dict, folder: Path, plt) -> Path:
     rows = []  # (label, summary, colour)
     for lb, c in r["compositions"].items():
         rows += [(f"{lb} cold", c["ttft_cold_s"], "tab:blue"), (f"{lb} warm", c["ttft_warm_s"], "tab:green")]
@@ -50,10 +50,10 @@ def _plot_ttft(r: dict, path: Path, plt) -> Path:
                  f"n = {r['config']['repeats']}", fontsize=9)
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
-    return _save(fig, path, plt)
+    return save_figure(fig, folder / PLOTS[0], plt)
 
 
-def _plot_prefill(r: dict, path: Path, plt) -> Path:
+def _plot_prefill(r: dict, folder: Path, plt) -> Path:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     comps, bases = r["compositions"].values(), r["baselines"].values()
     groups = {  # name: (marker, colour, [(positions, TTFT summary)])
@@ -80,13 +80,7 @@ def _plot_prefill(r: dict, path: Path, plt) -> Path:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    return _save(fig, path, plt)
-
-
-def _save(fig, path: Path, plt) -> Path:
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, folder / PLOTS[1], plt)
 
 
 def prefill_fit(r: dict) -> dict | None:

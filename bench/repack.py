@@ -1,7 +1,7 @@
 """What do llama.cpp's repacked CPU weights buy on this CPU? Prefill and decode speed with them
 (``use_extra_bufts`` on) and without (off), in one process, interleaved rounds, medians.
 
-    python -m edge_safe.bench.repack --threads 2 --out bench/results
+    edge-safe bench repack --threads 2 --out bench/results
 
 ``auto`` (the default of every model edge-safe loads) turns them off only where llama.cpp is
 built with AMX, whose repacked Q4_K matmul crashes (llama.cpp issue 20824); there the "on"
@@ -10,15 +10,11 @@ arm is skipped unless ``--force-on`` is given (it would kill this process). Writ
 """
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
-import sys
 import time
 
-from edge_safe.llama import LlamaModel, amx_in_build, resolve_cpu_repack
+from edge_safe.llama import Context, amx_in_build, resolve_cpu_repack
 from edge_safe.models import resolve_model_path
-from edge_safe.report_io import make_out_dir, write_text_atomic
 
 TEXT = ("Question: Summarise the following notes for a colleague in three sentences. The committee met on "
         "Tuesday to review the budget for the community garden, the new tool shed and the summer reading "
@@ -26,7 +22,7 @@ TEXT = ("Question: Summarise the following notes for a colleague in three senten
         "reported that the spring fair raised more than expected. ")
 
 
-def measure(m: LlamaModel, prompt: list[int], n_decode: int) -> tuple[float, float]:
+def measure(m: Context, prompt: list[int], n_decode: int) -> tuple[float, float]:
     """(prefill tokens/s, decode tokens/s) of one greedy request from an empty cache."""
     m.clear()
     t0 = time.perf_counter()
@@ -43,7 +39,7 @@ def measure(m: LlamaModel, prompt: list[int], n_decode: int) -> tuple[float, flo
 def run(model: str | None, threads: int, rounds: int, n_prompt: int, n_decode: int, force_on: bool) -> dict:
     path = resolve_model_path(model)
     arms = {"off": False} if amx_in_build() and not force_on else {"on": True, "off": False}
-    models = {name: LlamaModel(path, n_ctx=n_prompt + n_decode + 16, n_threads=threads, cpu_repack=use)
+    models = {name: Context.load(path, n_ctx=n_prompt + n_decode + 16, n_threads=threads, cpu_repack=use)
               for name, use in arms.items()}
     try:
         any_model = next(iter(models.values()))
@@ -88,28 +84,3 @@ def markdown(r: dict) -> str:
         lines += ["", "The `on` arm was not run: this build has AMX, where it crashes (pass --force-on to try)."]
     return "\n".join(lines) + "\n"
 
-
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m edge_safe.bench.repack", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default=None, help="GGUF model (default: the bundled Gemma 3 270M)")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--rounds", type=int, default=7)
-    ap.add_argument("--prompt-tokens", type=int, default=256)
-    ap.add_argument("--decode-tokens", type=int, default=64)
-    ap.add_argument("--force-on", action="store_true", help="also run 'on' on an AMX build (may crash)")
-    ap.add_argument("--out", default="runs/bench", help="folder for repack.json and REPACK.md")
-    args = ap.parse_args(argv)
-    if min(args.threads, args.rounds, args.prompt_tokens, args.decode_tokens) < 1:
-        ap.error("--threads, --rounds, --prompt-tokens and --decode-tokens must be >= 1")
-    out = make_out_dir(args.out)
-    r = run(args.model, args.threads, args.rounds, args.prompt_tokens, args.decode_tokens, args.force_on)
-    r["command"] = " ".join(["python -m edge_safe.bench.repack", *(argv if argv is not None else sys.argv[1:])])
-    write_text_atomic(out / "repack.json", json.dumps(r, indent=2) + "\n")
-    md = markdown(r)
-    write_text_atomic(out / "REPACK.md", md)
-    print(md, end="")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -5,13 +5,12 @@ so a report can be rebuilt from a saved ``results.json`` without running anythin
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
-
 
 from edge_safe.convert.errors import EdgeSafeError
 from edge_safe.bench.plots import prefill_fit
-from edge_safe.report_io import make_out_dir, write_text_atomic
+from edge_safe.eval import reporting
+from edge_safe.eval.reporting import make_out_dir, write_json, write_text_atomic
 
 FORMAT = "edge-safe-bench/v1"  # results.json layout version
 FOCUS = "minors,eu"  # the composition the targets name
@@ -22,7 +21,7 @@ MB = 1_000_000
 
 
 def evaluate_targets(results: dict) -> list[dict]:
-    """The issue's targets, each {target, goal, measured, pass (None: not measured), detail}."""
+    """The benchmark's targets (bench/README.md), each {target, goal, measured, pass (None: not measured), detail}."""
     comps, base = results["compositions"], results["baselines"]
     focus, fb = comps.get(FOCUS), base.get(FOCUS, {})
     decode = {lb: c["decode_tokens_per_s"]["ratio"] for lb, c in comps.items()}
@@ -76,7 +75,7 @@ def _fmt(value, unit: str) -> str:
 def write_outputs(results: dict, out_dir: str | Path, plots: bool = True) -> list[Path]:
     """results.json, RESULTS.md and plots/*.png in ``out_dir``."""
     out = make_out_dir(out_dir)
-    written = [write_text_atomic(out / "results.json", json.dumps(results, indent=2) + "\n")]
+    written = [write_json(out / "results.json", results)]
     note = None
     if plots:
         from edge_safe.bench.plots import write_plots
@@ -88,11 +87,8 @@ def write_outputs(results: dict, out_dir: str | Path, plots: bool = True) -> lis
 
 
 def load_results(path: str | Path) -> dict:
-    path = Path(path)
-    try:
-        results = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise EdgeSafeError(f"cannot read benchmark results {path}: {e}") from None
+    """A saved bench results.json (``edge-safe bench --from-results``), its targets checked again."""
+    results = reporting.load_results(path, "benchmark results")
     if results.get("format") != FORMAT:
         raise EdgeSafeError(f"{path} is not an edge-safe bench results.json (format {results.get('format')!r})")
     results["targets"] = evaluate_targets(results)  # derived: re-checked with this version's targets

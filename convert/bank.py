@@ -521,7 +521,7 @@ def from_text_token(
     """A bank entry whose vectors are ``rule_line(rule)``'s token embeddings, scaled as llama.cpp scales tokens.
 
     ``tokenize`` must be the model's own tokenizer without BOS and without
-    special-token parsing (see ``edge_safe.cli.convert.llama_tokenizer``).
+    special-token parsing (see ``edge_safe.models.llama_tokenizer``).
     """
     if not rule.strip():
         raise EdgeSafeError("the rule is empty; pass the constraint as a sentence, e.g. --rule 'Do not ...'")

@@ -4,7 +4,7 @@ Deep control tokens are key/value rows per layer. The runtime *writes* them into
 sequence's KV cache instead of prefilling anything: it takes the blob of a real state
 (the BOS-only sequence), parses it, appends the deep cells, serialises it again and
 loads it with ``llama_state_seq_set_data``. Layout of the blob (llama-cpp-python 0.3.36,
-little-endian; DESIGN.md "Writing KV cells"):
+little-endian; docs/DESIGN.md "Writing KV cells"):
 
 - an 8-byte header, copied through unchanged (below);
 - one section per KV cache (Gemma 3: the full-attention cache, then the sliding-window

@@ -126,7 +126,7 @@ _params_lock = threading.Lock()
 
 def plain_llama(model_path: str | os.PathLike, *, cpu_repack: str | bool | None = None, **kwargs) -> "C.Llama":
     """llama-cpp-python's high-level ``Llama`` loaded with the same CPU buffer choice as
-    :class:`LlamaModel` (for baselines that must compare like with like).
+    :class:`Model` (for baselines that must compare like with like).
 
     ``Llama`` takes no ``use_extra_bufts`` argument; its constructor reads
     ``llama_model_default_params()``, which is wrapped for the duration of the call.

@@ -1,4 +1,4 @@
-"""Base-model provisioning: where the GGUF the runtime loads comes from.
+"""Base-model provisioning: where the GGUF the runtime loads comes from (and its tokenizer).
 
 Order: an explicit path (``--model`` / ``EdgeSafe(model_path=...)``), then the
 ``EDGE_SAFE_MODEL`` environment variable, then the bundled Gemma 3 270M
@@ -11,6 +11,7 @@ import os
 import shutil
 import sys
 from pathlib import Path
+from typing import Callable
 
 from edge_safe.convert.errors import ModelNotFoundError
 from edge_safe.convert.model import ENV_CACHE
@@ -116,6 +117,13 @@ def resolve_model_path(model: str | os.PathLike | None = None) -> Path:
     if not os.access(path, os.R_OK):
         raise ModelNotFoundError(f"model file is not readable: {path} (check its permissions)")
     return path
+
+
+def llama_tokenizer(model_path: str | os.PathLike) -> Callable[[str], list[int]]:
+    """The model's own tokenizer (vocab only: no weights loaded), without BOS or special-token parsing."""
+    from edge_safe.llama import VocabTokenizer
+
+    return VocabTokenizer(model_path).tokenize
 
 
 def default_bank_path() -> Path:

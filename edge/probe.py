@@ -13,29 +13,31 @@ Every probe is a request on the :class:`EdgeSafe`'s engine with a policy of :mod
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 import numpy as np
 
 from edge_safe.convert.errors import EdgeSafeError
 from edge_safe.decode import FirstLogits, Forced, Margin
-from edge_safe.engine import Job
-from edge_safe.runtime import EdgeSafe, Messages
+
+if TYPE_CHECKING:  # importing the probe (e.g. for `edge-safe eval --help`) loads no llama.cpp
+    from edge_safe.engine import Job
+    from edge_safe.runtime import EdgeSafe, Messages
 
 
 class Probe:
     """The evaluation probes of one :class:`EdgeSafe`. ``wait=False`` returns the
     :class:`~edge_safe.engine.Job` (``.result()``), so many cases are decided together."""
 
-    def __init__(self, es: EdgeSafe):
+    def __init__(self, es: "EdgeSafe"):
         self.es = es
 
     def refusal_openers(self, constraints: Sequence[str]) -> list[int]:
         """Token ids that open the constraints' refusals (as the model writes them after the reply header)."""
         return self.es.refusals.openers(constraints)
 
-    def refusal_margin(self, messages: Messages | str, tokens=None, max_blank: int = 4,
-                       wait: bool = True) -> float | Job:
+    def refusal_margin(self, messages: "Messages | str", tokens=None, max_blank: int = 4,
+                       wait: bool = True) -> "float | Job":
         """How far a request is from being refused, in logits: under greedy decoding its reply opens
         with the active constraints' refusal opener iff ``strictness > -margin``.
 
@@ -55,13 +57,13 @@ class Probe:
                                 "refusal opener to measure")
         return self._run(req, Margin(self.es.model, openers, max_blank), wait)
 
-    def first_token_logits(self, messages: Messages | str, tokens=None, mode: str | None = None,
-                           wait: bool = True) -> np.ndarray | Job:
+    def first_token_logits(self, messages: "Messages | str", tokens=None, mode: str | None = None,
+                           wait: bool = True) -> "np.ndarray | Job":
         """Logits (n_vocab,) of the first reply token: a copy (for tests, SAM and evaluation)."""
         return self._run(self.es.prepare(messages, tokens=tokens, mode=mode), FirstLogits(), wait)
 
-    def forced_logits(self, messages: Messages | str, continuation: Sequence[int], tokens=None,
-                      mode: str | None = None, wait: bool = True) -> np.ndarray | Job:
+    def forced_logits(self, messages: "Messages | str", continuation: Sequence[int], tokens=None,
+                      mode: str | None = None, wait: bool = True) -> "np.ndarray | Job":
         """Teacher-forced logits (len(continuation), n_vocab): row j predicts ``continuation[j]`` after
         the prompt and ``continuation[:j]``. Each token is decoded alone, as in generation, so row
         argmaxes reproduce a greedy reply's token ids."""

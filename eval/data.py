@@ -80,11 +80,12 @@ class Case:
 # --- data ---------------------------------------------------------------------------
 
 
-def default_data_path() -> Path:
-    """The repository's held-out test split (shipped in the package)."""
-    from importlib.resources import files
+def default_data_path(split: str = "test") -> Path:
+    """A split of the repository's prompts (the eval's own is the held-out test split): the checkout's, or
+    regenerated once into the user cache and checked against its recorded sha256 (training/data/splits.py)."""
+    from edge_safe.training.data.splits import split_path
 
-    return Path(str(files("edge_safe.training.data").joinpath("test.jsonl")))
+    return split_path(split)
 
 
 def load_prompts(path: str | Path) -> list[EvalPrompt]:

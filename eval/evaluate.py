@@ -48,6 +48,7 @@ from edge_safe.eval.metrics import (
     summarize,
     summarize_by,
 )
+from edge_safe.eval.reporting import file_sha256
 from edge_safe.eval.sam import silhouette_score
 from edge_safe.eval.slices import REAL_SLICES, build_slice_cases, parse_slices, run_slices
 from edge_safe.eval.systems import Runner, System, reversed_bank, text_bank_of
@@ -433,7 +434,7 @@ class Evaluator:
             "config": {**asdict(self.cfg), "orders": list(self.cfg.orders), "profiles": list(self.cfg.profiles),
                        "baselines": list(self.cfg.baselines), "slices": list(self.cfg.slices)},
             "bank": {"path": str(self.bank_path or "(in memory)"), "name": bank.name, "origin": bank.origin,
-                     "file_sha256": _file_sha256(self.bank_path) if self.bank_path else None,
+                     "file_sha256": file_sha256(self.bank_path) if self.bank_path else None,
                      "vectors_sha256": vectors_sha256(bank),
                      "constraints": bank.constraints, "modes": bank.modes, "profiles": bank.profiles,
                      "held_out": self.held_out},
@@ -469,13 +470,6 @@ def _utility_summary(rows: list[tuple[Composition, float, bool]]) -> dict:
 
 def _cap(n: int, limit: int | None) -> int:
     return n if limit is None else min(n, limit)
-
-
-def _file_sha256(path: Path) -> str | None:
-    try:
-        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-    except OSError:
-        return None
 
 
 def vectors_sha256(bank: TokenBank) -> str:

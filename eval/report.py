@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from dataclasses import replace
 from pathlib import Path
 
 from edge_safe.convert.errors import EdgeSafeError
 from edge_safe.eval.markdown import sections, system_order
-from edge_safe.report_io import make_out_dir, PLOTS_SKIPPED, pyplot, write_text_atomic
+from edge_safe.eval import reporting
+from edge_safe.eval.reporting import make_out_dir, save_figure, write_json, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +26,7 @@ def write_outputs(results: dict, out_dir: str | Path, plots: bool = True) -> lis
     """results.json (every figure + config), cases.jsonl (every decision), RESULTS.md and plots/*.png."""
     out = make_out_dir(out_dir)
     figures = {k: v for k, v in results.items() if k != "records"}
-    written = [write_text_atomic(out / "results.json", json.dumps(figures, indent=2) + "\n")]
+    written = [write_json(out / "results.json", figures)]
     if "records" in results:  # absent when the report is rebuilt from a saved results.json
         written.append(write_text_atomic(out / "cases.jsonl", "".join(json.dumps(r) + "\n" for r in results["records"])))
     notes = []
@@ -39,14 +39,9 @@ def write_outputs(results: dict, out_dir: str | Path, plots: bool = True) -> lis
     return written
 
 
-
-
 def load_results(path: str | Path) -> dict:
-    path = Path(path)
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise EdgeSafeError(f"cannot read evaluation results {path}: {e}") from None
+    """A saved evaluation results.json (``edge-safe eval --from-results``)."""
+    return reporting.load_results(path, "evaluation results")
 
 
 # --- the bank's eval summary ---------------------------------------------------------------------
@@ -150,14 +145,11 @@ def markdown(r: dict, plot_notes: list[str] = (), plots: bool = True) -> str:
 
 def write_plots(results: dict, folder: Path) -> tuple[list[Path], str | None]:
     """plots/per_order.png, plots/per_category.png and plots/operating_curve.png; skipped with a note without matplotlib."""
-    plt = pyplot()
-    if plt is None:
-        return [], PLOTS_SKIPPED
-    folder.mkdir(parents=True, exist_ok=True)
-    names = system_order(results)
-    sysd = results["systems"]
-    made = []
+    return reporting.write_plots(results, folder, (_plot_per_order, _plot_per_category, _plot_curve))
 
+
+def _plot_per_order(results: dict, folder: Path, plt) -> Path:
+    names, sysd = system_order(results), results["systems"]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     groups = list(sysd["bank"]["per_order"])
     for ax, metric, title in ((axes[0], "defense", "defense success (higher is better)"),
@@ -171,8 +163,11 @@ def write_plots(results: dict, folder: Path) -> tuple[list[Path], str | None]:
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.tight_layout()
-    made.append(_save(fig, folder / "per_order.png", plt))
+    return save_figure(fig, folder / "per_order.png", plt)
 
+
+def _plot_per_category(results: dict, folder: Path, plt) -> Path:
+    names, sysd = system_order(results), results["systems"]
     cats = [c for c, s in sysd["bank"]["per_category"].items()
             if c != "general" and (s["defense"]["n"] or s["near_miss"]["n"])]
     fig, axes = plt.subplots(2, 1, figsize=(max(8, 1.1 * len(cats) + 2), 7))
@@ -188,24 +183,17 @@ def write_plots(results: dict, folder: Path) -> tuple[list[Path], str | None]:
         ax.grid(axis="y", alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.tight_layout()
-    made.append(_save(fig, folder / "per_category.png", plt))
-    if results.get("operating_curve", {}).get("auc") is not None:
-        from edge_safe.eval.curve import plot
+    return save_figure(fig, folder / "per_category.png", plt)
 
-        made.append(plot({"banks": {"bank": results["operating_curve"]}}, folder / "operating_curve.png",
-                         title="The bank's operating curve over strictness (this run's cases)"))
-    return made, None
+
+def _plot_curve(results: dict, folder: Path, plt) -> Path | None:
+    if results.get("operating_curve", {}).get("auc") is None:
+        return None
+    from edge_safe.eval.curve import plot
+
+    return plot({"banks": {"bank": results["operating_curve"]}}, folder / "operating_curve.png",
+                title="The bank's operating curve over strictness (this run's cases)")
 
 
 def _rate(c: dict | None) -> float | None:
     return c["rate"] if c and c.get("n") else None
-
-
-def _save(fig, path: Path, plt) -> Path:
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-def stamp() -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S %Z")

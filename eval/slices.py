@@ -1,4 +1,4 @@
-"""The real-traffic slices of `edge-safe eval` (issue #17), each measured on its own.
+"""The real-traffic slices of `edge-safe eval`, each measured on its own.
 
 The classic measurements (``evaluate.py``) use the classic rows only, so their figures
 stay comparable with earlier runs. Every other slice of the data

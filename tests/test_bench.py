@@ -116,7 +116,7 @@ def test_summary_gives_median_quartiles_and_n():
     assert (s["median"], s["p25"], s["p75"], s["min"], s["max"], s["n"]) == (3.0, 2.0, 4.0, 1.0, 5.0, 5)
 
 
-def test_default_compositions_cover_the_issue(random_bank):
+def test_default_compositions_cover_single_pairs_profiles_and_modes(random_bank):
     bank = random_bank(constraints=("alcohol", "gambling", "drugs", "privacy"), modes=("positive", "rejective"),
                        profiles={"minors": ["alcohol", "gambling", "drugs"], "eu": ["privacy"]})
     full = default_compositions(bank, quick=False)

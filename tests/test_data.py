@@ -1,41 +1,31 @@
 """The shipped prompt data (training/data/*.jsonl): schema, splits, counts, reproducibility.
 
-Stdlib + pytest only, a few seconds. The generator is loaded from its file so these tests
-run whether or not the package is installed.
+Stdlib + pytest only, a few seconds; the generator runs as `edge-safe data generate`.
 """
 from __future__ import annotations
 
 import collections
-import importlib.util
 import json
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
+
+from edge_safe.cli import cli
+from edge_safe.training.data import generate as gen
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "training" / "data"
-GENERATOR = DATA / "generate.py"
 SPLITS = ("train", "val", "test")
 KEYS = ("prompt", "category", "label", "family", "split")
-#: Keys of the real-traffic rows (issue #17), in file order; the last three only where they apply.
+#: Keys of the real-traffic rows, in file order; the last three only where they apply.
 REAL_KEYS = KEYS + ("slice",)
 REAL_OPTIONAL = ("wrapper", "messages", "context_category")
 SLICES = ("general-real", "sounds-risky", "styled", "wrapped", "multi-turn")
 
 
-def _load(name: str, path: Path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-gen = _load("_edge_safe_data_generate", GENERATOR)
-CATEGORY_NAMES = gen._category_names()
+CATEGORY_NAMES = gen.CATEGORY_NAMES
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +33,7 @@ def rows() -> dict[str, list[dict]]:
     out = {}
     for split in SPLITS:
         path = DATA / f"{split}.jsonl"
-        assert path.exists(), f"{path} missing: run python training/data/generate.py"
+        assert path.exists(), f"{path} missing: run edge-safe data generate"
         out[split] = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
     return out
 
@@ -165,30 +155,31 @@ def test_family_variety_and_split_shares(classic):
 def test_generation_is_deterministic(rows):
     again = gen.generate()
     for split in SPLITS:
-        assert again[split] == rows[split], f"{split}.jsonl is stale: run python training/data/generate.py"
+        assert again[split] == rows[split], f"{split}.jsonl is stale: run edge-safe data generate"
 
 
 def test_generate_check_passes():
-    proc = subprocess.run([sys.executable, str(GENERATOR), "--check"], capture_output=True, text=True,
-                          cwd=ROOT, timeout=120)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    r = CliRunner().invoke(cli, ["data", "generate", "--check"])
+    assert r.exit_code == 0, r.output
+    assert r.stdout.startswith("ok: train.jsonl (")
 
 
 def test_check_detects_stale_files(tmp_path):
-    assert gen.main(["--out", str(tmp_path)]) == 0
-    assert gen.main(["--check", "--out", str(tmp_path)]) == 0
+    assert CliRunner().invoke(cli, ["data", "generate", "--out", str(tmp_path)]).exit_code == 0
+    assert CliRunner().invoke(cli, ["data", "generate", "--check", "--out", str(tmp_path)]).exit_code == 0
     path = tmp_path / "test.jsonl"
     path.write_bytes(path.read_bytes()[:-200])
-    assert gen.main(["--check", "--out", str(tmp_path)]) == 1
+    r = CliRunner().invoke(cli, ["data", "generate", "--check", "--out", str(tmp_path)])
+    assert r.exit_code == 1 and r.stderr == f"Error: stale: {path} (run: edge-safe data generate --out {tmp_path})\n"
 
 
 def test_readme_has_current_stats():
     readme = (DATA / "README.md").read_text(encoding="utf-8")
-    assert gen.stats(gen.generate()) in readme, "README.md table is stale: paste `generate.py --stats`"
+    assert gen.stats(gen.generate()) in readme, "README.md table is stale: paste `edge-safe data generate --stats`"
     assert str(gen.SEED) in readme
 
 
-# ------------------------------------------------------------------ real-traffic slices (#17)
+# ------------------------------------------------------------------ real-traffic slices
 def test_real_schema(real):
     allowed = set(CATEGORY_NAMES) | {"general"}
     for split, rs in real.items():
@@ -215,7 +206,7 @@ def test_real_schema(real):
 
 
 def test_multi_turn_conversations(real):
-    refusal = {c.name: c.refusal for c in gen._categories_module().CATEGORIES}
+    refusal = {c.name: c.refusal for c in gen.CATEGORIES}
     kinds = collections.Counter()
     for split, rs in real.items():
         for r in (r for r in rs if r["slice"] == "multi-turn"):
@@ -299,3 +290,33 @@ def test_bad_table_is_reported(tmp_path, monkeypatch):
         gen._real_table("nope")
     with pytest.raises(SystemExit, match="non-empty list of templates"):
         gen._family_spec("x", [])
+
+
+# ------------------------------------------------------------------ an installed package's splits
+
+
+def test_splits_json_records_the_committed_files():
+    """training/data/splits.json is what an installed package checks its regenerated splits against."""
+    import hashlib
+
+    manifest = json.loads((DATA / "splits.json").read_text())
+    assert manifest["seed"] == gen.SEED
+    for split in SPLITS:
+        data = (DATA / f"{split}.jsonl").read_bytes()
+        assert manifest["splits"][split] == {"sha256": hashlib.sha256(data).hexdigest(), "rows": data.count(b"\n")}, (
+            f"{split}.jsonl changed: record it with "
+            "python -c 'from edge_safe.training.data.splits import write_manifest; write_manifest()'")
+
+
+def test_a_package_without_the_splits_regenerates_them_into_the_cache(tmp_path, monkeypatch):
+    from edge_safe.eval.data import default_data_path
+    from edge_safe.training.data import splits
+
+    monkeypatch.setattr(splits, "HERE", tmp_path / "package")  # an installed package: no .jsonl files
+    monkeypatch.setenv("EDGE_SAFE_CACHE", str(tmp_path / "cache"))
+    path = default_data_path()
+    assert path == tmp_path / "cache" / "data" / "test.jsonl"
+    for split in SPLITS:
+        assert (tmp_path / "cache" / "data" / f"{split}.jsonl").read_bytes() == (DATA / f"{split}.jsonl").read_bytes()
+    path.write_text("tampered\n")  # a damaged cache copy is made again
+    assert splits.split_path("test").read_bytes() == (DATA / "test.jsonl").read_bytes()

@@ -446,7 +446,7 @@ def test_a_deep_bank_is_decided_on_the_engine_like_one_at_a_time(model_path, dee
     assert all(abs(m1[i]) < 0.5 for i in differ) and len(differ) <= len(v1) // 4, differ
 
 
-# --- real-traffic slices (issue #17) ----------------------------------------------------------
+# --- real-traffic slices ----------------------------------------------------------------------
 
 
 def _slice_prompts():
@@ -590,3 +590,14 @@ def test_runner_judges_the_reply_of_a_conversation():
     assert run.decide(system, "capital of Peru?", req) == (ANSWER, "Lima")
     assert es.calls[1] == ("submit", [{"role": "user", "content": "capital of Peru?"}], ["alcohol"])
     assert all(job.closed for job in es.jobs)
+
+
+@pytest.mark.model
+def test_refusal_wording_counts_the_shipped_banks_replies():
+    from edge_safe.eval.refusal_wording import wording
+    from edge_safe.models import default_bank_path
+
+    out = wording(str(default_bank_path()), n=4)
+    assert out["n"] == 4
+    assert 0 <= out["own_category"] <= out["exact_refusal"] <= out["opens_like_refusal"] <= 4
+    assert 0 <= out["near_miss_refused"] <= 4

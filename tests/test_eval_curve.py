@@ -7,8 +7,14 @@ import json
 import numpy as np
 import pytest
 
-from edge_safe.eval.compare import main
+from click.testing import CliRunner
+
+from edge_safe.cli import cli
 from edge_safe.eval.curve import at_strictness, auc, operating_curve
+
+
+def compare(*args):
+    return CliRunner().invoke(cli, ["eval", "compare", *map(str, args)])
 
 
 def _brute_auc(pos, neg):
@@ -52,14 +58,15 @@ def test_no_violating_cases_gives_no_operating_points():
         operating_curve([1.0], ["violating", "general"])
 
 
-def test_compare_cli_errors_are_one_line(tmp_path, capsys):
-    assert main(["nope.gguf", "--out", str(tmp_path / "o")]) == 2
-    assert "token bank not found: nope.gguf" in capsys.readouterr().err
-    assert main(["a.gguf=x", "b.gguf=x", "--out", str(tmp_path / "o")]) == 2
-    assert "share a label" in capsys.readouterr().err
-    with pytest.raises(SystemExit) as exit_:  # argparse: usage + one error line, exit 2
-        main(["a.gguf", "--out", str(tmp_path / "o"), "--threads", "0"])
-    assert exit_.value.code == 2 and "--threads: must be a whole number >= 1, got '0'" in capsys.readouterr().err
+def test_compare_cli_errors_are_one_line(tmp_path):
+    r = compare("nope.gguf", "--out", tmp_path / "o")
+    assert r.exit_code == 2 and r.stderr.startswith("Error: Invalid value for BANK: token bank not found: nope.gguf")
+    bank = tmp_path / "a.gguf"
+    bank.write_bytes(b"")
+    r = compare(f"{bank}=x", f"{bank}=x", "--out", tmp_path / "o")
+    assert r.exit_code == 2 and "share a label" in r.stderr and r.stderr.count("\n") == 1
+    r = compare(bank, "--out", tmp_path / "o", "--threads", "0")
+    assert r.exit_code == 2 and r.stderr.startswith("Error: Invalid value for '--threads': 0 is not in the range x>=1.")
 
 
 # --- the real runtime ---------------------------------------------------------------------------
@@ -100,16 +107,17 @@ def test_refusal_margin_needs_constraints(model_path):
 
 
 @pytest.mark.model
-def test_compare_two_banks_writes_table_json_and_plot(model_path, tmp_path, capsys):
+def test_compare_two_banks_writes_table_json_and_plot(model_path, tmp_path):
     from edge_safe.models import default_bank_path
 
     out = tmp_path / "curves"
     bank = str(default_bank_path())
-    assert main([f"{bank}=shipped", f"{bank}=again", "--out", str(out), "--limit", "6", "--threads", "1"]) == 0
+    run = compare(f"{bank}=shipped", f"{bank}=again", "--out", out, "--limit", "6", "--threads", "1")
+    assert run.exit_code == 0, run.output
     r = json.loads((out / "curves.json").read_text())
     a, b = r["banks"]["shipped"], r["banks"]["again"]
     assert set(a["n"]) == {"violating", "near-miss", "inactive", "general"}  # profile cases are not in the curve
     assert sum(a["n"].values()) <= 6 and (a["auc"], a["points"]) == (b["auc"], b["points"])  # same cases, same bank
-    assert "| shipped | 8 |" in capsys.readouterr().out
+    assert "| shipped | 8 |" in run.stdout
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "Made with `python -m edge_safe.eval.compare" in (out / "CURVES.md").read_text()
+    assert f"Made with `edge-safe eval compare {bank}=shipped {bank}=again --out {out}" in (out / "CURVES.md").read_text()

@@ -1,6 +1,6 @@
 """The sequence-state blob parser/writer (edge_safe.kv_cells), on hand-built blobs: no model.
 
-The blob grammar is DESIGN.md's "Writing KV cells"; tests/test_deep_runtime.py checks it on
+The blob grammar is docs/DESIGN.md's "Writing KV cells"; tests/test_deep_runtime.py checks it on
 real llama.cpp blobs (both V layouts, f16 and f32 caches).
 """
 from __future__ import annotations

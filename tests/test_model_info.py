@@ -148,7 +148,7 @@ def test_bundled_rows_equal_q8_0_rows_times_sqrt_640(model_path):
 
 @pytest.fixture(scope="module")
 def tokenize(model_path):
-    from edge_safe.cli.convert import llama_tokenizer
+    from edge_safe.models import llama_tokenizer
 
     return llama_tokenizer(model_path)
 

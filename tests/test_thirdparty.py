@@ -290,3 +290,9 @@ def test_committed_manifest_pins_every_source():
         assert len(spec["sha256"]) == 64 and spec["wheel"].endswith(".whl") and spec["files"] and spec["license"]
     assert m["sources"]["strongreject"]["excluded_origins"] == ["AdvBench", "DAN"]
     assert not set(m["sources"]["strongreject"]["unseen_origins"]) & {"AdvBench", "DAN", "custom"}
+
+
+def test_the_cli_lists_every_source_of_the_module():
+    from edge_safe.cli import data as data_cli
+
+    assert data_cli.SOURCES == tp.SOURCES

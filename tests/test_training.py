@@ -267,7 +267,7 @@ def test_refusal_weight_scales_the_refusal_examples_only(cfg):
     torch.testing.assert_close(per_example, expected)
 
 
-# ------------------------------------------------------------------ real-traffic slices (issue #17)
+# ------------------------------------------------------------------ real-traffic slices
 def write_sliced_data(folder):
     """Classic rows plus one row of each new kind, in the shipped files' schema."""
     write_data(folder)
@@ -374,3 +374,26 @@ def test_slices_config_and_training_on_every_slice(cfg, tmp_path):
     assert summary["train_prompts_by_slice"] == {"classic": 42, "multi-turn": 2, "wrapped": 1}
     bank0, summary0 = train(cfg.replace(steps=2), base, tmp_path / "run0", progress=False)
     assert summary0["train_prompts_by_slice"] == {"classic": 42}
+
+
+def test_a_configs_init_bank_resolves_outside_the_checkout(tmp_path, monkeypatch):
+    """`training/...` paths of the shipped configs work from any folder (an installed package); a missing
+    bank fails at load time in one line that says what to set."""
+    from pathlib import Path
+
+    import edge_safe.training.config as config
+
+    shipped = Path(config.__file__).resolve().parent / "configs" / "default.yaml"
+    monkeypatch.chdir(tmp_path)
+    cfg = TrainConfig.from_yaml(shipped)
+    assert Path(cfg.init_bank).is_file() and Path(cfg.init_bank).name == "v3_shallow.gguf"
+    (tmp_path / "mine.yaml").write_text("init_bank: banks/mine.gguf\n")
+    with pytest.raises(EdgeSafeError, match=r"init_bank banks/mine.gguf of .* not found.*set init_bank") as e:
+        TrainConfig.from_yaml(tmp_path / "mine.yaml")
+    assert "\n" not in str(e.value)
+    (tmp_path / "banks").mkdir()
+    (tmp_path / "banks" / "mine.gguf").write_bytes(b"")
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    monkeypatch.chdir(other)  # relative to the config file's folder
+    assert TrainConfig.from_yaml(tmp_path / "mine.yaml").init_bank == str(tmp_path / "banks" / "mine.gguf")

@@ -117,27 +117,16 @@ def test_validate_bank_reports_the_shipped_banks_first_token_decisions(base, mod
     assert rt["auc"] > 0.6 and rt["vs_float32"]["margin_correlation"] > 0.5  # one model, two precisions
 
 
-def test_validate_cli_names_the_model_a_foreign_bank_was_made_for(tmp_path, capsys):
+def test_validate_cli_names_the_model_a_foreign_bank_was_made_for(tmp_path):
     from dataclasses import replace
 
+    from click.testing import CliRunner
+
+    from edge_safe.cli import cli
     from edge_safe.models import default_bank_path
-    from edge_safe.training import validate as v
 
     other = replace(TokenBank.load(default_bank_path()), base_fingerprint="ab" * 32, base_name="Other 1B")
     path = other.save(tmp_path / "other.gguf")
-    assert v.main([str(path), "--size", "8"]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and "fingerprint" in err and "Other 1B" in err
-
-
-def test_refusal_wording_counts_the_shipped_banks_replies(capsys):
-    from edge_safe.models import default_bank_path
-    from edge_safe.training.refusal_wording import main, wording
-
-    out = wording(str(default_bank_path()), n=4)
-    assert out["n"] == 4
-    assert 0 <= out["own_category"] <= out["exact_refusal"] <= out["opens_like_refusal"] <= 4
-    assert 0 <= out["near_miss_refused"] <= 4
-    assert main(["/nonexistent/bank.gguf", "2"]) == 2 and capsys.readouterr().err.startswith("error: ")
-    assert main([str(default_bank_path()), "abc"]) == 2
-    assert capsys.readouterr().err == "error: N must be a positive whole number of prompts, got 'abc'\n"
+    r = CliRunner().invoke(cli, ["train", "validate", str(path), "--size", "8"])
+    assert r.exit_code == 1 and r.stderr.startswith("Error: ") and r.stderr.count("\n") == 1
+    assert "fingerprint" in r.stderr and "Other 1B" in r.stderr

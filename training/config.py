@@ -10,6 +10,9 @@ from edge_safe.convert.errors import EdgeSafeError
 from edge_safe.training.categories import CATEGORY_NAMES, MODE_NAMES
 
 
+#: The shipped config `edge-safe train` uses without --config.
+DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "default.yaml"
+
 #: The data slices (training/data/README.md): the classic rows and the real-traffic ones.
 SLICES = ("classic", "general-real", "sounds-risky", "styled", "wrapped", "multi-turn")
 
@@ -25,6 +28,28 @@ def parse_slices(value) -> tuple[str, ...]:
         raise EdgeSafeError(f"slices: unknown {bad or 'empty list'}; known: {', '.join(SLICES)} (or 'all')")
     return tuple(dict.fromkeys(names))
 
+
+
+#: The folder of the edge_safe.training package: `training/...` paths of a config resolve here when
+#: the package is installed without a checkout of the repository.
+PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def resolve_init_bank(value: str, config_path: Path) -> str:
+    """A config's `init_bank` as a path that exists: as given (absolute, or relative to the current
+    folder), else relative to the config file's folder, else (`training/...`) inside this package."""
+    given = Path(value)
+    candidates = [given]
+    if not given.is_absolute():
+        candidates.append(Path(config_path).resolve().parent / given)
+        if given.parts and given.parts[0] == "training":
+            candidates.append(PACKAGE_DIR.joinpath(*given.parts[1:]))
+    for candidate in candidates:
+        if candidate.is_file():
+            return value if candidate is given else str(candidate)
+    raise EdgeSafeError(f"init_bank {value} of {config_path} not found (looked in the current folder, the config's "
+                        f"folder and the installed package); set init_bank to an existing bank file, or to \"\" to "
+                        "start from the rule's topic words")
 
 
 @dataclass(frozen=True)
@@ -141,6 +166,8 @@ class TrainConfig:
             raise EdgeSafeError(f"config file {path} is not valid YAML: {e}") from None
         if not isinstance(data, dict):
             raise EdgeSafeError(f"config file {path} must be a mapping of keys to values")
+        if data.get("init_bank"):
+            data["init_bank"] = resolve_init_bank(str(data["init_bank"]), path)
         return cls.from_dict(data)
 
     def to_dict(self) -> dict[str, Any]:

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from edge_safe.convert.errors import EdgeSafeError
 from edge_safe.training.config import SLICES, TrainConfig, parse_slices  # noqa: F401 (re-exported)
+from edge_safe.training.data.splits import split_path
 
 LABELS = ("violating", "benign")
 #: Row slices of the data (training/data/README.md): the classic rows carry no "slice" field.
@@ -80,15 +81,16 @@ class Example:
 
 
 def default_data_dir() -> Path:
+    """The checkout's data folder (an installed package regenerates missing splits: data/splits.py)."""
     return Path(__file__).resolve().parent / "data"
 
 
 def load_prompts(data_dir: str | Path | None, split: str, slices=("classic",)) -> list[Prompt]:
     """The rows of `split` whose slice is in `slices` (default: the classic rows only)."""
     slices = parse_slices(slices)
-    path = Path(data_dir or default_data_dir()) / f"{split}.jsonl"
+    path = Path(data_dir) / f"{split}.jsonl" if data_dir else split_path(split)
     if not path.is_file():
-        raise EdgeSafeError(f"training data not found: {path} (run `python -m edge_safe.training.data.generate`)")
+        raise EdgeSafeError(f"training data not found: {path} (run `edge-safe data generate`)")
     prompts = []
     with path.open(encoding="utf-8") as f:
         for i, line in enumerate(f, 1):

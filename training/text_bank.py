@@ -7,20 +7,17 @@ bank until a trained one ships (``inspect`` labels it "built from text rules,
 not trained"). Positive/negative modes have no rule, so only ``rejective`` is
 included as a mode. No torch needed::
 
-    python -m edge_safe.training.text_bank -o edge/data/default.gguf --force
+    edge-safe train text-bank -o edge/data/default.gguf --force
 """
 from __future__ import annotations
 
-import argparse
 import logging
-import sys
 from pathlib import Path
 
 from edge_safe.convert.bank import TokenBank, from_text_bank, from_text_token
-from edge_safe.convert.errors import EdgeSafeError
 from edge_safe.convert.keys import Kind
 from edge_safe.convert.model import ModelInfo
-from edge_safe.models import resolve_model_path
+from edge_safe.models import llama_tokenizer, resolve_model_path
 from edge_safe.training.categories import CATEGORIES, MODES, PROFILES
 
 log = logging.getLogger(__name__)
@@ -31,8 +28,6 @@ TEXT_MODES = ("rejective",)
 
 def build_text_bank(model: str | Path | None = None) -> TokenBank:
     """The from-text bank for ``model`` (default: the bundled model)."""
-    from edge_safe.cli.convert import llama_tokenizer
-
     path = resolve_model_path(model)
     info = ModelInfo.read(path)
     tokenize = llama_tokenizer(path)
@@ -43,24 +38,3 @@ def build_text_bank(model: str | Path | None = None) -> TokenBank:
     ]
     return from_text_bank(info, tokens, {p: list(ms) for p, ms in PROFILES.items()})
 
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m edge_safe.training.text_bank", description=__doc__.split("\n")[0])
-    parser.add_argument("-o", "--output", type=Path, required=True, help="bank .gguf to write")
-    parser.add_argument("-m", "--model", default=None, help="base model GGUF (default: the bundled one)")
-    parser.add_argument("--force", action="store_true", help="overwrite the output if it exists")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        bank = build_text_bank(args.model)
-        out = bank.save(args.output, force=args.force)
-    except EdgeSafeError as e:
-        print(f"Error: {e}", file=sys.stderr)
-        return 1
-    n_vec = sum(t.n_vectors for t in bank.tokens.values())
-    print(f"wrote {out}: {len(bank.tokens)} tokens, {n_vec} vectors, profiles {', '.join(bank.profiles)}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

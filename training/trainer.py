@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from edge_safe.convert.errors import EdgeSafeError
 from edge_safe.convert.layout import LAYOUT_V1, QA_TEMPLATE, ChatTemplate
-from edge_safe.eval.curve import auc  # the eval's AUC: training and runtime figures rank alike
+from edge_safe.margins import auc  # the eval's AUC too: training and runtime figures rank alike
 from edge_safe.training.base_model import BaseModel
 from edge_safe.training.categories import BY_NAME, PROFILES
 from edge_safe.training.config import TrainConfig
@@ -157,7 +157,7 @@ def param_groups(bank: "Bank | DeepBank", cfg: TrainConfig) -> list[dict]:
     """Adam parameter groups, each with an lr ``scale`` (the lr of a step is learning_rate() x scale).
 
     Shallow: one group, scale 1. Deep: one group per tensor, scale = that tensor's initial standard deviation,
-    because keys and values differ in magnitude by layer and kind (DESIGN.md: lr per tensor = c x its std)."""
+    because keys and values differ in magnitude by layer and kind (docs/DESIGN.md, "Training probes": lr per tensor = c x its std)."""
     if not isinstance(bank, DeepBank):
         return [{"params": list(bank.parameters()), "scale": 1.0}]
     return [{"params": [p], "scale": float(p.detach().std()) or 1.0}

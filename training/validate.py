@@ -1,6 +1,6 @@
 """First-token validation of any bank file, the same check `edge-safe train` runs every `val_every` steps.
 
-    python -m edge_safe.training.validate BANK.gguf [--size 400] [--seed 1] [--split val] [--runtime]
+    edge-safe train validate BANK.gguf [--size 400] [--seed 1] [--split val] [--runtime]
 
 Prints the validation summary (refusal, over-refusal per kind and order, AUC of the
 refusal-opener margin, held-out compositions, modes) as JSON. Uses the val split, the
@@ -15,32 +15,9 @@ float32, what users get is the runtime.
 """
 from __future__ import annotations
 
-import argparse
-import json
-import random
 import sys
 
 from edge_safe.convert.errors import EdgeSafeError
-
-
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m edge_safe.training.validate", description=__doc__.split("\n")[0])
-    ap.add_argument("bank", help="bank file (.gguf)")
-    ap.add_argument("--model", default=None, help="base model GGUF (default: the bundled Gemma 3 270M)")
-    ap.add_argument("--size", type=int, default=400, help="validation decisions (default 400)")
-    ap.add_argument("--seed", type=int, default=1, help="seed of the validation cases (training uses config seed + 1)")
-    ap.add_argument("--split", default="val", choices=("train", "val", "test"),
-                    help="prompt split (default val; train shows how well the tokens fit what they were trained on)")
-    ap.add_argument("--runtime", action="store_true",
-                    help="also decide through the llama.cpp runtime and compare (about a minute more)")
-    args = ap.parse_args(argv)
-    try:
-        print(json.dumps(validate_bank(args.bank, args.model, args.size, args.seed, args.split, args.runtime),
-                         indent=1))
-    except EdgeSafeError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
 
 
 def validate_bank(bank_path: str, model: str | None = None, size: int = 400, seed: int = 1, split: str = "val",
@@ -102,6 +79,3 @@ def _runtime(bank_path, model_path, cfg, split: str, cases, fp32: list[float]) -
     }
     return out
 
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

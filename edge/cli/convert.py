@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import click
 
@@ -19,7 +19,7 @@ from edge_safe.convert.bank import TokenBank, from_text_bank, from_text_token
 from edge_safe.convert.bank_io import stored_dtype
 from edge_safe.convert.keys import TENSOR_DTYPES, Kind, Origin
 from edge_safe.convert.model import ModelInfo
-from edge_safe.models import resolve_model_path
+from edge_safe.models import llama_tokenizer, resolve_model_path
 
 PATH = click.Path(dir_okay=False, path_type=Path)  # existence is checked by the library, with a better message
 
@@ -32,13 +32,6 @@ dtype_option = click.option(
     "--dtype", type=click.Choice(TENSOR_DTYPES, case_sensitive=False), default="F32", show_default=True,
     help="Storage type of the vectors (F16 halves the size).",
 )  # fmt: skip
-
-
-def llama_tokenizer(model_path: Path) -> Callable[[str], list[int]]:
-    """The model's own tokenizer (vocab only: no weights loaded), without BOS or special-token parsing."""
-    from edge_safe.llama import VocabTokenizer
-
-    return VocabTokenizer(model_path).tokenize
 
 
 @click.group()

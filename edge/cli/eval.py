@@ -1,16 +1,16 @@
-"""`edge-safe eval`: defense, over-refusal, order invariance, modes, SAM and utility of a bank vs baselines.
+"""`edge-safe eval`: defense, over-refusal, order invariance, modes, SAM and utility of a bank vs baselines;
+`edge-safe eval compare`: the operating curves of several banks.
 
 The tables go to stdout, the progress bar and notes to stderr. Domain errors
 (EdgeSafeError) become one-line click errors in cli.py.
 """
 from __future__ import annotations
 
-import shlex
-import sys
 from pathlib import Path
 
 import click
 
+from edge_safe.cli.common import RunOrGroup, command_line, own_options_only
 from edge_safe.eval.evaluate import EvalConfig as D  # one place for every default
 
 
@@ -18,7 +18,7 @@ def _csv(text: str) -> tuple[str, ...]:
     return tuple(p.strip() for p in text.split(",") if p.strip())
 
 
-@click.command("eval")
+@click.group("eval", cls=RunOrGroup)
 @click.option("-b", "--bank", default=None, metavar="PATH",
               help="Bank under test [default: $EDGE_SAFE_BANK, else the bundled bank].")
 @click.option("-m", "--model", default=None, metavar="PATH",
@@ -72,7 +72,8 @@ def _csv(text: str) -> tuple[str, ...]:
               help="Store the headline figures in the bank's eval summary (rewrites --bank atomically).")
 @click.option("--from-results", default=None, metavar="results.json", type=click.Path(dir_okay=False),
               help="Do not run: rebuild the report from this file (with --write-summary: store its summary).")
-def eval_cmd(bank, model, data, orders, out, limit, compositions, prompts, profiles, baselines, text_bank,
+@click.pass_context
+def eval_cmd(ctx, bank, model, data, orders, out, limit, compositions, prompts, profiles, baselines, text_bank,
              mode_prompts, sam_prompts, kl_prompts, kl_compositions, kl_tokens, slices, slice_prompts, seed, strictness,
              free_refusals, threads, parallel, n_ctx, n_gpu_layers, no_plots, store_summary, from_results):
     """Evaluate a bank against its baselines through the llama.cpp runtime.
@@ -80,7 +81,8 @@ def eval_cmd(bank, model, data, orders, out, limit, compositions, prompts, profi
     Reports defense success and over-refusal per order, category, profile and
     trained vs held-out composition, order invariance, mode rates, the Safety
     Alignment Margin and the utility KL, for the bank and for no tokens, the
-    rules as text, and a from-text bank.
+    rules as text, and a from-text bank. With a COMMAND instead: a side
+    measurement (the options below are for the evaluation only).
 
     \b
     Examples:
@@ -88,7 +90,10 @@ def eval_cmd(bank, model, data, orders, out, limit, compositions, prompts, profi
       edge-safe eval --bank my-bank.gguf --orders 1,2 --out eval-mine
       edge-safe eval --out eval/results --write-summary
       edge-safe eval --from-results eval/results/results.json --write-summary
+      edge-safe eval compare runs/a.gguf=a runs/b.gguf=b --out runs/curves
     """
+    if not own_options_only(ctx):
+        return
     from edge_safe.eval.report import headline, load_results, write_outputs, write_summary
     from edge_safe.eval.markdown import sections
 
@@ -97,7 +102,7 @@ def eval_cmd(bank, model, data, orders, out, limit, compositions, prompts, profi
     else:
         results = _run(bank, model, data, orders, limit, compositions, prompts, profiles, baselines, text_bank,
                        mode_prompts, sam_prompts, kl_prompts, kl_compositions, kl_tokens, seed, strictness, threads,
-                       n_ctx, n_gpu_layers, free_refusals, slices, slice_prompts, parallel)
+                       n_ctx, n_gpu_layers, free_refusals, slices, slice_prompts, parallel, command_line(ctx))
     written = write_outputs(results, out, plots=not no_plots)
     click.echo("\n".join(sections(results, plots=False)[: _end_of_headline(results)]))
     for path in written:
@@ -114,7 +119,8 @@ def eval_cmd(bank, model, data, orders, out, limit, compositions, prompts, profi
 
 def _run(bank, model, data, orders, limit, compositions, prompts, profiles, baselines, text_bank, mode_prompts,
          sam_prompts, kl_prompts, kl_compositions, kl_tokens, seed, strictness, threads, n_ctx, n_gpu_layers,
-         free_refusals=False, slices=",".join(D.slices), slice_prompts=D.slice_prompts, parallel=D.parallel) -> dict:
+         free_refusals=False, slices=",".join(D.slices), slice_prompts=D.slice_prompts, parallel=D.parallel,
+         command="edge-safe eval") -> dict:
     from edge_safe.eval.slices import parse_slices
     from edge_safe.convert.bank import TokenBank
     from edge_safe.eval.data import parse_orders
@@ -129,8 +135,7 @@ def _run(bank, model, data, orders, limit, compositions, prompts, profiles, base
         kl_prompts=kl_prompts, kl_compositions=kl_compositions, kl_tokens=kl_tokens, limit=limit, seed=seed,
         strictness=strictness, n_ctx=n_ctx, n_threads=threads, n_gpu_layers=n_gpu_layers, parallel=parallel,
         slices=parse_slices(slices), slice_prompts=slice_prompts,
-        exact_refusals=not free_refusals, command=" ".join(["edge-safe", *map(shlex.quote, sys.argv[1:])]) if Path(sys.argv[0]).name == "edge-safe"
-        else "edge-safe eval",
+        exact_refusals=not free_refusals, command=command,
     )
     ev = Evaluator(cfg)
     try:
@@ -147,3 +152,51 @@ def _end_of_headline(results: dict) -> int:
     starts = [i for i, line in enumerate(lines) if line.startswith("## ")]
     return starts[1] if len(starts) > 1 else len(lines)
 
+
+# --- compare -----------------------------------------------------------------------------
+
+
+@eval_cmd.command(short_help="Operating curves of several banks, side by side.")
+@click.argument("banks", nargs=-1, required=True, metavar="BANK[=LABEL]...")
+@click.option("-o", "--out", required=True, metavar="DIR", type=click.Path(file_okay=False),
+              help="Folder for curves.json, CURVES.md and curves.png.")
+@click.option("--threads", default=None, type=click.IntRange(min=1), help="CPU threads [default: all cores].")
+@click.option("--limit", default=None, type=click.IntRange(min=1), metavar="N", help="At most N cases: a quick run.")
+@click.option("--seed", default=0, show_default=True, type=int, help="The eval's seed (the same cases as `edge-safe eval`).")
+@click.option("--parallel", default=D.parallel, show_default=True, type=click.IntRange(min=1, max=64), metavar="N",
+              help="Cases decided at once, batched in one decode (1: one at a time).")
+@click.pass_context
+def compare(ctx, banks, out, threads, limit, seed, parallel):
+    """Operating curves of several banks on the eval's seeded test cases, through the runtime.
+
+    Writes curves.json, CURVES.md (per bank: AUC and the operating points at the
+    targets) and curves.png; the table also goes to stdout. A bank's label is its
+    file name unless given as BANK=LABEL.
+
+    \b
+    Examples:
+      edge-safe eval compare runs/a.gguf=v4 runs/b.gguf=v5 --out training/curves
+      edge-safe eval compare edge/data/default.gguf --limit 40 --out /tmp/curve
+    """
+    from edge_safe.eval.compare import compare as run_compare, markdown
+    from edge_safe.eval.curve import plot
+    from edge_safe.eval.reporting import make_out_dir, write_json, write_text_atomic
+
+    specs = [(path, label or Path(path).stem) for path, _, label in (b.partition("=") for b in banks)]
+    for path, _ in specs:
+        if not Path(path).is_file():
+            raise click.BadParameter(f"token bank not found: {path}", ctx, param_hint="BANK")
+    labels = [label for _, label in specs]
+    if len(set(labels)) != len(labels):
+        raise click.BadParameter(f"two banks share a label ({', '.join(labels)}); name them BANK=LABEL", ctx,
+                                 param_hint="BANK")
+    folder = make_out_dir(out)
+    results = run_compare(specs, threads, limit, seed, parallel)
+    results["command"] = command_line(ctx)
+    table = markdown(results)
+    written = [write_json(folder / "curves.json", results),
+               write_text_atomic(folder / "CURVES.md", f"Made with `{results['command']}`.\n\n{table}"),
+               plot(results, folder / "curves.png")]
+    click.echo(table, nl=False)
+    for path in filter(None, written):
+        click.echo(f"wrote {path}", err=True)

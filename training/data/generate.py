@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Generate edge-safe's training / validation / test prompts (pure stdlib, seeded, reproducible).
 
 Every prompt is written in this repository. The phrase tables live in ``tables/*.json``
@@ -17,17 +16,16 @@ seeded RNG and about 70 % go to train, 10 % to val and 20 % to test, so test phr
 never occur in training. About one slot value in six (lists of six or more) is held out
 for test only. Prompts are de-duplicated globally (case- and punctuation-insensitive).
 
-Usage (from the repository root)::
+Usage::
 
-    python training/data/generate.py            # (re)write train/val/test.jsonl
-    python training/data/generate.py --check    # exit 1 if the files differ from a fresh run
-    python training/data/generate.py --stats    # print the counts table (README.md has it)
-    python -m edge_safe.training.data.generate  # same, when the package is installed
+    edge-safe data generate            # (re)write train/val/test.jsonl
+    edge-safe data generate --check    # exit 1 if the files differ from a fresh run
+    edge-safe data generate --stats    # print the counts table (README.md has it)
 
 Rows: {"prompt", "category" (a category name or "general"), "label" ("violating" |
 "benign"), "family" (e.g. "alcohol/v/persona-bartender"), "split"}.
 
-Real-traffic slices (issue #17, tables in ``tables/real/``) follow the classic rows in each file
+Real-traffic slices (tables in ``tables/real/``) follow the classic rows in each file
 and add "slice" ("general-real" | "sounds-risky" | "styled" | "wrapped" | "multi-turn"), plus
 "wrapper" (wrapped rows: the jailbreak wrapper family), "messages" (multi-turn rows: the whole
 conversation; "prompt" is its last user turn) and "context_category" (multi-turn rows whose
@@ -35,12 +33,12 @@ earlier turn was refused: that category). See README.md.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import re
-import sys
 from pathlib import Path
+
+from edge_safe.training.categories import CATEGORIES, CATEGORY_NAMES
 
 SEED = 20261123
 HERE = Path(__file__).resolve().parent
@@ -109,22 +107,6 @@ GENERAL = _table("general")
 # Engine
 # =======================================================================================
 PLACEHOLDER = re.compile(r"\{(a:)?([a-z_0-9]+)\}")
-
-
-def _category_names() -> tuple[str, ...]:
-    """The category names, from training/categories.py (works as module and as script)."""
-    try:
-        from ..categories import CATEGORY_NAMES  # type: ignore[import-not-found]
-    except ImportError:
-        import importlib.util
-
-        path = HERE.parent / "categories.py"
-        spec = importlib.util.spec_from_file_location("_edge_safe_categories", path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module  # dataclasses look the module up while building classes
-        spec.loader.exec_module(module)
-        CATEGORY_NAMES = module.CATEGORY_NAMES
-    return tuple(CATEGORY_NAMES)
 
 
 def _article(word: str) -> str:
@@ -288,7 +270,7 @@ def _round_robin(cands: dict[str, list], target: int, seen: set[str], key) -> li
 
 def _classic_rows(seen: set[str]) -> dict[str, list[dict]]:
     """The original single-turn rows (no "slice" field), per split, sorted."""
-    categories = _category_names()
+    categories = CATEGORY_NAMES
     fams = _families(categories)
     groups: dict[tuple[str, str], list] = {}
     for fam in fams:
@@ -317,7 +299,7 @@ def generate() -> dict[str, list[dict]]:
 
 
 # =======================================================================================
-# Real-traffic slices (issue #17): tables/real/*.json
+# Real-traffic slices: tables/real/*.json
 # =======================================================================================
 REAL = TABLES / "real"
 #: New slices, in file order after the classic rows (which carry no "slice" field).
@@ -356,16 +338,6 @@ def _real_table(name: str) -> dict:
         raise SystemExit(f"phrase table missing: {path}") from None
     except json.JSONDecodeError as exc:
         raise SystemExit(f"{path}: not valid JSON: {exc}") from None
-
-
-def _categories_module():
-    """training/categories.py (for the refusal texts of multi-turn rows)."""
-    _category_names()
-    try:
-        from .. import categories  # type: ignore[import-not-found]
-        return categories
-    except ImportError:
-        return sys.modules["_edge_safe_categories"]
 
 
 def _typo(text: str, rng: random.Random) -> str:
@@ -464,8 +436,8 @@ def _split_groups(names: list[str], group: str) -> dict[str, str]:
 
 def _real_rows(seen: set[str]) -> dict[str, list[dict]]:
     """Rows of the five real-traffic slices, per split, sorted (slice, category, label, family, prompt)."""
-    categories = _category_names()
-    refusal = {c.name: c.refusal for c in _categories_module().CATEGORIES}
+    categories = CATEGORY_NAMES
+    refusal = {c.name: c.refusal for c in CATEGORIES}
     core_table = _real_table("core-requests")
     core = {cat: core_table["violating"][cat]["req"] for cat in categories}
     topic = {cat: core_table["violating"][cat]["topic"] for cat in categories}
@@ -614,7 +586,7 @@ def render(rows: list[dict]) -> str:
 
 def stats(rows: dict[str, list[dict]]) -> str:
     """Markdown table: rows and families per (category, label) and split."""
-    order = list(_category_names()) + ["general"]
+    order = list(CATEGORY_NAMES) + ["general"]
     count: dict[tuple, int] = {}
     fams: dict[tuple, set] = {}
     for split, rs in rows.items():
@@ -642,7 +614,7 @@ def stats(rows: dict[str, list[dict]]) -> str:
 
 def real_stats(rows: dict[str, list[dict]]) -> str:
     """Markdown table of the real-traffic slices: rows and families per (slice, category, label) and split."""
-    order = list(_category_names()) + ["general"]
+    order = list(CATEGORY_NAMES) + ["general"]
     count: dict[tuple, int] = {}
     fams: dict[tuple, set] = {}
     for split, rs in rows.items():
@@ -675,7 +647,7 @@ def real_stats(rows: dict[str, list[dict]]) -> str:
 def problems(rows: dict[str, list[dict]]) -> list[str]:
     """Violations of the data contract (empty when all is well)."""
     out = []
-    categories = _category_names()
+    categories = CATEGORY_NAMES
     for cat in categories:
         nv, nb = len(CATS[cat]["v"]), len(CATS[cat]["b"])
         if nv < 24 or nb < 16:
@@ -700,38 +672,17 @@ def problems(rows: dict[str, list[dict]]) -> list[str]:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--check", action="store_true", help="verify the files match a fresh generation (exit 1 if not)")
-    ap.add_argument("--stats", action="store_true", help="print the counts table and exit")
-    ap.add_argument("--out", type=Path, default=HERE, help="output folder (default: this folder)")
-    args = ap.parse_args(argv)
-    rows = generate()
-    bad = problems(rows)
-    if args.stats:
-        print(stats(rows))
-        return 1 if bad else 0
-    if args.check:
-        stale = []
-        for split in SPLITS:
-            path = args.out / f"{split}.jsonl"
-            if not path.exists() or path.read_bytes() != render(rows[split]).encode("utf-8"):
-                stale.append(str(path))
-        for line in bad:
-            print(f"problem: {line}", file=sys.stderr)
-        for path in stale:
-            print(f"stale: {path} (run: python training/data/generate.py)", file=sys.stderr)
-        if not stale and not bad:
-            print(f"ok: {', '.join(f'{s}.jsonl ({len(rows[s])})' for s in SPLITS)} match seed {SEED}")
-        return 1 if stale or bad else 0
-    for line in bad:
-        print(f"problem: {line}", file=sys.stderr)
-    args.out.mkdir(parents=True, exist_ok=True)
-    for split in SPLITS:
-        (args.out / f"{split}.jsonl").write_bytes(render(rows[split]).encode("utf-8"))
-    print(stats(rows))
-    return 1 if bad else 0
+def stale_files(rows: dict[str, list[dict]], out: Path = HERE) -> list[Path]:
+    """The split files in ``out`` that are missing or differ from ``rows`` rendered."""
+    paths = [out / f"{split}.jsonl" for split in SPLITS]
+    return [p for p, split in zip(paths, SPLITS)
+            if not p.exists() or p.read_bytes() != render(rows[split]).encode("utf-8")]
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def write_splits(rows: dict[str, list[dict]], out: Path = HERE) -> list[Path]:
+    """train/val/test.jsonl in ``out`` (created if needed)."""
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / f"{split}.jsonl" for split in SPLITS]
+    for path, split in zip(paths, SPLITS):
+        path.write_bytes(render(rows[split]).encode("utf-8"))
+    return paths

@@ -1,30 +1,29 @@
 """How often a bank's refusals come out word for word, through the llama.cpp runtime, on the val split.
 
-    python -m edge_safe.training.refusal_wording BANK.gguf [N]
+    edge-safe train refusal-wording BANK.gguf [N]
 
-The training validation (`validate.py`) only checks the first reply token. This runs N greedy
+The training validation (`edge-safe train validate`) only checks the first reply token. This runs N greedy
 replies to violating val prompts, each under a seeded composition of order 1..4 that contains the
 prompt's category, and counts replies that open like a refusal, that are one of the bank's refusal
 texts, and that are the refusal *of the prompt's own category*; plus N near-miss val prompts under
 the same kind of compositions, counting refusal-like replies (over-refusal). Replies are judged as
-`edge-safe eval` judges them (`edge_safe.eval.metrics.Judge`, `refusal_like`). About a minute for N = 160 on
-2 CPU cores. Needs no torch.
+`edge-safe eval` judges them (:class:`~edge_safe.eval.metrics.Judge`, ``refusal_like``). About a minute for N = 160 on
+2 CPU cores. Needs no torch. It lives in eval, not training: it measures replies through the runtime
+and judges them as the eval does.
 """
 from __future__ import annotations
 
-import json
 import random
-import sys
 
 from edge_safe.convert.errors import EdgeSafeError
 
 
 def wording(bank_path: str, n: int = 160, seed: int = 7) -> dict:
+    from edge_safe.eval.data import CLASSIC, default_data_path, load_prompts
     from edge_safe.eval.metrics import REFUSAL, Judge, refusal_like
     from edge_safe.runtime import EdgeSafe
-    from edge_safe.training.sampler import load_prompts
 
-    prompts = load_prompts(None, "val")
+    prompts = [p for p in load_prompts(default_data_path("val")) if p.slice == CLASSIC]
     rng = random.Random(seed)
     with EdgeSafe(bank=bank_path, n_ctx=512) as es:
         cons = es.bank.constraints
@@ -51,25 +50,6 @@ def wording(bank_path: str, n: int = 160, seed: int = 7) -> dict:
     return out
 
 
+
 def _text(es, prompt: str, **request) -> str:
     return es.create_completion(prompt, **request)["choices"][0]["text"]
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    if not args or args[0].startswith("-"):
-        print(__doc__.strip().splitlines()[2].strip(), file=sys.stderr)
-        return 2
-    if len(args) > 1 and not (args[1].isdigit() and int(args[1]) > 0):
-        print(f"error: N must be a positive whole number of prompts, got {args[1]!r}", file=sys.stderr)
-        return 2
-    try:
-        print(json.dumps(wording(args[0], int(args[1]) if len(args) > 1 else 160)))
-    except EdgeSafeError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

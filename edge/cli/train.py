@@ -1,0 +1,185 @@
+"""`edge-safe train`: train a token bank, and the side commands on banks that training uses.
+
+Training, ``deep-bank`` and ``validate`` need the [train] extra (torch, transformers);
+``text-bank`` and ``refusal-wording`` run on the llama.cpp runtime alone.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from edge_safe.cli.common import RunOrGroup, need_torch, own_options_only
+from edge_safe.convert.errors import EdgeSafeError
+
+BANK = click.Path(exists=True, dir_okay=False)  # a bank file given as an argument: missing is a usage error
+MODEL = click.Path(exists=True, dir_okay=False)
+
+
+def _device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise EdgeSafeError(f"--device {device}: no CUDA GPU is visible to torch; use --device cpu")
+    return device
+
+
+@click.group(cls=RunOrGroup)
+@click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Training config YAML (default: the shipped training/configs/default.yaml).")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
+              help="Bank file to write (.gguf). Required to train.")
+@click.option("--model", "model", default=None, envvar="EDGE_SAFE_MODEL",
+              help="Base model GGUF (default: the bundled Gemma 3 270M).")
+@click.option("--out-dir", type=click.Path(file_okay=False), default=None,
+              help="Folder for checkpoints and the training log (default: OUTPUT's name + '.run').")
+@click.option("--resume", is_flag=True, help="Continue from the checkpoint in --out-dir.")
+@click.option("--steps", type=int, default=None, help="Override the config's number of steps.")
+@click.option("--seed", type=int, default=None, help="Override the config's seed.")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or auto.")
+@click.option("--dtype", type=click.Choice(["F32", "F16"]), default="F32", show_default=True,
+              help="Storage type of the exported vectors.")
+@click.option("--force", is_flag=True, help="Overwrite OUTPUT if it exists.")
+@click.option("--no-progress", is_flag=True, help="No progress bar (logs still go to --out-dir).")
+@click.pass_context
+def train(ctx, config_path, output, model, out_dir, resume, steps, seed, device, dtype, force, no_progress):
+    """Train control tokens (MOSAIC + mode co-training) and write a bank.
+
+    With a COMMAND instead: build, convert or check a bank (the options below
+    are for training only).
+
+    \b
+    Examples:
+      edge-safe train -o bank.gguf
+      edge-safe train --config training/configs/smoke.yaml -o smoke.gguf --force
+      edge-safe train -o bank.gguf --resume --steps 800
+      edge-safe train validate bank.gguf --runtime
+    """
+    if not own_options_only(ctx):
+        return
+    if output is None:
+        raise click.UsageError("Missing option '-o' / '--output' (the bank file to write).", ctx)
+    output = Path(output)
+    if output.exists() and not force:
+        raise EdgeSafeError(f"{output} already exists; pass --force to overwrite it")
+    need_torch()
+    from edge_safe.models import resolve_model_path
+    from edge_safe.training.base_model import load_gguf_model
+    from edge_safe.training.config import DEFAULT_CONFIG, TrainConfig
+    from edge_safe.training.trainer import export_bank, train as run_training
+
+    cfg = TrainConfig.from_yaml(config_path or DEFAULT_CONFIG)
+    if steps is not None:
+        cfg = cfg.replace(steps=steps)
+    if seed is not None:
+        cfg = cfg.replace(seed=seed)
+    out_dir = Path(out_dir) if out_dir else output.with_name(output.name + ".run")
+    if not resume and (out_dir / "checkpoint.pt").exists():
+        raise EdgeSafeError(f"{out_dir} already holds a run; pass --resume to continue it or choose another --out-dir")
+    model_path = resolve_model_path(model)
+    base = load_gguf_model(model_path, device=_device(device))
+    bank, summary = run_training(cfg, base, out_dir, resume=resume, progress=not no_progress)
+    tb = export_bank(bank, base, cfg, summary)
+    tb.save(output, force=force, dtype=dtype)
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    click.echo(f"wrote {output} ({len(tb.tokens)} tokens); log and checkpoints in {out_dir}", err=True)
+    click.echo(json.dumps(summary["val"], indent=1))
+
+
+@train.command("deep-bank", short_help="A shallow bank as deep tokens (K/V rows).")
+@click.argument("bank", type=BANK)
+@click.option("-o", "--output", type=click.Path(dir_okay=False), required=True, help="Deep bank to write (.gguf).")
+@click.option("--model", type=MODEL, default=None, help="Base model GGUF (default: the bundled Gemma 3 270M).")
+@click.option("--dtype", type=click.Choice(["F16", "F32"]), default="F16", show_default=True,
+              help="Storage type of the key/value rows.")
+@click.option("--force", is_flag=True, help="Overwrite OUTPUT if it exists.")
+def deep_bank(bank, output, model, dtype, force):
+    """Turn a shallow bank into deep tokens: each token's K/V rows as the frozen model computes them.
+
+    The result is step 0 of `kind: deep` training from BANK: no prefill through the
+    runtime, and it acts like BANK up to positions. Needs torch.
+
+    \b
+    Examples:
+      edge-safe train deep-bank edge/data/default.gguf -o runs/deep0.gguf
+    """
+    need_torch()
+    from edge_safe.training.deep_bank import deep_bank_of
+
+    deep = deep_bank_of(bank, model)
+    path = deep.save(output, force=force, dtype=dtype)
+    cells = sum(t.n_vectors for t in deep.tokens.values())
+    click.echo(f"wrote {path}: {len(deep.tokens)} deep tokens, {cells} cells of {deep.deep_geometry[0]} layers")
+
+
+@train.command("text-bank", short_help="Build the from-text baseline bank.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), required=True, help="Bank to write (.gguf).")
+@click.option("-m", "--model", type=MODEL, default=None, help="Base model GGUF (default: the bundled Gemma 3 270M).")
+@click.option("--force", is_flag=True, help="Overwrite OUTPUT if it exists.")
+def text_bank(output, model, force):
+    """Build the from-text bank: every category's rule as its own token embeddings.
+
+    Prepending such a token equals writing the rule as a prompt line: the baseline
+    every trained token is compared with. No torch needed.
+
+    \b
+    Examples:
+      edge-safe train text-bank -o from-text.gguf
+      edge-safe train text-bank -o edge/data/default.gguf --force
+    """
+    from edge_safe.training.text_bank import build_text_bank
+
+    bank = build_text_bank(model)
+    out = bank.save(output, force=force)
+    n_vec = sum(t.n_vectors for t in bank.tokens.values())
+    click.echo(f"wrote {out}: {len(bank.tokens)} tokens, {n_vec} vectors, profiles {', '.join(bank.profiles)}")
+
+
+@train.command("validate", short_help="First-token validation of a bank (JSON).")
+@click.argument("bank", type=BANK)
+@click.option("--model", type=MODEL, default=None, help="Base model GGUF (default: the bundled Gemma 3 270M).")
+@click.option("--size", type=click.IntRange(min=1), default=400, show_default=True, help="Validation decisions.")
+@click.option("--seed", type=int, default=1, show_default=True,
+              help="Seed of the validation cases (training uses the config's seed + 1).")
+@click.option("--split", type=click.Choice(["train", "val", "test"]), default="val", show_default=True,
+              help="Prompt split (train shows how well the tokens fit what they were trained on).")
+@click.option("--runtime", is_flag=True, help="Also decide through the llama.cpp runtime and compare (about a minute more).")
+def validate(bank, model, size, seed, split, runtime):
+    """First-token validation of a bank, the check training runs every `val_every` steps (JSON on stdout).
+
+    Refusal, over-refusal per kind and order, AUC of the refusal-opener margin,
+    held-out compositions and modes, on the float32 transformers copy of the model
+    and the bank's own training config. Needs torch.
+
+    \b
+    Examples:
+      edge-safe train validate edge/data/default.gguf
+      edge-safe train validate deep0.gguf --size 200 --runtime
+    """
+    need_torch()
+    from edge_safe.training.validate import validate_bank
+
+    click.echo(json.dumps(validate_bank(bank, model, size, seed, split, runtime), indent=1))
+
+
+@train.command("refusal-wording", short_help="Are a bank's refusals word for word? (JSON)")
+@click.argument("bank", type=BANK)
+@click.argument("n", type=click.IntRange(min=1), default=160, required=False)
+def refusal_wording(bank, n):
+    """Are a bank's refusals word for word? N greedy replies through the runtime, on val prompts (JSON).
+
+    Counts violating replies that open like a refusal, that are one of the bank's
+    refusal texts and that are the refusal of the prompt's own category, and N
+    near-miss prompts refused. About a minute for N = 160 on 2 cores; no torch.
+
+    \b
+    Examples:
+      edge-safe train refusal-wording edge/data/default.gguf
+      edge-safe train refusal-wording bank.gguf 40
+    """
+    from edge_safe.eval.refusal_wording import wording
+
+    click.echo(json.dumps(wording(bank, n)))
