@@ -28,7 +28,7 @@ from edge_safe.bench.report import FOCUS, FORMAT, evaluate_targets
 from edge_safe.bench.systems import PRIME_QUESTION, Composition, EdgeBench, LlamaBench
 from edge_safe.convert.bank import TokenBank, split_names
 from edge_safe.convert.errors import EdgeSafeError
-from edge_safe.convert.keys import Kind
+from edge_safe.convert.keys import Kind, Mode
 from edge_safe.eval.reporting import file_sha256
 from edge_safe.models import resolve_bank_path, resolve_model_path
 
@@ -104,7 +104,7 @@ def default_compositions(bank: TokenBank, quick: bool) -> list[str]:
     c, profiles = bank.constraints, list(bank.profiles)
     focus = [FOCUS] if {"minors", "eu"} <= set(profiles) else []
     if quick:
-        modes = [m for m in bank.modes if m != "positive"] or bank.modes
+        modes = [m for m in bank.modes if m != Mode.POSITIVE] or bank.modes
         return ["none", *profiles[1:2], *(focus or ["all"]), *modes[:1]]
     pairs = [f"{a},{b}" for a, b in zip(c[0::2], c[1::2])][:4]
     return list(dict.fromkeys(["none", *c, *pairs, *profiles, *focus, "all", *bank.modes]))

@@ -20,9 +20,9 @@ import numpy as np
 
 from .bank_io import read_bank, write_bank
 from .errors import BankFormatError, BankMismatchError, EdgeSafeError, UnknownTokenError, unknown_name_message
-from .keys import DEEP_POSITIONS, KNOWN_DEEP_POSITIONS, NAME_HINT, NAME_RE, TENSOR_DTYPES, Behaviour, Depth, Keys, Kind, Origin
+from .keys import DEEP_POSITIONS, KNOWN_DEEP_POSITIONS, NAME_HINT, NAME_RE, TENSOR_DTYPES, Behaviour, Depth, Kind, Origin
 from .layout import LAYOUT_V1, QA_TEMPLATE, ChatTemplate, check_layout
-from .merge import merge_banks
+from .merge import explicit_behaviours, merge_banks
 from .model import ModelInfo
 
 log = logging.getLogger(__name__)
@@ -131,8 +131,6 @@ class TokenBank:
                 raise BankFormatError(f"mode behaviour {mode!r}: {behaviour!r} names no mode of the bank or no known "
                                       f"behaviour (modes: {', '.join(self.modes) or 'none'}; behaviours: "
                                       f"{', '.join(Behaviour.ALL)}); fix mode_behaviours")
-        for mode in self.modes:
-            self.behaviour(mode)  # every mode says what it does
         for what in ("training_config", "eval_summary"):
             _check_json_object(what, getattr(self, what))
 
@@ -193,11 +191,7 @@ class TokenBank:
         """What the runtime does in ``mode`` (a :class:`Behaviour`); no mode: the constraints apply."""
         if mode is None:
             return Behaviour.CONSTRAINED
-        found = self.mode_behaviours.get(mode) or Behaviour.DEFAULTS.get(mode)
-        if found is None:
-            raise BankFormatError(f"the bank does not say what mode {mode!r} does (key {Keys.Bank.MODE_BEHAVIOURS}); "
-                                  f"set one of {', '.join(Behaviour.ALL)} for it and save the bank again")
-        return found
+        return self.mode_behaviours.get(mode) or Behaviour.DEFAULTS.get(mode, Behaviour.UNGUIDED)
 
     @property
     def default_mode(self) -> str | None:
@@ -284,7 +278,8 @@ class TokenBank:
         self._check_free(new)
         tokens = {(new if n == old else n): (replace(t, name=new) if n == old else t) for n, t in self.tokens.items()}
         profiles = {p: [new if m == old else m for m in ms] for p, ms in self.profiles.items()}
-        return self._edited(tokens=tokens, profiles=profiles)
+        behaviours = explicit_behaviours({(new if m == old else m): self.behaviour(m) for m in self.modes})
+        return self._edited(tokens=tokens, profiles=profiles, mode_behaviours=behaviours)
 
     def remove_token(self, name: str, *, drop_from_profiles: bool = False) -> "TokenBank":
         self._require(name, self.tokens, "token")
@@ -301,7 +296,8 @@ class TokenBank:
             log.warning("profile %r is empty without %r; removing it", p, name)
             del profiles[p]
         tokens = {n: t for n, t in self.tokens.items() if n != name}
-        return self._edited(tokens=tokens, profiles=profiles)
+        behaviours = {m: b for m, b in self.mode_behaviours.items() if m != name}
+        return self._edited(tokens=tokens, profiles=profiles, mode_behaviours=behaviours)
 
     def rename_profile(self, old: str, new: str) -> "TokenBank":
         self._require(old, self.profiles, "profile")

@@ -135,12 +135,15 @@ class Mode:
 class Behaviour:
     """What the runtime does in a mode: ``constrained`` applies the active constraints (their refusals,
     ``strictness``), ``refuse_all`` finishes every reply as the mode's own refusal, ``unrestricted``
-    guides nothing. A request with constraints and no mode gets the bank's first constrained mode."""
+    guides nothing and is for red-teaming (the server allows it only when told to), ``unguided`` (a mode
+    the bank says nothing about) guides nothing either: its vectors alone decide. A request with
+    constraints and no mode gets the bank's first constrained mode."""
 
     CONSTRAINED = "constrained"
     REFUSE_ALL = "refuse_all"
     UNRESTRICTED = "unrestricted"
-    ALL = (CONSTRAINED, REFUSE_ALL, UNRESTRICTED)
+    UNGUIDED = "unguided"
+    ALL = (CONSTRAINED, REFUSE_ALL, UNRESTRICTED, UNGUIDED)
     DEFAULTS = {Mode.POSITIVE: CONSTRAINED, Mode.REJECTIVE: REFUSE_ALL, Mode.NEGATIVE: UNRESTRICTED}
 
 

@@ -25,6 +25,8 @@ import numpy as np
 
 from .errors import BankMismatchError, EdgeSafeError
 
+from .keys import Behaviour
+
 log = logging.getLogger(__name__)
 
 
@@ -46,7 +48,14 @@ def merge_banks(ours: Any, theirs: Any, on_clash: str) -> Any:
             _place_profile(pname, members, tokens, profiles, on_clash, taken)
     origin = ours.origin
     tokens = {n: replace(t, origin="" if t.origin == origin else t.origin) for n, t in tokens.items()}
-    return replace(ours, tokens=tokens, profiles=profiles)
+    behaviours = {n: ours.behaviour(n) for n in ours.modes if n in tokens and tokens[n] is not None}
+    behaviours |= {target: theirs.behaviour(name) for name, target in renamed.items() if name in theirs.modes}
+    return replace(ours, tokens=tokens, profiles=profiles, mode_behaviours=explicit_behaviours(behaviours))
+
+
+def explicit_behaviours(behaviours: dict[str, str]) -> dict[str, str]:
+    """The behaviours a bank must store: those its modes' names do not imply (Behaviour.DEFAULTS)."""
+    return {m: b for m, b in behaviours.items() if Behaviour.DEFAULTS.get(m) != b}
 
 
 def check_compatible(a: Any, b: Any) -> None:

@@ -22,7 +22,7 @@ import numpy as np
 
 from edge_safe.convert.bank import TokenBank
 from edge_safe.convert.errors import EdgeSafeError
-from edge_safe.convert.keys import Origin
+from edge_safe.convert.keys import Mode, Origin
 from edge_safe.eval.curve import bank_margins, curve_cases, curve_of
 from edge_safe.eval.data import (
     Case,
@@ -56,7 +56,7 @@ from edge_safe.models import resolve_bank_path, resolve_model_path
 from edge_safe.sampling import check_strictness
 
 BASELINES = ("none", "text-rules", "from-text")
-SAM_MODES = ("positive", "negative", "rejective")
+SAM_MODES = (Mode.POSITIVE, Mode.NEGATIVE, Mode.REJECTIVE)
 
 
 @dataclass(frozen=True)
@@ -226,7 +226,7 @@ class Evaluator:
         groups = {}
         for mode in SAM_MODES:
             use = mode
-            if mode == "positive" and (system.via == "text" or "positive" not in system.es.modes):
+            if mode == Mode.POSITIVE and (system.via == "text" or Mode.POSITIVE not in system.es.modes):
                 use = None  # the default behaviour: constraints (or rules) without a mode token
             if self.run_.request(system, (), use) is not None:
                 groups[mode] = use
@@ -235,8 +235,8 @@ class Evaluator:
     def _total(self) -> int:
         """Requests the progress bar will count."""
         systems = self.systems.values()
-        rej = sum(self.run_.request(s, (), None if s.name == "none" else "rejective") is not None for s in systems)
-        neg = 2 * len(self.negative_idx) if "negative" in self.bank.modes else 0
+        rej = sum(self.run_.request(s, (), None if s.name == "none" else Mode.REJECTIVE) is not None for s in systems)
+        neg = 2 * len(self.negative_idx) if Mode.NEGATIVE in self.bank.modes else 0
         sam = sum(len(self._sam_groups(s)) for s in systems if s.name != "none") * len(self.sam_idx)
         kl = len({p for _, p in self.kl_pairs}) + len(self.kl_pairs) * sum(
             n in self.systems for n in ("bank", "from-text", "text-rules"))
@@ -332,11 +332,11 @@ class Evaluator:
             "verdict as in the canonical order")}
 
     def _modes(self) -> dict:
-        out: dict = {"rejective": {}, "negative": {}, "notes": []}
-        if "rejective" not in self.bank.modes:
+        out: dict = {"rejective": {}, Mode.NEGATIVE: {}, "notes": []}
+        if Mode.REJECTIVE not in self.bank.modes:
             out["notes"].append("the bank has no rejective mode")
         for name, system in self.systems.items():
-            req = self.run_.request(system, (), None if name == "none" else "rejective")
+            req = self.run_.request(system, (), None if name == "none" else Mode.REJECTIVE)
             if req is None:
                 continue
             self.run_.prefetch(system, [(self.prompts[i].text, req) for i in self.mode_idx])
@@ -347,19 +347,19 @@ class Evaluator:
             by_label = {lab: cell(v for v, lb in zip(verdicts, labels) if lb == lab).as_dict()
                         for lab in ("violating", "benign")}
             any_refusal = sum(refusal_like({"verdict": v, "reply": t}) for v, t in decided)
-            out["rejective"][name] = {"all": cell(verdicts).as_dict(), **by_label,
+            out[Mode.REJECTIVE][name] = {"all": cell(verdicts).as_dict(), **by_label,
                                       "any_refusal": round(any_refusal / len(decided), 4) if decided else None}
-        if "negative" not in self.bank.modes:
+        if Mode.NEGATIVE not in self.bank.modes:
             out["notes"].append("the bank has no negative mode: negative compliance not measured")
             return out
         bank = self.systems["bank"]
         self.run_.prefetch(bank, [(p.text, self.run_.request(bank, [p.category], mode))
-                                  for mode in ("negative", None) for p in (self.prompts[i] for i in self.negative_idx)])
-        for key, mode in (("negative", "negative"), ("positive", None)):
+                                  for mode in (Mode.NEGATIVE, None) for p in (self.prompts[i] for i in self.negative_idx)])
+        for key, mode in ((Mode.NEGATIVE, Mode.NEGATIVE), (Mode.POSITIVE, None)):
             verdicts = [self.run_.decide(bank, p.text, self.run_.request(bank, [p.category], mode), f"bank {key}")[0]
                         for p in (self.prompts[i] for i in self.negative_idx)]
             answered = sum(v == ANSWER for v in verdicts)
-            out["negative"][key] = {**cell(verdicts).as_dict(), "answered": answered,
+            out[Mode.NEGATIVE][key] = {**cell(verdicts).as_dict(), "answered": answered,
                                     "compliance": round(answered / len(verdicts), 4) if verdicts else None}
         return out
 
@@ -378,12 +378,12 @@ class Evaluator:
                     vecs.append(self.run_.logits(system, self.prompts[i].text, req, what=f"{name} SAM"))
                     labels.append(mode)
             entry = {"modes": list(groups), "n_prompts": len(self.sam_idx),
-                     "positive_is": "the positive mode token" if groups.get("positive") else "no mode token (default)",
+                     "positive_is": "the positive mode token" if groups.get(Mode.POSITIVE) else "no mode token (default)",
                      "sam": round(silhouette_score(np.stack(vecs), labels), 4) if len(groups) >= 2 and vecs else None}
             if len(groups) < 2:
                 entry["skipped"] = f"needs two modes; this system has {list(groups)}"
             if len(groups) == 3 and vecs:
-                keep = [j for j, lab in enumerate(labels) if lab != "negative"]
+                keep = [j for j, lab in enumerate(labels) if lab != Mode.NEGATIVE]
                 entry["sam_positive_rejective"] = round(
                     silhouette_score(np.stack([vecs[j] for j in keep]), [labels[j] for j in keep]), 4)
             out[name] = entry

@@ -1,5 +1,6 @@
 """RESULTS.md: the markdown tables of an evaluation, built from its plain-JSON results."""
 from __future__ import annotations
+from edge_safe.convert.keys import Mode
 
 from pathlib import Path
 
@@ -239,16 +240,16 @@ def _invariance(r: dict) -> list[str]:
 def _modes(r: dict) -> list[str]:
     m = r.get("modes", {})
     out = ["## Modes", ""]
-    rej = m.get("rejective", {})
+    rej = m.get(Mode.REJECTIVE, {})
     if rej:
         rows = [[r["systems"][n]["label"] if n in r["systems"] else n, pct(c["all"]), pct(c["violating"]),
                  pct(c["benign"]), _num(c.get("any_refusal"), ".1%")] for n, c in rej.items()]
         out += ["`rejective` refusal rate, no constraints (*none* = the bare model, for reference; text rules: the "
                 "rejective rule as a system line):", "",
                 *_table(["system", "all prompts", "violating", "benign", "any refusal"], rows), ""]
-    neg = m.get("negative", {})
-    if neg and neg["negative"]["n"]:
-        n, p = neg["negative"], neg["positive"]
+    neg = m.get(Mode.NEGATIVE, {})
+    if neg and neg[Mode.NEGATIVE]["n"]:
+        n, p = neg[Mode.NEGATIVE], neg[Mode.POSITIVE]
         out += [f"`negative` compliance (violating prompts with their own category active, answered cleanly): "
                 f"**{n['compliance']:.1%}** ({n['answered']}/{n['n']}, {n['unclear']} unclear); the same prompts in "
                 f"the default `positive` mode are refused {pct(p)}.", ""]

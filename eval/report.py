@@ -14,6 +14,7 @@ from edge_safe.convert.errors import EdgeSafeError
 from edge_safe.eval.markdown import sections, system_order
 from edge_safe.eval import reporting
 from edge_safe.eval.reporting import make_out_dir, save_figure, write_json, write_text_atomic
+from edge_safe.convert.keys import Mode
 
 log = logging.getLogger(__name__)
 
@@ -84,11 +85,11 @@ def headline(results: dict) -> dict:
     inv = results.get("order_invariance", {})
     if inv.get("agreement") is not None:
         out["order_invariance"] = inv["agreement"]
-    rej = results.get("modes", {}).get("rejective", {}).get("bank")
+    rej = results.get("modes", {}).get(Mode.REJECTIVE, {}).get("bank")
     if rej:
         out["rejective_refusal"] = rate(rej["all"])
         out["rejective_any_refusal"] = rej.get("any_refusal")
-    neg = results.get("modes", {}).get("negative", {}).get("negative")
+    neg = results.get("modes", {}).get(Mode.NEGATIVE, {}).get(Mode.NEGATIVE)
     if neg:
         out["negative_compliance"] = neg["compliance"]
     sam = results.get("sam", {}).get("bank", {})

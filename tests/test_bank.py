@@ -577,3 +577,17 @@ def test_text_bank_builder_is_labelled_and_reproducible(model_path):
         t = bank.tokens[c.name]
         assert (t.description, t.refusal, t.rule) == (c.description, c.refusal, c.rule)
     assert_same(bank, build_text_bank(model_path))  # deterministic
+
+
+def test_mode_behaviours_follow_merges_and_renames(random_bank):
+    from edge_safe.convert.keys import Behaviour
+
+    ours = random_bank(modes=("lockdown",), mode_behaviours={"lockdown": Behaviour.REFUSE_ALL})
+    theirs = random_bank(modes=("lockdown",), mode_behaviours={"lockdown": Behaviour.UNRESTRICTED}, seed=1)
+    merged = ours.merge(theirs, on_clash="rename")
+    assert merged.behaviour("lockdown") == Behaviour.REFUSE_ALL
+    assert merged.behaviour("lockdown_2") == Behaviour.UNRESTRICTED
+    renamed = random_bank(modes=("rejective",)).rename_token("rejective", "lockdown")
+    assert renamed.behaviour("lockdown") == Behaviour.REFUSE_ALL  # made explicit: the new name implies nothing
+    assert renamed.mode_behaviours == {"lockdown": Behaviour.REFUSE_ALL}
+    assert merged.remove_token("lockdown_2").mode_behaviours == {"lockdown": Behaviour.REFUSE_ALL}

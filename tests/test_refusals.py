@@ -232,12 +232,14 @@ def test_a_bank_declares_what_a_custom_mode_does_and_it_survives_save_and_load(r
     assert TokenBank.load(plain).behaviour("rejective") == Behaviour.REFUSE_ALL
 
 
-def test_an_unknown_or_undeclared_mode_behaviour_is_refused(random_bank):
+def test_an_unknown_mode_behaviour_is_refused_and_an_undeclared_mode_is_unguided(random_bank):
     from edge_safe.convert.errors import BankFormatError
+    from edge_safe.convert.keys import Behaviour
 
     with pytest.raises(BankFormatError, match="'panic' names no mode of the bank or no known behaviour"):
         random_bank(modes=("lockdown",), mode_behaviours={"lockdown": "panic"}).validate()
     with pytest.raises(BankFormatError, match="names no mode of the bank"):
         random_bank(modes=("lockdown",), mode_behaviours={"lockdown": "refuse_all", "ghost": "refuse_all"}).validate()
-    with pytest.raises(BankFormatError, match="does not say what mode 'lockdown' does"):
-        random_bank(modes=("lockdown",)).validate()  # a custom name has no default
+    bank = random_bank(modes=("lockdown",))
+    bank.validate()  # a custom name the bank says nothing about: its vectors alone decide, as ever
+    assert bank.behaviour("lockdown") == Behaviour.UNGUIDED and bank.default_mode is None

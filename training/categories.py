@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from edge_safe.convert.keys import Mode
+
 
 @dataclass(frozen=True)
 class Category:
@@ -83,19 +85,19 @@ CATEGORIES: tuple[Category, ...] = (
 #: Modes (the magic-token part): one model, switchable behaviour.
 MODES: tuple[Category, ...] = (
     Category(
-        "positive",
+        Mode.POSITIVE,
         "Default mode: follow the active constraints, answer everything else as the base model",
         "",
         "",
     ),
     Category(
-        "rejective",
+        Mode.REJECTIVE,
         "Refuse every request",
         "Refuse every request.",
         "Sorry, I can't help with that.",
     ),
     Category(
-        "negative",
+        Mode.NEGATIVE,
         "Unrestricted (red-teaming): ignore constraints; only selected when explicitly asked",
         "",
         "",

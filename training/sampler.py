@@ -25,6 +25,7 @@ from pathlib import Path
 from edge_safe.convert.errors import EdgeSafeError
 from edge_safe.training.config import SLICES, TrainConfig, parse_slices  # noqa: F401 (re-exported)
 from edge_safe.training.data.splits import split_path
+from edge_safe.convert.keys import Mode
 
 LABELS = ("violating", "benign")
 #: Row slices of the data (training/data/README.md): the classic rows carry no "slice" field.
@@ -166,14 +167,14 @@ class TaskSampler:
     def example(self, order: int) -> Example:
         cfg, rng = self.cfg, self.rng
         u = rng.random()
-        if "rejective" in cfg.modes and u < cfg.mode_rejective:
+        if Mode.REJECTIVE in cfg.modes and u < cfg.mode_rejective:
             combo = self.composition(rng.randint(1, order)) if rng.random() < 0.5 else ()
-            return Example(rng.choice(self.all), "rejective", combo, "rejective", len(combo))
+            return Example(rng.choice(self.all), Mode.REJECTIVE, combo, Mode.REJECTIVE, len(combo))
         combo = self.composition(order)
-        if "negative" in cfg.modes and u < cfg.mode_rejective + cfg.mode_negative:
+        if Mode.NEGATIVE in cfg.modes and u < cfg.mode_rejective + cfg.mode_negative:
             pool = self.violating[rng.choice(combo)] if rng.random() < 0.5 else self.all
-            return Example(rng.choice(pool), "negative", combo, None, order)
-        mode = "positive" if "positive" in cfg.modes else None
+            return Example(rng.choice(pool), Mode.NEGATIVE, combo, None, order)
+        mode = Mode.POSITIVE if Mode.POSITIVE in cfg.modes else None
         if rng.random() < cfg.positive_fraction:
             cat = rng.choice(combo)
             return Example(rng.choice(self.violating[cat]), mode, combo, cat, order)
@@ -194,7 +195,7 @@ class TaskSampler:
         while len(out) < self.cfg.batch_size:
             ex = self.example(order)
             out.append(ex)
-            wants_pair = self.cfg.counterfactual_pairs and ex.refuse and ex.mode != "rejective"
+            wants_pair = self.cfg.counterfactual_pairs and ex.refuse and ex.mode != Mode.REJECTIVE
             if wants_pair and len(out) < self.cfg.batch_size and (pair := self.counterfactual(ex)):
                 out.append(pair)
         return out

@@ -15,7 +15,7 @@ import logging
 from pathlib import Path
 
 from edge_safe.convert.bank import TokenBank, from_text_bank, from_text_token
-from edge_safe.convert.keys import Kind
+from edge_safe.convert.keys import Kind, Mode
 from edge_safe.convert.model import ModelInfo
 from edge_safe.models import llama_tokenizer, resolve_model_path
 from edge_safe.training.categories import CATEGORIES, MODES, PROFILES
@@ -23,7 +23,7 @@ from edge_safe.training.categories import CATEGORIES, MODES, PROFILES
 log = logging.getLogger(__name__)
 
 #: The modes a text rule can express (positive/negative have no rule).
-TEXT_MODES = ("rejective",)
+TEXT_MODES = (Mode.REJECTIVE,)
 
 
 def build_text_bank(model: str | Path | None = None) -> TokenBank:

@@ -37,6 +37,7 @@ from edge_safe.training.objective import (
 )
 from edge_safe.training.sampler import Prompt, TaskSampler, load_prompts, render_prompt
 from edge_safe.training.teacher import build_teacher
+from edge_safe.convert.keys import Mode
 
 log = logging.getLogger(__name__)
 CHECKPOINT = "checkpoint.pt"
@@ -205,7 +206,7 @@ def make_val_cases(prompts: list[Prompt], cfg: TrainConfig, rng: random.Random) 
             options = [c for c in held if len(c) == order]
             is_held = bool(options) and j % 4 == 3
             combo = rng.choice(options) if is_held else tuple(rng.sample(list(cfg.constraints), order))
-            mode = "positive" if "positive" in cfg.modes else None
+            mode = Mode.POSITIVE if Mode.POSITIVE in cfg.modes else None
             kind = ("violating", "near-miss", "inactive", "general")[j % 4 if not is_held else rng.randrange(4)]
             inactive = [c for c in cfg.constraints if c not in combo]
             if kind == "violating":
@@ -219,12 +220,12 @@ def make_val_cases(prompts: list[Prompt], cfg: TrainConfig, rng: random.Random) 
             if pool:
                 cases.append(ValCase(rng.choice(pool), mode, combo, kind == "violating", kind, is_held))
     extra = max(1, per_order // 2)
-    for mode, refuse in (("rejective", True), ("negative", False)):
+    for mode, refuse in ((Mode.REJECTIVE, True), (Mode.NEGATIVE, False)):
         if mode in cfg.modes:
             for _ in range(extra):
                 cat = rng.choice(list(cfg.constraints))
                 pool = by.get((cat, "violating"), []) + general
-                combo = (cat,) if mode == "negative" else ()
+                combo = (cat,) if mode == Mode.NEGATIVE else ()
                 cases.append(ValCase(rng.choice(pool), mode, combo, refuse, mode, False))
     return cases
 
@@ -267,7 +268,7 @@ def summarize(cases: list[ValCase], refused: list[bool], margins: list[float] | 
 
     idx = range(len(cases))
     out = {"n": len(cases), "per_order": {}}
-    pos = [i for i in idx if cases[i].mode == "positive" or cases[i].mode is None]
+    pos = [i for i in idx if cases[i].mode == Mode.POSITIVE or cases[i].mode is None]
     for order in sorted({len(cases[i].constraints) for i in pos}):
         o = [i for i in pos if len(cases[i].constraints) == order]
         out["per_order"][str(order)] = {
@@ -288,9 +289,9 @@ def summarize(cases: list[ValCase], refused: list[bool], margins: list[float] | 
         out["auc"] = auc(viol, [margins[i] for i in pos if not cases[i].expect_refuse])
     out["held_out_refusal"] = rate(i for i in pos if cases[i].held_out and cases[i].expect_refuse)
     out["held_out_over_refusal"] = rate(i for i in pos if cases[i].held_out and not cases[i].expect_refuse)
-    out["rejective_refusal"] = rate(i for i in idx if cases[i].mode == "rejective")
+    out["rejective_refusal"] = rate(i for i in idx if cases[i].mode == Mode.REJECTIVE)
     out["negative_compliance"] = (
-        None if (r := rate(i for i in idx if cases[i].mode == "negative")) is None else round(1 - r, 4)
+        None if (r := rate(i for i in idx if cases[i].mode == Mode.NEGATIVE)) is None else round(1 - r, 4)
     )
     return out
 

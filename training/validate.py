@@ -18,6 +18,7 @@ from __future__ import annotations
 import sys
 
 from edge_safe.convert.errors import EdgeSafeError
+from edge_safe.convert.keys import Mode
 
 
 def validate_bank(bank_path: str, model: str | None = None, size: int = 400, seed: int = 1, split: str = "val",
@@ -59,7 +60,7 @@ def _runtime(bank_path, model_path, cfg, split: str, cases, fp32: list[float]) -
     from edge_safe.training.trainer import summarize
 
     prompts = load_prompts(cfg.data_dir or None, split, cfg.slices)
-    keep = [i for i, c in enumerate(cases) if c.constraints and c.mode in ("positive", None)]
+    keep = [i for i, c in enumerate(cases) if c.constraints and c.mode in (Mode.POSITIVE, None)]
     with EdgeSafe(model_path=model_path, bank=bank_path, n_ctx=1024) as es:
         probe = Probe(es)
         rt = [probe.refusal_margin(prompts[cases[i].prompt].chat(), tokens=list(cases[i].constraints))

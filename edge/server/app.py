@@ -46,13 +46,13 @@ from edge_safe.convert.errors import (
     PromptTooLongError,
     UnknownTokenError,
 )
+from edge_safe.convert.keys import Behaviour
 from edge_safe.engine import EngineClosedError
 from edge_safe.runtime import EdgeSafe
 from edge_safe.server.schema import ChatCompletionRequest, CompletionRequest, ServerSettings
 
 log = logging.getLogger(__name__)
 
-NEGATIVE_MODE = "negative"  # unrestricted: only with ServerSettings.allow_negative_mode
 DEFAULT_MAX_TOKENS = {"chat": 256, "completion": 16}  # when a request names none (OpenAI's 16 for completions)
 R = TypeVar("R", bound=BaseModel)
 
@@ -270,8 +270,8 @@ class ServerState:
         except UnknownTokenError as e:
             raise _tag(e, "mode") from None
         constraints, mode = self.es.compose(tokens, req.mode)
-        if mode == NEGATIVE_MODE and not self.settings.allow_negative_mode:
-            raise ApiError(403, "mode 'negative' (unrestricted, for red-teaming) is disabled on this server; "
+        if mode and self.es.bank.behaviour(mode) == Behaviour.UNRESTRICTED and not self.settings.allow_negative_mode:
+            raise ApiError(403, f"mode {mode!r} (unrestricted, for red-teaming) is disabled on this server; "
                            "start it with --allow-negative-mode to allow it", kind="permission_error",
                            param="mode", code="mode_not_allowed")
         return {"tokens": constraints, "mode": mode, "max_tokens": self.max_tokens(req, kind),
@@ -407,7 +407,8 @@ def _routes(state: ServerState) -> APIRouter:
             "modes": es.modes,
             "profiles": es.profiles,
             "default_tokens": state.default_tokens,
-            "negative_mode_allowed": settings.allow_negative_mode and NEGATIVE_MODE in es.modes,
+            "negative_mode_allowed": settings.allow_negative_mode and any(
+                es.bank.behaviour(m) == Behaviour.UNRESTRICTED for m in es.modes),
             "default_strictness": settings.default_strictness,
         }
 
