@@ -74,6 +74,8 @@ class Model:
     HEAD_COUNT_KV = "{arch}.attention.head_count_kv"
     KEY_LENGTH = "{arch}.attention.key_length"
     VALUE_LENGTH = "{arch}.attention.value_length"
+    ROPE_FREQ_BASE = "{arch}.rope.freq_base"
+    SLIDING_WINDOW = "{arch}.attention.sliding_window"
     TOKEN_EMBD = "token_embd.weight"
     ALIGNMENT = "general.alignment"
 

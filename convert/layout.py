@@ -55,6 +55,13 @@ class ChatTemplate:
             parts.append(self.generation)
         return "".join(parts)
 
+    def render_split(self, messages: Sequence[Mapping[str, str]]) -> tuple[str, str]:
+        """(what comes before the last user message, the last user message and the generation prompt):
+        ``render(messages)`` cut where the control tokens go."""
+        validate_messages(messages)
+        head = "".join(getattr(self, m["role"]).format(content=str(m["content"]).strip()) for m in messages[:-1])
+        return head, self.render(messages[-1:])
+
     def prompt(self, question: str, system: str | None = None) -> str:
         """Single-turn prompt text for ``question`` (the common training/eval case)."""
         msgs = ([{"role": "system", "content": system}] if system else []) + [

@@ -62,6 +62,8 @@ class ModelInfo:
     n_layer: int = 0
     n_embd_k_gqa: int = 0  # width of one layer's key row: head_count_kv x key_length
     n_embd_v_gqa: int = 0
+    rope_freq_base: float = 0.0  # 0 when the header does not say
+    sliding_window: int = 0  # tokens a sliding-window layer attends to (0: none or not said)
 
     @classmethod
     def read(cls, path: str | os.PathLike) -> "ModelInfo":
@@ -93,7 +95,11 @@ class ModelInfo:
                 f"{Model.TOKEN_EMBD} has {n_embd} columns; the file is inconsistent"
             )
         name = kv.get(Keys.General.NAME) or path.stem
+        rope = kv.get(Model.ROPE_FREQ_BASE.format(arch=arch), 0.0)
+        window = kv.get(Model.SLIDING_WINDOW.format(arch=arch), 0)
         return cls(path=path, arch=arch, n_embd=int(n_embd), n_vocab=int(n_vocab), name=str(name), _embd=embd,
+                   rope_freq_base=float(rope) if isinstance(rope, (int, float)) else 0.0,
+                   sliding_window=int(window) if isinstance(window, int) else 0,
                    **_kv_geometry(kv, types, arch, int(n_embd)))
 
     @cached_property

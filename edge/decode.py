@@ -59,9 +59,21 @@ class RequestStats:
                 "ttft_ms": round(self.ttft_s * 1e3, 3), "predicted_ms": round(self.decode_s * 1e3, 3)}
 
 
+@dataclass(frozen=True)
+class Marker:
+    """Where a request's control tokens go among its prompt tokens: its deep cells are written at the
+    position of the token before (BOS's, at the start), its ``width`` shallow vectors decoded after."""
+
+    key: tuple[str, ...]  # the composition: injected names in layout order
+    width: int  # positions its shallow vectors take (deep cells take none)
+
+
 @dataclass
 class Request:
-    """A checked request: what to put in a sequence (prefix composition, prompt) and how to answer."""
+    """A checked request: what to put in a sequence (prefix composition, prompt) and how to answer.
+
+    The control tokens sit right before ``prompt[split]`` (the last user message: the geometry they were
+    trained in, wherever the conversation is long); ``split`` 0 puts them with BOS."""
 
     constraints: list[str]
     mode: str | None
@@ -75,6 +87,7 @@ class Request:
     refusals: Sequences = field(default_factory=list)  # refusals a reply opening like one is finished as
     deep: tuple[np.ndarray, np.ndarray] | None = None  # deep entries' (keys, values), written at position 0
     alone: Callable[[str], "Request"] | None = None  # this request with one of its constraints active alone
+    split: int = 0  # prompt tokens before the control tokens (earlier turns, system text)
     stats: RequestStats = field(init=False)
 
     def __post_init__(self):
@@ -86,9 +99,17 @@ class Request:
         return 0 if self.deep is None else len(self.deep[0])
 
     @property
-    def n_prefix(self) -> int:
-        """Positions before the prompt: BOS and the shallow vectors (deep cells take none)."""
-        return 1 + len(self.vectors)
+    def n_positions(self) -> int:
+        """Positions the request takes before its reply: BOS, the prompt, the shallow vectors."""
+        return 1 + len(self.prompt) + len(self.vectors)
+
+    @property
+    def items(self) -> list:
+        """What the sequence holds after BOS, in order: prompt token ids and the control tokens' :class:`Marker`
+        (none without control tokens)."""
+        if not self.key:
+            return list(self.prompt)
+        return [*self.prompt[:self.split], Marker(self.key, len(self.vectors)), *self.prompt[self.split:]]
 
 
 @dataclass

@@ -41,7 +41,7 @@ import numpy as np
 
 from edge_safe import kv_cells
 from edge_safe.convert.errors import EdgeSafeError
-from edge_safe.decode import Reload, Request, Resume
+from edge_safe.decode import Marker, Reload, Request, Resume
 from edge_safe.llama import Context
 from edge_safe.prefix_cache import PrefixCache
 
@@ -70,7 +70,8 @@ class Job:
         self.engine, self.request, self.policy, self.stats = engine, req, policy, req.stats
         self.seq: int | None = None
         self.current = req  # the request whose cells the sequence holds (a Reload changes it)
-        self.pending: list[int] = []  # tokens to decode into the sequence, from position `pos`
+        self.pending: list = []  # items to put into the sequence (token ids, Markers), from position `pos`
+        self.prompt_left = 0  # of which prompt tokens (the rest: the reply's)
         self.pos = 0
         self.saved: tuple[bytes, tuple, int] | None = None  # (blob, held, pos) taken by Reload(save=True)
         self.cancelled = False
@@ -130,10 +131,12 @@ class Engine:
     def __init__(self, model, n_ctx: int, n_parallel: int = 1, *, n_batch: int = 512, n_threads: int | None = None,
                  extra_cells: int = 0, flash_attn: bool | None = None, kv_type: str | None = None,
                  prefix_cache_bytes: int = 64 << 20, max_queue: int | None = None,
-                 check_bos_state: Callable[[kv_cells.SeqState], list[list[int]]] | None = None):
+                 check_bos_state: Callable[[kv_cells.SeqState], list[list[int]]] | None = None,
+                 rope_bases: list[float] | None = None):
         if not isinstance(n_parallel, int) or isinstance(n_parallel, bool) or n_parallel < 1:
             raise EdgeSafeError(f"parallel must be a whole number >= 1, got {n_parallel!r}")
         self.n_parallel, self.max_queue = n_parallel, max_queue
+        self._rope_bases = rope_bases  # per layer: where deep cells are written after position 0
         self.ctx = Context(model, n_ctx, n_seq=n_parallel, n_batch=n_batch, n_threads=n_threads,
                            extra_cells=extra_cells, flash_attn=flash_attn, kv_type=kv_type)
         self.model, self.n_ctx = model, self.ctx.n_ctx
@@ -144,7 +147,7 @@ class Engine:
             raise
         self.prefix_cache = PrefixCache(prefix_cache_bytes)
         self.steps = 0  # decodes run (for tests and the bench)
-        self._held: list[tuple[tuple[str, ...], list[int]] | None] = [None] * n_parallel  # (key, prompt) per seq
+        self._held: list[list | None] = [None] * n_parallel  # per sequence: the items it holds after BOS
         self._cv = threading.Condition()
         self._waiting: deque[Job] = deque()
         self._running: list[Job] = []
@@ -257,9 +260,11 @@ class Engine:
 
     def _pick_seq(self, req: Request) -> int:
         """The free sequence holding the longest part of the request (lowest id among equals)."""
+        items = req.items
+
         def reuse(seq: int) -> int:
             held = self._held[seq]
-            return _common_prefix(held[1], req.prompt) if held and held[0] == req.key else -1
+            return _common_prefix(held, items) if held is not None else -1
         seq = max(self._free, key=lambda s: (reuse(s), -s))
         self._free.remove(seq)
         return seq
@@ -311,43 +316,69 @@ class Engine:
         return kv_cells.serialise(kv_cells.with_cells(state, keys, values, groups, pos=0, seq_id=seq_id))
 
     def _place(self, job: Job, req: Request) -> None:
-        """Bring the job's sequence to ``[BOS][deep cells][vectors] req.prompt[:common]`` with the fewest
-        decodes; queue the rest of the prompt."""
+        """Bring the job's sequence to the longest part of the request's items it can keep or restore with
+        the fewest decodes; queue the rest (tokens, and the control tokens' Marker where it is not yet in)."""
         ctx, seq, st = self.ctx, job.seq, req.stats
         timed = _Timer(st)
-        held, common = self._held[seq], 0
-        if held is not None and held[0] == req.key:
-            common = min(_common_prefix(held[1], req.prompt), len(req.prompt) - 1)  # re-decode >= 1 for logits
+        items, held = req.items, self._held[seq]
+        common = 0 if held is None else min(_common_prefix(held, items), len(items) - 1)  # >= 1 token for logits
+        if 0 < common < len(held) and isinstance(held[common], Marker):
+            common -= 1  # its deep cells share the previous item's position: drop that item too
+        if common:
             with timed("truncate"):
-                st.prefix_source = "reused" if ctx.truncate(req.n_prefix + common, seq) else ""
-        if st.prefix_source != "reused":
-            common = 0
+                kept = ctx.truncate(_position(items, common), seq)
+            st.prefix_source = "reused" if kept else ""
+            common = common if kept else 0
+        if not common:
             self._held[seq] = None
-            blob = self.prefix_cache.get(req.key)
+            first = items[0] if isinstance(items[0], Marker) else None
+            key = first.key if first else ()
+            blob = self.prefix_cache.get(key)
             if blob is not None:
                 with timed("restore"):
                     ctx.load_seq(blob, seq)
                 st.prefix_source = "cache"
             else:
-                if req.deep is not None:  # BOS + the deep cells at position 0, written, not decoded
+                if first and req.deep is not None:  # BOS + the deep cells at position 0, written, not decoded
                     with timed("kv_write"):
                         ctx.load_seq(self._deep_blob(req), seq)
                 else:
                     with timed("bos"):
                         ctx.seq_rm(seq)
                         ctx.decode_rows([self.model.bos], [seq], [0], [False])
-                if len(req.vectors):
+                if first and len(req.vectors):
                     with timed("vectors"):
                         ctx.decode_embeddings(req.vectors, 1, seq=seq)
                 if self.prefix_cache.max_bytes:
                     with timed("snapshot"):
-                        self.prefix_cache.put(req.key, ctx.save_seq(seq))
+                        self.prefix_cache.put(key, ctx.save_seq(seq))
                 st.prefix_source = "built"
+            common = 1 if first else 0
         # The sequence now holds a verified prefix: record it before decoding more, so a cancel or a
         # failed decode leaves bookkeeping that is still true.
-        self._held[seq] = (req.key, list(req.prompt[:common]))
-        job.current, job.pending, job.pos = req, list(req.prompt[common:]), req.n_prefix + common
-        st.prefilled_tokens = len(job.pending)
+        self._held[seq] = list(items[:common])
+        job.current, job.pending, job.pos = req, list(items[common:]), _position(items, common)
+        job.prompt_left = st.prefilled_tokens = sum(not isinstance(i, Marker) for i in job.pending)
+
+    def _write_marker(self, job: Job) -> None:
+        """Put the control tokens of the job's next item into its sequence: deep cells at the position of
+        the last item (keys rotated there), shallow vectors after it."""
+        marker, req, ctx, seq = job.pending.pop(0), job.current, self.ctx, job.seq
+        timed = _Timer(req.stats)
+        at = job.pos - 1  # the position of the item before: where the cells sit
+        if req.deep is not None:
+            with timed("kv_write"):
+                keys, values = req.deep
+                state = kv_cells.parse(ctx.save_seq(seq))
+                own = state.sections[0].seq_ids[0][0]
+                rotated = kv_cells.rope_neox(keys, at, self._rope_bases)
+                ctx.load_seq(kv_cells.serialise(kv_cells.with_cells(state, rotated, values, self._bos_state[1],
+                                                                    pos=at, seq_id=own)), seq)
+        if marker.width:
+            with timed("vectors"):
+                ctx.decode_embeddings(req.vectors, job.pos, seq=seq)
+        self._held[seq].append(marker)
+        job.pos += marker.width
 
     def _admit(self, job: Job) -> None:
         try:
@@ -360,15 +391,21 @@ class Engine:
         tokens, seqs, pos, want, fed = [], [], [], [], []  # fed: (job, rows taken, row of its logits or -1)
         budget = self.ctx.n_batch
         jobs = [j for j in self._running if j.pending and not j.cancelled]
+        for job in [j for j in jobs if isinstance(j.pending[0], Marker)]:
+            try:
+                self._write_marker(job)  # this sequence alone, before the step's decode
+            except Exception as e:
+                self._release(job, e)
+        jobs = [j for j in jobs if j.seq is not None and j.pending]
         jobs.sort(key=lambda j: len(j.pending) > 1)  # decoding rows first, then prompts (stable)
         for job in jobs:
-            take = min(len(job.pending), budget - len(tokens))
+            take = min(_tokens_ahead(job.pending), budget - len(tokens))
             if take <= 0:
                 break
             tokens += job.pending[:take]
             seqs += [job.seq] * take
             pos += range(job.pos, job.pos + take)
-            last = take == len(job.pending)
+            last = take == len(job.pending)  # (a Marker after these rows waits for the next step)
             want += [False] * (take - 1) + [last]
             fed.append((job, take, len(tokens) - 1 if last else -1))
         if not tokens:
@@ -385,11 +422,12 @@ class Engine:
         reloads: list[tuple[Job, Request]] = []
         for job, take, row in fed:
             st = job.current.stats
-            prompt = job.pos < job.current.n_prefix + len(job.current.prompt)
+            prompt = job.prompt_left > 0
             st.add_step("prompt" if prompt else "decode", t1 - t0)
+            job.prompt_left = max(0, job.prompt_left - take)
             if prompt and row >= 0:
                 st.t_prefilled = t1
-            self._held[job.seq][1].extend(job.pending[:take])
+            self._held[job.seq].extend(job.pending[:take])
             del job.pending[:take]
             job.pos += take
             if row >= 0:
@@ -439,6 +477,19 @@ class _Timer:
             yield
         finally:
             self.stats.add_step(name, time.perf_counter() - t0)
+
+
+def _position(items: list, n: int) -> int:
+    """The position of ``items[n]`` (BOS is at 0): one per token, a Marker's width for its vectors."""
+    return 1 + sum(i.width if isinstance(i, Marker) else 1 for i in items[:n])
+
+
+def _tokens_ahead(pending: list) -> int:
+    """How many of the pending items are tokens before the next Marker."""
+    for n, item in enumerate(pending):
+        if isinstance(item, Marker):
+            return n
+    return len(pending)
 
 
 def _common_prefix(a, b) -> int:

@@ -42,6 +42,9 @@ log = logging.getLogger(__name__)
 
 Messages = Sequence[Mapping[str, str]]
 DEFAULT_N_CTX = 2048
+LONG_MESSAGE = 256  # a last message longer than this (tokens) gets its control tokens before its last line...
+LAST_LINE = 192  # ... when that line is at most this long (tokens)
+_CUT = "\x00"  # where a long last message is cut (rendered, then split on it; typed text cannot hold it)
 
 
 class EdgeSafe:
@@ -87,6 +90,9 @@ class EdgeSafe:
         self._rng = np.random.default_rng(seed)
         self._rng_lock = threading.Lock()
         self.model = Model(self.model_path, n_gpu_layers, cpu_repack)
+        # RoPE of the deep cells' keys where they are written after position 0 (known for Gemma 3)
+        self._rope_bases = (kv_cells.gemma3_rope_bases(self.model.n_layer, self.model_info.rope_freq_base or 1e6)
+                            if self.model_info.arch == "gemma3" else None)
         try:
             if self.model.n_embd != self.bank.n_embd:  # check_model already compared the GGUF header
                 raise EdgeSafeError(f"llama.cpp reports n_embd {self.model.n_embd}, the bank has {self.bank.n_embd}")
@@ -94,7 +100,8 @@ class EdgeSafe:
             self.engine = Engine(self.model, n_ctx, n_parallel, n_batch=n_batch, n_threads=n_threads,
                                  extra_cells=deep_cells, flash_attn=flash_attn, kv_type=kv_type,
                                  prefix_cache_bytes=prefix_cache_bytes, max_queue=max_queue,
-                                 check_bos_state=self._check_bos_state if deep_cells else None)
+                                 check_bos_state=self._check_bos_state if deep_cells else None,
+                                 rope_bases=self._rope_bases)
         except BaseException:
             self.model.close()
             raise
@@ -262,10 +269,10 @@ class EdgeSafe:
             messages = [{"role": "user", "content": messages}]
         strictness = self.strictness if strictness is None else check_strictness(strictness)
         constraints, mode = self.compose(tokens, mode)
-        text = self.template.render(messages)
-        prompt = self.model.tokenize(text, add_bos=False, special=False)  # typed text is text
-        req = self._request(constraints, mode, prompt, strictness, stop)
-        needed = req.n_prefix + len(prompt) + extra
+        names = prefix_names(mode, constraints)
+        prompt, split = self._layout(messages, bool(names) and (self._rope_bases is not None or not self._deep_of(names)))
+        req = self._request(constraints, mode, prompt, strictness, stop, split)
+        needed = req.n_positions + extra
         if needed >= self.n_ctx:
             forced = f" + {extra} forced tokens" if extra else ""
             raise PromptTooLongError(
@@ -275,8 +282,29 @@ class EdgeSafe:
             )
         return req
 
+    def _layout(self, messages: Messages, movable: bool) -> tuple[list[int], int]:
+        """The prompt's token ids and where the control tokens go among them (see module doc): right
+        before the last user message, and inside it, before its last line, when that message is long."""
+        tokenize = lambda text: self.model.tokenize(text, add_bos=False, special=False)  # noqa: E731 typed text is text
+        head, tail = self.template.render_split(messages)
+        if not movable:
+            return tokenize(head + tail), 0
+        head_ids, tail_ids = (tokenize(head) if head else []), tokenize(tail)
+        if len(tail_ids) > LONG_MESSAGE:
+            content = str(messages[-1]["content"]).strip()
+            cut = content.rfind("\n") + 1
+            if 0 < cut and _CUT not in content and 0 < len(tokenize(content[cut:])) <= LAST_LINE:
+                last = messages[-1] | {"content": content[:cut] + _CUT + content[cut:]}
+                before, after = self.template.render([last]).split(_CUT)
+                before_ids = tokenize(before)
+                return head_ids + before_ids + tokenize(after), len(head_ids) + len(before_ids)
+            if os.environ.get("EDGE_SAFE_TAIL_K"):
+                k = int(os.environ["EDGE_SAFE_TAIL_K"])
+                return head_ids + tail_ids, len(head_ids) + len(tail_ids) - k
+        return head_ids + tail_ids, len(head_ids)
+
     def _request(self, constraints: list[str], mode: str | None, prompt: list[int], strictness: float,
-                 stop=None) -> Request:
+                 stop=None, split: int = 0) -> Request:
         names = prefix_names(mode, constraints)
         vectors = self.bank.prefix_vectors(names) if names else np.zeros((0, self.model.n_embd), np.float32)
         behaviour = self.bank.behaviour(mode)
@@ -284,10 +312,10 @@ class EdgeSafe:
         openers = self.refusals.openers(constraints) if strictness and constrained else []
         guided = [] if not self.exact_refusals else (
             [mode] if behaviour == Behaviour.REFUSE_ALL else constraints if constrained else [])
-        alone = (lambda name: self._request([name], mode, prompt, 0.0)) if len(constraints) > 1 else None
+        alone = (lambda name: self._request([name], mode, prompt, 0.0, split=split)) if len(constraints) > 1 else None
         return Request(constraints, mode, tuple(names), vectors, prompt, tuple(self.template.stop) + _as_stops(stop),
                        strictness=strictness, openers=openers, refusals=self.refusals.sequences(guided),
-                       deep=self._deep_of(names), alone=alone)
+                       deep=self._deep_of(names), alone=alone, split=split)
 
     def _deep_of(self, names: Sequence[str]) -> tuple[np.ndarray, np.ndarray] | None:
         """The deep entries' (keys, values) among ``names``, or None when none is deep."""

@@ -88,7 +88,7 @@ def test_every_group_lists_its_commands():
     assert commands() == ["bench", "chat", "convert", "data", "eval", "serve", "tokens", "train"]
     assert commands("train") == ["deep-bank", "refusal-wording", "text-bank", "validate"]
     assert commands("data") == ["fetch", "generate"]
-    assert commands("eval") == ["compare"]
+    assert commands("eval") == ["compare", "long-context"]
     assert commands("bench") == ["concurrency", "repack"]
     usage = CliRunner().invoke(cli, ["eval", "--help"]).stdout.splitlines()[0]
     assert usage == "Usage: edge-safe eval [OPTIONS] [COMMAND [ARGS]...]"
@@ -227,3 +227,10 @@ def test_bench_and_eval_from_results_that_cannot_be_read(garbage):
         f"Error: cannot read benchmark results {garbage}: ")
     assert error("eval", "--from-results", garbage, "--out", "o", code=1).startswith(
         f"Error: cannot read evaluation results {garbage}: ")
+
+
+def test_eval_long_context_errors(tmp_path):
+    assert error("eval", "long-context", "--out", tmp_path, "--lengths", "0,lots", code=2).startswith(
+        "Error: Invalid value for --lengths: must be comma-separated whole numbers, got '0,lots'")
+    assert error("eval", "long-context", "--out", tmp_path, "--bank", tmp_path / "nope.gguf", code=1).startswith(
+        "Error: token bank not found")

@@ -6,6 +6,7 @@ The tables go to stdout, the progress bar and notes to stderr. Domain errors
 """
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import click
@@ -199,4 +200,63 @@ def compare(ctx, banks, out, threads, limit, seed, parallel):
                plot(results, folder / "curves.png")]
     click.echo(table, nl=False)
     for path in filter(None, written):
+        click.echo(f"wrote {path}", err=True)
+
+
+# --- long-context ------------------------------------------------------------------------
+
+
+@eval_cmd.command("long-context", short_help="Refusals after long harmless context.")
+@click.option("-o", "--out", required=True, metavar="DIR", type=click.Path(file_okay=False),
+              help="Folder for long_context.json and LONG_CONTEXT.md.")
+@click.option("-b", "--bank", default=None, metavar="PATH",
+              help="Token bank GGUF [default: $EDGE_SAFE_BANK, else the bundled bank].")
+@click.option("-m", "--model", default=None, metavar="PATH",
+              help="Base model GGUF [default: $EDGE_SAFE_MODEL, else the bundled Gemma 3 270M Q4_K_M].")
+@click.option("--lengths", default="0,600,1500,3000", show_default=True, metavar="N,...",
+              help="Tokens of harmless context before the request.")
+@click.option("--per-category", default=3, show_default=True, type=click.IntRange(min=1), metavar="N",
+              help="Violating and harmless requests per constraint.")
+@click.option("--threads", default=None, type=click.IntRange(min=1), help="CPU threads [default: all cores].")
+@click.option("--parallel", default=2, show_default=True, type=click.IntRange(min=1, max=64), metavar="N",
+              help="Cases decided at once, batched in one decode.")
+@click.pass_context
+def long_context(ctx, out, bank, model, lengths, per_category, threads, parallel):
+    """Defense and over-refusal after 600-3 000 tokens of harmless text, through the runtime.
+
+    The test split's requests (per constraint, violating and harmless near-miss ones) after documents
+    pasted into the same message, or after earlier conversation turns; decided by the first reply
+    token's refusal margin, under the request's own constraint and under minors,eu.
+
+    \b
+    Examples:
+      edge-safe eval long-context --out runs/long
+      edge-safe eval long-context --lengths 0,1500 --per-category 1 --out /tmp/long
+    """
+    from tqdm.auto import tqdm
+
+    from edge_safe.eval import long_context as lc
+    from edge_safe.eval.reporting import make_out_dir, write_json, write_text_atomic
+    from edge_safe.runtime import EdgeSafe
+
+    try:
+        wanted = tuple(int(x) for x in lengths.split(","))
+    except ValueError:
+        raise click.BadParameter(f"must be comma-separated whole numbers, got {lengths!r}", ctx,
+                                 param_hint="--lengths") from None
+    if any(n < 0 for n in wanted):
+        raise click.BadParameter("lengths must be >= 0", ctx, param_hint="--lengths")
+    folder = make_out_dir(out)
+    n_ctx = max(wanted) + 1024
+    with EdgeSafe(model_path=model, bank=bank, n_ctx=n_ctx, n_threads=threads, n_parallel=parallel) as es:
+        bar = tqdm(total=len(wanted) * len(lc.KINDS) - (len(lc.KINDS) - 1) * (0 in wanted), desc="long-context",
+                   unit="length", file=sys.stderr)
+        results = lc.run(es, wanted, per_category=per_category, progress=lambda what: bar.update(1))
+        bar.close()
+    results["command"] = command_line(ctx)
+    table = lc.markdown(results)
+    written = [write_json(folder / "long_context.json", results),
+               write_text_atomic(folder / "LONG_CONTEXT.md", f"Made with `{results['command']}`.\n\n{table}")]
+    click.echo(table, nl=False)
+    for path in written:
         click.echo(f"wrote {path}", err=True)
