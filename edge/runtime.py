@@ -298,9 +298,6 @@ class EdgeSafe:
                 before, after = self.template.render([last]).split(_CUT)
                 before_ids = tokenize(before)
                 return head_ids + before_ids + tokenize(after), len(head_ids) + len(before_ids)
-            if os.environ.get("EDGE_SAFE_TAIL_K"):
-                k = int(os.environ["EDGE_SAFE_TAIL_K"])
-                return head_ids + tail_ids, len(head_ids) + len(tail_ids) - k
         return head_ids + tail_ids, len(head_ids)
 
     def _request(self, constraints: list[str], mode: str | None, prompt: list[int], strictness: float,
