@@ -22,7 +22,6 @@ from edge_safe.convert.layout import prefix_names
 from edge_safe.probe import Probe
 
 PRIME_QUESTION = "Who wrote Hamlet?"  # primes caches and slots; never a measured prompt
-PRIME_SYSTEM = "Note."  # held prompt starts with this, so the next request shares no prompt token with it
 GUARD_INSTRUCTION = ("You are a safety guard. Rules:\n{rules}\n"
                      "Reply Yes if the question below breaks a rule, else No.")
 GUARD_TOKENS = 2  # the classifier call's reply length (" No" + one more), greedy, no stop strings
@@ -89,15 +88,13 @@ class EdgeBench:
                 "other_s": st.ttft_s - sum(parts.values())}  # render, tokenize, queue, sampling, Python
 
     def stay(self, comp: Composition, prompt: str) -> dict:
-        """Call -> first token when the previous request had the same composition (prefix held in KV)
-        but shares no prompt token: the prompt is prefilled in full, nothing is restored."""
+        """Call -> first token when the previous request had the same composition (prefix held in KV):
+        nothing is restored, only the prompt's tokens after what the two share (the template's
+        opening) are prefilled."""
         self.es.reset()
-        self._request(comp, PRIME_QUESTION, system=PRIME_SYSTEM)
+        self._request(comp, PRIME_QUESTION)
         st = self._request(comp, prompt)
         _expect(st, "reused", comp, "stay")
-        if st.prefilled_tokens != st.prompt_tokens - 1:
-            raise EdgeSafeError(f"bench: 'stay' reused {st.prompt_tokens - 1 - st.prefilled_tokens} prompt tokens; "
-                                "expected none (the priming prompt should share no token)")
         return {"ttft_s": st.ttft_s, "positions": st.prefilled_tokens, "truncate_s": st.steps.get("truncate", 0.0)}
 
     def decode(self, comp: Composition) -> dict:
@@ -114,9 +111,8 @@ class EdgeBench:
         seconds = t_end - st.t_prefilled  # from the end of the prompt prefill
         return {"tokens_per_s": n / seconds, "tokens": n, "decode_s": seconds}
 
-    def _request(self, comp: Composition, prompt: str, system: str | None = None):
-        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-        job = self.es.submit(messages, max_tokens=1, **comp.request())
+    def _request(self, comp: Composition, prompt: str):
+        job = self.es.submit(prompt, max_tokens=1, **comp.request())
         for _ in job:
             pass
         return job.stats

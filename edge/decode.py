@@ -72,8 +72,8 @@ class Marker:
 class Request:
     """A checked request: what to put in a sequence (prefix composition, prompt) and how to answer.
 
-    The control tokens sit right before ``prompt[split]`` (the last user message: the geometry they were
-    trained in, wherever the conversation is long); ``split`` 0 puts them with BOS."""
+    The control tokens sit right before ``prompt[i]`` for each ``i`` in ``splits`` (user messages: the
+    geometry they were trained in, wherever the conversation is long); a split at 0 puts them with BOS."""
 
     constraints: list[str]
     mode: str | None
@@ -87,7 +87,7 @@ class Request:
     refusals: Sequences = field(default_factory=list)  # refusals a reply opening like one is finished as
     deep: tuple[np.ndarray, np.ndarray] | None = None  # deep entries' (keys, values), written at position 0
     alone: Callable[[str], "Request"] | None = None  # this request with one of its constraints active alone
-    split: int = 0  # prompt tokens before the control tokens (earlier turns, system text)
+    splits: tuple[int, ...] = (0,)  # prompt indices the control tokens go before (ascending)
     stats: RequestStats = field(init=False)
 
     def __post_init__(self):
@@ -101,7 +101,7 @@ class Request:
     @property
     def n_positions(self) -> int:
         """Positions the request takes before its reply: BOS, the prompt, the shallow vectors."""
-        return 1 + len(self.prompt) + len(self.vectors)
+        return 1 + len(self.prompt) + len(self.vectors) * len(self.splits)
 
     @property
     def items(self) -> list:
@@ -109,7 +109,11 @@ class Request:
         (none without control tokens)."""
         if not self.key:
             return list(self.prompt)
-        return [*self.prompt[:self.split], Marker(self.key, len(self.vectors)), *self.prompt[self.split:]]
+        marker, out, start = Marker(self.key, len(self.vectors)), [], 0
+        for i in self.splits:
+            out += [*self.prompt[start:i], marker]
+            start = i
+        return out + self.prompt[start:]
 
 
 @dataclass

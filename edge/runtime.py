@@ -3,15 +3,19 @@
 A thin facade, shaped like llama-cpp-python's ``Llama``: it checks and prepares a request
 (:meth:`EdgeSafe.prepare`) and submits it to its :class:`~edge_safe.engine.Engine`, the one thing that
 decodes (one sequence by default, ``n_parallel`` for more), as vLLM's ``LLM`` is over its engine.
-Every request is laid out as (convert/FORMAT.md)::
+Every request is laid out as (convert/FORMAT.md, docs/DESIGN.md)::
 
-    [BOS + deep cells at position 0] [mode vectors] [constraint vectors ...] <chat template with the conversation>
+    [BOS] [earlier turns] [deep cells] [mode vectors] [constraint vectors ...] <last user message>
 
-BOS is decoded as a token, deep cells are written into the KV cache, shallow bank vectors are decoded as
-embedding batches, the rendered conversation as text tokens (special-token parsing off, so typed text
-is always text). The KV state of the prefix is snapshotted per composition into a byte-bounded LRU,
-and each sequence remembers which prompt tokens it holds, so switching between cached compositions
-and continuing a conversation cost no repeated prefill.
+The control tokens sit right before the last user message, where the bank was trained to see them
+(with no earlier turns that is BOS's position 0): Gemma 3's sliding-window layers see only the last
+512 positions, so cells at position 0 vanish from a long conversation. A last message longer than 256
+tokens gets them before its last line instead (a request after pasted text). BOS is decoded as a token,
+deep cells are written into the KV cache (keys rotated to where they sit), shallow bank vectors are
+decoded as embedding batches, the conversation as text tokens (special-token parsing off, so typed text
+is always text). The KV state of ``[BOS][control tokens]`` is snapshotted per composition into a
+byte-bounded LRU, and each sequence remembers what it holds, so switching between cached compositions
+costs no prefill and a conversation's next turn re-decodes only its latest turn.
 """
 from __future__ import annotations
 
@@ -42,6 +46,7 @@ log = logging.getLogger(__name__)
 
 Messages = Sequence[Mapping[str, str]]
 DEFAULT_N_CTX = 2048
+PLACEMENTS = ("every", "last")
 LONG_MESSAGE = 256  # a last message longer than this (tokens) gets its control tokens before its last line...
 LAST_LINE = 192  # ... when that line is at most this long (tokens)
 _CUT = "\x00"  # where a long last message is cut (rendered, then split on it; typed text cannot hold it)
@@ -77,8 +82,15 @@ class EdgeSafe:
         exact_refusals: bool = True,
         flash_attn: bool | None = None,
         kv_type: str | None = None,
+        placement: str = "last",
     ):
         self.strictness = check_strictness(strictness)
+        if placement not in PLACEMENTS:
+            raise EdgeSafeError(f"placement must be one of {', '.join(PLACEMENTS)}, got {placement!r}")
+        # where a conversation's control tokens go: before its last user message ("last"), or a copy before every
+        # user message ("every": refuses everything after a few turns with the shipped bank, which was trained
+        # with one copy; eval/results/long-context/)
+        self.placement = placement
         self.exact_refusals = bool(exact_refusals)  # finish a reply that opens like a refusal as one, word for word
         self.model_path = resolve_model_path(model_path)
         self.bank = bank if isinstance(bank, TokenBank) else TokenBank.load(resolve_bank_path(bank))
@@ -270,8 +282,8 @@ class EdgeSafe:
         strictness = self.strictness if strictness is None else check_strictness(strictness)
         constraints, mode = self.compose(tokens, mode)
         names = prefix_names(mode, constraints)
-        prompt, split = self._layout(messages, bool(names) and (self._rope_bases is not None or not self._deep_of(names)))
-        req = self._request(constraints, mode, prompt, strictness, stop, split)
+        prompt, splits = self._layout(messages, bool(names) and (self._rope_bases is not None or not self._deep_of(names)))
+        req = self._request(constraints, mode, prompt, strictness, stop, splits)
         needed = req.n_positions + extra
         if needed >= self.n_ctx:
             forced = f" + {extra} forced tokens" if extra else ""
@@ -282,26 +294,32 @@ class EdgeSafe:
             )
         return req
 
-    def _layout(self, messages: Messages, movable: bool) -> tuple[list[int], int]:
-        """The prompt's token ids and where the control tokens go among them (see module doc): right
-        before the last user message, and inside it, before its last line, when that message is long."""
+    def _layout(self, messages: Messages, movable: bool) -> tuple[list[int], tuple[int, ...]]:
+        """The prompt's token ids and where the control tokens go among them (see module doc): before the last
+        user message (``placement="last"``) or before every one (``"every"``), and, in a last message longer
+        than 256 tokens, before its last line instead of its start."""
         tokenize = lambda text: self.model.tokenize(text, add_bos=False, special=False)  # noqa: E731 typed text is text
-        head, tail = self.template.render_split(messages)
         if not movable:
-            return tokenize(head + tail), 0
-        head_ids, tail_ids = (tokenize(head) if head else []), tokenize(tail)
-        if len(tail_ids) > LONG_MESSAGE:
-            content = str(messages[-1]["content"]).strip()
-            cut = content.rfind("\n") + 1
-            if 0 < cut and _CUT not in content and 0 < len(tokenize(content[cut:])) <= LAST_LINE:
-                last = messages[-1] | {"content": content[:cut] + _CUT + content[cut:]}
-                before, after = self.template.render([last]).split(_CUT)
-                before_ids = tokenize(before)
-                return head_ids + before_ids + tokenize(after), len(head_ids) + len(before_ids)
-        return head_ids + tail_ids, len(head_ids)
+            return tokenize(self.template.render(messages)), (0,)
+        self.template.render_split(messages)  # checks the messages
+        pieces = [getattr(self.template, m["role"]).format(content=str(m["content"]).strip()) for m in messages]
+        pieces[-1] = self.template.render(messages[-1:])  # with the generation prompt
+        prompt, splits = [], []
+        for m, piece in zip(messages, pieces):
+            if m["role"] == "user" and (self.placement == "every" or m is messages[-1]):
+                splits.append(len(prompt))
+            prompt += tokenize(piece)
+        content = str(messages[-1]["content"]).strip()
+        cut = content.rfind("\n") + 1
+        if len(prompt) - splits[-1] > LONG_MESSAGE and 0 < cut and _CUT not in content \
+                and 0 < len(tokenize(content[cut:])) <= LAST_LINE:
+            before, after = self.template.render([{"role": "user", "content": content[:cut] + _CUT + content[cut:]}]).split(_CUT)
+            prompt = prompt[:splits[-1]] + tokenize(before) + tokenize(after)
+            splits[-1] += len(tokenize(before))
+        return prompt, tuple(splits)
 
     def _request(self, constraints: list[str], mode: str | None, prompt: list[int], strictness: float,
-                 stop=None, split: int = 0) -> Request:
+                 stop=None, splits: tuple[int, ...] = (0,)) -> Request:
         names = prefix_names(mode, constraints)
         vectors = self.bank.prefix_vectors(names) if names else np.zeros((0, self.model.n_embd), np.float32)
         behaviour = self.bank.behaviour(mode)
@@ -309,10 +327,10 @@ class EdgeSafe:
         openers = self.refusals.openers(constraints) if strictness and constrained else []
         guided = [] if not self.exact_refusals else (
             [mode] if behaviour == Behaviour.REFUSE_ALL else constraints if constrained else [])
-        alone = (lambda name: self._request([name], mode, prompt, 0.0, split=split)) if len(constraints) > 1 else None
+        alone = (lambda name: self._request([name], mode, prompt, 0.0, splits=splits)) if len(constraints) > 1 else None
         return Request(constraints, mode, tuple(names), vectors, prompt, tuple(self.template.stop) + _as_stops(stop),
                        strictness=strictness, openers=openers, refusals=self.refusals.sequences(guided),
-                       deep=self._deep_of(names), alone=alone, split=split)
+                       deep=self._deep_of(names), alone=alone, splits=splits)
 
     def _deep_of(self, names: Sequence[str]) -> tuple[np.ndarray, np.ndarray] | None:
         """The deep entries' (keys, values) among ``names``, or None when none is deep."""

@@ -267,7 +267,7 @@ def test_a_conversation_s_next_turn_reuses_its_cells_and_reset_forgets(es):
     assert b["timings"]["prefix_source"] == "reused"
     assert b["timings"]["prompt_prefilled_n"] <= n_prompt - (full - 1) + 1  # the first turn was not prefilled again
     other = es.create_chat_completion(turn, tokens="eu", max_tokens=6)  # another composition: nothing reused
-    assert other["timings"]["prefix_source"] == "cache" and other["timings"]["prompt_prefilled_n"] == n_prompt
+    assert other["timings"]["prefix_source"] in ("cache", "built") and other["timings"]["prompt_prefilled_n"] == n_prompt
     again = es.create_chat_completion(turn, tokens="minors", max_tokens=6)  # its sequence now holds "eu"'s cells
     assert again["timings"]["prefix_source"] == "cache" and again["timings"]["prompt_prefilled_n"] == n_prompt
     es.reset()
