@@ -149,16 +149,17 @@ def test_cells_of_one_request_never_leak_into_the_next(model_path, deep_bank):
             assert np.abs(got - want[tokens]).max() <= 1e-4, tokens
             assert st.deep_cells == cells_of(deep_bank, tokens)
         assert {"built", "cache"} <= set(sources)
-        # a continued conversation after a deep request keeps its cells ("reused"), and only them
+        # a continued conversation keeps its earlier turns ("reused"), its deep cells before the last message
         msgs = [{"role": "user", "content": Q}]
-        first = es.create_chat_completion(msgs, tokens="alcohol", max_tokens=3)
-        msgs += [first["choices"][0]["message"], {"role": "user", "content": "And a daiquiri?"}]
+        for follow_up in ("And a daiquiri?", "And a mojito?"):
+            reply = es.create_chat_completion(msgs, tokens="alcohol", max_tokens=3)
+            msgs += [reply["choices"][0]["message"], {"role": "user", "content": follow_up}]
         out = es.create_chat_completion(msgs, tokens="alcohol", max_tokens=3)
         assert out["timings"]["prefix_source"] == "reused"
         assert out["timings"]["prompt_prefilled_n"] < out["timings"]["prompt_n"] - len(es.tokenize(PROMPT))
         assert out["edge_safe"]["deep_cells"] == cells_of(deep_bank, "alcohol") > 0
         assert out["edge_safe"]["prefix_positions"] == 0
-        assert es.engine.ctx.pos_range(0)[0] == 0  # BOS and the deep cells still at position 0
+        assert es.engine.ctx.pos_range(0)[0] == 0  # BOS still at position 0
         shallow = es.create_chat_completion([{"role": "user", "content": Q}], tokens="gambling", max_tokens=3)
         assert "deep_cells" not in shallow["edge_safe"]  # shallow replies are shaped as before
 

@@ -251,35 +251,35 @@ def test_no_cell_of_one_sequence_is_visible_to_another(es, batched):
     assert idle(batched)
 
 
-def test_a_conversation_s_next_turn_reuses_its_cells_and_reset_forgets(es):
-    """A finished request's cells serve the next turn of its conversation (same composition, same leading
-    prompt tokens: only the new part is prefilled), never a request of another composition, and
-    ``reset()`` forgets them: the next request restores its prefix and prefills its whole prompt."""
+def test_a_conversation_s_next_turn_reuses_its_earlier_turns_and_reset_forgets(es):
+    """The control tokens sit before the last user message, so a conversation's earlier turns are decoded
+    without them: the second turn decodes the first again (its cells sat before it); from the third on a
+    turn keeps the earlier turns the previous request held (whatever its composition: they carry none) and
+    prefills only what follows; ``reset()`` forgets, and the reply is the same either way."""
     es.reset()
     first = [{"role": "user", "content": Q}]
     a = es.create_chat_completion(first, tokens="minors", max_tokens=6)
     assert a["timings"]["prefix_source"] in ("cache", "built")
-    turn = first + [{"role": "assistant", "content": a["choices"][0]["message"]["content"]},
-                    {"role": "user", "content": "And of Chile?"}]
-    full = a["usage"]["prompt_tokens"]  # BOS + the first turn's prompt
-    b = es.create_chat_completion(turn, tokens="minors", max_tokens=6)
-    n_prompt = b["usage"]["prompt_tokens"] - 1  # conversation tokens (BOS not counted)
-    assert b["timings"]["prefix_source"] == "reused"
-    assert b["timings"]["prompt_prefilled_n"] <= n_prompt - (full - 1) + 1  # the first turn was not prefilled again
-    other = es.create_chat_completion(turn, tokens="eu", max_tokens=6)  # another composition: nothing reused
-    assert other["timings"]["prefix_source"] in ("cache", "built") and other["timings"]["prompt_prefilled_n"] == n_prompt
-    again = es.create_chat_completion(turn, tokens="minors", max_tokens=6)  # its sequence now holds "eu"'s cells
-    assert again["timings"]["prefix_source"] == "cache" and again["timings"]["prompt_prefilled_n"] == n_prompt
+    second = first + [{"role": "assistant", "content": a["choices"][0]["message"]["content"]},
+                      {"role": "user", "content": "And of Chile?"}]
+    b = es.create_chat_completion(second, tokens="minors", max_tokens=6)
+    n_b = b["usage"]["prompt_tokens"] - 1  # conversation tokens (BOS not counted)
+    assert b["timings"]["prefix_source"] in ("cache", "built") and b["timings"]["prompt_prefilled_n"] == n_b
+    third = second + [{"role": "assistant", "content": b["choices"][0]["message"]["content"]},
+                      {"role": "user", "content": "And of Peru?"}]
+    kept = len(es.tokenize(es.template.render_split(second)[0]))  # the first turn and its reply
+    c = es.create_chat_completion(third, tokens="minors", max_tokens=6)
+    n_c = c["usage"]["prompt_tokens"] - 1
+    assert c["timings"]["prefix_source"] == "reused"
+    assert c["timings"]["prompt_prefilled_n"] <= n_c - kept + 1  # the first turn was not prefilled again
+    other = es.create_chat_completion(third, tokens="eu", max_tokens=6)  # another composition: the turns serve too
+    assert other["timings"]["prefix_source"] == "reused" and other["timings"]["prompt_prefilled_n"] < n_c
     es.reset()
-    fresh = es.create_chat_completion(turn, tokens="minors", max_tokens=6)
-    assert fresh["timings"]["prefix_source"] == "cache" and fresh["timings"]["prompt_prefilled_n"] == n_prompt
-    want = alone(es, turn, 6, "minors")
-    for r in (b, again, fresh):  # reused or restored, the same reply
+    fresh = es.create_chat_completion(third, tokens="minors", max_tokens=6)
+    assert fresh["timings"]["prefix_source"] == "cache" and fresh["timings"]["prompt_prefilled_n"] == n_c
+    want = alone(es, third, 6, "minors")
+    for r in (c, fresh):  # reused or rebuilt, the same reply
         assert same(r["choices"][0]["message"]["content"], want), (r["choices"][0]["message"]["content"], want)
-    es.reset()
-    es.create_chat_completion(first, tokens="minors", max_tokens=6)
-    es.reset()
-    assert es.create_chat_completion(turn, tokens="minors", max_tokens=6)["timings"]["prefix_source"] == "cache"
 
 
 def test_cancel_mid_stream_frees_the_sequence_for_the_next_request(es, batched):
