@@ -4,7 +4,7 @@
     results = run_concurrency(es, ConcurrencyConfig(levels=(1, 2, 4, 8)))   # inside `edge-safe bench`
 
 The same request list (benign prompts that get long answers, compositions cycling through a mix)
-is served (a) one at a time by ``EdgeSafe.generate`` (the runtime's own path), then (b) by an
+is served (a) one request at a time (each waits for the previous one), then (b) by an
 :class:`~edge_safe.engine.Engine` with ``max(levels)`` sequences to ``c`` closed-loop client
 threads for each level ``c`` (each client sends its next request when the last one is done).
 Per level: aggregate decode throughput (completion tokens of every request / wall time of the
@@ -167,7 +167,7 @@ def markdown(res: dict) -> list[str]:
              "sequences; throughput = completion tokens / wall time of the level (prefill and waiting included).", "",
              "| clients | tok/s (aggregate) | × 1 client | × one at a time | TTFT p50 | TTFT p95 | p50 × 1 client | "
              "decode steps |", "|---|---|---|---|---|---|---|---|",
-             f"| one at a time (`EdgeSafe.generate`) | {a['tokens_per_s']:.1f} | – | 1.00× | "
+             f"| one at a time (sequential requests) | {a['tokens_per_s']:.1f} | – | 1.00× | "
              f"{a['ttft_s']['p50'] * 1e3:.0f} ms | {a['ttft_s']['p95'] * 1e3:.0f} ms | – | – |"]
     for c, r in res["levels"].items():
         lines.append(f"| {c} | {r['tokens_per_s']:.1f} | {r['tokens_per_s_vs_one_client']:.2f}× | "
