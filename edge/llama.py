@@ -360,7 +360,6 @@ class Context:
         self._pos = {id(b): np.ctypeslib.as_array(b.pos, shape=(n,)) for b in (self._tok, self._emb)}
         self._want = {id(b): np.ctypeslib.as_array(b.logits, shape=(n,)) for b in (self._tok, self._emb)}
         self._embd = np.ctypeslib.as_array(self._emb.embd, shape=(n, self.n_embd))  # (n_batch, n_embd)
-        self._last_rows = 0
         log.info("context on %s: %d sequence(s) x %d positions (+%d cells), n_batch=%d, threads=%d, cpu_repack=%s",
                  self.model.path.name, self.n_seq, self.n_ctx, self.extra_cells, n, self.n_threads,
                  self.model.cpu_repack)
@@ -469,7 +468,6 @@ class Context:
                 f"llama_decode failed with code {rc} "
                 f"({'no KV slot: the context is full' if rc == 1 else 'see -v output'})"
             )
-        self._last_rows = n
 
     def logits(self, row: int = -1) -> np.ndarray:
         """Logits (n_vocab,) of batch row ``row`` of the last decode (-1: its last output), as a view
