@@ -225,7 +225,7 @@ class Reply:
         self.decision = np.asarray(sorted(set(req.openers) | (self.guide.openers if self.guide else set())),
                                    dtype=np.int64)  # tokens that open a refusal
         self.deciding = True  # until the reply's first visible token
-        self.history: list[int] = []  # the reply's tokens, for the repeat penalty
+        self.history: list[int] = []  # the reply's tokens (sampled or written out as a refusal); the repeat penalty reads them
         self.st.finish_reason = "length"
         self.t_first: float | None = None
         self._emit, self.until, self.text, self.halted = emit, until, "", False
@@ -300,6 +300,7 @@ class Reply:
             room = self.max_tokens - st.completion_tokens
             for t in rest[:room]:
                 st.completion_tokens += 1
+                self.history.append(t)
                 self.emit(self.out.feed(self.model.token_to_piece(t))[0])
             if len(rest) <= room:
                 st.refusal, st.finish_reason = guide.refusal, "stop"

@@ -62,18 +62,6 @@ def messages(prompt) -> list[dict]:
     return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
 
 
-def reply_ids(job) -> list[int]:
-    """The token ids of a finished reply job: those its policy chose (its ``history``) and, for an exact
-    refusal written out without decoding, the rest of the refusal it wrote (re-tokenizing the text gets
-    them wrong where a reply starts without a space or after a newline)."""
-    policy = job.policy
-    ids = [int(t) for t in policy.history]
-    rest = policy.guide.remaining() if policy.guide is not None else None
-    if rest:
-        ids += [int(t) for t in rest][: job.stats.completion_tokens - len(ids)]
-    return ids
-
-
 def alone(es, prompt, max_tokens, tokens=None, mode=None, strictness=0.0, min_gap=0.25, **sampling) -> tuple[str, str]:
     """(the reply alone, its part before the first near-tie of the greedy tokens).
 
@@ -85,7 +73,7 @@ def alone(es, prompt, max_tokens, tokens=None, mode=None, strictness=0.0, min_ga
     job = es.submit(messages(prompt), tokens=tokens, mode=mode, strictness=strictness, max_tokens=max_tokens,
                     sampling=Sampling(**sampling))
     text = "".join(job)
-    ids = reply_ids(job)
+    ids = list(job.policy.history)
     openers = es.prepare(messages(prompt), tokens=tokens, mode=mode, strictness=strictness).openers
     piece = es.model.token_to_piece
     sure, biased = 0, bool(openers)

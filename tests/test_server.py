@@ -133,17 +133,6 @@ def alone(es, content=Q, max_tokens=6, tokens=None, mode=None) -> str:
     return out["choices"][0]["message"]["content"]
 
 
-def reply_ids(job) -> list[int]:
-    """The token ids of a finished reply job: those its policy chose (its ``history``) and, for an exact
-    refusal written out without decoding, the rest of the refusal it wrote."""
-    policy = job.policy
-    ids = [int(t) for t in policy.history]
-    rest = policy.guide.remaining() if policy.guide is not None else None
-    if rest:
-        ids += [int(t) for t in rest][: job.stats.completion_tokens - len(ids)]
-    return ids
-
-
 def alone_with_ties(es, content, max_tokens, tokens=None, mode=None, min_gap: float = 0.25) -> tuple[str, str]:
     """(the request run alone, the part of it before its first near-tie).
 
@@ -157,7 +146,7 @@ def alone_with_ties(es, content, max_tokens, tokens=None, mode=None, min_gap: fl
     es.reset()
     job = es.submit(messages, tokens=tokens, mode=mode, max_tokens=max_tokens, sampling=Sampling(**SERVER_SAMPLING))
     text = "".join(job)
-    ids, piece = reply_ids(job), es.model.token_to_piece
+    ids, piece = list(job.policy.history), es.model.token_to_piece
     sure = 0
     if ids:  # right after the reply: its prompt's cells are reused, as a conversation's next request reuses them
         rows = Probe(es).forced_logits(messages, ids, tokens=tokens, mode=mode)
