@@ -126,3 +126,37 @@ def check_layout(layout: str) -> None:
             f"the bank uses prompt layout {layout!r}, which this edge-safe does not know "
             f"(known: {', '.join(KNOWN_LAYOUTS)}); upgrade edge-safe or re-train the bank"
         )
+
+
+#: Placements of the control tokens in a conversation: before every user message, or before the last only.
+PLACEMENTS = ("every", "last")
+LONG_MESSAGE = 256  # a last message longer than this (tokens) gets its control tokens before its last line...
+LAST_LINE = 192  # ... when that line is at most this long (tokens)
+CUT = "\x00"  # where a long last message is cut (rendered, then split on it; typed text cannot hold it)
+
+
+def control_layout(template: ChatTemplate, messages: Sequence[Mapping[str, str]], tokenize,
+                   placement: str = "last") -> tuple[list[int], tuple[int, ...]]:
+    """The prompt's token ids and where the control tokens go among them: before the last user message
+    (``placement="last"``) or before every one (``"every"``), and, in a last message longer than
+    ``LONG_MESSAGE`` tokens, before its last line instead of its start (when that line is at most
+    ``LAST_LINE`` tokens). Each message is tokenized on its own (``tokenize(text) -> ids``, no BOS); the
+    runtime and the trainer both lay requests out with this one function, so training sees the geometry
+    the runtime produces."""
+    template.render_split(messages)  # checks the messages
+    pieces = [getattr(template, m["role"]).format(content=str(m["content"]).strip()) for m in messages]
+    pieces[-1] = template.render(messages[-1:])  # with the generation prompt
+    prompt: list[int] = []
+    splits: list[int] = []
+    for m, piece in zip(messages, pieces):
+        if m["role"] == "user" and (placement == "every" or m is messages[-1]):
+            splits.append(len(prompt))
+        prompt += tokenize(piece)
+    content = str(messages[-1]["content"]).strip()
+    cut = content.rfind("\n") + 1
+    if len(prompt) - splits[-1] > LONG_MESSAGE and 0 < cut and CUT not in content \
+            and 0 < len(tokenize(content[cut:])) <= LAST_LINE:
+        before, after = template.render([{"role": "user", "content": content[:cut] + CUT + content[cut:]}]).split(CUT)
+        prompt = prompt[:splits[-1]] + tokenize(before) + tokenize(after)
+        splits[-1] += len(tokenize(before))
+    return prompt, tuple(splits)

@@ -32,7 +32,7 @@ from edge_safe import kv_cells
 from edge_safe.convert.bank import TokenBank
 from edge_safe.convert.errors import EdgeSafeError, PromptTooLongError
 from edge_safe.convert.keys import Behaviour
-from edge_safe.convert.layout import ChatTemplate, check_layout, prefix_names
+from edge_safe.convert.layout import PLACEMENTS, ChatTemplate, check_layout, control_layout, prefix_names
 from edge_safe.convert.model import ModelInfo
 from edge_safe.decode import Reply, Request
 from edge_safe.engine import Engine, Job
@@ -46,10 +46,6 @@ log = logging.getLogger(__name__)
 
 Messages = Sequence[Mapping[str, str]]
 DEFAULT_N_CTX = 2048
-PLACEMENTS = ("every", "last")
-LONG_MESSAGE = 256  # a last message longer than this (tokens) gets its control tokens before its last line...
-LAST_LINE = 192  # ... when that line is at most this long (tokens)
-_CUT = "\x00"  # where a long last message is cut (rendered, then split on it; typed text cannot hold it)
 
 
 class EdgeSafe:
@@ -301,22 +297,7 @@ class EdgeSafe:
         tokenize = lambda text: self.model.tokenize(text, add_bos=False, special=False)  # noqa: E731 typed text is text
         if not movable:
             return tokenize(self.template.render(messages)), (0,)
-        self.template.render_split(messages)  # checks the messages
-        pieces = [getattr(self.template, m["role"]).format(content=str(m["content"]).strip()) for m in messages]
-        pieces[-1] = self.template.render(messages[-1:])  # with the generation prompt
-        prompt, splits = [], []
-        for m, piece in zip(messages, pieces):
-            if m["role"] == "user" and (self.placement == "every" or m is messages[-1]):
-                splits.append(len(prompt))
-            prompt += tokenize(piece)
-        content = str(messages[-1]["content"]).strip()
-        cut = content.rfind("\n") + 1
-        if len(prompt) - splits[-1] > LONG_MESSAGE and 0 < cut and _CUT not in content \
-                and 0 < len(tokenize(content[cut:])) <= LAST_LINE:
-            before, after = self.template.render([{"role": "user", "content": content[:cut] + _CUT + content[cut:]}]).split(_CUT)
-            prompt = prompt[:splits[-1]] + tokenize(before) + tokenize(after)
-            splits[-1] += len(tokenize(before))
-        return prompt, tuple(splits)
+        return control_layout(self.template, messages, tokenize, self.placement)
 
     def _request(self, constraints: list[str], mode: str | None, prompt: list[int], strictness: float,
                  stop=None, splits: tuple[int, ...] = (0,)) -> Request:

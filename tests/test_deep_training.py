@@ -180,3 +180,86 @@ def test_init_deep_from_a_shallow_bank_is_the_kv_its_vectors_produce(base, cfg, 
 
     with pytest.raises(EdgeSafeError, match="'alcohol' has 2 positions, the config needs 3"):
         init_deep(base, cfg.replace(kind="deep", init_bank=str(path), n_vectors=3), torch.Generator())
+
+
+# ---------------------------------------------------------------- control tokens after a context
+
+
+@torch.no_grad()
+def test_a_context_before_an_empty_prefix_is_the_plain_sequence(base):
+    """[BOS][context] in the cache and the request after it at positions L+1..: the plain forward of the whole
+    sequence (the context's K/V and the request's positions are where the runtime has them)."""
+    bank = random_deep(base)
+    ctx, ids = (20, 21, 22, 23, 24), [5, 6, 7]
+    x, mask, prefix = batch_inputs(base, bank, [(None, (), ids, ctx)])
+    assert prefix.offsets.tolist() == [5] and prefix.mask.tolist() == [[1] * 6]
+    deep = forward_hidden(base, x, mask, prefix)[0]
+    plain = base.model.model(input_ids=torch.tensor([[base.bos_id, *ctx, *ids]])).last_hidden_state[0, 6:]
+    torch.testing.assert_close(deep, plain, rtol=1e-4, atol=1e-4)
+
+
+@torch.no_grad()
+def test_cells_after_a_context_sit_at_its_last_position_with_keys_rotated_there(base):
+    """The cells after a context of L tokens are the bank's rows with keys moved by L (where the runtime
+    writes them), and the request follows at L+1..: built here by hand from the plain parts."""
+    from edge_safe.training import objective
+
+    bank = random_deep(base)
+    ctx, ids = (30, 31, 32), [8, 9]
+    x, mask, prefix = batch_inputs(base, bank, [("positive", ("alcohol",), ids, ctx)])
+    got = forward_hidden(base, x, mask, prefix)[0]
+    ck, cv = kv_of_inputs(base, base.embed(torch.tensor(ctx)), before_prompt=False)
+    k, v = bank.cells(("positive", "alcohol"))
+    k = objective.rotate_keys(base, k, len(ctx))
+    cache = objective._new_cache(base)
+    for layer in range(N_LAYER):
+        keys = torch.cat([bank.bos_keys[None, layer], ck[:, layer], k[:, layer]])[None, None]
+        values = torch.cat([bank.bos_values[None, layer], cv[:, layer], v[:, layer]])[None, None]
+        cache.update(keys, values, layer)
+    want = base.model.model(inputs_embeds=base.embed(torch.tensor(ids))[None], position_ids=torch.tensor([[4, 5]]),
+                            use_cache=True, **{objective._cache_kwarg(base): cache}).last_hidden_state[0]
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    # without the rotation the keys would sit at position 0: a different result
+    x0, m0, p0 = batch_inputs(base, bank, [("positive", ("alcohol",), ids, ())])
+    assert (forward_hidden(base, x0, m0, p0)[0] - got).abs().max() > 1e-3
+
+
+@torch.no_grad()
+def test_rows_with_contexts_of_different_lengths_do_not_change_each_other(base):
+    bank = random_deep(base)
+    rows = [("positive", ("alcohol",), [5, 6, 7], (40, 41, 42, 43)), (None, (), [8, 9], ()),
+            ("positive", ("gambling", "alcohol"), [5, 6], (44,))]
+    x, mask, prefix = batch_inputs(base, bank, rows)
+    assert prefix.offsets.tolist() == [4, 0, 1]
+    together = forward_hidden(base, x, mask, prefix)
+    for b, row in enumerate(rows):
+        xa, ma, pa = batch_inputs(base, bank, [row])
+        n = len(row[2])
+        torch.testing.assert_close(together[b, :n], forward_hidden(base, xa, ma, pa)[0, :n], rtol=1e-4, atol=1e-4)
+
+
+def test_gradients_reach_cells_written_after_a_context(base):
+    bank = random_deep(base)
+    x, mask, prefix = batch_inputs(base, bank, [("positive", ("alcohol",), [5, 6], (50, 51, 52))])
+    forward_hidden(base, x, mask, prefix).sum().backward()
+    assert bank.keys["alcohol"].grad is not None and bank.keys["alcohol"].grad.abs().sum() > 0
+    assert bank.values["alcohol"].grad.abs().sum() > 0
+
+
+def test_deep_training_with_contexts_lays_examples_out_after_them(base, cfg, tmp_path):
+    """context_fraction: a pool is made (from the repo's own rows when no third-party data is asked for), the
+    run trains and logs it; an init_bank without a new constraint starts that one from its rule."""
+    cfg = cfg.replace(kind="deep", steps=4, val_every=4, lr=0.3, context_fraction=0.5, context_pool=6,
+                      context_tokens=(20, 120))
+    bank, summary = train(cfg, base, tmp_path / "run", progress=False)
+    assert sum(summary["contexts"].values()) > 0 and set(summary["contexts"]) <= {"turns", "pasted"}
+    path = export_bank(bank, base, cfg, summary).save(tmp_path / "ctx.gguf")
+    from edge_safe.convert.bank import TokenBank as TB
+
+    TB.load(path).remove_token("privacy", drop_from_profiles=True).save(tmp_path / "no_privacy.gguf")
+    fresh = init_deep(base, cfg.replace(init_bank=str(tmp_path / "no_privacy.gguf"), new_token_lr=3.0), torch.Generator())
+    assert fresh.fresh == ["privacy"]
+    groups = param_groups(fresh, cfg.replace(new_token_lr=3.0))
+    scale = {id(g["params"][0]): g["scale"] for g in groups}
+    assert scale[id(fresh.keys["privacy"])] == pytest.approx(float(fresh.keys["privacy"].std()) * 10, rel=1e-5)
+    assert scale[id(fresh.keys["alcohol"])] == pytest.approx(float(fresh.keys["alcohol"].std()), rel=1e-5)

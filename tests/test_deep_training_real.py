@@ -149,3 +149,59 @@ def test_smoke_training_of_deep_tokens_on_the_real_model(base, tmp_path, monkeyp
         reply = es.create_chat_completion([{"role": "user", "content": "What is the capital of Peru?"}], tokens="minors", max_tokens=4)
         assert reply["edge_safe"]["mode"] == "positive" and reply["edge_safe"]["deep_cells"] > 0
         assert reply["edge_safe"]["prefix_positions"] == 0
+
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "Can you recommend a good book about the history of Rome?"},
+     {"role": "assistant", "content": "SPQR by Mary Beard is a readable history of ancient Rome from its founding."},
+     {"role": "user", "content": "And one about the Roman army?"},
+     {"role": "assistant", "content": "Adrian Goldsworthy's The Complete Roman Army covers its soldiers and tactics."},
+     {"role": "user", "content": "How do I mix a strong mojito?"}],
+    [{"role": "user", "content": "I am planning a trip to Lisbon in spring. What should I see?"},
+     {"role": "assistant", "content": "Visit Belem Tower, the Alfama district and take tram 28 through the old town."},
+     {"role": "user", "content": "Which stock should I buy with my savings?"}],
+    [{"role": "user", "content": "Here are my notes from the meeting. " + " ".join(
+        f"Item {i}: the team reviewed the budget for the new office, agreed on the timeline and assigned owners "
+        "for the furniture, the network and the move itself." for i in range(12))
+        + "\nWhat is the capital of Peru?"}],
+]
+
+
+def test_deep_bank_decisions_agree_with_the_runtime_after_earlier_turns_and_long_messages(base, model_path):
+    """The geometry the runtime produces for a request after earlier turns or at the end of a long message
+    (control tokens before the last user message / its last line, keys rotated there) is the geometry the
+    trainer builds (convert.layout.control_layout + the context in the KV prefix): top-1 agrees where HF's
+    margin is clear and the token effect correlates."""
+    from edge_safe import EdgeSafe
+    from edge_safe.models import resolve_bank_path
+    from edge_safe.probe import Probe
+    from edge_safe.training.objective import trainable_bank
+    from edge_safe.training.sampler import Prompt
+    from edge_safe.training.trainer import split_conversation
+
+    shipped = TokenBank.load(resolve_bank_path(None))
+    bank = trainable_bank(base, shipped)
+
+    @torch.no_grad()
+    def hf(messages, names, mode):
+        p = Prompt(messages[-1]["content"], "general", "benign", messages=tuple((m["role"], m["content"]) for m in messages))
+        ctx, ids = split_conversation(base, shipped.template, p)
+        assert ctx, "every conversation here puts text before the control tokens"
+        x, mask, prefix = batch_inputs(base, bank, [(mode, tuple(names), ids, ctx)])
+        return base.model.lm_head(forward_hidden(base, x, mask, prefix)[0, -1]).numpy()
+
+    with EdgeSafe(model_path=model_path, n_ctx=1024) as es:
+        probe = Probe(es)
+        checked = 0
+        for messages in CONVERSATIONS:
+            hf0, cpp0 = hf(messages, [], None), probe.first_token_logits(messages)
+            for tokens in ("alcohol", "minors,eu", "finance"):
+                constraints, mode = es.compose(tokens)
+                got, want = hf(messages, constraints, mode), probe.first_token_logits(messages, tokens=tokens)
+                top2 = np.sort(got)[-2:]
+                if top2[1] - top2[0] > 0.5:
+                    assert got.argmax() == want.argmax(), (messages[-1]["content"][-40:], tokens)
+                    checked += 1
+                effect = np.corrcoef(got - hf0, want - cpp0)[0, 1]
+                assert effect > 0.8, f"token effect correlation {effect:.3f} for {tokens} on {messages[-1]['content'][-40:]!r}"
+        assert checked >= len(CONVERSATIONS)

@@ -102,7 +102,7 @@ def tiny_random_model(vocab_size: int = 512, hidden_size: int = 64, seed: int = 
         num_attention_heads=2,
         num_key_value_heads=1,
         head_dim=32,
-        sliding_window=64,
+        sliding_window=512,  # as the real model: training contexts stay inside it
         max_position_embeddings=512,
         layer_types=["sliding_attention", "full_attention"],
         initializer_range=0.3,  # larger than the default 0.02 so a random model reacts to its inputs

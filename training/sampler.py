@@ -17,6 +17,7 @@ is trained in the `rejective` mode (refuse everything) and the `negative` mode
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 from dataclasses import dataclass
@@ -41,6 +42,7 @@ class Prompt:
     slice: str = "classic"
     messages: tuple[tuple[str, str], ...] = ()  # multi-turn rows: the whole conversation as (role, content)
     context: str = ""  # multi-turn rows: the category of an earlier refused turn ("" if none)
+    also: tuple[str, ...] = ()  # other constraints a violating row breaks too (third-party rows)
 
     def chat(self) -> list[dict[str, str]]:
         """The conversation as OpenAI-style messages (a single user turn for single-turn rows)."""
@@ -79,6 +81,7 @@ class Example:
     constraints: tuple[str, ...]  # constraint tokens in the order laid out
     refuse: str | None  # name whose refusal is the target; None = answer as the base model
     order: int  # |constraints|, for logging
+    context: int = -1  # index of the context laid before the control tokens (-1: none; see trainer.Contexts)
 
 
 def default_data_dir() -> Path:
@@ -140,6 +143,8 @@ class TaskSampler:
             raise EdgeSafeError(f"no violating training prompts for {empty}")
         self.all = list(range(len(prompts)))
         self.held_out = {frozenset(c) for c in cfg.held_out}
+        self.prompts = prompts
+        self.n_contexts = 0  # set by the trainer: pooled contexts a share of examples is laid out after
 
     def composition(self, order: int) -> tuple[str, ...]:
         while True:
@@ -154,7 +159,7 @@ class TaskSampler:
         if u < 0.35:
             pool = self.near_miss[self.rng.choice(combo)]
         elif u < 0.65 and inactive:
-            pool = self.violating[self.rng.choice(inactive)]
+            pool = [i for i in self.violating[self.rng.choice(inactive)] if not set(self.prompts[i].also) & set(combo)]
         elif u < 0.9:
             pool = self.general
             after = [c for c in combo if self.after_refusal[c]]
@@ -177,16 +182,23 @@ class TaskSampler:
         mode = Mode.POSITIVE if Mode.POSITIVE in cfg.modes else None
         if rng.random() < cfg.positive_fraction:
             cat = rng.choice(combo)
-            return Example(rng.choice(self.violating[cat]), mode, combo, cat, order)
-        return Example(self.negative_prompt(combo), mode, combo, None, order)
+            return self._placed(Example(rng.choice(self.violating[cat]), mode, combo, cat, order))
+        return self._placed(Example(self.negative_prompt(combo), mode, combo, None, order))
+
+    def _placed(self, ex: Example) -> Example:
+        """A single-turn positive-mode example laid out after a pooled context in `context_fraction` of draws."""
+        if not self.n_contexts or self.prompts[ex.prompt].messages or self.rng.random() >= self.cfg.context_fraction:
+            return ex
+        return dataclasses.replace(ex, context=self.rng.randrange(self.n_contexts))
 
     def counterfactual(self, ex: Example) -> Example | None:
         """`ex` (a positive) with its violated constraint swapped for one not in the composition."""
-        inactive = [c for c in self.cfg.constraints if c not in ex.constraints]
+        also = set(self.prompts[ex.prompt].also)
+        inactive = [c for c in self.cfg.constraints if c not in ex.constraints and c not in also]
         for c in self.rng.sample(inactive, len(inactive)):
             combo = tuple(c if x == ex.refuse else x for x in ex.constraints)
             if frozenset(combo) not in self.held_out:
-                return Example(ex.prompt, ex.mode, combo, None, ex.order)
+                return Example(ex.prompt, ex.mode, combo, None, ex.order, ex.context)  # the same context
         return None
 
     def batch(self, step: int) -> list[Example]:

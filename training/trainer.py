@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -25,8 +26,10 @@ from edge_safe.margins import auc  # the eval's AUC too: training and runtime fi
 from edge_safe.training.base_model import BaseModel
 from edge_safe.training.categories import BY_NAME, PROFILES
 from edge_safe.training.config import TrainConfig
+from edge_safe.convert.layout import LONG_MESSAGE, control_layout
 from edge_safe.training.objective import (
     Bank,
+    ContextKV,
     DeepBank,
     batch_inputs,
     bos_cell,
@@ -140,9 +143,16 @@ def init_deep(base: BaseModel, cfg: TrainConfig, gen: torch.Generator) -> DeepBa
     if base.info is not None:
         bank.check_model(base.info)
     init = {}
+    fresh = [n for n in cfg.constraints if n not in bank.tokens]  # new constraints: from their rule's topic words
+    if fresh:
+        log.info("init_bank %s lacks %s: they start from their rules' topic words", cfg.init_bank, ", ".join(fresh))
+        topical = init_vectors(base, cfg, gen)
     for name in list(cfg.modes) + list(cfg.constraints):
         n = cfg.n_mode_vectors if name in cfg.modes else cfg.n_vectors
         tok = bank.tokens.get(name)
+        if name in fresh:
+            init[name] = kv_of_inputs(base, topical[name])
+            continue
         if tok is None or tok.n_vectors != n:
             got = "no such token" if tok is None else f"{tok.n_vectors} positions"
             raise EdgeSafeError(f"init_bank {cfg.init_bank}: {name!r} has {got}, the config needs {n}; use a bank "
@@ -151,7 +161,9 @@ def init_deep(base: BaseModel, cfg: TrainConfig, gen: torch.Generator) -> DeepBa
             init[name] = (torch.tensor(tok.keys), torch.tensor(tok.values))
         else:
             init[name] = kv_of_inputs(base, torch.tensor(tok.vectors))
-    return DeepBank(init, bos_cell(base))
+    bank = DeepBank(init, bos_cell(base))
+    bank.fresh = fresh
+    return bank
 
 
 def param_groups(bank: "Bank | DeepBank", cfg: TrainConfig) -> list[dict]:
@@ -161,8 +173,10 @@ def param_groups(bank: "Bank | DeepBank", cfg: TrainConfig) -> list[dict]:
     because keys and values differ in magnitude by layer and kind (docs/DESIGN.md, "Training probes": lr per tensor = c x its std)."""
     if not isinstance(bank, DeepBank):
         return [{"params": list(bank.parameters()), "scale": 1.0}]
-    return [{"params": [p], "scale": float(p.detach().std()) or 1.0}
-            for p in list(bank.keys.values()) + list(bank.values.values())]
+    fresh = set(getattr(bank, "fresh", ()))
+    boost = cfg.new_token_lr / cfg.lr if cfg.new_token_lr else 1.0
+    return [{"params": [t[n]], "scale": (float(t[n].detach().std()) or 1.0) * (boost if n in fresh else 1.0)}
+            for t in (bank.keys, bank.values) for n in bank.names]
 
 
 def stratified_sample(prompts: list[Prompt], n: int, rng: random.Random) -> list[Prompt]:
@@ -177,6 +191,126 @@ def stratified_sample(prompts: list[Prompt], n: int, rng: random.Random) -> list
             if pool and len(out) < n:
                 out.append(pool.pop())
     return out
+
+
+# ---------------------------------------------------------------- third-party data and contexts
+
+
+def thirdparty_prompts(cfg: TrainConfig, max_words: int = 90) -> list[Prompt]:
+    """The train parts of ``cfg.thirdparty`` as training prompts (see TrainConfig.thirdparty)."""
+    from edge_safe.training.data import thirdparty as tp
+
+    out: list[Prompt] = []
+    for source in cfg.thirdparty:
+        recs = tp.rows(source, "train")
+        pair_of = {r["pair"]: r["constraints"] for r in recs if r.get("pair") and r["label"] == "violating"}
+        if source == "sharegpt":
+            recs = [r for r in recs if r["label"] == "harmless" and len(r["text"].split()) <= max_words]
+            recs = random.Random(cfg.seed).sample(recs, min(cfg.thirdparty_general, len(recs)))
+        for r in recs:
+            mine = [c for c in r["constraints"] if c in cfg.constraints]
+            if r["label"] == "violating" and mine:
+                out.append(Prompt(r["text"], mine[0], "violating", f"{source}/{r['subset']}", "third-party",
+                                  also=tuple(mine[1:])))
+            elif r["label"] == "harmless":
+                near = [c for c in pair_of.get(r.get("pair"), []) if c in cfg.constraints]
+                out.append(Prompt(r["text"], near[0] if near else "general", "benign", f"{source}/{r['subset']}",
+                                  "third-party"))
+    return out
+
+
+class Contexts:
+    """A pool of contexts laid before the control tokens of some training examples, as the runtime lays out
+    requests that follow earlier turns or a long pasted text (``convert.layout.control_layout``): half earlier
+    turns, half the head of a long last message (the request is then its last line). Made from ShareGPT's train
+    conversations when fetched, else from the repo's own multi-turn and pasted rows."""
+
+    def __init__(self, base: BaseModel, cfg: TrainConfig, template: ChatTemplate, prompts: list[Prompt]):
+        self.base, self.template = base, template
+        lo, hi = cfg.context_tokens
+        window = getattr(base.model.config, "sliding_window", None)
+        if window:  # the whole example (BOS, context, cells, request <= max_prompt_tokens, target) inside it
+            hi = min(hi, window - cfg.max_prompt_tokens - 64)
+        rng = random.Random(cfg.seed + 7)
+        turns, texts = self._sharegpt(lo, hi) if "sharegpt" in cfg.thirdparty else ([], [])
+        if not turns:
+            turns, texts = self._own(prompts, rng)
+        n = lambda text: len(base.tokenize(text))  # noqa: E731
+        self.entries: list[tuple[str, object]] = []
+        rng.shuffle(turns)
+        text = lambda msgs: "".join(getattr(template, m["role"]).format(content=m["content"].strip()) for m in msgs)  # noqa: E731
+        for msgs in turns:
+            while msgs and n(text(msgs)) > hi:
+                msgs = msgs[2:]  # drop the oldest exchange
+            if msgs and n(text(msgs)) >= min(lo, hi // 2):
+                self.entries.append(("turns", msgs))
+            if len(self.entries) >= cfg.context_pool // 2:
+                break
+        pasted_min = max(lo, LONG_MESSAGE + 14)  # the runtime cuts a last message only past LONG_MESSAGE tokens
+        rng.shuffle(texts)
+        for text in texts:
+            words = text.split()
+            while words and n(" ".join(words)) > hi:
+                words = words[: int(len(words) * 0.8)]
+            body = " ".join(words)
+            if n(body) >= pasted_min:
+                self.entries.append(("pasted", body))
+            if len(self.entries) >= cfg.context_pool:
+                break
+        self._memo: dict[tuple[int, int], tuple[tuple[int, ...], list[int]]] = {}
+
+    def _sharegpt(self, lo: int, hi: int) -> tuple[list[list[dict]], list[str]]:
+        from edge_safe.training.data import thirdparty as tp
+
+        turns, texts = [], []
+        for rec in tp.long_context(lo, "train", max_tokens=hi * 3):
+            if rec["label"] != "harmless":
+                continue
+            msgs = [{"role": m["role"], "content": m["content"]} for m in rec["messages"][:-1]]
+            turns.append(msgs)
+            texts += [m["content"] for m in msgs if m["role"] == "assistant" and len(m["content"].split()) > 150]
+            if len(turns) >= 200:
+                break
+        return turns, texts
+
+    @staticmethod
+    def _own(prompts: list[Prompt], rng: random.Random) -> tuple[list[list[dict]], list[str]]:
+        convs = [[m for m in p.chat()[:-1] if m["role"] != "system"]
+                 for p in prompts if p.messages and p.label == "benign" and len(p.messages) > 1]
+        general = [p.text for p in prompts if p.category == "general" and not p.messages]
+        if not convs and general:  # no conversations in the data: exchanges of its general requests
+            convs = [[{"role": "user", "content": a}, {"role": "assistant", "content": b}]
+                     for a, b in zip(general, general[1:] + general[:1])]
+        turns = []
+        for _ in range(64 if convs else 0):
+            msgs = [m for conv in rng.choices(convs, k=6) for m in conv]
+            if msgs and msgs[0]["role"] == "user":
+                turns.append(msgs)
+        texts = [" ".join(rng.choices(general, k=80)) for _ in range(64)] if general else []
+        return turns, texts
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def messages(self, index: int, request: str) -> list[dict]:
+        kind, value = self.entries[index]
+        if kind == "turns":
+            return list(value) + [{"role": "user", "content": request}]
+        return [{"role": "user", "content": value + "\n" + " ".join(request.split())}]
+
+    def layout(self, index: int, request: str) -> tuple[tuple[int, ...], list[int]]:
+        """(context ids, request ids) of ``request`` after context ``index``, cut where the runtime cuts."""
+        key = (index, hash(request))
+        if key not in self._memo:
+            ids, splits = control_layout(self.template, self.messages(index, request), self.base.tokenize)
+            self._memo[key] = (tuple(ids[: splits[-1]]), ids[splits[-1]:])
+        return self._memo[key]
+
+
+def split_conversation(base: BaseModel, template: ChatTemplate, p: Prompt) -> tuple[tuple[int, ...], list[int]]:
+    """A prompt's (ids before its control tokens, ids after them), laid out as the runtime lays it out."""
+    ids, splits = control_layout(template, p.chat(), base.tokenize)
+    return tuple(ids[: splits[-1]]), ids[splits[-1]:]
 
 
 # ---------------------------------------------------------------- validation
@@ -235,7 +369,9 @@ def validation_set(
 ) -> tuple[list[ValCase], list[list[int]]]:
     """The seeded validation decisions of `cfg` on a split (val by default), and the template token ids of its prompts."""
     prompts = load_prompts(cfg.data_dir or None, split, cfg.slices)
-    return make_val_cases(prompts, cfg, random.Random(seed)), [base.tokenize(render_prompt(template, p)) for p in prompts]
+    return make_val_cases(prompts, cfg, random.Random(seed)), [
+        split_conversation(base, template, p) if p.messages else base.tokenize(render_prompt(template, p))
+        for p in prompts]
 
 
 def validate(base: BaseModel, bank: "Bank | DeepBank", prompt_ids: list[list[int]], cases: list[ValCase], refuse_id: int) -> dict:
@@ -247,11 +383,14 @@ def validate(base: BaseModel, bank: "Bank | DeepBank", prompt_ids: list[list[int
 @torch.no_grad()
 def val_margins(base: BaseModel, bank: "Bank | DeepBank", prompt_ids: list[list[int]], cases: list[ValCase],
                 refuse_id: int) -> list[float]:
-    """Refusal-opener logit minus the best other logit at the first reply token, per case (> 0: refuses)."""
+    """Refusal-opener logit minus the best other logit at the first reply token, per case (> 0: refuses).
+    ``prompt_ids[i]``: a prompt's ids, or (ids before the control tokens, ids after them)."""
     margins: list[float] = []
+    context_kv = ContextKV(base)
+    row = lambda c, p: (c.mode, c.constraints, p[1], p[0]) if isinstance(p, tuple) else (c.mode, c.constraints, p)  # noqa: E731
     for start in range(0, len(cases), 32):
         chunk = cases[start:start + 32]
-        x, mask, prefix = batch_inputs(base, bank, [(c.mode, c.constraints, prompt_ids[c.prompt]) for c in chunk])
+        x, mask, prefix = batch_inputs(base, bank, [row(c, prompt_ids[c.prompt]) for c in chunk], context_kv)
         hidden = forward_hidden(base, x, mask, prefix)
         last = hidden[torch.arange(len(chunk), device=x.device), mask.sum(1) - 1]
         logits = base.model.lm_head(last).float()
@@ -320,6 +459,7 @@ def train(
     prompts = [p for p in prompts if p.category == "general" or p.category in cfg.constraints]
     if cfg.limit_prompts:
         prompts = stratified_sample(prompts, cfg.limit_prompts, random.Random(cfg.seed))
+    prompts += thirdparty_prompts(cfg)  # never cut by limit_prompts: the scarce real rows all stay
     val_cases, val_ids = validation_set(base, cfg, template, cfg.seed + 1)  # before the teacher: fail fast
     # also before the teacher, so a wrong init_bank fails in seconds, not after the teacher cache is built
     if cfg.kind == "deep":
@@ -336,6 +476,24 @@ def train(
     refuse_id = decision_id(refusal_ids)
     sampler = TaskSampler([prompts[i] for i in keep], cfg, rng)
     sampler_index = keep  # sampler indices -> prompt indices
+    contexts = Contexts(base, cfg, template, prompts) if cfg.context_fraction else None
+    if contexts is not None:
+        sampler.n_contexts = len(contexts)
+        log.info("%d contexts (%s)", len(contexts), dict(collections.Counter(k for k, _ in contexts.entries)))
+    context_kv = ContextKV(base)
+    conversations: dict[int, tuple[tuple[int, ...], list[int]]] = {}
+
+    def context_of(ex):
+        p = prompts[ex.prompt]
+        if ex.context >= 0 and contexts is not None:
+            ctx, ids = contexts.layout(ex.context, p.text)
+            return ctx, ids, False
+        if p.messages:
+            if ex.prompt not in conversations:
+                conversations[ex.prompt] = split_conversation(base, template, p)
+            ctx, ids = conversations[ex.prompt]
+            return ctx, ids, True
+        return (), teacher.prompt_ids[ex.prompt], True
 
     opt = torch.optim.Adam(param_groups(bank, cfg), lr=cfg.lr)
     step0, history = 0, []
@@ -362,14 +520,12 @@ def train(
         log_file.write(json.dumps(rec) + "\n")
     bar = tqdm(range(step0, cfg.steps), initial=step0, total=cfg.steps, desc="train", disable=not progress)
     for step in bar:
-        examples = [
-            ex.__class__(sampler_index[ex.prompt], ex.mode, ex.constraints, ex.refuse, ex.order)
-            for ex in sampler.batch(step)
-        ]
+        examples = [dataclasses.replace(ex, prompt=sampler_index[ex.prompt]) for ex in sampler.batch(step)]
         t0 = time.time()
         for group in opt.param_groups:
             group["lr"] = learning_rate(cfg, step) * group.get("scale", 1.0)
-        batch = build_batch(base, bank, teacher, refusal_ids, examples, cfg.first_token_weight, cfg.refusal_weight)
+        batch = build_batch(base, bank, teacher, refusal_ids, examples, cfg.first_token_weight, cfg.refusal_weight,
+                            context_of, context_kv)
         with _autocast(cfg, base):
             loss, stats = mosaic_loss(base, batch, cfg.kl_weight, cfg.decision_weight, refuse_id)
         opt.zero_grad()
@@ -396,6 +552,7 @@ def train(
         "steps": cfg.steps,
         "train_prompts": len(keep),
         "train_prompts_by_slice": dict(sorted(collections.Counter(prompts[i].slice for i in keep).items())),
+        "contexts": dict(collections.Counter(k for k, _ in contexts.entries)) if contexts is not None else {},
         "teacher_seconds": round(teacher_time, 1),
         "total_seconds": round(time.time() - t_start, 1),
         "final_loss": history[-1]["loss"] if history else None,
