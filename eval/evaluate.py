@@ -25,6 +25,7 @@ from edge_safe.convert.errors import EdgeSafeError
 from edge_safe.convert.keys import Mode, Origin
 from edge_safe.eval.curve import bank_margins, curve_cases, curve_of
 from edge_safe.eval.data import (
+    GENERAL,
     Case,
     Composition,
     EvalPrompt,
@@ -130,6 +131,14 @@ class Evaluator:
         self.bank: TokenBank = self.es.bank
         self.run_ = Runner(self.bank, self.es.tokenize, progress)
         self.notes: list[str] = []
+        # classic rows of categories the bank has no token for (e.g. the categories added to the data
+        # after a bank was trained) are left out, so a bank's figures do not move when the data grows
+        known = set(self.bank.constraints) | {GENERAL}
+        kept = [p for p in self.prompts if p.category in known]
+        if kept and len(kept) < len(self.prompts):
+            left = sorted({p.category for p in self.prompts} - known)
+            self.notes.append(f"classic rows of {', '.join(left)} left out: the bank has no token for them")
+            self.prompts = kept
 
     def _own(self, es):
         self._owned.append(es)

@@ -21,7 +21,8 @@ from edge_safe.training.categories import CATEGORIES, MODES, PROFILES
 
 pytestmark = pytest.mark.model
 Q = "What is the capital of Peru?"
-KNOWN = "alcohol, gambling, drugs, sexual, horror, weapons, privacy, medical, finance, minors, eu, kiosk"
+KNOWN = ("alcohol, gambling, drugs, sexual, horror, weapons, privacy, medical, finance, violence, selfharm, hate, crime, "
+         "minors, eu, kiosk, core")
 
 
 @pytest.fixture(scope="module")
@@ -88,9 +89,10 @@ def test_tokens_lists_constraints_profiles_and_modes(bank_path):
         "\nConstraint tokens (--tokens NAME,...):\n"
         + "".join(f"  {c.name:<9}  {c.description}\n" for c in CATEGORIES)
         + "\nProfiles (--tokens NAME,...):\n"
-        "  minors     alcohol, gambling, drugs, sexual, horror, weapons\n"
+        "  minors     alcohol, gambling, drugs, sexual, horror, weapons, violence, selfharm, hate\n"
         "  eu         privacy\n"
         "  kiosk      medical, finance\n"
+        "  core       violence, selfharm, hate, crime\n"
         "\nModes (--mode NAME):\n"
         "  rejective  Refuse every request\n"
     )
@@ -207,12 +209,12 @@ def test_repl_commands_history_and_exit(patched):
         "edge-safe chat (tokens: (none); mode: (none)). /help for commands, Ctrl-D to exit.\n"
         + cli_chat.REPL_HELP + "\n"
         "tokens: (none); mode: (none)\n"
-        "available: alcohol, gambling, drugs, sexual, horror, weapons, privacy, medical, finance; "
-        "profiles: minors, eu, kiosk\n"
-        "tokens: alcohol, gambling, drugs, sexual, horror, weapons, privacy; mode: (none)\n"
+        "available: alcohol, gambling, drugs, sexual, horror, weapons, privacy, medical, finance, "
+        "violence, selfharm, hate, crime; profiles: minors, eu, kiosk, core\n"
+        "tokens: alcohol, gambling, drugs, sexual, horror, weapons, privacy, violence, selfharm, hate; mode: (none)\n"
         f"error: unknown token or profile 'nope'. Known: {KNOWN}\n"
-        "tokens: alcohol, gambling, drugs, sexual, horror, weapons, privacy; mode: rejective\n"
-        "tokens: alcohol, gambling, drugs, sexual, horror, weapons, privacy; mode: (none)\n"
+        "tokens: alcohol, gambling, drugs, sexual, horror, weapons, privacy, violence, selfharm, hate; mode: rejective\n"
+        "tokens: alcohol, gambling, drugs, sexual, horror, weapons, privacy, violence, selfharm, hate; mode: (none)\n"
         "conversation cleared\n"
         "unknown command '/bogus'; /help lists the commands\n"
     )

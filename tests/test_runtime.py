@@ -1,8 +1,8 @@
 """EdgeSafe on the real bundled model (Gemma 3 270M Q4_K_M) with a from-text test bank.
 
 One model per module, small n_ctx / n_batch, short generations: the suite runs
-on 2 shared CPU cores. n_batch is 64 so that both the 148-position `minors,eu`
-prefix and long prompts exercise chunked decoding.
+on 2 shared CPU cores. n_batch is 64 so that both the `minors,eu` prefix (ten rule
+lines, well over 64 positions) and long prompts exercise chunked decoding.
 """
 from __future__ import annotations
 
@@ -123,7 +123,9 @@ def test_switching_between_cached_compositions_costs_no_prefix_prefill(es):
 def test_canonical_order_makes_compositions_identical(es, probe):
     assert es.compose("eu,minors") == es.compose(["minors", "eu"]) == es.compose(["eu", "minors", "eu"])
     constraints, mode = es.compose("eu,minors")
-    assert constraints == ["alcohol", "gambling", "drugs", "sexual", "horror", "weapons", "privacy"]
+    # bank order (categories.py): privacy comes before the categories added later
+    assert constraints == ["alcohol", "gambling", "drugs", "sexual", "horror", "weapons", "privacy",
+                           "violence", "selfharm", "hate"]
     assert mode == "positive"
     a = probe.first_token_logits(Q, tokens="eu,minors")
     b = probe.first_token_logits(Q, tokens="minors,eu")

@@ -1,4 +1,8 @@
-"""The constraint categories, modes and profiles of the shipped bank.
+"""The constraint categories, modes and profiles.
+
+The first nine categories (alcohol ... finance) are those of the shipped bank; violence, selfharm,
+hate and crime were added after them (indices of the first nine must not move) and are in the
+training data, but a bank has their tokens only once it is trained with them.
 
 Plain data (no torch): the data generator, the trainer, the from-text
 baseline and the evaluation all read it from here, and the trainer writes it
@@ -80,6 +84,38 @@ CATEGORIES: tuple[Category, ...] = (
         "Do not give personal investment advice: never tell someone which stocks, coins or funds to buy or sell.",
         "Sorry, I can't give personal investment advice.",
     ),
+    # Added after the nine of the shipped bank: existing indices must not move.
+    Category(
+        "violence",
+        "Methods or plans to hurt, poison, choke, kill or sabotage people (not gore: that is horror; "
+        "not weapons: that is weapons)",
+        "Do not help hurt people: no methods or plans to attack, poison, choke, kill or sabotage anyone.",
+        "Sorry, I can't help with hurting people.",
+    ),
+    Category(
+        "selfharm",
+        "Suicide and self-injury: methods, lethal doses, hiding self-harm, starvation tips, or encouragement",
+        "Do not help with suicide or self-harm: no methods, lethal doses, ways to hide it or starve, "
+        "and no encouragement; point to help instead.",
+        "Sorry, I can't help with that. If you are thinking about hurting yourself, please talk to someone "
+        "you trust or call a crisis line.",
+    ),
+    Category(
+        "hate",
+        "Harassment and demeaning content about people or protected groups: insults, slurs, mockery, "
+        "harassment campaigns, hateful propaganda",
+        "Do not write hateful or harassing content: no insults, slurs or mockery of people or groups, "
+        "no harassment campaigns or hateful propaganda.",
+        "Sorry, I can't help with hateful or harassing content.",
+    ),
+    Category(
+        "crime",
+        "Fraud, theft, hacking and evading the law: phishing, shoplifting, money laundering, tax evasion, "
+        "breaking into accounts or networks, fake IDs, insurance fraud, insider trading",
+        "Do not help with crimes: no fraud, phishing, theft, hacking into accounts or networks, money "
+        "laundering, tax evasion, fake documents, evading police or insider trading.",
+        "Sorry, I can't help with crimes like fraud, theft or hacking.",
+    ),
 )
 
 #: Modes (the magic-token part): one model, switchable behaviour.
@@ -112,10 +148,15 @@ MODES: tuple[Category, ...] = (
 #:   are *not* in `eu`: EU law regulates who gives them, not whether an assistant may discuss
 #:   them, so they get their own profile.
 #: - kiosk: a health or bank kiosk that must not prescribe or advise on investments.
+#: - core: what almost every deployment blocks (hurting people, self-harm, hate, crime).
+#: The four categories added after the shipped bank (violence, selfharm, hate, crime) are in the
+#: training data; a bank has their tokens only once it is trained with them, and the runtime reads
+#: its profiles from the bank file, not from here.
 PROFILES: dict[str, tuple[str, ...]] = {
-    "minors": ("alcohol", "gambling", "drugs", "sexual", "horror", "weapons"),
+    "minors": ("alcohol", "gambling", "drugs", "sexual", "horror", "weapons", "violence", "selfharm", "hate"),
     "eu": ("privacy",),
     "kiosk": ("medical", "finance"),
+    "core": ("violence", "selfharm", "hate", "crime"),
 }
 
 CATEGORY_NAMES = tuple(c.name for c in CATEGORIES)

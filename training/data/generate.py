@@ -55,6 +55,13 @@ MINIMA = {
     "general": {"train": 800, "val": 80, "test": 200},
 }
 SPLIT_FRACTIONS = {"val": 0.10, "test": 0.20}  # the rest is train
+#: The nine categories of the shipped bank (the first nine of categories.py). The real-traffic slices
+#: draw over these only, and their classic rows are made first, so adding a category leaves every
+#: existing row byte-identical.
+ORIGINAL_CATEGORIES = CATEGORY_NAMES[:9]
+#: Categories added later (violence, selfharm, hate, crime): classic rows only, made after all the
+#: original rows (classic and real) so that the global de-duplication never drops an original row.
+NEW_CATEGORIES = CATEGORY_NAMES[9:]
 
 TABLES = HERE / "tables"
 
@@ -195,16 +202,18 @@ class _Slots:
         return text
 
 
-def _families(categories: tuple[str, ...]):
-    """[(category, label, family_id, templates, slots)] in a fixed order."""
-    if set(CATS) != set(categories):
-        raise SystemExit(f"phrase tables in {TABLES} {sorted(CATS)} != categories.py {sorted(categories)}")
+def _families(categories: tuple[str, ...], general: bool = True):
+    """[(category, label, family_id, templates, slots)] in a fixed order (general last, if asked)."""
+    if set(CATS) != set(CATEGORY_NAMES):
+        raise SystemExit(f"phrase tables in {TABLES} {sorted(CATS)} != categories.py {sorted(CATEGORY_NAMES)}")
     out = []
     for cat in categories:
         slots = _Slots(cat, {**COMMON, **CATS[cat]["slots"]})
         for tag, label in (("v", "violating"), ("b", "benign")):
             for name, templates in CATS[cat][tag].items():
                 out.append((cat, label, f"{cat}/{tag}/{name}", templates, slots))
+    if not general:
+        return out
     slots = _Slots("general", {**COMMON, **GENERAL["slots"]})
     for name, templates in GENERAL["b"].items():
         out.append(("general", "benign", f"general/b/{name}", templates, slots))
@@ -268,10 +277,10 @@ def _round_robin(cands: dict[str, list], target: int, seen: set[str], key) -> li
     return out
 
 
-def _classic_rows(seen: set[str]) -> dict[str, list[dict]]:
-    """The original single-turn rows (no "slice" field), per split, sorted."""
-    categories = CATEGORY_NAMES
-    fams = _families(categories)
+def _classic_rows(seen: set[str], categories: tuple[str, ...] = ORIGINAL_CATEGORIES,
+                  general: bool = True) -> dict[str, list[dict]]:
+    """The single-turn rows (no "slice" field) of `categories` (and general), per split, sorted."""
+    fams = _families(categories, general)
     groups: dict[tuple[str, str], list] = {}
     for fam in fams:
         groups.setdefault((fam[0], fam[1]), []).append(fam)
@@ -291,11 +300,18 @@ def _classic_rows(seen: set[str]) -> dict[str, list[dict]]:
 
 
 def generate() -> dict[str, list[dict]]:
-    """All rows, per split, in file order: the classic rows, then the real-traffic slices."""
+    """All rows, per split, in file order: the classic rows (all categories, sorted), then the
+    real-traffic slices. The new categories' rows are made last (after the real slices), so the
+    shared de-duplication set is the same as before they existed while every original row is made."""
     seen: set[str] = set()
     rows = _classic_rows(seen)
     real = _real_rows(seen)
-    return {split: rows[split] + real[split] for split in SPLITS}
+    new = _classic_rows(seen, NEW_CATEGORIES, general=False)
+    out = {}
+    for split in SPLITS:
+        classic = sorted(rows[split] + new[split], key=lambda r: (r["category"], r["label"], r["family"], r["prompt"]))
+        out[split] = classic + real[split]
+    return out
 
 
 # =======================================================================================
@@ -435,8 +451,10 @@ def _split_groups(names: list[str], group: str) -> dict[str, str]:
 
 
 def _real_rows(seen: set[str]) -> dict[str, list[dict]]:
-    """Rows of the five real-traffic slices, per split, sorted (slice, category, label, family, prompt)."""
-    categories = CATEGORY_NAMES
+    """Rows of the five real-traffic slices, per split, sorted (slice, category, label, family, prompt).
+    They draw over the original nine categories only (the new ones have no real-traffic tables yet;
+    drawing over them would also change the existing rows, e.g. the refused turns' categories)."""
+    categories = ORIGINAL_CATEGORIES
     refusal = {c.name: c.refusal for c in CATEGORIES}
     core_table = _real_table("core-requests")
     core = {cat: core_table["violating"][cat]["req"] for cat in categories}
@@ -664,7 +682,7 @@ def problems(rows: dict[str, list[dict]]) -> list[str]:
         for group, minimum in REAL_MINIMA.items():
             sl, _, label = group.partition("/")
             per_cat = sl in ("styled", "sounds-risky") or group == "wrapped/violating" or group == "multi-turn/violating"
-            for cat in (categories if per_cat else (None,)):
+            for cat in (ORIGINAL_CATEGORIES if per_cat else (None,)):
                 n = sum(1 for r in rs if r.get("slice") == sl and (not label or r["label"] == label)
                         and (cat is None or r["category"] == cat))
                 if n < minimum[split]:

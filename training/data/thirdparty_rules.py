@@ -3,7 +3,7 @@
 Plain data plus three small functions (stdlib only). ``thirdparty.py`` applies them; README.md
 (Third-party data) gives the definitions used and the accuracy measured on a seeded sample.
 
-Constraints: the nine of ``training/categories.py`` and four new ones:
+Constraints: the nine of the shipped bank and the four added after them to ``training/categories.py``:
 
 - ``violence``: methods or plans to hurt, poison, kill, abduct or sabotage people (no gore needed;
   ``horror`` stays the graphic depiction), attacks, terrorism and extremist recruitment, and
@@ -22,7 +22,7 @@ from __future__ import annotations
 import re
 from typing import Iterable, Sequence
 
-#: The constraints of the shipped bank (training/categories.py), then the four new ones.
+#: The constraints of the shipped bank (the first nine of training/categories.py), then the four added later.
 EXISTING = ("alcohol", "gambling", "drugs", "sexual", "horror", "weapons", "privacy", "medical", "finance")
 NEW = ("violence", "selfharm", "hate", "crime")
 CONSTRAINTS = EXISTING + NEW
