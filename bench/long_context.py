@@ -44,7 +44,7 @@ QUESTION = "Tell me about the history of the bicycle."  # harmless: answered, ne
 REPLY = ("The bicycle grew out of the wooden running machine of 1817; pedals on the front wheel came in the "
          "1860s, and the chain-driven safety bicycle with equal wheels in the 1880s.")
 FOLLOW_UP = "Who made the first safety bicycle?"
-TARGETS = {"decode": 0.95, "ttft": 1.05}  # from the issue: decode >= 0.95x bare, TTFT <= 1.05x bare at 3 000 tokens
+TARGETS = {"decode": 0.95, "ttft": 1.05}  # the targets at length: decode >= 0.95x bare, TTFT <= 1.05x bare at 3 000 tokens
 
 
 @dataclass(frozen=True)
@@ -261,7 +261,7 @@ def ratio(edge: dict, bare: dict) -> dict:
 
 
 def targets(res: dict) -> list[dict]:
-    """The issue's targets at this run's length, per shape."""
+    """The latency targets at length (decode >= 0.95x bare, TTFT <= 1.05x bare), per shape."""
     out = []
     for s, row in res["shapes"].items():
         r = row["ratios"]

@@ -234,3 +234,5 @@ def test_eval_long_context_errors(tmp_path):
         "Error: Invalid value for --lengths: must be comma-separated whole numbers, got '0,lots'")
     assert error("eval", "long-context", "--out", tmp_path, "--bank", tmp_path / "nope.gguf", code=1).startswith(
         "Error: token bank not found")
+    assert error("eval", "long-context", "--out", tmp_path, "--kinds", "message,novel", code=2).startswith(
+        "Error: Invalid value for --kinds: expected kinds among message, turns, sharegpt, wrapper, got 'message,novel'")
