@@ -45,7 +45,11 @@ from edge_safe.sampling import Sampling, check_strictness
 log = logging.getLogger(__name__)
 
 Messages = Sequence[Mapping[str, str]]
-DEFAULT_N_CTX = 2048
+#: Positions per sequence (Gemma 3 270M is trained for 32 768). With llama.cpp's f16 cache each costs 18 KiB on the
+#: 270M model (18 layers x K and V x 256 x 2 bytes; the sliding-window layers keep every cell, swa_full), so
+#: 8 192 positions allocate 148.5 MiB of KV per sequence (llama.cpp pads the stream to 8 448 cells: the
+#: bank's deep cells, then a multiple of 256); ``n_parallel`` sequences take that many times as much.
+DEFAULT_N_CTX = 8192
 
 
 class EdgeSafe:
@@ -55,7 +59,8 @@ class EdgeSafe:
     >>> es.create_chat_completion([{"role": "user", "content": "How do I mix a mojito?"}], tokens="minors,eu")
 
     ``n_parallel`` sequences are decoded together (concurrent callers, a server); each holds ``n_ctx``
-    positions plus the bank's deep cells, which take no position. ``flash_attn`` / ``kv_type`` set
+    positions (default 8 192: 148.5 MiB of f16 KV cache per sequence on the 270M model) plus the bank's
+    deep cells, which take no position. ``flash_attn`` / ``kv_type`` set
     llama.cpp's flash attention and KV-cache type (default: llama.cpp's); deep tokens need an f16 or
     f32 cache. ``strictness`` is the default of every request (see :meth:`create_chat_completion`).
     """

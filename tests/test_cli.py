@@ -90,7 +90,7 @@ def test_every_group_lists_its_commands():
     assert commands("train") == ["deep-bank", "refusal-wording", "text-bank", "validate"]
     assert commands("data") == ["fetch", "generate"]
     assert commands("eval") == ["compare", "long-context", "third-party"]
-    assert commands("bench") == ["concurrency", "repack"]
+    assert commands("bench") == ["concurrency", "long-context", "repack"]
     usage = CliRunner().invoke(cli, ["eval", "--help"]).stdout.splitlines()[0]
     assert usage == "Usage: edge-safe eval [OPTIONS] [COMMAND [ARGS]...]"
 
@@ -235,3 +235,5 @@ def test_eval_long_context_errors(tmp_path):
         "Error: Invalid value for --lengths: must be comma-separated whole numbers, got '0,lots'")
     assert error("eval", "long-context", "--out", tmp_path, "--bank", tmp_path / "nope.gguf", code=1).startswith(
         "Error: token bank not found")
+    assert error("eval", "long-context", "--out", tmp_path, "--kinds", "message,novel", code=2).startswith(
+        "Error: Invalid value for --kinds: expected kinds among message, turns, sharegpt, wrapper, got 'message,novel'")

@@ -307,6 +307,30 @@ def test_prompt_too_long_is_a_clear_error_and_the_runtime_keeps_working(es):
     assert reply(es, Q, max_tokens=8) == "Lima"
 
 
+def test_a_conversation_that_no_longer_fits_is_the_same_clear_error(es):
+    turns = []
+    for i in range(12):  # ~40 tokens a round: ~480 of earlier turns, then the request
+        turns += [{"role": "user", "content": f"Tell me one fact about the number {i} in a full sentence."},
+                  {"role": "assistant", "content": f"The number {i} comes after {i - 1} and before {i + 1}, "
+                                                   "as every child learns while counting."}]
+    with pytest.raises(PromptTooLongError, match=r"the prompt needs \d+ positions .* context holds 512; "
+                                                 r"pass a larger --n-ctx"):
+        complete(es, turns + [{"role": "user", "content": Q}], tokens="minors,eu")
+    assert reply(es, Q, max_tokens=8) == "Lima"  # the runtime keeps working
+
+
+def test_default_context_is_8192_for_the_api_chat_and_serve():
+    import inspect
+
+    from edge_safe.cli.chat import chat
+    from edge_safe.cli.serve import serve
+    from edge_safe.runtime import DEFAULT_N_CTX
+
+    assert DEFAULT_N_CTX == 8192 and inspect.signature(EdgeSafe).parameters["n_ctx"].default == DEFAULT_N_CTX
+    for cmd in (chat, serve):
+        assert next(p.default for p in cmd.params if p.name == "n_ctx") == DEFAULT_N_CTX, cmd.name
+
+
 def test_hitting_the_context_while_generating_is_finish_reason_length(es):
     words, n = ["one", "two", "three", "four", "five"] * ((N_CTX - 40) // 5), 0  # ~1 token per word
     while n < N_CTX - 6:  # leave room for only a few generated tokens

@@ -1,6 +1,7 @@
 """`edge-safe bench`: TTFT, decode speed and memory per composition, against bare llama-cpp-python,
-the rules as text and a two-call guard, in one interleaved run; `bench concurrency` and
-`bench repack`: the concurrency section alone, and llama.cpp's repacked CPU weights on vs off.
+the rules as text and a two-call guard, in one interleaved run; `bench concurrency`,
+`bench long-context` and `bench repack`: the concurrency section alone, latency in ~3 000-token
+conversations, and llama.cpp's repacked CPU weights on vs off.
 
 The targets and the per-composition table go to stdout; the progress bar and the
 list of written files to stderr. Domain errors become click errors in cli.py.
@@ -70,6 +71,7 @@ def bench(ctx, quick, out, model, bank, threads, repeats, warmup, max_tokens, co
       edge-safe bench -c minors,eu -c none --repeats 20
       edge-safe bench --from-results bench/results/results.json --out bench/results
       edge-safe bench concurrency --quick --threads 1
+      edge-safe bench long-context --threads 2 --out runs/bench-long-context
     """
     if not own_options_only(ctx):
         return
@@ -161,6 +163,61 @@ def concurrency(ctx, quick, threads, requests, max_tokens, rounds, levels, out):
     make_out_dir(out)  # before the run: a bad --out fails at once
     res = standalone(cfg, threads, progress=lambda what: click.echo(f"measuring {what}", err=True))
     res["command"] = command_line(ctx)
+    text, written = write_report(res, out)
+    click.echo(text, nl=False)
+    for path in written:
+        click.echo(f"wrote {path}", err=True)
+
+
+@bench.command("long-context", short_help="TTFT and decode in ~3 000-token conversations vs bare llama.cpp.")
+@click.option("--tokens", default=3000, show_default=True, type=click.IntRange(min=1),
+              help="Tokens of harmless context before the request.")
+@click.option("--repeats", default=5, show_default=True, type=click.IntRange(min=1),
+              help="Measured rounds (each: both shapes, edge-safe and bare; ~30-60 s at 3 000 tokens on 2 cores).")
+@click.option("--warmup", default=1, show_default=True, type=click.IntRange(min=0), help="Rounds run first and discarded.")
+@click.option("--max-tokens", default=32, show_default=True, type=click.IntRange(min=1),
+              help="Greedy tokens decode tok/s is timed over.")
+@click.option("-c", "--composition", default="minors,eu", show_default=True, metavar="NAMES",
+              help="The composition edge-safe runs with.")
+@click.option("--shape", "shapes", multiple=True, type=click.Choice(["turns", "message"]),
+              help="Context shape (repeatable) [default: turns and message].")
+@click.option("-m", "--model", default=None, metavar="PATH",
+              help="Base model GGUF [default: $EDGE_SAFE_MODEL, else the bundled Gemma 3 270M Q4_K_M].")
+@click.option("-b", "--bank", default=None, metavar="PATH",
+              help="Token bank [default: $EDGE_SAFE_BANK, else the bundled bank].")
+@click.option("--threads", default=None, type=click.IntRange(min=1),
+              help="llama.cpp threads for both systems [default: half the usable cores].")
+@click.option("--n-ctx", default=8192, show_default=True, type=click.IntRange(min=256),
+              help="Context length of both systems.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the per-round order.")
+@click.option("-o", "--out", default="runs/bench-long-context", show_default=True, metavar="DIR",
+              type=click.Path(file_okay=False),
+              help="Folder for results.json and LONG_CONTEXT.md (not the main bench's folder: same file name).")
+@click.pass_context
+def long_context(ctx, tokens, repeats, warmup, max_tokens, composition, shapes, model, bank, threads, n_ctx, seed,
+                 out):
+    """Latency of the control tokens in ~3 000-token conversations against bare llama.cpp.
+
+    With ~TOKENS of earlier turns, and of one long pasted message: TTFT cold
+    (fresh sequence) and warm (one more turn, earlier turns' KV reused),
+    decode tok/s, as ratios to bare llama-cpp-python on the same model,
+    n_ctx and threads in the same run; and the deep cells' KV write
+    (median ms, share of TTFT). Targets: decode >= 0.95x bare, TTFT <=
+    1.05x bare.
+
+    \b
+    Examples:
+      edge-safe bench long-context --threads 2 --out runs/bench-long-context
+      edge-safe bench long-context --tokens 300 --repeats 1 --warmup 0 --threads 1 --out /tmp/lc
+    """
+    from edge_safe.bench.long_context import LongBenchConfig, run, write_report
+    from edge_safe.eval.reporting import make_out_dir
+
+    cfg = LongBenchConfig(model=model, bank=bank, composition=composition, tokens=tokens,
+                          shapes=tuple(dict.fromkeys(shapes)) or ("turns", "message"), repeats=repeats, warmup=warmup,
+                          max_tokens=max_tokens, n_ctx=n_ctx, n_threads=threads, seed=seed, command=command_line(ctx))
+    make_out_dir(out)  # before the run: a bad --out fails at once
+    res = run(cfg, progress=lambda what: click.echo(f"measuring {what}", err=True))
     text, written = write_report(res, out)
     click.echo(text, nl=False)
     for path in written:

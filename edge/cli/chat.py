@@ -68,7 +68,8 @@ def stdin_is_tty() -> bool:
               help="Refuse more (> 0) or less (< 0) than the bank as trained: added to the refusal opener's "
                    "logit until the first visible reply token (with constraints on; see `edge-safe eval "
                    "--strictness`).")
-@click.option("--n-ctx", default=2048, show_default=True, type=click.IntRange(min=16), help="Context length.")
+@click.option("--n-ctx", default=8192, show_default=True, type=click.IntRange(min=16),
+              help="Context length per sequence (positions; 18 KiB of KV cache each on the 270M model).")
 @click.option("--n-gpu-layers", default=0, show_default=True, type=int,
               help="Layers to offload to the GPU (-1: all); needs a Metal or CUDA build of llama-cpp-python.")
 @click.option("--threads", default=None, type=click.IntRange(min=1), help="CPU threads [default: half the cores].")

@@ -220,18 +220,25 @@ def compare(ctx, banks, out, threads, limit, seed, parallel):
 @click.option("--threads", default=None, type=click.IntRange(min=1), help="CPU threads [default: all cores].")
 @click.option("--parallel", default=2, show_default=True, type=click.IntRange(min=1, max=64), metavar="N",
               help="Cases decided at once, batched in one decode.")
+@click.option("--kinds", default="message,turns,sharegpt,wrapper", show_default=True, metavar="KIND,...",
+              help="Context kinds: message, turns (text written here), sharegpt (real conversations, needs "
+                   "`edge-safe data fetch`; skipped with a note without it), wrapper (jailbreak-style "
+                   "preambles, long vs short).")
 @click.pass_context
-def long_context(ctx, out, bank, model, lengths, per_category, threads, parallel):
+def long_context(ctx, out, bank, model, lengths, per_category, threads, parallel, kinds):
     """Defense and over-refusal after 600-3 000 tokens of harmless text, through the runtime.
 
     The test split's requests (per constraint, violating and harmless near-miss ones) after documents
-    pasted into the same message, or after earlier conversation turns; decided by the first reply
-    token's refusal margin, under the request's own constraint and under minors,eu.
+    pasted into the same message, after earlier conversation turns, or after a real ShareGPT
+    conversation's own turns (test split, when fetched); and inside jailbreak-style wrappers longer
+    than 512 tokens against the same in short ones. Decided by the first reply token's refusal
+    margin, under the request's own constraint and under minors,eu.
 
     \b
     Examples:
       edge-safe eval long-context --out runs/long
       edge-safe eval long-context --lengths 0,1500 --per-category 1 --out /tmp/long
+      edge-safe eval long-context --kinds wrapper --out /tmp/wrappers
     """
     from tqdm.auto import tqdm
 
@@ -246,12 +253,15 @@ def long_context(ctx, out, bank, model, lengths, per_category, threads, parallel
                                  param_hint="--lengths") from None
     if any(n < 0 for n in wanted):
         raise click.BadParameter("lengths must be >= 0", ctx, param_hint="--lengths")
+    chosen = tuple(dict.fromkeys(k.strip() for k in kinds.split(",") if k.strip()))
+    if not chosen or any(k not in lc.KINDS for k in chosen):
+        raise click.BadParameter(f"expected kinds among {', '.join(lc.KINDS)}, got {kinds!r}", ctx,
+                                 param_hint="--kinds")
     folder = make_out_dir(out)
     n_ctx = max(wanted) + 1024
     with EdgeSafe(model_path=model, bank=bank, n_ctx=n_ctx, n_threads=threads, n_parallel=parallel) as es:
-        bar = tqdm(total=len(wanted) * len(lc.KINDS) - (len(lc.KINDS) - 1) * (0 in wanted), desc="long-context",
-                   unit="length", file=sys.stderr)
-        results = lc.run(es, wanted, per_category=per_category, progress=lambda what: bar.update(1))
+        bar = tqdm(total=len(lc.plan(chosen, wanted)), desc="long-context", unit="row", file=sys.stderr)
+        results = lc.run(es, wanted, chosen, per_category=per_category, progress=lambda what: bar.update(1))
         bar.close()
     results["command"] = command_line(ctx)
     table = lc.markdown(results)

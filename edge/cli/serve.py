@@ -48,7 +48,8 @@ def _help(field: str) -> str:
 @click.option("--top-k", default=None, type=click.IntRange(min=0), metavar="K", help=_help("top_k"))
 @click.option("--min-p", default=None, type=click.FloatRange(0.0, 1.0), metavar="P", help=_help("min_p"))
 @click.option("--model-id", default=None, metavar="ID", help=_help("model_id"))
-@click.option("--n-ctx", default=2048, show_default=True, type=click.IntRange(min=16), help="Context length.")
+@click.option("--n-ctx", default=8192, show_default=True, type=click.IntRange(min=16),
+              help="Context length per sequence (positions; 18 KiB of KV cache each on the 270M model).")
 @click.option("--n-gpu-layers", default=0, show_default=True, type=int,
               help="Layers to offload to the GPU (-1: all); needs a Metal or CUDA build of llama-cpp-python.")
 @click.option("--threads", default=None, type=click.IntRange(min=1), help="CPU threads [default: half the cores].")
