@@ -129,7 +129,7 @@ class _Bare:
         self.llama, self.template = llama, template  # a bench.systems.LlamaBench
 
     def ids(self, messages: list[dict]) -> list[int]:
-        return self.llama._tokenize(self.template.render(messages))
+        return self.llama.tokenize(self.template.render(messages))
 
     def greedy(self, messages: list[dict], n: int) -> list[int]:
         ids, _ = self.llama.greedy(self.template.render(messages), n)

@@ -147,9 +147,10 @@ class LlamaBench:
 
     def n_tokens(self, text: str) -> int:
         """Positions a prompt occupies (BOS included)."""
-        return len(self._tokenize(text))
+        return len(self.tokenize(text))
 
-    def _tokenize(self, text: str) -> list[int]:
+        """Token ids of ``text`` as llama-cpp-python sees it (BOS first)."""
+    def tokenize(self, text: str) -> list[int]:
         return self.llm.tokenize(text.encode("utf-8"), add_bos=True, special=False)
 
     # -- measurements -----------------------------------------------------------------------
@@ -161,7 +162,7 @@ class LlamaBench:
         reused = 0
         if warm_from is not None:
             self.llm.create_completion(warm_from, max_tokens=1, temperature=0.0)
-            reused = _common_prefix(self._tokenize(warm_from), self._tokenize(text))
+            reused = _common_prefix(self.tokenize(warm_from), self.tokenize(text))
         seconds = self._first_token(text)
         return {"ttft_s": seconds, "positions": self.n_tokens(text) - reused}
 
@@ -175,7 +176,7 @@ class LlamaBench:
         if warm:
             prime = self.guard_prompt(PRIME_QUESTION, rules)
             self.llm.create_completion(prime, max_tokens=1, temperature=0.0)
-            reused = _common_prefix(self._tokenize(prime), self._tokenize(classify))
+            reused = _common_prefix(self.tokenize(prime), self.tokenize(classify))
         t0 = time.perf_counter()
         verdict = self.llm.create_completion(classify, max_tokens=GUARD_TOKENS, temperature=0.0, stop=[])
         t_classified = time.perf_counter()
@@ -195,7 +196,7 @@ class LlamaBench:
         """The first n greedy token ids after ``text`` (EOS does not stop it) and the seconds
         between the first and the last."""
         self.llm.reset()
-        gen = self.llm.generate(self._tokenize(text), temp=0.0, reset=True)
+        gen = self.llm.generate(self.tokenize(text), temp=0.0, reset=True)
         ids = [next(gen)]
         t1 = time.perf_counter()
         while len(ids) < n:
