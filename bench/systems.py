@@ -149,8 +149,8 @@ class LlamaBench:
         """Positions a prompt occupies (BOS included)."""
         return len(self.tokenize(text))
 
-        """Token ids of ``text`` as llama-cpp-python sees it (BOS first)."""
     def tokenize(self, text: str) -> list[int]:
+        """Token ids of ``text`` as llama-cpp-python sees it (BOS first)."""
         return self.llm.tokenize(text.encode("utf-8"), add_bos=True, special=False)
 
     # -- measurements -----------------------------------------------------------------------
