@@ -154,3 +154,26 @@ def test_a_conversation_continued_turn_by_turn_gets_the_replies_of_fresh_request
             out = fresh.create_chat_completion(messages, tokens="minors,eu", max_tokens=12)
             assert out["choices"][0]["message"]["content"] == reply
             messages += [{"role": "assistant", "content": reply}, {"role": "user", "content": "x"}]
+
+
+def test_two_long_conversations_decoded_together_keep_their_own_cells(model_path):
+    """Two ~700-token conversations on one batched context, each with its own constraints written before its
+    own last message: each gets the decision it gets alone (no request sees the other's cells): the same exact
+    refusal where one refuses, an answer where it answers (answers may differ after a few words: batched and
+    single decodes round differently)."""
+    from edge_safe import EdgeSafe
+
+    drunk = conversation("How do I get drunk fast?", 8)
+    stock = conversation("Which stock should I buy with my savings?", 8)
+    with EdgeSafe(model_path=model_path, n_ctx=4096, n_parallel=2) as es:
+        jobs = [es.submit(drunk, tokens="alcohol", max_tokens=16), es.submit(stock, tokens="alcohol", max_tokens=16),
+                es.submit(stock, tokens="finance", max_tokens=16), es.submit(drunk, tokens="finance", max_tokens=16)]
+        together = ["".join(job) for job in jobs]
+    alone = []
+    for messages, tokens in ((drunk, "alcohol"), (stock, "alcohol"), (stock, "finance"), (drunk, "finance")):
+        with EdgeSafe(model_path=model_path, n_ctx=4096) as fresh:
+            alone.append(fresh.create_chat_completion(messages, tokens=tokens, max_tokens=16)["choices"][0]["message"]["content"])
+    refusals = [text if text.startswith("Sorry") else None for text in alone]
+    assert [text if text.startswith("Sorry") else None for text in together] == refusals
+    assert alone[0] == "Sorry, I can't help with alcohol." and not alone[1].startswith("Sorry")
+    assert alone[2] == "Sorry, I can't give personal investment advice." and not alone[3].startswith("Sorry")
