@@ -98,7 +98,9 @@ class TrainConfig:
     # "all" or a list of classic, general-real, sounds-risky, styled, wrapped, multi-turn
     slices: tuple[str, ...] = ("classic",)
     torch_threads: int = 0  # 0 = torch default (all cores)
-    # "float32" or "bfloat16": autocast for the training forward/backward (≈ 1.4x faster on AVX512-BF16 CPUs)
+    # "float32", "bfloat16" or "auto": autocast for the training forward/backward (≈ 1.4x faster on AVX512-BF16 CPUs,
+    # ≈ 50x slower on CPUs without native bfloat16 matmuls, e.g. AVX2-only ones); "auto" = bfloat16 on a GPU or a CPU
+    # with AVX512-BF16 / AMX, else float32
     compute_dtype: str = "float32"
     # "shallow": input vectors after BOS; "deep": key/value rows per layer written into the KV cache at BOS's
     # position (n_vectors = positions). Deep: `init` picks the vectors whose K/V start each token, a shallow
@@ -134,8 +136,8 @@ class TrainConfig:
                 raise EdgeSafeError(f"config: {name} must be >= 1, got {getattr(self, name)}")
         if self.lr_schedule not in ("constant", "cosine"):
             raise EdgeSafeError(f"config: lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
-        if self.compute_dtype not in ("float32", "bfloat16"):
-            raise EdgeSafeError(f"config: compute_dtype must be 'float32' or 'bfloat16', got {self.compute_dtype!r}")
+        if self.compute_dtype not in ("float32", "bfloat16", "auto"):
+            raise EdgeSafeError(f"config: compute_dtype must be 'float32', 'bfloat16' or 'auto', got {self.compute_dtype!r}")
         if not 0 < self.lr_min_ratio <= 1:
             raise EdgeSafeError(f"config: lr_min_ratio must be in (0, 1], got {self.lr_min_ratio}")
         if self.kind not in ("shallow", "deep"):
