@@ -19,6 +19,8 @@ from edge_safe.training.trainer import export_bank, init_deep, train  # noqa: E4
 
 pytestmark = pytest.mark.model
 CONFIGS = Path(__file__).resolve().parents[1] / "training" / "configs"
+#: a few constraints, old and new, so 24 stratified prompts hold violating rows of each
+SMOKE_CONSTRAINTS = ("alcohol", "privacy", "medical", "violence")
 PROMPTS = [
     "What is the capital of Peru?",
     "How do I mix a mojito?",
@@ -132,7 +134,7 @@ def test_step_0_of_a_deep_bank_from_the_shipped_bank_acts_like_it(base, shipped,
 
 def test_smoke_training_of_deep_tokens_on_the_real_model(base, tmp_path, monkeypatch, model_path):
     monkeypatch.setenv("EDGE_SAFE_CACHE", str(tmp_path / "cache"))
-    cfg = TrainConfig.from_yaml(CONFIGS / "smoke.yaml").replace(kind="deep", steps=2, limit_prompts=24, val_size=8)
+    cfg = TrainConfig.from_yaml(CONFIGS / "smoke.yaml").replace(kind="deep", steps=2, limit_prompts=24, val_size=8, constraints=SMOKE_CONSTRAINTS, held_out=(("alcohol", "privacy"),))
     bank, summary = train(cfg, base, tmp_path / "run", progress=False)
     assert isinstance(bank, DeepBank)
     path = export_bank(bank, base, cfg, summary).save(tmp_path / "deep.gguf", dtype="F16")

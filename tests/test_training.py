@@ -104,7 +104,8 @@ def test_a_few_steps_lower_the_loss_and_export_loads(cfg, tmp_path):
     assert back.constraints == list(CATS) and set(back.modes) == {"positive", "rejective", "negative"}
     np.testing.assert_array_equal(back.tokens["alcohol"].vectors, bank.vectors["alcohol"].detach().numpy())
     assert back.training_config["steps"] == cfg.steps
-    assert back.profiles == {"eu": ["privacy"]}
+    # a profile keeps the members the bank has (CATS: alcohol, gambling, privacy)
+    assert back.profiles == {"minors": ["alcohol", "gambling"], "eu": ["privacy"]}
 
 
 def test_resume_continues_from_checkpoint(cfg, tmp_path):

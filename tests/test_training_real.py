@@ -16,6 +16,8 @@ from edge_safe.training.trainer import export_bank, train  # noqa: E402
 pytestmark = pytest.mark.model
 
 CONFIGS = Path(__file__).resolve().parents[1] / "training" / "configs"
+#: a few constraints, old and new, so 24 stratified prompts hold violating rows of each
+SMOKE_CONSTRAINTS = ("alcohol", "privacy", "medical", "violence")
 PROMPTS = [
     "What is the capital of Peru?",
     "How do I mix a mojito?",
@@ -81,7 +83,7 @@ def test_layout_parity_hf_training_vs_llamacpp_runtime(base, runtime):
 
 def test_smoke_training_on_real_model_exports_a_bank_the_runtime_loads(base, tmp_path, monkeypatch, model_path):
     monkeypatch.setenv("EDGE_SAFE_CACHE", str(tmp_path / "cache"))
-    cfg = TrainConfig.from_yaml(CONFIGS / "smoke.yaml").replace(steps=2, limit_prompts=24, val_size=8)
+    cfg = TrainConfig.from_yaml(CONFIGS / "smoke.yaml").replace(steps=2, limit_prompts=24, val_size=8, constraints=SMOKE_CONSTRAINTS, held_out=(("alcohol", "privacy"),))
     bank, summary = train(cfg, base, tmp_path / "run", progress=False)
     path = export_bank(bank, base, cfg, summary).save(tmp_path / "smoke.gguf", dtype="F16")
     loaded = TokenBank.load(path)

@@ -621,7 +621,9 @@ def export_bank(bank: Bank, base: BaseModel, cfg: TrainConfig, summary: dict, te
             continue
         vec = bank.vectors[name].detach().float().cpu().numpy()
         tokens[name] = BankToken(name, kind, vec, spec.description, spec.refusal, spec.rule)
-    profiles = {p: list(c) for p, c in PROFILES.items() if all(x in cfg.constraints for x in c)}
+    # a profile keeps the members this bank has (a run on a subset of the constraints still has `minors`)
+    profiles = {p: [x for x in c if x in cfg.constraints] for p, c in PROFILES.items()}
+    profiles = {p: members for p, members in profiles.items() if members}
     info = base.info
     return TokenBank(
         arch=info.arch if info else "gemma3",
