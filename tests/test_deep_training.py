@@ -263,3 +263,19 @@ def test_deep_training_with_contexts_lays_examples_out_after_them(base, cfg, tmp
     scale = {id(g["params"][0]): g["scale"] for g in groups}
     assert scale[id(fresh.keys["privacy"])] == pytest.approx(float(fresh.keys["privacy"].std()) * 10, rel=1e-5)
     assert scale[id(fresh.keys["alcohol"])] == pytest.approx(float(fresh.keys["alcohol"].std()), rel=1e-5)
+
+
+def test_frozen_tokens_stay_as_the_init_bank_has_them(base, cfg, tmp_path):
+    """frozen: new constraints learn beside old ones kept exactly as they were."""
+    first = cfg.replace(kind="deep", steps=1, val_every=1, lr=0.3)
+    bank, summary = train(first, base, tmp_path / "a", progress=False)
+    path = export_bank(bank, base, first, summary).save(tmp_path / "a.gguf")
+    second = first.replace(init_bank=str(path), frozen=("alcohol", "positive"), steps=3, val_every=3)
+    again, _ = train(second, base, tmp_path / "b", progress=False)
+    torch.testing.assert_close(again.keys["alcohol"].detach(), bank.keys["alcohol"].detach())
+    torch.testing.assert_close(again.values["positive"].detach(), bank.values["positive"].detach())
+    assert (again.keys["gambling"].detach() - bank.keys["gambling"].detach()).abs().max() > 0
+    from edge_safe.convert.errors import EdgeSafeError
+
+    with pytest.raises(EdgeSafeError, match="without an init_bank"):
+        TrainConfig(frozen=("alcohol",))

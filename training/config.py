@@ -118,6 +118,9 @@ class TrainConfig:
     context_tokens: tuple[int, int] = (120, 400)  # their length range in tokens (a pasted head is >= 260 tokens)
     # lr scale of tokens that init_bank lacks (started from their rule's topic words): x their std, as `lr` is
     new_token_lr: float = 0.0  # 0 = `lr`
+    # tokens kept exactly as init_bank has them (MOSAIC: new constraints learned beside frozen old ones, so
+    # the old ones alone behave as before)
+    frozen: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         bad = [c for c in self.constraints if c not in CATEGORY_NAMES]
@@ -156,6 +159,10 @@ class TrainConfig:
         bad = [s for s in self.thirdparty if s not in TP_SOURCES]
         if bad:
             raise EdgeSafeError(f"config: thirdparty: unknown sources {bad}; known: {', '.join(TP_SOURCES)}")
+        bad = [n for n in self.frozen if n not in self.constraints and n not in self.modes]
+        if bad or (self.frozen and not self.init_bank):
+            raise EdgeSafeError(f"config: frozen names tokens this config trains, kept as init_bank has them; "
+                                f"got {list(self.frozen)}" + (f" ({bad} unknown)" if bad else " without an init_bank"))
         for combo in self.held_out:
             unknown = [c for c in combo if c not in self.constraints]
             if unknown:
@@ -168,7 +175,7 @@ class TrainConfig:
         if unknown:
             raise EdgeSafeError(f"config: unknown keys {unknown}; known keys: {', '.join(sorted(known))}")
         data = dict(data)
-        for key in ("constraints", "modes", "thirdparty", "context_tokens"):
+        for key in ("constraints", "modes", "thirdparty", "context_tokens", "frozen"):
             if key in data:
                 data[key] = tuple(data[key])
         if "held_out" in data:
@@ -202,6 +209,7 @@ class TrainConfig:
         d["slices"] = list(self.slices)
         d["thirdparty"] = list(self.thirdparty)
         d["context_tokens"] = list(self.context_tokens)
+        d["frozen"] = list(self.frozen)
         return d
 
     def replace(self, **changes: Any) -> "TrainConfig":

@@ -171,12 +171,18 @@ def param_groups(bank: "Bank | DeepBank", cfg: TrainConfig) -> list[dict]:
 
     Shallow: one group, scale 1. Deep: one group per tensor, scale = that tensor's initial standard deviation,
     because keys and values differ in magnitude by layer and kind (docs/DESIGN.md, "Training probes": lr per tensor = c x its std)."""
+    frozen = set(cfg.frozen)
     if not isinstance(bank, DeepBank):
-        return [{"params": list(bank.parameters()), "scale": 1.0}]
+        for name, p in bank.vectors.items():
+            p.requires_grad_(name not in frozen)
+        return [{"params": [p for n, p in bank.vectors.items() if n not in frozen], "scale": 1.0}]
     fresh = set(getattr(bank, "fresh", ()))
     boost = cfg.new_token_lr / cfg.lr if cfg.new_token_lr else 1.0
+    for t in (bank.keys, bank.values):
+        for n in bank.names:
+            t[n].requires_grad_(n not in frozen)
     return [{"params": [t[n]], "scale": (float(t[n].detach().std()) or 1.0) * (boost if n in fresh else 1.0)}
-            for t in (bank.keys, bank.values) for n in bank.names]
+            for t in (bank.keys, bank.values) for n in bank.names if n not in frozen]
 
 
 def stratified_sample(prompts: list[Prompt], n: int, rng: random.Random) -> list[Prompt]:
