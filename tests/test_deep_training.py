@@ -279,3 +279,27 @@ def test_frozen_tokens_stay_as_the_init_bank_has_them(base, cfg, tmp_path):
 
     with pytest.raises(EdgeSafeError, match="without an init_bank"):
         TrainConfig(frozen=("alcohol",))
+
+
+def test_a_batch_without_a_trainable_token_is_skipped(base, cfg, tmp_path, monkeypatch):
+    """A step whose examples use frozen tokens only has nothing to train: it is skipped, the run goes on."""
+    import dataclasses
+
+    from edge_safe.training import sampler as sm
+
+    first = cfg.replace(kind="deep", steps=1, val_every=1, lr=0.3)
+    bank, summary = train(first, base, tmp_path / "a", progress=False)
+    path = export_bank(bank, base, first, summary).save(tmp_path / "a.gguf")
+    frozen = tuple(first.modes) + ("alcohol", "gambling")
+    batch = sm.TaskSampler.batch
+    monkeypatch.setattr(sm.TaskSampler, "batch", lambda self, step: [
+        dataclasses.replace(ex, mode="positive", constraints=("alcohol",), refuse=None, order=1)
+        for ex in batch(self, step)] if step == 0 else batch(self, step))
+    still, _ = train(first.replace(init_bank=str(path), frozen=frozen, steps=2, val_every=2), base, tmp_path / "b",
+                     progress=False)
+    for name in frozen:
+        torch.testing.assert_close(still.keys[name].detach(), bank.keys[name].detach())
+    from edge_safe.convert.errors import EdgeSafeError
+
+    with pytest.raises(EdgeSafeError, match="nothing to train"):
+        first.replace(init_bank=str(path), frozen=tuple(first.modes) + tuple(first.constraints))

@@ -163,6 +163,8 @@ class TrainConfig:
         if bad or (self.frozen and not self.init_bank):
             raise EdgeSafeError(f"config: frozen names tokens this config trains, kept as init_bank has them; "
                                 f"got {list(self.frozen)}" + (f" ({bad} unknown)" if bad else " without an init_bank"))
+        if self.frozen and set(self.frozen) >= set(self.constraints) | set(self.modes):
+            raise EdgeSafeError("config: frozen names every token: nothing to train; leave at least one out")
         for combo in self.held_out:
             unknown = [c for c in combo if c not in self.constraints]
             if unknown:

@@ -535,8 +535,9 @@ def train(
         with _autocast(cfg, base):
             loss, stats = mosaic_loss(base, batch, cfg.kl_weight, cfg.decision_weight, refuse_id)
         opt.zero_grad()
-        loss.backward()
-        opt.step()
+        if loss.requires_grad:  # with `frozen` tokens a batch may hold none that trains: nothing to step
+            loss.backward()
+            opt.step()
         rec = {"step": step + 1, "order": 1 + step % cfg.max_order, "loss": round(float(loss.detach()), 4),
                **{k: round(v, 4) for k, v in stats.items()}, "lr": round(learning_rate(cfg, step), 6),
                "sec": round(time.time() - t0, 3)}
