@@ -67,9 +67,11 @@ class DeepBank(torch.nn.Module):
     same layout, model layer order (what the runtime writes into llama.cpp's KV cache), plus the
     frozen BOS cell (n_layer, width) every sequence starts with."""
 
-    def __init__(self, init: dict[str, tuple[torch.Tensor, torch.Tensor]], bos: tuple[torch.Tensor, torch.Tensor]):
+    def __init__(self, init: dict[str, tuple[torch.Tensor, torch.Tensor]], bos: tuple[torch.Tensor, torch.Tensor],
+                 fresh: list[str] | tuple[str, ...] = ()):
         super().__init__()
         self.names = list(init)
+        self.fresh = list(fresh)  # tokens started from their rules' topic words (an init_bank lacked them)
         self.keys = torch.nn.ParameterDict({k: torch.nn.Parameter(kv[0].clone().float()) for k, kv in init.items()})
         self.values = torch.nn.ParameterDict({k: torch.nn.Parameter(kv[1].clone().float()) for k, kv in init.items()})
         self.register_buffer("bos_keys", bos[0].clone().float())

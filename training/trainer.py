@@ -161,9 +161,7 @@ def init_deep(base: BaseModel, cfg: TrainConfig, gen: torch.Generator) -> DeepBa
             init[name] = (torch.tensor(tok.keys), torch.tensor(tok.values))
         else:
             init[name] = kv_of_inputs(base, torch.tensor(tok.vectors))
-    bank = DeepBank(init, bos_cell(base))
-    bank.fresh = fresh
-    return bank
+    return DeepBank(init, bos_cell(base), fresh)
 
 
 def param_groups(bank: "Bank | DeepBank", cfg: TrainConfig) -> list[dict]:
@@ -176,7 +174,7 @@ def param_groups(bank: "Bank | DeepBank", cfg: TrainConfig) -> list[dict]:
         for name, p in bank.vectors.items():
             p.requires_grad_(name not in frozen)
         return [{"params": [p for n, p in bank.vectors.items() if n not in frozen], "scale": 1.0}]
-    fresh = set(getattr(bank, "fresh", ()))
+    fresh = set(bank.fresh)
     boost = cfg.new_token_lr / cfg.lr if cfg.new_token_lr else 1.0
     for t in (bank.keys, bank.values):
         for n in bank.names:
@@ -263,7 +261,7 @@ class Contexts:
                 self.entries.append(("pasted", body))
             if len(self.entries) >= cfg.context_pool:
                 break
-        self._memo: dict[tuple[int, int], tuple[tuple[int, ...], list[int]]] = {}
+        self._memo: dict[tuple[int, str], tuple[tuple[int, ...], list[int]]] = {}
 
     def _sharegpt(self, lo: int, hi: int) -> tuple[list[list[dict]], list[str]]:
         from edge_safe.training.data import thirdparty as tp
@@ -306,17 +304,21 @@ class Contexts:
 
     def layout(self, index: int, request: str) -> tuple[tuple[int, ...], list[int]]:
         """(context ids, request ids) of ``request`` after context ``index``, cut where the runtime cuts."""
-        key = (index, hash(request))
+        key = (index, request)
         if key not in self._memo:
-            ids, splits = control_layout(self.template, self.messages(index, request), self.base.tokenize)
-            self._memo[key] = (tuple(ids[: splits[-1]]), ids[splits[-1]:])
+            self._memo[key] = split_messages(self.base, self.template, self.messages(index, request))
         return self._memo[key]
 
 
-def split_conversation(base: BaseModel, template: ChatTemplate, p: Prompt) -> tuple[tuple[int, ...], list[int]]:
-    """A prompt's (ids before its control tokens, ids after them), laid out as the runtime lays it out."""
-    ids, splits = control_layout(template, p.chat(), base.tokenize)
+def split_messages(base: BaseModel, template: ChatTemplate, messages: list[dict]) -> tuple[tuple[int, ...], list[int]]:
+    """A conversation's (ids before its control tokens, ids after them), laid out as the runtime lays it out."""
+    ids, splits = control_layout(template, messages, base.tokenize)
     return tuple(ids[: splits[-1]]), ids[splits[-1]:]
+
+
+def split_conversation(base: BaseModel, template: ChatTemplate, p: Prompt) -> tuple[tuple[int, ...], list[int]]:
+    """A prompt's (ids before its control tokens, ids after them)."""
+    return split_messages(base, template, p.chat())
 
 
 # ---------------------------------------------------------------- validation
@@ -380,14 +382,14 @@ def validation_set(
         for p in prompts]
 
 
-def validate(base: BaseModel, bank: "Bank | DeepBank", prompt_ids: list[list[int]], cases: list[ValCase], refuse_id: int) -> dict:
+def validate(base: BaseModel, bank: "Bank | DeepBank", prompt_ids: list, cases: list[ValCase], refuse_id: int) -> dict:
     """First-token decisions (refusal opener or not) under each case's composition."""
     margins = val_margins(base, bank, prompt_ids, cases, refuse_id)
     return summarize(cases, [m > 0 for m in margins], margins)
 
 
 @torch.no_grad()
-def val_margins(base: BaseModel, bank: "Bank | DeepBank", prompt_ids: list[list[int]], cases: list[ValCase],
+def val_margins(base: BaseModel, bank: "Bank | DeepBank", prompt_ids: list, cases: list[ValCase],
                 refuse_id: int) -> list[float]:
     """Refusal-opener logit minus the best other logit at the first reply token, per case (> 0: refuses).
     ``prompt_ids[i]``: a prompt's ids, or (ids before the control tokens, ids after them)."""
