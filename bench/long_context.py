@@ -44,6 +44,8 @@ QUESTION = "Tell me about the history of the bicycle."  # harmless: answered, ne
 REPLY = ("The bicycle grew out of the wooden running machine of 1817; pedals on the front wheel came in the "
          "1860s, and the chain-driven safety bicycle with equal wheels in the 1880s.")
 FOLLOW_UP = "Who made the first safety bicycle?"
+REPLY_2 = "John Kemp Starley built the Rover safety bicycle in Coventry in 1885."
+FOLLOW_UP_2 = "What did it weigh?"
 TARGETS = {"decode": 0.95, "ttft": 1.05}  # the targets at length: decode >= 0.95x bare, TTFT <= 1.05x bare at 3 000 tokens
 
 
@@ -82,6 +84,11 @@ def conversations(es, shape: str, tokens: int) -> tuple[list[dict], list[dict]]:
     return cold, cold + [{"role": "assistant", "content": REPLY}, {"role": "user", "content": FOLLOW_UP}]
 
 
+def next_turn(warm: list[dict]) -> list[dict]:
+    """The warm conversation's next turn: the reply the user was shown, and one more question."""
+    return warm + [{"role": "assistant", "content": REPLY_2}, {"role": "user", "content": FOLLOW_UP_2}]
+
+
 class _Edge:
     """The runtime with one composition: cold TTFT, forced decode and warm TTFT on one sequence."""
 
@@ -105,7 +112,15 @@ class _Edge:
         if w["prefix_source"] != "reused":
             raise EdgeSafeError(f"bench long-context: the warm request took prefix path {w['prefix_source']!r}, "
                                 "expected 'reused'; it would not measure common-prefix reuse")
-        return {"ttft_cold_s": c["ttft_s"], "ttft_warm_s": w["ttft_s"], "decode_tokens_per_s": n / (t_end - st.t_prefilled),
+        nxt = next_turn(warm)
+        t0 = time.perf_counter()  # the chat app showed the reply: the next turn is laid out while the user types
+        if not es.ready_next_turn(nxt[:-1], **self.comp.request()) or not es.engine.settle(600):
+            raise EdgeSafeError("bench long-context: the next turn could not be laid out in advance")
+        ready_s = time.perf_counter() - t0
+        x = self._first(nxt)
+        return {"ttft_cold_s": c["ttft_s"], "ttft_warm_s": w["ttft_s"], "ttft_next_s": x["ttft_s"], "ready_s": ready_s,
+                "kv_write_next_s": x["kv_write_s"], "prefilled_next": x["prefilled"],
+                "decode_tokens_per_s": n / (t_end - st.t_prefilled),
                 "decode_tokens": n, "decode_prefilled": st.prefilled_tokens,
                 "kv_write_cold_s": c["kv_write_s"], "kv_write_warm_s": w["kv_write_s"],
                 "prefilled_cold": c["prefilled"], "prefilled_warm": w["prefilled"], "prompt_tokens": c["prompt_tokens"],
@@ -125,8 +140,9 @@ class _Edge:
 class _Bare:
     """Bare ``llama_cpp.Llama``: the same three measurements through ``Llama.generate``."""
 
-    def __init__(self, llama, template):
+    def __init__(self, llama, template, tail: int = 0):
         self.llama, self.template = llama, template  # a bench.systems.LlamaBench
+        self.tail = tail  # tokens of the next turn's new message (as edge-safe lays it out)
 
     def ids(self, messages: list[dict]) -> list[int]:
         return self.llama.tokenize(self.template.render(messages))
@@ -155,7 +171,22 @@ class _Bare:
         next(gen)
         t4 = time.perf_counter()
         gen.close()
-        return {"ttft_cold_s": t1 - t0, "ttft_warm_s": t4 - t3, "decode_tokens_per_s": n / (t2 - t1),
+        # the next turn: the reply the user was shown in KV first (as a chat app holding its own reply has it),
+        # then the new question alone
+        nxt_ids = self.ids(next_turn(warm))
+        head = nxt_ids[: len(nxt_ids) - self.tail]
+        gen = llm.generate(head, temp=0.0, reset=True)
+        next(gen)
+        gen.close()
+        held = [int(t) for t in llm.input_ids[:llm.n_tokens]]
+        kept = min(_common_prefix(held, nxt_ids), len(nxt_ids) - 1)
+        t5 = time.perf_counter()
+        gen = llm.generate(nxt_ids, temp=0.0, reset=True)
+        next(gen)
+        t6 = time.perf_counter()
+        gen.close()
+        return {"ttft_cold_s": t1 - t0, "ttft_warm_s": t4 - t3, "ttft_next_s": t6 - t5, "prefilled_next": len(nxt_ids) - kept,
+                "decode_tokens_per_s": n / (t2 - t1),
                 "decode_tokens": n, "prefilled_cold": len(cold_ids), "prefilled_warm": len(warm_ids) - reused,
                 "prompt_tokens": len(cold_ids), "prompt_tokens_warm": len(warm_ids),
                 "same_greedy": [int(t) for t in got] == [int(t) for t in continuation]}
@@ -186,7 +217,8 @@ def run(cfg: LongBenchConfig, progress=None) -> dict:
         comp = parse_composition(es, cfg.composition)
         llama = LlamaBench(model_path, cfg.n_ctx, cfg.n_batch, es.n_threads, 0, es.template)
         try:
-            edge, bare = _Edge(es, comp), _Bare(llama, es.template)
+            tail = len(es.tokenize(es.template.render([{"role": "user", "content": FOLLOW_UP_2}])))
+            edge, bare = _Edge(es, comp), _Bare(llama, es.template, tail)
             convs = {s: conversations(es, s, cfg.tokens) for s in cfg.shapes}
             for s, (cold, warm) in convs.items():
                 need = len(bare.ids(warm)) + cfg.max_tokens + 64
@@ -233,19 +265,19 @@ def _shape(es, convs, edge: list[dict], bare: list[dict]) -> dict:
     from edge_safe.bench.benchmark import summary
 
     cold, warm = convs
-    e = {k: summary([d[k] for d in edge]) for k in ("ttft_cold_s", "ttft_warm_s", "decode_tokens_per_s",
-                                                     "kv_write_cold_s", "kv_write_warm_s")}
-    b = {k: summary([d[k] for d in bare]) for k in ("ttft_cold_s", "ttft_warm_s", "decode_tokens_per_s")}
-    for when in ("cold", "warm"):
+    e = {k: summary([d[k] for d in edge]) for k in ("ttft_cold_s", "ttft_warm_s", "ttft_next_s", "decode_tokens_per_s",
+                                                     "kv_write_cold_s", "kv_write_warm_s", "kv_write_next_s", "ready_s")}
+    b = {k: summary([d[k] for d in bare]) for k in ("ttft_cold_s", "ttft_warm_s", "ttft_next_s", "decode_tokens_per_s")}
+    for when in ("cold", "warm", "next"):
         e[f"kv_write_share_{when}"] = summary([d[f"kv_write_{when}_s"] / d[f"ttft_{when}_s"] for d in edge])
-    for k in ("prefilled_cold", "prefilled_warm", "prompt_tokens", "prompt_tokens_warm", "deep_cells",
+    for k in ("prefilled_cold", "prefilled_warm", "prefilled_next", "prompt_tokens", "prompt_tokens_warm", "deep_cells",
               "decode_tokens", "decode_prefilled"):
         e[k] = int(np.median([d[k] for d in edge]))
-    for k in ("prefilled_cold", "prefilled_warm", "prompt_tokens", "prompt_tokens_warm", "decode_tokens"):
+    for k in ("prefilled_cold", "prefilled_warm", "prefilled_next", "prompt_tokens", "prompt_tokens_warm", "decode_tokens"):
         b[k] = int(np.median([d[k] for d in bare]))
     e["prefix_source_cold"] = sorted({d["prefix_source_cold"] for d in edge})
     b["same_greedy"] = all(d["same_greedy"] for d in bare)
-    ratios = {k: ratio(e[k], b[k]) for k in ("ttft_cold_s", "ttft_warm_s", "decode_tokens_per_s")}
+    ratios = {k: ratio(e[k], b[k]) for k in ("ttft_cold_s", "ttft_warm_s", "ttft_next_s", "decode_tokens_per_s")}
     alone = len(es.tokenize(es.template.render([{"role": "user", "content": QUESTION}])))
     return {"context_tokens": len(es.tokenize(es.template.render(cold))) - alone,  # before the question
             "messages": len(cold), "edge": e, "bare": b, "ratios": ratios}
@@ -266,7 +298,10 @@ def targets(res: dict) -> list[dict]:
     for s, row in res["shapes"].items():
         r = row["ratios"]
         for key, what in (("decode_tokens_per_s", "decode tok/s"), ("ttft_cold_s", "TTFT cold"),
-                          ("ttft_warm_s", "TTFT warm")):
+                          ("ttft_warm_s", "TTFT warm, nothing laid out"),
+                          ("ttft_next_s", "TTFT next turn, laid out while idle")):
+            if key not in r:
+                continue
             v = r[key]["ratio"]
             if key == "decode_tokens_per_s":
                 goal, ok = f"≥ {TARGETS['decode']:.2f}×", v >= TARGETS["decode"]
@@ -295,6 +330,7 @@ def markdown(res: dict) -> str:
     for s, row in res["shapes"].items():
         e, b, r = row["edge"], row["bare"], row["ratios"]
         for key, what, fmt in (("ttft_cold_s", "TTFT cold (ms)", _ms), ("ttft_warm_s", "TTFT warm (ms)", _ms),
+                               ("ttft_next_s", "TTFT next turn (ms)", _ms),
                                ("decode_tokens_per_s", "decode tok/s", _tps)):
             q = r[key]["per_round"]
             lines.append(f"| {s} | {row['context_tokens']} | {what} | {fmt(e[key])} | {fmt(b[key])} | "
@@ -306,7 +342,7 @@ def markdown(res: dict) -> str:
               "|---|---|---|---|---|"]
     for s, row in res["shapes"].items():
         e, b = row["edge"], row["bare"]
-        for when in ("cold", "warm"):
+        for when in ("cold", "warm", "next"):
             share = e[f"kv_write_share_{when}"]
             lines.append(f"| {s} | {when} | {e[f'prefilled_{when}']} / {b[f'prefilled_{when}']} | "
                          f"{_ms(e[f'kv_write_{when}_s'], 2)} | {100 * share['median']:.1f} % "
@@ -319,7 +355,12 @@ def markdown(res: dict) -> str:
               "fresh sequence, call -> first token (tokenization outside the timer on both sides). Decode: a fixed "
               "greedy continuation (bare's), one token at a time after the prompt. Warm: the conversation plus one "
               "exchange, the earlier turns' KV reused (edge-safe's common-prefix reuse; `Llama.generate`'s "
-              "prefix match). Systems and shapes run in a seeded shuffled order each round.",
+              "prefix match). Next turn: the warm conversation plus the reply the user was shown and one more "
+              "question; edge-safe laid the turn out up to its control tokens while idle (`ready_next_turn`, what "
+              "`serve` and `chat` do after each reply: median "
+              + " / ".join(f"{s} {_ms(row['edge']['ready_s'])} ms" for s, row in res["shapes"].items())
+              + " before the question came), bare held the reply in its KV; both then prefill the question "
+              "alone. Systems and shapes run in a seeded shuffled order each round.",
               *(["", "Notes: " + "; ".join(notes)] if notes else [])]
     return "\n".join(lines) + "\n"
 

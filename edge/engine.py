@@ -48,6 +48,7 @@ from edge_safe.prefix_cache import PrefixCache
 log = logging.getLogger(__name__)
 
 DEFAULT_PARALLEL = 4  # sequences decoded together on the server: 4 rows cost ~1.1x one on 2 cores
+READY_CHUNK = 128  # rows per decode when laying out a next turn in advance (a request waits at most one)
 
 
 class EngineClosedError(EdgeSafeError):
@@ -151,8 +152,11 @@ class Engine:
         self._cv = threading.Condition()
         self._waiting: deque[Job] = deque()
         self._running: list[Job] = []
+        self._readies: deque[Request] = deque(maxlen=n_parallel)  # next turns to lay out while idle
+        self.readied = 0  # next turns laid out in advance (for tests and the bench)
         self._free = list(range(n_parallel))
         self._closing = False
+        self._readying = False
         self._thread = threading.Thread(target=self._loop, name="edge-safe-engine", daemon=True)
         self._thread.start()
 
@@ -186,6 +190,31 @@ class Engine:
             self._waiting.append(job)
             self._cv.notify_all()
         return job
+
+    def ready(self, req: Request) -> None:
+        """Lay out ``req`` (its items end with the control tokens' Marker: a conversation's next turn before
+        its user message is known) in a free sequence while the engine is idle, so the next request that
+        continues it decodes only its new message. Work for requests always comes first; a ready that a
+        request interrupts leaves what it laid out so far, which is a true prefix like any other."""
+        items = req.items
+        if not items or not isinstance(items[-1], Marker):
+            raise EdgeSafeError("Engine.ready: the request must end with its control tokens (a next turn's prefix)")
+        with self._cv:
+            if self._closing:
+                raise EngineClosedError("the engine is closed; create a new one")
+            self._readies.append(req)
+            self._cv.notify_all()
+
+    def settle(self, timeout: float | None = None) -> bool:
+        """Wait until no request waits or runs and every queued :meth:`ready` is done (True), or ``timeout``."""
+        end = None if timeout is None else time.monotonic() + timeout
+        with self._cv:
+            while (self._waiting or self._running or self._readies or self._readying) and not self._closing:
+                left = None if end is None else end - time.monotonic()
+                if left is not None and left <= 0:
+                    return False
+                self._cv.wait(left)
+        return True
 
     def cancel(self, job: Job) -> None:
         """Cancel a job: a waiting one ends now, a running one at the scheduler's next step."""
@@ -234,10 +263,26 @@ class Engine:
         try:
             while True:
                 with self._cv:
-                    while not (self._closing or self._waiting or self._running):
+                    while not (self._closing or self._waiting or self._running or self._readies):
                         self._cv.wait()
                     if self._closing:
                         break
+                    if self._readies and not (self._waiting or self._running):
+                        req, self._readying = self._readies.popleft(), True
+                        seq = self._pick_seq(req)
+                    else:
+                        req = None
+                if req is not None:
+                    try:
+                        self._lay_out(seq, req)
+                    finally:
+                        with self._cv:
+                            self._readying = False
+                            self._free.append(seq)
+                            self._free.sort()
+                            self._cv.notify_all()
+                    continue
+                with self._cv:
                     for job in [j for j in self._running if j.cancelled]:
                         self._release(job)
                     admitted = []
@@ -257,6 +302,31 @@ class Engine:
             self._fail_all(e if isinstance(e, EdgeSafeError) else EdgeSafeError(f"the engine failed: {e!r}"))
             return
         self._fail_all(EngineClosedError("the engine was closed before this request finished"))
+
+    def _lay_out(self, seq: int, req: Request) -> None:
+        """A :meth:`ready`: bring ``seq`` to ``req``'s items (reusing what it holds, as a request would),
+        in chunks of ``READY_CHUNK`` rows, stopping early when a request comes in."""
+        job = Job(self, req, None)
+        job.seq = seq
+        try:
+            self._place(job, req)
+            while job.pending:
+                if self._waiting or self._closing:
+                    return
+                if isinstance(job.pending[0], Marker):
+                    self._write_marker(job)
+                    continue
+                take = min(_tokens_ahead(job.pending), READY_CHUNK)
+                rows = job.pending[:take]
+                self.ctx.decode_rows(rows, [seq] * take, range(job.pos, job.pos + take), [False] * take)
+                self._held[seq].extend(rows)
+                del job.pending[:take]
+                job.pos += take
+            self.readied += 1
+        except Exception:  # noqa: BLE001 - a ready is an optimisation: drop the sequence's cells, go on
+            log.exception("laying out a next turn in advance failed; the sequence is cleared")
+            if not self.ctx.closed:
+                self._drop(seq)
 
     def _pick_seq(self, req: Request) -> int:
         """The free sequence holding the longest part of the request (lowest id among equals)."""
@@ -290,6 +360,7 @@ class Engine:
                 self._free.append(job.seq)
                 self._free.sort()
             job.seq = None
+            self._cv.notify_all()  # settle() waits for this
         job.finish(error)
 
     def _drop(self, seq: int) -> None:

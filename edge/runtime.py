@@ -19,6 +19,8 @@ costs no prefill and a conversation's next turn re-decodes only its latest turn.
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import logging
 import os
 import threading
@@ -84,8 +86,12 @@ class EdgeSafe:
         flash_attn: bool | None = None,
         kv_type: str | None = None,
         placement: str = "last",
+        ready_next_turn: bool = False,
     ):
         self.strictness = check_strictness(strictness)
+        # after each chat reply, lay out the conversation's next turn up to its control tokens while idle (chat
+        # apps, the server): the next request then decodes only its new message (see :meth:`ready_next_turn`)
+        self.auto_ready = bool(ready_next_turn)
         if placement not in PLACEMENTS:
             raise EdgeSafeError(f"placement must be one of {', '.join(PLACEMENTS)}, got {placement!r}")
         # where a conversation's control tokens go: before its last user message ("last"), or a copy before every
@@ -205,8 +211,10 @@ class EdgeSafe:
         job = self._reply(req, max_tokens, Sampling(temperature, top_p, top_k, min_p, repeat_penalty), seed)
         head = {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "created": int(time.time()), "model": self.model_name}
         if stream:
-            return _Chunks(self._chat_chunks(head, job), job)
+            after = lambda content: self._after_reply(messages, content, job, tokens, mode)  # noqa: E731
+            return _Chunks(self._chat_chunks(head, job, after), job)
         content = _join(job)
+        self._after_reply(messages, content, job, tokens, mode)
         return {**head, "object": "chat.completion",
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
                              "finish_reason": job.stats.finish_reason}],
@@ -250,6 +258,28 @@ class EdgeSafe:
         ``job.stats`` says what it cost; ``job.close()`` cancels it). ``until(text_so_far)`` ends the reply
         once it returns True. ``request``: ``tokens``, ``mode``, ``stop``, ``strictness``."""
         return self._reply(self.prepare(messages, **request), max_tokens, sampling or Sampling(), seed, until)
+
+    def ready_next_turn(self, messages: Messages, *, tokens=None, mode: str | None = None) -> bool:
+        """Lay out, while the engine is idle, what the next turn of ``messages`` (a conversation that ends
+        with the reply the user was shown) holds before its user message: the earlier turns and the
+        control tokens right after them, where the next request will have them. That request then decodes
+        only its own message (the work is done while the user types; a request that comes in first
+        interrupts it). Nothing changes what any request computes: a sequence holds only cells a fresh
+        request would compute too. False when there is nothing to lay out (no control tokens, or a
+        layout that keeps them with BOS). Returns at once."""
+        self._check_open()
+        msgs = [{"role": "user", "content": messages}] if isinstance(messages, str) else list(messages)
+        req = self.prepare(msgs + [{"role": "user", "content": "?"}], tokens=tokens, mode=mode)
+        if not req.key or req.splits[-1] == 0:
+            return False
+        self.engine.ready(dataclasses.replace(req, prompt=req.prompt[: req.splits[-1]]))
+        return True
+
+    def _after_reply(self, messages: Messages, content: str, job, tokens, mode) -> None:
+        if self.auto_ready and job.error is None and not job.cancelled and not isinstance(messages, str):
+            with contextlib.suppress(EdgeSafeError):  # the conversation is past the context: nothing to ready
+                self.ready_next_turn(list(messages) + [{"role": "assistant", "content": content}], tokens=tokens,
+                                     mode=mode)
 
     def reset(self) -> None:
         """Forget the conversations held in the KV cache; the next request restores its prefix snapshot
@@ -372,7 +402,7 @@ class EdgeSafe:
                           "total_tokens": st.prompt_tokens + st.completion_tokens},
                 "timings": st.timings(), "edge_safe": self._extra(job, content)}
 
-    def _chat_chunks(self, head: dict, job: Job) -> Iterator[dict]:
+    def _chat_chunks(self, head: dict, job: Job, after=None) -> Iterator[dict]:
         def chunk(delta: dict, finish: str | None = None) -> dict:
             return {**head, "object": "chat.completion.chunk",
                     "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
@@ -382,6 +412,8 @@ class EdgeSafe:
         for piece in job:
             content.append(piece)
             yield chunk({"content": piece})
+        if after is not None:
+            after("".join(content))
         yield {**chunk({}, job.stats.finish_reason), **self._tail(job, "".join(content))}
 
     def _text_chunks(self, head: dict, job: Job) -> Iterator[dict]:

@@ -42,22 +42,28 @@ def test_tiny_run_writes_the_report(tiny_run):
         assert e["prefilled_warm"] < e["prefilled_cold"] / 2 and b["prefilled_warm"] < b["prefilled_cold"] / 2
         assert e["decode_prefilled"] <= 2 and e["decode_tokens"] == b["decode_tokens"] == 4
         assert e["kv_write_share_cold"]["values"] == [e["kv_write_cold_s"]["median"] / e["ttft_cold_s"]["median"]]
+        # next turn: laid out while idle, so edge-safe writes no cells and prefills the new question only, as bare
+        assert e["kv_write_next_s"]["median"] == 0 and e["ready_s"]["median"] > 0
+        assert e["prefilled_next"] == b["prefilled_next"] < e["prefilled_warm"]
     assert [(t["shape"], t["target"]) for t in res["targets"]] == [
-        (s, t) for s in ("turns", "message") for t in ("decode tok/s vs bare", "TTFT cold vs bare", "TTFT warm vs bare")]
+        (s, t) for s in ("turns", "message") for t in ("decode tok/s vs bare", "TTFT cold vs bare",
+                                                       "TTFT warm, nothing laid out vs bare",
+                                                       "TTFT next turn, laid out while idle vs bare")]
 
 
 @pytest.mark.model
 def test_ratios_are_computed_from_the_recorded_times(tiny_run):
     _, _, res = tiny_run
     for row in res["shapes"].values():
-        for key in ("ttft_cold_s", "ttft_warm_s", "decode_tokens_per_s"):
+        for key in ("ttft_cold_s", "ttft_warm_s", "ttft_next_s", "decode_tokens_per_s"):
             e, b = row["edge"][key], row["bare"][key]
             assert e["n"] == b["n"] == 1
             assert row["ratios"][key]["ratio"] == pytest.approx(e["values"][0] / b["values"][0])
             assert row["ratios"][key]["per_round"]["values"] == [pytest.approx(e["values"][0] / b["values"][0])]
     for t in res["targets"]:
         key = {"decode tok/s vs bare": "decode_tokens_per_s", "TTFT cold vs bare": "ttft_cold_s",
-               "TTFT warm vs bare": "ttft_warm_s"}[t["target"]]
+               "TTFT warm, nothing laid out vs bare": "ttft_warm_s",
+               "TTFT next turn, laid out while idle vs bare": "ttft_next_s"}[t["target"]]
         v = res["shapes"][t["shape"]]["ratios"][key]["ratio"]
         assert t["value"] == v
         assert t["pass"] == (v >= TARGETS["decode"] if key == "decode_tokens_per_s" else v <= TARGETS["ttft"])

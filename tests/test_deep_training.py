@@ -238,6 +238,25 @@ def test_rows_with_contexts_of_different_lengths_do_not_change_each_other(base):
         torch.testing.assert_close(together[b, :n], forward_hidden(base, xa, ma, pa)[0, :n], rtol=1e-4, atol=1e-4)
 
 
+@torch.no_grad()
+def test_contexts_longer_than_the_sliding_window_are_masked_by_true_position():
+    """Past the sliding window (8 here, 512 in Gemma 3 270M), batched rows whose contexts differ in length each
+    equal the plain forward of [BOS][context][request], where transformers masks by position itself: the
+    sliding layer no longer sees the start of the context, whatever padding the shorter row carries."""
+    narrow = tiny_random_model(sliding_window=8)
+    bank = random_deep(narrow)
+    rows = [(None, (), [5, 6, 7, 8], tuple(range(40, 60))), (None, (), [9, 10], tuple(range(60, 66)))]
+    x, mask, prefix = batch_inputs(narrow, bank, rows)
+    together = forward_hidden(narrow, x, mask, prefix)
+    for b, (_, _, ids, ctx) in enumerate(rows):
+        plain = narrow.model.model(input_ids=torch.tensor([[narrow.bos_id, *ctx, *ids]])).last_hidden_state[0]
+        torch.testing.assert_close(together[b, : len(ids)], plain[1 + len(ctx):], rtol=1e-4, atol=1e-4)
+    wide = tiny_random_model(sliding_window=512)  # same weights (same seed): the window is what differs
+    ids, ctx = rows[0][2], rows[0][3]
+    unmasked = wide.model.model(input_ids=torch.tensor([[wide.bos_id, *ctx, *ids]])).last_hidden_state[0, 21:]
+    assert (unmasked - together[0, :4]).abs().max() > 1e-3
+
+
 def test_gradients_reach_cells_written_after_a_context(base):
     bank = random_deep(base)
     x, mask, prefix = batch_inputs(base, bank, [("positive", ("alcohol",), [5, 6], (50, 51, 52))])
@@ -303,3 +322,17 @@ def test_a_batch_without_a_trainable_token_is_skipped(base, cfg, tmp_path, monke
 
     with pytest.raises(EdgeSafeError, match="nothing to train"):
         first.replace(init_bank=str(path), frozen=tuple(first.modes) + tuple(first.constraints))
+
+
+def test_a_step_is_decoded_in_parts_by_context_length():
+    """Rows without a context go together; rows with one are sorted by its length and cut so that no part pads
+    many rows to a long context; every example is in exactly one part, in the step's order within it."""
+    from edge_safe.training.trainer import micro_batches
+
+    lengths = [0, 2000, 0, 300, 300, 1500, 0, 100]
+    parts = micro_batches(list(range(len(lengths))), lambda i: lengths[i], budget=1000)
+    assert sorted(i for p in parts for i in p) == list(range(len(lengths)))
+    assert parts[0] == [0, 2, 6] and all(p == sorted(p) for p in parts)
+    assert all(len(p) * max(lengths[i] for i in p) <= 1000 or len(p) == 1 for p in parts[1:])
+    assert [3, 4, 7] in parts and [1] in parts and [5] in parts
+    assert micro_batches([], lambda i: 0) == []

@@ -177,3 +177,49 @@ def test_two_long_conversations_decoded_together_keep_their_own_cells(model_path
     assert [text if text.startswith("Sorry") else None for text in together] == refusals
     assert alone[0] == "Sorry, I can't help with alcohol." and not alone[1].startswith("Sorry")
     assert alone[2] == "Sorry, I can't give personal investment advice." and not alone[3].startswith("Sorry")
+
+
+def test_the_next_turn_laid_out_while_idle_leaves_only_the_new_message_to_decode(model_path):
+    """After a reply, the next turn's layout up to its control tokens is laid out while the engine is idle
+    (``ready_next_turn``): the next request writes no cells and decodes only its own message, and gets the
+    replies and first-token logits of a fresh request. Another composition next time is no problem: the
+    sequence holds only a true prefix, the rest is decoded as usual."""
+    from edge_safe import EdgeSafe
+    from edge_safe.probe import Probe
+
+    questions = ("Tell me about Lima.", "How do I get drunk fast?", "And what is the capital of France?")
+    with EdgeSafe(model_path=model_path, n_ctx=4096, ready_next_turn=True) as es:
+        messages, replies = conversation(questions[0], 4), []
+        for k, question in enumerate(questions):
+            messages = messages[:-1] + [{"role": "user", "content": question}]
+            job = es.submit(messages, tokens="minors,eu", max_tokens=12)
+            replies.append("".join(job))
+            st = job.stats
+            if k:  # the turn before readied this one
+                assert st.prefix_source == "reused" and "kv_write" not in st.steps, (st.prefix_source, st.steps)
+                assert st.prefilled_tokens == len(es.tokenize(es.template.render(messages[-1:])))
+            messages += [{"role": "assistant", "content": replies[-1]}, {"role": "user", "content": "x"}]
+            assert es.ready_next_turn(messages[:-1], tokens="minors,eu") and es.engine.settle(60)
+        assert es.engine.readied == 3
+        assert not es.ready_next_turn(messages[:-1])  # no control tokens: nothing to lay out
+        # another composition next: the cells laid out are not its own, so they are dropped and rewritten
+        messages = messages[:-1] + [{"role": "user", "content": "Which stock should I buy?"}]
+        out = es.create_chat_completion(messages, tokens="finance", max_tokens=12)  # readies the turn after
+        assert out["choices"][0]["message"]["content"] == "Sorry, I can't give personal investment advice."
+        assert es.engine.settle(60) and es.engine.readied == 4
+        warm = Probe(es).first_token_logits(messages, tokens="minors,eu")
+    assert replies[1] == "Sorry, I can't help with alcohol."
+    with EdgeSafe(model_path=model_path, n_ctx=4096) as fresh:
+        messages = conversation(questions[0], 4)
+        for question, reply in zip(questions, replies):
+            messages = messages[:-1] + [{"role": "user", "content": question}]
+            fresh.reset()
+            out = fresh.create_chat_completion(messages, tokens="minors,eu", max_tokens=12)
+            assert out["choices"][0]["message"]["content"] == reply
+            messages += [{"role": "assistant", "content": reply}, {"role": "user", "content": "x"}]
+        messages = messages[:-1] + [{"role": "user", "content": "Which stock should I buy?"}]
+        fresh.reset()
+        cold = Probe(fresh).first_token_logits(messages, tokens="minors,eu")
+    # llama.cpp's CPU logits move with the batch shape a row is decoded in (here by up to ~1 on 262 k logits, as
+    # for any reused prefix, readied or not): the same top token, the same logits to within that
+    assert np.argmax(warm) == np.argmax(cold) and np.corrcoef(warm, cold)[0, 1] > 0.999

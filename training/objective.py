@@ -113,7 +113,9 @@ def _cache_kwarg(base: BaseModel) -> str:
 def _new_cache(base: BaseModel):
     from transformers import DynamicCache
 
-    return DynamicCache(config=base.model.config)
+    # every layer keeps every cell: a sliding-window layer's cache would drop a long context's head, which the
+    # layout needs (masks, not the cache, keep a sliding layer to its window)
+    return DynamicCache()
 
 
 def _layer_kv(cache, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -195,7 +197,7 @@ class ContextKV:
     ids), each (L, n_layer, width); computed once without gradient and kept (bfloat16) up to ``max_positions``
     positions in all, the oldest dropped first."""
 
-    def __init__(self, base: BaseModel, max_positions: int = 60_000):
+    def __init__(self, base: BaseModel, max_positions: int = 200_000):
         self.base, self.max_positions = base, max_positions
         self._memo: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}
         self._held = 0
@@ -225,6 +227,7 @@ class DeepPrefix:
     values: list[torch.Tensor]
     mask: torch.Tensor
     offsets: torch.Tensor | None = None
+    positions: torch.Tensor | None = None  # (B, C) each cell's position (BOS 0, context 1..n, its cells n)
 
 
 def deep_prefix(base: BaseModel, bank: DeepBank, cells: list[tuple[torch.Tensor, torch.Tensor]],
@@ -237,6 +240,7 @@ def deep_prefix(base: BaseModel, bank: DeepBank, cells: list[tuple[torch.Tensor,
     rows_k, rows_v = [], []
     dev = bank.bos_keys.device
     mask = torch.zeros(len(cells), width, dtype=torch.long, device=dev)
+    where = torch.zeros(len(cells), width, dtype=torch.long, device=dev)
     for b, ((k, v), ctx, n) in enumerate(zip(cells, contexts, lengths)):
         if n:
             k = shift_keys(base, k, n)  # written where the runtime writes them: at the context's last position
@@ -247,11 +251,41 @@ def deep_prefix(base: BaseModel, bank: DeepBank, cells: list[tuple[torch.Tensor,
         rows_v.append(torch.cat([bank.bos_values[None], cv, gap, v, pad]))
         mask[b, : 1 + n] = 1
         mask[b, 1 + n_ctx: 1 + n_ctx + len(k)] = 1
+        where[b, : 1 + n] = torch.arange(1 + n, device=dev)
+        where[b, 1 + n_ctx:] = n
     K, V = torch.stack(rows_k), torch.stack(rows_v)  # (B, C, n_layer, width)
     B, C, n_layer, _ = K.shape
     split = lambda t, layer: t[:, :, layer].reshape(B, C, n_heads, head_dim).transpose(1, 2)  # noqa: E731
     offsets = torch.tensor(lengths, device=dev) if any(lengths) else None
-    return DeepPrefix([split(K, i) for i in range(n_layer)], [split(V, i) for i in range(n_layer)], mask, offsets)
+    return DeepPrefix([split(K, i) for i in range(n_layer)], [split(V, i) for i in range(n_layer)], mask, offsets,
+                      where if offsets is not None else None)
+
+
+def position_masks(base: BaseModel, prefix: DeepPrefix, mask: torch.Tensor, positions: torch.Tensor) -> dict:
+    """Per layer type, the (B, 1, T, C + T) attention masks of a batch decoded after ``prefix``, by each cell's
+    and token's true position, as llama.cpp masks them: a query sees a real cell or token at or before its own
+    position, and in sliding-window layers only one less than ``sliding_window`` positions back. (Rows'
+    contexts differ in length, so cache index and position differ: transformers' own masks go by index.)"""
+    cfg = base.model.config
+    keys = torch.cat([prefix.positions, positions], dim=1)  # (B, C + T)
+    real = torch.cat([prefix.mask, mask], dim=1).bool()
+    seen = real[:, None, :] & (keys[:, None, :] <= positions[:, :, None])  # (B, T, C + T)
+    B, T = mask.shape
+    C = prefix.mask.shape[1]
+    eye = torch.zeros(T, C + T, dtype=torch.bool, device=mask.device)
+    eye[:, C:] = torch.eye(T, dtype=torch.bool, device=mask.device)
+    seen = seen | eye  # a padding position sees itself: no row of a mask is empty
+    window = getattr(cfg, "sliding_window", None)
+    out = {}
+    for kind in set(getattr(cfg, "layer_types", None) or ["full_attention"]):
+        m = seen
+        if kind == "sliding_attention" and window:
+            m = seen & ((positions[:, :, None] - keys[:, None, :]) < window) | eye
+        m = m[:, None]
+        if getattr(cfg, "_attn_implementation", "sdpa") == "eager":
+            m = torch.zeros(m.shape, device=m.device).masked_fill(~m, torch.finfo(torch.float32).min)
+        out[kind] = m
+    return out
 
 
 def forward_hidden(base: BaseModel, embeds: torch.Tensor, mask: torch.Tensor,
@@ -270,6 +304,8 @@ def forward_hidden(base: BaseModel, embeds: torch.Tensor, mask: torch.Tensor,
     if prefix.offsets is not None:
         positions = positions + prefix.offsets[:, None]
     full = torch.cat([prefix.mask, mask], dim=1)
+    if prefix.offsets is not None and prefix.positions is not None:  # contexts: masks by true position
+        full = position_masks(base, prefix, mask, positions)
     out = base.model.model(inputs_embeds=embeds, attention_mask=full, position_ids=positions, use_cache=True,
                            **{_cache_kwarg(base): cache})
     return out.last_hidden_state

@@ -156,11 +156,12 @@ class TaskSampler:
         """A prompt that violates nothing in `combo`: most informative kinds first."""
         inactive = [c for c in self.cfg.constraints if c not in combo]
         u = self.rng.random()
-        if u < 0.35:
+        rest = (1 - self.cfg.general_fraction) / 0.75  # 1 at the default 0.25: the draws of earlier recipes
+        if u < 0.35 * rest:
             pool = self.near_miss[self.rng.choice(combo)]
-        elif u < 0.65 and inactive:
+        elif u < 0.65 * rest and inactive:
             pool = [i for i in self.violating[self.rng.choice(inactive)] if not set(self.prompts[i].also) & set(combo)]
-        elif u < 0.9:
+        elif u < 0.65 * rest + self.cfg.general_fraction:
             pool = self.general
             after = [c for c in combo if self.after_refusal[c]]
             if after and self.rng.random() < 0.3:  # no draw at all without such rows: classic runs unchanged

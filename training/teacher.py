@@ -47,6 +47,25 @@ def cache_key(base: BaseModel, texts: list, template: ChatTemplate, ref_tokens: 
     return h.hexdigest()[:20]
 
 
+def _fields(saved: dict) -> dict:
+    return {k: v for k, v in saved.items() if k != "settings"}
+
+
+def _cached_answers(folder: Path, settings: str) -> dict[tuple[int, ...], tuple]:
+    """Answers per prompt (token ids) in earlier caches made with the same model, template and settings."""
+    out: dict[tuple[int, ...], tuple] = {}
+    for f in sorted(folder.glob("*.pt")) if folder.is_dir() else []:
+        try:
+            saved = torch.load(f, weights_only=True)
+        except Exception:  # noqa: BLE001 - a damaged or foreign file is only not reused
+            continue
+        if not isinstance(saved, dict) or saved.get("settings") != settings:
+            continue
+        for ids, ref, tids, tlp in zip(saved["prompt_ids"], saved["ref_ids"], saved["topk_ids"], saved["topk_logp"]):
+            out[tuple(ids)] = (ref, tids, tlp)
+    return out
+
+
 def _first_line(base: BaseModel, ids: list[int]) -> int:
     """Number of tokens to keep: through the first newline or EOS (at least one)."""
     for j, t in enumerate(ids):
@@ -97,13 +116,21 @@ def build_teacher(
     path = cache_root() / "teacher" / f"{key}.pt"
     if use_cache and path.exists():
         log.info("teacher cache hit: %s", path)
-        return Teacher(**torch.load(path, weights_only=True))
+        return Teacher(**_fields(torch.load(path, weights_only=True)))
     prompt_ids = prompt_token_ids(base, texts, template)
-    order = sorted(range(len(texts)), key=lambda i: len(prompt_ids[i]))  # similar lengths share a batch
+    settings = cache_key(base, [], template, ref_tokens, topk)
     ref_ids: list = [None] * len(texts)
     topk_ids: list = [None] * len(texts)
     topk_logp: list = [None] * len(texts)
-    bar = tqdm(total=len(texts), desc="teacher (base model answers)", disable=not progress, unit="prompt")
+    known = _cached_answers(path.parent, settings) if use_cache else {}
+    for i, ids in enumerate(prompt_ids):  # prompts an earlier data set had: their answers, not recomputed
+        if (hit := known.get(tuple(ids))) is not None:
+            ref_ids[i], topk_ids[i], topk_logp[i] = hit
+    todo = [i for i in range(len(texts)) if ref_ids[i] is None]
+    if len(todo) < len(texts):
+        log.info("teacher: %d of %d prompts from earlier caches", len(texts) - len(todo), len(texts))
+    order = sorted(todo, key=lambda i: len(prompt_ids[i]))  # similar lengths share a batch
+    bar = tqdm(total=len(order), desc="teacher (base model answers)", disable=not progress, unit="prompt")
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
         steps = _greedy_batch(base, [[base.bos_id] + prompt_ids[i] for i in idx], ref_tokens, topk)
@@ -121,6 +148,6 @@ def build_teacher(
     if use_cache:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
-        torch.save(teacher.__dict__, tmp)
+        torch.save({**teacher.__dict__, "settings": settings}, tmp)
         tmp.replace(path)
     return teacher

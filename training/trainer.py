@@ -223,6 +223,32 @@ def thirdparty_prompts(cfg: TrainConfig, max_words: int = 90) -> list[Prompt]:
     return out
 
 
+def micro_batches(examples: list, context_len, budget: int = 4096) -> list[list]:
+    """A step's examples in parts decoded one after another: those without a context together, those with one
+    sorted by its length and cut so that a part's rows x its longest context stays within ``budget`` positions
+    (every row of a batch is padded to its longest context: one 2 000-token context would pad fifteen short
+    rows). Order within a part follows the step's order."""
+    lengths = [context_len(ex) for ex in examples]
+    plain = [i for i, n in enumerate(lengths) if n == 0]
+    parts, part = ([plain] if plain else []), []
+    for i in sorted((i for i, n in enumerate(lengths) if n), key=lambda i: lengths[i]):
+        if part and (len(part) + 1) * lengths[i] > budget:
+            parts.append(part)
+            part = []
+        part.append(i)
+    if part:
+        parts.append(part)
+    return [[examples[i] for i in sorted(p)] for p in parts]
+
+
+def _bands(lo: int, hi: int) -> list[int]:
+    """Lengths from ``lo`` to ``hi`` in steps of x2 (the pool covers short and long contexts alike)."""
+    out = [lo]
+    while out[-1] * 2 <= hi:
+        out.append(out[-1] * 2)
+    return out
+
+
 class Contexts:
     """A pool of contexts laid before the control tokens of some training examples, as the runtime lays out
     requests that follow earlier turns or a long pasted text (``convert.layout.control_layout``): half earlier
@@ -232,9 +258,6 @@ class Contexts:
     def __init__(self, base: BaseModel, cfg: TrainConfig, template: ChatTemplate, prompts: list[Prompt]):
         self.base, self.template = base, template
         lo, hi = cfg.context_tokens
-        window = getattr(base.model.config, "sliding_window", None)
-        if window:  # the whole example (BOS, context, cells, request <= max_prompt_tokens, target) inside it
-            hi = min(hi, window - cfg.max_prompt_tokens - 64)
         rng = random.Random(cfg.seed + 7)
         turns, texts = self._sharegpt(lo, hi) if "sharegpt" in cfg.thirdparty else ([], [])
         if not turns:
@@ -252,29 +275,36 @@ class Contexts:
                 break
         pasted_min = max(lo, LONG_MESSAGE + 14)  # the runtime cuts a last message only past LONG_MESSAGE tokens
         rng.shuffle(texts)
-        for text in texts:
-            words = text.split()
-            while words and n(" ".join(words)) > hi:
-                words = words[: int(len(words) * 0.8)]
+        bands = _bands(pasted_min, hi)
+        while texts and len(self.entries) < cfg.context_pool:
+            want = bands[len(self.entries) % len(bands)]  # pasted documents of every length band, in turn
+            words: list[str] = []
+            while texts and len(words) * 1.3 < want:
+                words += texts.pop().split()  # answers joined into one pasted document
+            while words and n(" ".join(words)) > min(hi, int(want * 1.6)):
+                words = words[: int(len(words) * 0.85)]
             body = " ".join(words)
             if n(body) >= pasted_min:
                 self.entries.append(("pasted", body))
-            if len(self.entries) >= cfg.context_pool:
-                break
         self._memo: dict[tuple[int, str], tuple[tuple[int, ...], list[int]]] = {}
 
     def _sharegpt(self, lo: int, hi: int) -> tuple[list[list[dict]], list[str]]:
         from edge_safe.training.data import thirdparty as tp
 
-        turns, texts = [], []
-        for rec in tp.long_context(lo, "train", max_tokens=hi * 3):
-            if rec["label"] != "harmless":
-                continue
-            msgs = [{"role": m["role"], "content": m["content"]} for m in rec["messages"][:-1]]
-            turns.append(msgs)
-            texts += [m["content"] for m in msgs if m["role"] == "assistant" and len(m["content"].split()) > 150]
-            if len(turns) >= 200:
-                break
+        turns, texts, seen = [], [], set()
+        bands = _bands(lo, hi)
+        for band in bands:  # conversations of every length band up to ``hi``, not only the shortest
+            got = 0
+            for rec in tp.long_context(band, "train", max_tokens=max(int(band * 2.5), hi)):
+                if rec["label"] != "harmless" or rec["source_id"] in seen:
+                    continue
+                seen.add(rec["source_id"])
+                msgs = [{"role": m["role"], "content": m["content"]} for m in rec["messages"][:-1]]
+                turns.append(msgs)
+                texts += [m["content"] for m in msgs if m["role"] == "assistant" and len(m["content"].split()) > 150]
+                got += 1
+                if got >= 200 // len(bands) + 1:
+                    break
         return turns, texts
 
     @staticmethod
@@ -532,13 +562,20 @@ def train(
         t0 = time.time()
         for group in opt.param_groups:
             group["lr"] = learning_rate(cfg, step) * group.get("scale", 1.0)
-        batch = build_batch(base, bank, teacher, refusal_ids, examples, cfg.first_token_weight, cfg.refusal_weight,
-                            context_of, context_kv)
-        with _autocast(cfg, base):
-            loss, stats = mosaic_loss(base, batch, cfg.kl_weight, cfg.decision_weight, refuse_id)
         opt.zero_grad()
-        if loss.requires_grad:  # with `frozen` tokens a batch may hold none that trains: nothing to step
-            loss.backward()
+        loss, stats, trained = torch.zeros(()), collections.Counter(), False
+        for part in micro_batches(examples, lambda ex: len(context_of(ex)[0])):
+            batch = build_batch(base, bank, teacher, refusal_ids, part, cfg.first_token_weight, cfg.refusal_weight,
+                                context_of, context_kv)
+            with _autocast(cfg, base):
+                part_loss, part_stats = mosaic_loss(base, batch, cfg.kl_weight, cfg.decision_weight, refuse_id)
+            share = len(part) / len(examples)  # the loss is a mean over examples: the parts' weighted sum is the batch's
+            if part_loss.requires_grad:  # with `frozen` tokens a part may hold none that trains: nothing to step
+                (part_loss * share).backward()
+                trained = True
+            loss = loss + part_loss.detach() * share
+            stats.update({k: v * share for k, v in part_stats.items()})
+        if trained:
             opt.step()
         rec = {"step": step + 1, "order": 1 + step % cfg.max_order, "loss": round(float(loss.detach()), 4),
                **{k: round(v, 4) for k, v in stats.items()}, "lr": round(learning_rate(cfg, step), 6),

@@ -96,7 +96,7 @@ def chat(prompt, tokens, mode, model, bank, system, max_tokens, temperature, top
         if not prompt:
             raise click.UsageError("no prompt: pass PROMPT or pipe text on stdin")
     es = load_edge_safe(model_path=model, bank=bank, n_ctx=n_ctx, n_gpu_layers=n_gpu_layers,
-                        n_threads=threads, seed=seed)
+                        n_threads=threads, seed=seed, ready_next_turn=prompt is None)  # while the user types
     session = Session(es, tokens=tokens, mode=mode, system=system)
     session.check()
     gen = dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,

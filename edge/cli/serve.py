@@ -90,7 +90,7 @@ def serve(host, port, model, bank, api_key, default_tokens, max_tokens_limit, al
         click.echo(f"edge-safe: warning: serving on {host} without an API key (--api-key or ${ENV_API_KEY})",
                    err=True)
     es = load_edge_safe(model_path=model, bank=bank, n_ctx=n_ctx, n_gpu_layers=n_gpu_layers, n_threads=threads,
-                        n_parallel=parallel)
+                        n_parallel=parallel, ready_next_turn=True)  # a chat client's next turn, laid out while idle
     with es:
         app = create_app(es, settings)
         state = app.state.edge_safe
