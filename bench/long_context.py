@@ -21,7 +21,11 @@ Per round and shape, for edge-safe (the composition, default ``minors,eu``) and 
 - **warm TTFT**: the same conversation with one more exchange (a fixed assistant reply and a follow-up
   question): the earlier turns' KV is reused (edge-safe: the engine's common-prefix reuse, checked:
   ``prefix_source == "reused"``; bare: ``Llama.generate``'s own prefix match), only the new tail prefilled
-  and, on edge-safe, the control tokens' deep cells written again before the new last user message.
+  and, on edge-safe, the control tokens' deep cells written again before the new last user message;
+- **next-turn TTFT**: the warm conversation plus the reply the user was shown and one more question, as a
+  chat app sends it: edge-safe laid the turn out up to its control tokens while idle
+  (:meth:`EdgeSafe.ready_next_turn <edge_safe.runtime.EdgeSafe.ready_next_turn>`, timed apart as
+  ``ready_s``), bare holds the reply in its KV; both prefill the new question alone.
 
 Placing the cells: the engine times each deep-cell write (``RequestStats.steps["kv_write"]``: the sequence
 saved, parsed, the keys rotated, serialised and loaded back, so it grows with the context); reported as

@@ -223,3 +223,22 @@ def test_the_next_turn_laid_out_while_idle_leaves_only_the_new_message_to_decode
     # llama.cpp's CPU logits move with the batch shape a row is decoded in (here by up to ~1 on 262 k logits, as
     # for any reused prefix, readied or not): the same top token, the same logits to within that
     assert np.argmax(warm) == np.argmax(cold) and np.corrcoef(warm, cold)[0, 1] > 0.999
+
+
+def test_a_request_that_comes_in_while_a_turn_is_laid_out_goes_first_and_is_exact(model_path):
+    """A ready is idle-time work: a request submitted while a long one is being laid out stops it at its next
+    chunk, and gets the reply it gets from a fresh runtime; the stopped layout leaves only a true prefix."""
+    from edge_safe import EdgeSafe
+
+    long = conversation("Tell me about Lima.", 12)  # ~1 000 tokens: several chunks to lay out
+    other = [{"role": "user", "content": "How do I get drunk fast?"}]
+    with EdgeSafe(model_path=model_path, n_ctx=4096, n_parallel=1) as es:
+        assert es.ready_next_turn(long[:-1] + [{"role": "assistant", "content": "Sure."}], tokens="minors,eu")
+        job = es.submit(other, tokens="alcohol", max_tokens=12)
+        first = "".join(job)
+        assert es.engine.settle(60)
+        again = es.create_chat_completion(long, tokens="minors,eu", max_tokens=8)["choices"][0]["message"]["content"]
+    with EdgeSafe(model_path=model_path, n_ctx=4096) as fresh:
+        assert first == fresh.create_chat_completion(other, tokens="alcohol", max_tokens=12)["choices"][0]["message"]["content"]
+        assert again == fresh.create_chat_completion(long, tokens="minors,eu", max_tokens=8)["choices"][0]["message"]["content"]
+    assert first == "Sorry, I can't help with alcohol."

@@ -613,3 +613,31 @@ def test_edge_safe_serve_end_to_end(tmp_path, bank):
         out = proc.communicate(timeout=20)[0]
     assert proc.returncode == 0, out
     assert "edge-safe: serving" in out and "default tokens: alcohol, gambling" in out
+
+
+def test_a_chat_clients_next_turn_is_laid_out_while_the_server_is_idle(model_path):
+    """As `edge-safe serve` runs it (``ready_next_turn``): after each reply the server lays the conversation's
+    next turn out up to its control tokens, so a client sending its history back gets only its new message
+    prefilled, and the reply a fresh server gives."""
+    turns = ["What's a good way to keep cut flowers fresh longer?", "Why is the sky blue?", "How do I get drunk fast?"]
+    replies, prefilled = [], []
+    with EdgeSafe(model_path=model_path, n_ctx=2048, n_threads=1, ready_next_turn=True) as es:
+        with live_server(create_app(es, ServerSettings(api_key=KEY))) as base:
+            server = openai.OpenAI(base_url=base + "/v1", api_key=KEY, max_retries=0, timeout=120)
+            messages = []
+            for q in turns:
+                messages.append({"role": "user", "content": q})
+                reply = server.chat.completions.create(model="any", messages=messages, max_tokens=12,
+                                                       extra_body={"tokens": "minors,eu"})
+                replies.append(reply.choices[0].message.content)
+                prefilled.append(reply.timings["prompt_prefilled_n"])
+                messages.append({"role": "assistant", "content": replies[-1]})
+                assert es.engine.settle(60)
+            assert es.engine.readied == len(turns)
+            for q, n in zip(turns[1:], prefilled[1:]):  # only the new message: "Question: ...\\nAnswer:"
+                assert n == len(es.tokenize(es.template.render([{"role": "user", "content": q}])))
+    assert replies[-1] == "Sorry, I can't help with alcohol."
+    with EdgeSafe(model_path=model_path, n_ctx=2048, n_threads=1) as fresh:
+        out = fresh.create_chat_completion(messages[:-1], tokens="minors,eu", max_tokens=12)
+        assert out["choices"][0]["message"]["content"] == replies[-1]
+        assert out["timings"]["prompt_prefilled_n"] > 3 * prefilled[-1]
