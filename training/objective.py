@@ -304,7 +304,7 @@ def forward_hidden(base: BaseModel, embeds: torch.Tensor, mask: torch.Tensor,
     if prefix.offsets is not None:
         positions = positions + prefix.offsets[:, None]
     full = torch.cat([prefix.mask, mask], dim=1)
-    if prefix.offsets is not None and prefix.positions is not None:  # contexts: masks by true position
+    if prefix.positions is not None:  # rows after contexts: masks by true position
         full = position_masks(base, prefix, mask, positions)
     out = base.model.model(inputs_embeds=embeds, attention_mask=full, position_ids=positions, use_cache=True,
                            **{_cache_kwarg(base): cache})
