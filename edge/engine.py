@@ -278,9 +278,8 @@ class Engine:
                     finally:
                         with self._cv:
                             self._readying = False
-                            self._free.append(seq)
-                            self._free.sort()
-                            self._cv.notify_all()
+                            self._free_seq(seq)
+                            self._cv.notify_all()  # settle() waits for this
                     continue
                 with self._cv:
                     for job in [j for j in self._running if j.cancelled]:
@@ -357,11 +356,15 @@ class Engine:
             if job.seq is not None:
                 if error is not None and not self.ctx.closed:
                     self._drop(job.seq)
-                self._free.append(job.seq)
-                self._free.sort()
+                self._free_seq(job.seq)
             job.seq = None
             self._cv.notify_all()  # settle() waits for this
         job.finish(error)
+
+    def _free_seq(self, seq: int) -> None:
+        """Put ``seq`` back among the free sequences (its cells stay, described by ``_held``); under ``_cv``."""
+        self._free.append(seq)
+        self._free.sort()
 
     def _drop(self, seq: int) -> None:
         self.ctx.seq_rm(seq)
