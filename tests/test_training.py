@@ -69,6 +69,40 @@ def test_sampler_never_draws_held_out_and_cycles_orders(cfg):
     assert seen_orders == {1, 2}
 
 
+def test_profiles_are_trained_as_whole_compositions(cfg):
+    import random
+
+    cfg = cfg.replace(profiles=("minors", "minors,eu"), profile_fraction=0.5)
+    # a profile stands for its members among the trained constraints (here alcohol and gambling of minors)
+    assert cfg.profile_compositions() == [("alcohol", "gambling"), ("alcohol", "gambling", "privacy")]
+    prompts = load_prompts(cfg.data_dir, "train")
+    s = TaskSampler(prompts, cfg, random.Random(0))
+    whole, orders, n = 0, set(), 0
+    for step in range(60):
+        for ex in s.batch(step):
+            if ex.mode != "positive":
+                continue
+            n += 1
+            if len(ex.constraints) == 3:  # order-based draws stop at max_order 2: only the profile has three
+                whole += 1
+                orders.add(ex.constraints)
+                assert sorted(ex.constraints) == ["alcohol", "gambling", "privacy"]
+                if ex.refuse:
+                    assert prompts[ex.prompt].category == ex.refuse
+            assert ex.order == len(ex.constraints)
+    assert 0.1 < whole / n < 0.4  # half the draws are a profile, half of those minors,eu (pairs count too)
+    assert len(orders) > 3  # laid out in random orders
+
+
+def test_profiles_config_errors_name_what_is_known():
+    with pytest.raises(EdgeSafeError, match="neither a profile nor a trained constraint.*minors"):
+        TrainConfig(constraints=CATS, max_order=2, profiles=("minors,kids",), profile_fraction=0.2, held_out=())
+    with pytest.raises(EdgeSafeError, match="needs `profiles`"):
+        TrainConfig(constraints=CATS, max_order=2, profile_fraction=0.2, held_out=())
+    d = TrainConfig(constraints=CATS, max_order=2, profiles=("eu",), profile_fraction=0.1, held_out=()).to_dict()
+    assert TrainConfig.from_dict(d).profiles == ("eu",)
+
+
 def test_a_few_steps_lower_the_loss_and_export_loads(cfg, tmp_path):
     base = tiny_random_model()
     bank, summary = train(cfg.replace(steps=1), base, tmp_path / "run0", progress=False)

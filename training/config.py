@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from edge_safe.convert.errors import EdgeSafeError
-from edge_safe.training.categories import CATEGORY_NAMES, MODE_NAMES
+from edge_safe.training.categories import CATEGORY_NAMES, MODE_NAMES, PROFILES
 
 
 #: The shipped config `edge-safe train` uses without --config.
@@ -124,6 +124,19 @@ class TrainConfig:
     # tokens kept exactly as init_bank has them (MOSAIC: new constraints learned beside frozen old ones, so
     # the old ones alone behave as before)
     frozen: tuple[str, ...] = ()
+    # deployed compositions trained as such: in `profile_fraction` of the non-rejective examples the composition is
+    # one of these (each a comma-separated list of profiles and constraints, e.g. "minors,eu"; a profile stands for
+    # its members among `constraints`), laid out in a random order, instead of a random one of the step's order
+    profiles: tuple[str, ...] = ()
+    profile_fraction: float = 0.0
+
+    def profile_compositions(self) -> list[tuple[str, ...]]:
+        """Each entry of `profiles` as the distinct constraints it stands for (bank order)."""
+        out = []
+        for spec in self.profiles:
+            names = {c for part in spec.split(",") for c in PROFILES.get(part.strip(), (part.strip(),))}
+            out.append(tuple(c for c in self.constraints if c in names))
+        return out
 
     def __post_init__(self) -> None:
         bad = [c for c in self.constraints if c not in CATEGORY_NAMES]
@@ -170,6 +183,15 @@ class TrainConfig:
                                 f"got {list(self.frozen)}" + (f" ({bad} unknown)" if bad else " without an init_bank"))
         if self.frozen and set(self.frozen) >= set(self.constraints) | set(self.modes):
             raise EdgeSafeError("config: frozen names every token: nothing to train; leave at least one out")
+        for spec in self.profiles:
+            parts = [x.strip() for x in spec.split(",")]
+            unknown = [x for x in parts if x not in PROFILES and x not in self.constraints]
+            if unknown or not parts:
+                raise EdgeSafeError(f"config: profiles entry {spec!r} names {unknown}, neither a profile nor a trained "
+                                    f"constraint; profiles: {', '.join(PROFILES)}; constraints: {', '.join(self.constraints)}")
+        if not 0 <= self.profile_fraction < 1 or (self.profile_fraction and not self.profiles):
+            raise EdgeSafeError(f"config: profile_fraction must be in [0, 1) and needs `profiles`, got "
+                                f"{self.profile_fraction} with profiles {list(self.profiles)}")
         for combo in self.held_out:
             unknown = [c for c in combo if c not in self.constraints]
             if unknown:
@@ -182,7 +204,7 @@ class TrainConfig:
         if unknown:
             raise EdgeSafeError(f"config: unknown keys {unknown}; known keys: {', '.join(sorted(known))}")
         data = dict(data)
-        for key in ("constraints", "modes", "thirdparty", "context_tokens", "frozen"):
+        for key in ("constraints", "modes", "thirdparty", "context_tokens", "frozen", "profiles"):
             if key in data:
                 data[key] = tuple(data[key])
         if "held_out" in data:
@@ -217,6 +239,7 @@ class TrainConfig:
         d["thirdparty"] = list(self.thirdparty)
         d["context_tokens"] = list(self.context_tokens)
         d["frozen"] = list(self.frozen)
+        d["profiles"] = list(self.profiles)
         return d
 
     def replace(self, **changes: Any) -> "TrainConfig":

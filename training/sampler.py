@@ -13,7 +13,9 @@ constraint swapped for an inactive one, taught to answer. The pair differs only
 in which token is present, so the gradient says "refuse *because of this
 token*" instead of "refuse anything that looks harmful". A share of examples
 is trained in the `rejective` mode (refuse everything) and the `negative` mode
-(answer everything as the base model, constraints or not).
+(answer everything as the base model, constraints or not). With `profiles`, a
+share of the examples takes a deployed composition (e.g. every constraint of
+`minors,eu`) instead: run time composes more tokens than the orders drawn.
 """
 from __future__ import annotations
 
@@ -145,6 +147,7 @@ class TaskSampler:
         self.held_out = {frozenset(c) for c in cfg.held_out}
         self.prompts = prompts
         self.n_contexts = 0  # set by the trainer: pooled contexts a share of examples is laid out after
+        self.profiles = [c for c in cfg.profile_compositions() if frozenset(c) not in self.held_out and c]
 
     def composition(self, order: int) -> tuple[str, ...]:
         while True:
@@ -176,15 +179,18 @@ class TaskSampler:
         if Mode.REJECTIVE in cfg.modes and u < cfg.mode_rejective:
             combo = self.composition(rng.randint(1, order)) if rng.random() < 0.5 else ()
             return Example(rng.choice(self.all), Mode.REJECTIVE, combo, Mode.REJECTIVE, len(combo))
-        combo = self.composition(order)
+        if self.profiles and rng.random() < cfg.profile_fraction:  # no draw without profiles: older runs unchanged
+            combo = tuple(rng.sample(p := rng.choice(self.profiles), len(p)))
+        else:
+            combo = self.composition(order)
         if Mode.NEGATIVE in cfg.modes and u < cfg.mode_rejective + cfg.mode_negative:
             pool = self.violating[rng.choice(combo)] if rng.random() < 0.5 else self.all
-            return Example(rng.choice(pool), Mode.NEGATIVE, combo, None, order)
+            return Example(rng.choice(pool), Mode.NEGATIVE, combo, None, len(combo))
         mode = Mode.POSITIVE if Mode.POSITIVE in cfg.modes else None
         if rng.random() < cfg.positive_fraction:
             cat = rng.choice(combo)
-            return self._placed(Example(rng.choice(self.violating[cat]), mode, combo, cat, order))
-        return self._placed(Example(self.negative_prompt(combo), mode, combo, None, order))
+            return self._placed(Example(rng.choice(self.violating[cat]), mode, combo, cat, len(combo)))
+        return self._placed(Example(self.negative_prompt(combo), mode, combo, None, len(combo)))
 
     def _placed(self, ex: Example) -> Example:
         """A single-turn positive-mode example laid out after a pooled context in `context_fraction` of draws."""
