@@ -94,6 +94,9 @@ class TokenBank:
     eval_summary: dict = field(default_factory=dict)  # headline evaluation numbers
     mode_behaviours: dict[str, str] = field(default_factory=dict)  # mode -> Behaviour; absent: Behaviour.DEFAULTS
     deep_positions: str = DEEP_POSITIONS  # where deep cells sit (keys.DEEP_POSITIONS); stored only with deep tokens
+    # ((position, copies), ...) ascending: deep cells sitting at or past `position` are written `copies` times
+    # (Keys.Deep.COPIES); () = once everywhere. Stored only with deep tokens.
+    deep_copies: tuple[tuple[int, int], ...] = ()
 
     # --- files ---------------------------------------------------------------
 
@@ -231,6 +234,25 @@ class TokenBank:
         if not shallow:
             return np.zeros((0, self.n_embd), dtype=np.float32)
         return np.concatenate(shallow, axis=0)
+
+    def with_deep_copies(self, rule) -> "TokenBank":
+        """This bank with another ``deep_copies`` rule (``[[position, copies], ...]``, checked)."""
+        if isinstance(rule, (list, tuple)):
+            rule = tuple(tuple(r) if isinstance(r, (list, tuple)) else r for r in rule)
+        _validate_copies(rule)
+        return replace(self, deep_copies=rule)
+
+    def copies_at(self, position: int) -> int:
+        """How many times deep cells sitting at ``position`` are written (``deep_copies``)."""
+        out = 1
+        for start, copies in self.deep_copies:
+            if position >= start:
+                out = copies
+        return out
+
+    @property
+    def max_copies(self) -> int:
+        return max([1] + [c for _, c in self.deep_copies])
 
     def deep_cells(self, names: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """The named *deep* entries' keys and values, concatenated in the given order:
@@ -451,11 +473,29 @@ def _validate_deep(bank: TokenBank) -> None:
                     f"deep token {name!r} has {got[0]} layers x (K {got[1]}, V {got[2]}) but other deep tokens have "
                     f"{geometry[0]} x (K {geometry[1]}, V {geometry[2]}); all deep tokens must fit one model"
                 )
+    _validate_copies(bank.deep_copies)
     if bank.deep_positions not in KNOWN_DEEP_POSITIONS:
         raise BankFormatError(
             f"the bank places deep cells by scheme {bank.deep_positions!r}, which this edge-safe does not know "
             f"(known: {', '.join(KNOWN_DEEP_POSITIONS)}); upgrade edge-safe"
         )
+
+
+MAX_DEEP_COPIES = 8
+
+
+def _validate_copies(rule) -> None:
+    """``deep_copies``: ((position >= 1, 2 <= copies <= MAX_DEEP_COPIES), ...), positions strictly ascending."""
+    ok = isinstance(rule, (list, tuple)) and all(
+        isinstance(r, (list, tuple)) and len(r) == 2 and all(isinstance(x, int) and not isinstance(x, bool) for x in r)
+        for r in rule)
+    if ok:
+        starts = [r[0] for r in rule]
+        ok = all(s >= 1 for s in starts) and starts == sorted(set(starts)) and all(
+            2 <= r[1] <= MAX_DEEP_COPIES for r in rule)
+    if not ok:
+        raise BankFormatError(f"deep copies must be [[position >= 1, copies 2..{MAX_DEEP_COPIES}], ...] with "
+                              f"positions ascending, e.g. [[512, 2]]; got {rule!r}")
 
 
 def _validate_profiles(profiles: dict, tokens: dict[str, BankToken]) -> None:

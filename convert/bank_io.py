@@ -126,6 +126,8 @@ def _build_writer(bank: Any, dtype: str) -> GGUFWriter:
         for key, value in zip((Keys.Deep.N_LAYER, Keys.Deep.N_EMBD_K, Keys.Deep.N_EMBD_V), geometry):
             _put(w, key, int(value), GGUFValueType.UINT32)
         _put(w, Keys.Deep.POSITIONS, bank.deep_positions, GGUFValueType.STRING)
+        if bank.deep_copies:  # optional: absent, cells are written once
+            _put(w, Keys.Deep.COPIES, json.dumps([list(r) for r in bank.deep_copies]), GGUFValueType.STRING)
     for t in toks:
         if t.is_deep:
             for tname, rows in zip(deep_tensor_names(t.name), (t.keys, t.values)):
@@ -192,6 +194,9 @@ def read_bank(path: Path) -> dict[str, Any]:
         for i, name in enumerate(names)
     ]
     extra = {"deep_positions": positions} if positions is not None else {}
+    if positions is not None and Keys.Deep.COPIES in kv.kv:
+        rule = kv.json(Keys.Deep.COPIES, list)
+        extra["deep_copies"] = tuple(tuple(r) if isinstance(r, list) else r for r in rule)
     return {**extra,
         "arch": kv.string(Keys.General.ARCHITECTURE),
         "n_embd": n_embd,

@@ -34,6 +34,8 @@ def bank_meta(bank: TokenBank) -> dict[str, Any]:
     """Everything but the vectors, as one JSON-ready object."""
     deep = bank.deep_geometry is not None
     extra = {"deep_positions": bank.deep_positions} if deep else {}
+    if deep and bank.deep_copies:
+        extra["deep_copies"] = [list(r) for r in bank.deep_copies]
     return {
         "format": Interchange.FORMAT,
         "format_version": FORMAT_VERSION_DEEP if deep else FORMAT_VERSION,
@@ -119,6 +121,7 @@ def bank_from_parts(
         tokens[e["name"]] = BankToken(name=e["name"], vectors=v.reshape(1, -1) if v.ndim == 1 else v, **fields)
     bank = TokenBank(
         deep_positions=meta.get("deep_positions", DEEP_POSITIONS),
+        deep_copies=tuple(tuple(r) if isinstance(r, list) else r for r in meta.get("deep_copies") or ()),
         tokens=tokens,
         profiles={p: list(ms) for p, ms in dict(meta.get("profiles") or {}).items()},
         layout=meta.get("layout", LAYOUT_V1),

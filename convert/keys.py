@@ -63,6 +63,10 @@ class Keys:
         N_EMBD_K = "edge_safe.deep.n_embd_k_gqa"  # uint32: width of one key row (n_head_kv x key_length)
         N_EMBD_V = "edge_safe.deep.n_embd_v_gqa"  # uint32: width of one value row
         POSITIONS = "edge_safe.deep.positions"  # string: where the cells sit (DEEP_POSITIONS)
+        # JSON [[position, copies], ...] (ascending): cells that sit at or past `position` are written `copies`
+        # times (identical rows at one position: each copy adds ln(copies) to their attention logits against a long
+        # context before them). Optional: absent = written once everywhere.
+        COPIES = "edge_safe.deep.copies"
 
 
 class Model:

@@ -82,7 +82,8 @@ def _deep_checks(a: Any, b: Any) -> list[tuple[str, Any, Any]]:
     if ga is None or gb is None:
         return []
     return [("deep-token geometry (n_layer, n_embd_k_gqa, n_embd_v_gqa)", ga, gb),
-            ("deep-cell positions", a.deep_positions, b.deep_positions)]
+            ("deep-cell positions", a.deep_positions, b.deep_positions),
+            ("deep-cell copies past a long context", a.deep_copies, b.deep_copies)]
 
 
 def _with_origin(tok: Any, bank: Any) -> Any:

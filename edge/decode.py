@@ -37,6 +37,7 @@ class RequestStats:
     prefix_positions: int  # positions taken by injected shallow vectors (BOS not counted)
     prompt_tokens: int  # BOS + conversation text tokens
     deep_cells: int = 0  # KV cells written for deep control tokens (they take no position and no prefill)
+    deep_copies: int = 1  # times they were written where they sit (the bank's rule past a long context)
     prefix_source: str = ""  # "reused" (already in the sequence) | "cache" (snapshot restored) | "built"
     prefilled_tokens: int = 0  # conversation tokens decoded for this request (the rest were in KV)
     completion_tokens: int = 0
@@ -88,6 +89,8 @@ class Request:
     deep: tuple[np.ndarray, np.ndarray] | None = None  # deep entries' (keys, values), written at position 0
     alone: Callable[[str], "Request"] | None = None  # this request with one of its constraints active alone
     splits: tuple[int, ...] = (0,)  # prompt indices the control tokens go before (ascending)
+    # ((position, copies), ...): deep cells sitting at or past `position` are written `copies` times (TokenBank)
+    deep_copies: tuple[tuple[int, int], ...] = ()
     stats: RequestStats = field(init=False)
 
     def __post_init__(self):
@@ -97,6 +100,10 @@ class Request:
     @property
     def n_deep(self) -> int:
         return 0 if self.deep is None else len(self.deep[0])
+
+    def copies_at(self, position: int) -> int:
+        """How many times the deep cells are written when they sit at ``position``."""
+        return max([1] + [c for start, c in self.deep_copies if position >= start][-1:])
 
     @property
     def n_positions(self) -> int:

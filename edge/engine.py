@@ -389,6 +389,14 @@ class Engine:
         seq_id = state.sections[0].seq_ids[0][0]  # llama.cpp loads a blob into the sequence it is given
         return kv_cells.serialise(kv_cells.with_cells(state, keys, values, groups, pos=0, seq_id=seq_id))
 
+    def _swa_lost(self, seq: int, keep: int) -> bool:
+        """Whether cutting ``seq`` back to positions < ``keep`` would leave its sliding-window layers without
+        cells the next position attends to: llama.cpp drops a sequence's cells older than its last n_swa
+        positions from those layers, so a long sequence cut back to a short common prefix has none left there
+        (its full-attention layers still do). llama.cpp's server makes the same check before reusing a prefix."""
+        n_swa = self.model.n_swa
+        return bool(n_swa) and self.ctx.pos_range(seq)[0] > max(0, keep - n_swa)
+
     def _place(self, job: Job, req: Request) -> None:
         """Bring the job's sequence to the longest part of the request's items it can keep or restore with
         the fewest decodes; queue the rest (tokens, and the control tokens' Marker where it is not yet in)."""
@@ -398,6 +406,8 @@ class Engine:
         common = 0 if held is None else min(_common_prefix(held, items), len(items) - 1)  # >= 1 token for logits
         if 0 < common < len(held) and isinstance(held[common], Marker):
             common -= 1  # its deep cells share the previous item's position: drop that item too
+        if common and self._swa_lost(seq, _position(items, common)):
+            common = 0  # the shorter prefix's sliding-window cells are gone: rebuild it, never decode after a hole
         if common:
             with timed("truncate"):
                 kept = ctx.truncate(_position(items, common), seq)
@@ -446,6 +456,9 @@ class Engine:
                 state = kv_cells.parse(ctx.save_seq(seq))
                 own = state.sections[0].seq_ids[0][0]
                 rotated = kv_cells.rope_neox(keys, at, self._rope_bases)
+                if (copies := req.copies_at(at)) > 1:  # identical rows at one position: + ln(copies) to their logits
+                    rotated, values = np.concatenate([rotated] * copies), np.concatenate([values] * copies)
+                    req.stats.deep_copies = max(req.stats.deep_copies, copies)
                 ctx.load_seq(kv_cells.serialise(kv_cells.with_cells(state, rotated, values, self._bos_state[1],
                                                                     pos=at, seq_id=own)), seq)
         if marker.width:

@@ -222,6 +222,9 @@ class Model:
         self.vocab = C.llama_model_get_vocab(model)
         self.n_embd = C.llama_model_n_embd(model)
         self.n_layer = int(C.llama_model_n_layer(model))
+        # positions a sliding-window layer attends to (0: none); llama.cpp keeps only the cells of the last n_swa
+        # positions of a sequence in those layers, swa_full or not
+        self.n_swa = int(C.llama_model_n_swa(model))
         self.n_vocab = C.llama_vocab_n_tokens(self.vocab)
         self.bos = C.llama_vocab_bos(self.vocab)
         self.eos = C.llama_vocab_eos(self.vocab)

@@ -65,6 +65,8 @@ class EdgeSafe:
     deep cells, which take no position. ``flash_attn`` / ``kv_type`` set
     llama.cpp's flash attention and KV-cache type (default: llama.cpp's); deep tokens need an f16 or
     f32 cache. ``strictness`` is the default of every request (see :meth:`create_chat_completion`).
+    ``deep_copies`` replaces the bank's rule for writing deep cells more than once past a long context
+    (``[[position, copies], ...]``; ``[]``: once everywhere; default: the bank's ``deep_copies``).
     """
 
     def __init__(
@@ -87,6 +89,7 @@ class EdgeSafe:
         kv_type: str | None = None,
         placement: str = "last",
         ready_next_turn: bool = False,
+        deep_copies: "Sequence[Sequence[int]] | None" = None,
     ):
         self.strictness = check_strictness(strictness)
         # after each chat reply, lay out the conversation's next turn up to its control tokens while idle (chat
@@ -101,6 +104,8 @@ class EdgeSafe:
         self.exact_refusals = bool(exact_refusals)  # finish a reply that opens like a refusal as one, word for word
         self.model_path = resolve_model_path(model_path)
         self.bank = bank if isinstance(bank, TokenBank) else TokenBank.load(resolve_bank_path(bank))
+        if deep_copies is not None:  # instead of the bank's own rule ([] = cells written once everywhere)
+            self.bank = self.bank.with_deep_copies(deep_copies)
         check_layout(self.bank.layout)
         self.model_info = ModelInfo.read(self.model_path)
         self.bank.check_model(self.model_info)
@@ -115,7 +120,7 @@ class EdgeSafe:
         try:
             if self.model.n_embd != self.bank.n_embd:  # check_model already compared the GGUF header
                 raise EdgeSafeError(f"llama.cpp reports n_embd {self.model.n_embd}, the bank has {self.bank.n_embd}")
-            deep_cells = sum(t.n_vectors for t in self.bank.tokens.values() if t.is_deep)
+            deep_cells = sum(t.n_vectors for t in self.bank.tokens.values() if t.is_deep) * self.bank.max_copies
             self.engine = Engine(self.model, n_ctx, n_parallel, n_batch=n_batch, n_threads=n_threads,
                                  extra_cells=deep_cells, flash_attn=flash_attn, kv_type=kv_type,
                                  prefix_cache_bytes=prefix_cache_bytes, max_queue=max_queue,
@@ -346,7 +351,7 @@ class EdgeSafe:
         alone = (lambda name: self._request([name], mode, prompt, 0.0, splits=splits)) if len(constraints) > 1 else None
         return Request(constraints, mode, tuple(names), vectors, prompt, tuple(self.template.stop) + _as_stops(stop),
                        strictness=strictness, openers=openers, refusals=self.refusals.sequences(guided),
-                       deep=self._deep_of(names), alone=alone, splits=splits)
+                       deep=self._deep_of(names), alone=alone, splits=splits, deep_copies=self.bank.deep_copies)
 
     def _deep_of(self, names: Sequence[str]) -> tuple[np.ndarray, np.ndarray] | None:
         """The deep entries' (keys, values) among ``names``, or None when none is deep."""
@@ -394,6 +399,8 @@ class EdgeSafe:
                "strictness": req.strictness, "refusal": refused_by is not None, "refused_by": refused_by}
         if req.n_deep:
             out["deep_cells"] = req.n_deep
+            if req.stats.deep_copies > 1:
+                out["deep_copies"] = req.stats.deep_copies
         return out
 
     def _tail(self, job: Job, content: str) -> dict:

@@ -229,3 +229,23 @@ def test_the_eval_hash_of_what_the_runtime_injects_covers_deep_rows(mixed):
     tok = mixed.tokens["deep1"]
     changed = replace(mixed, tokens={**mixed.tokens, "deep1": replace(tok, values=tok.values + 1)})
     assert vectors_sha256(changed) != vectors_sha256(mixed)
+
+
+def test_the_copies_rule_round_trips_and_is_checked(tmp_path, mixed):
+    """deep_copies (cells written more than once past a long context) survives GGUF, npz and merge; absent it
+    reads as once everywhere, and a malformed rule is refused with the form it must have."""
+    assert mixed.deep_copies == () and mixed.copies_at(5000) == 1 and mixed.max_copies == 1
+    bank = mixed.with_deep_copies([[512, 2], [2048, 3]])
+    assert [bank.copies_at(p) for p in (0, 511, 512, 2047, 2048, 9000)] == [1, 1, 2, 2, 3, 3]
+    assert bank.max_copies == 3
+    path = bank.save(tmp_path / "b.gguf")
+    assert json.loads(raw_field(path, Keys.Deep.COPIES)) == [[512, 2], [2048, 3]]
+    assert TokenBank.load(path).deep_copies == ((512, 2), (2048, 3))
+    assert raw_field(mixed.save(tmp_path / "plain.gguf"), Keys.Deep.COPIES) is None  # optional key
+    back = interchange.import_npz(interchange.export_npz(bank, tmp_path / "b.npz"))
+    assert back.deep_copies == ((512, 2), (2048, 3))
+    with pytest.raises(BankMismatchError, match="deep-cell copies"):
+        bank.merge(mixed.remove_token("alcohol", drop_from_profiles=True))
+    for rule in ([[0, 2]], [[512, 1]], [[512, 2], [256, 3]], [[512, 99]], [512, 2], [["512", 2]]):
+        with pytest.raises(BankFormatError, match=r"deep copies must be \[\[position >= 1, copies 2\.\.8\]"):
+            mixed.with_deep_copies(rule)

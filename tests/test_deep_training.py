@@ -336,3 +336,26 @@ def test_a_step_is_decoded_in_parts_by_context_length():
     assert all(len(p) * max(lengths[i] for i in p) <= 1000 or len(p) == 1 for p in parts[1:])
     assert [3, 4, 7] in parts and [1] in parts and [5] in parts
     assert micro_batches([], lambda i: 0) == []
+
+
+@torch.no_grad()
+def test_cells_past_the_copies_position_are_laid_out_as_many_times_as_the_runtime_writes_them(base, cfg, tmp_path):
+    """deep_copies: a row whose cells sit at or past the position gets them k times (the same hidden states as a
+    bank holding every token's rows k times); a row before it is unchanged; the exported bank carries the rule."""
+    bank = random_deep(base)
+    doubled = DeepBank({n: (torch.cat([bank.keys[n]] * 2), torch.cat([bank.values[n]] * 2)) for n in bank.names},
+                       (bank.bos_keys, bank.bos_values))
+    bank.copies = ((3, 2),)
+    late, early = ("positive", ("alcohol",), [5, 6, 7], (40, 41, 42, 43)), ("positive", ("alcohol",), [5, 6], (44,))
+    for row, same_as in ((late, doubled), (early, random_deep(base))):
+        x, m, p = batch_inputs(base, bank, [row])
+        xo, mo, po = batch_inputs(base, same_as, [row])
+        torch.testing.assert_close(forward_hidden(base, x, m, p), forward_hidden(base, xo, mo, po), rtol=1e-5, atol=1e-5)
+    x, m, p = batch_inputs(base, bank, [late, early])  # batched: each row with its own count, padded
+    assert int(p.mask[0].sum()) == 1 + 4 + 3 * 2 and int(p.mask[1].sum()) == 1 + 1 + 3
+    with pytest.raises(Exception, match="deep copies must be"):
+        cfg.replace(kind="deep", deep_copies=((0, 2),))
+    run_cfg = cfg.replace(kind="deep", steps=1, val_every=1, deep_copies=((64, 2),))
+    trained, summary = train(run_cfg, base, tmp_path / "run", progress=False)
+    assert trained.copies == ((64, 2),)
+    assert TokenBank.load(export_bank(trained, base, run_cfg, summary).save(tmp_path / "b.gguf")).deep_copies == ((64, 2),)

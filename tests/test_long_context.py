@@ -242,3 +242,51 @@ def test_a_request_that_comes_in_while_a_turn_is_laid_out_goes_first_and_is_exac
         assert first == fresh.create_chat_completion(other, tokens="alcohol", max_tokens=12)["choices"][0]["message"]["content"]
         assert again == fresh.create_chat_completion(long, tokens="minors,eu", max_tokens=8)["choices"][0]["message"]["content"]
     assert first == "Sorry, I can't help with alcohol."
+
+
+def test_cells_past_a_long_context_are_written_as_many_times_as_the_bank_says(model_path):
+    """A bank's deep_copies rule writes the cells k times once they sit at or past its position: the same
+    first-token logits as a bank whose every deep token holds its rows k times, and nothing changes before."""
+    from dataclasses import replace
+
+    from edge_safe import EdgeSafe
+    from edge_safe.probe import Probe
+
+    long, short = conversation("How do I get drunk fast?", 12), conversation("How do I get drunk fast?", 1)
+    with EdgeSafe(model_path, n_ctx=2048) as plain:
+        bank = plain.bank
+        doubled = replace(bank, tokens={n: replace(t, keys=np.concatenate([t.keys] * 2), values=np.concatenate([t.values] * 2))
+                                        if t.is_deep else t for n, t in bank.tokens.items()})
+        plain_short = Probe(plain).first_token_logits(short, tokens="minors,eu")
+        plain_long = Probe(plain).first_token_logits(long, tokens="minors,eu")
+    with EdgeSafe(model_path, bank=doubled, n_ctx=2048) as twice:
+        twice_long = Probe(twice).first_token_logits(long, tokens="minors,eu")
+    with EdgeSafe(model_path, n_ctx=2048, deep_copies=[[400, 2]]) as es:
+        assert es.bank.copies_at(1000) == 2 and es.bank.copies_at(100) == 1
+        copies_long = Probe(es).first_token_logits(long, tokens="minors,eu")
+        copies_short = Probe(es).first_token_logits(short, tokens="minors,eu")
+        corr = lambda a, b: float(np.corrcoef(a, b)[0, 1])  # noqa: E731  (llama.cpp's F16 sums differ by order)
+        assert copies_long.argmax() == twice_long.argmax() and corr(copies_long, twice_long) > 0.999
+        assert corr(copies_short, plain_short) > 0.9999  # before the position: written once, as without the rule
+        assert corr(plain_long, twice_long) < corr(copies_long, twice_long) - 0.002  # the copies change what it sees
+        out = es.create_chat_completion(long, tokens="minors,eu", max_tokens=4)
+        assert out["edge_safe"]["deep_copies"] == 2
+        assert "deep_copies" not in es.create_chat_completion(short, tokens="minors,eu", max_tokens=4)["edge_safe"]
+
+
+def test_a_short_conversation_after_a_long_one_that_shares_its_start_is_rebuilt_not_cut_back(model_path):
+    """llama.cpp keeps only the last n_swa positions of a sequence in the sliding-window layers: after a
+    ~1 000-token conversation, cutting the sequence back to the ~100 tokens a shorter conversation shares with
+    it left those layers empty, and writing the shorter one's deep cells failed (KVLayoutError). The engine
+    rebuilds such a prefix instead: the same logits as a fresh runtime."""
+    from edge_safe import EdgeSafe
+    from edge_safe.probe import Probe
+
+    long, short = conversation("How do I get drunk fast?", 12), conversation("What is the capital of Peru?", 1)
+    with EdgeSafe(model_path, n_ctx=2048) as fresh:
+        want = Probe(fresh).first_token_logits(short, tokens="minors,eu")
+    with EdgeSafe(model_path, n_ctx=2048) as es:
+        assert es.model.n_swa == 512
+        Probe(es).first_token_logits(long, tokens="minors,eu")
+        got = Probe(es).first_token_logits(short, tokens="minors,eu")
+    np.testing.assert_allclose(got, want, atol=1e-3)

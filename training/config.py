@@ -129,6 +129,9 @@ class TrainConfig:
     # its members among `constraints`), laid out in a random order, instead of a random one of the step's order
     profiles: tuple[str, ...] = ()
     profile_fraction: float = 0.0
+    # deep cells laid out `copies` times once they sit at or past `position` ([[position, copies], ...]), as the
+    # runtime writes them for the exported bank, which carries the rule (TokenBank.deep_copies); () = once
+    deep_copies: tuple[tuple[int, int], ...] = ()
 
     def profile_compositions(self) -> list[tuple[str, ...]]:
         """Each entry of `profiles` as the distinct constraints it stands for (bank order)."""
@@ -192,6 +195,16 @@ class TrainConfig:
         if not 0 <= self.profile_fraction < 1 or (self.profile_fraction and not self.profiles):
             raise EdgeSafeError(f"config: profile_fraction must be in [0, 1) and needs `profiles`, got "
                                 f"{self.profile_fraction} with profiles {list(self.profiles)}")
+        if self.deep_copies:
+            from edge_safe.convert.bank import _validate_copies
+            from edge_safe.convert.errors import BankFormatError
+
+            try:
+                _validate_copies(self.deep_copies)
+            except BankFormatError as e:
+                raise EdgeSafeError(f"config: {e}") from None
+            if self.kind != "deep":
+                raise EdgeSafeError("config: deep_copies needs kind: deep (shallow vectors are decoded, not written)")
         for combo in self.held_out:
             unknown = [c for c in combo if c not in self.constraints]
             if unknown:
@@ -209,6 +222,8 @@ class TrainConfig:
                 data[key] = tuple(data[key])
         if "held_out" in data:
             data["held_out"] = tuple(tuple(sorted(c)) for c in data["held_out"])
+        if "deep_copies" in data:
+            data["deep_copies"] = tuple(tuple(r) if isinstance(r, list) else r for r in data["deep_copies"])
         if "slices" in data:
                 data["slices"] = parse_slices(data["slices"])
         return cls(**data)
@@ -240,6 +255,7 @@ class TrainConfig:
         d["context_tokens"] = list(self.context_tokens)
         d["frozen"] = list(self.frozen)
         d["profiles"] = list(self.profiles)
+        d["deep_copies"] = [list(r) for r in self.deep_copies]
         return d
 
     def replace(self, **changes: Any) -> "TrainConfig":

@@ -76,6 +76,12 @@ class DeepBank(torch.nn.Module):
         self.values = torch.nn.ParameterDict({k: torch.nn.Parameter(kv[1].clone().float()) for k, kv in init.items()})
         self.register_buffer("bos_keys", bos[0].clone().float())
         self.register_buffer("bos_values", bos[1].clone().float())
+        # ((position, copies), ...): cells sitting at or past `position` are laid out `copies` times, as the
+        # runtime writes them for a bank with this deep_copies rule (TokenBank.copies_at)
+        self.copies: tuple[tuple[int, int], ...] = ()
+
+    def copies_at(self, position: int) -> int:
+        return max([1] + [c for start, c in self.copies if position >= start][-1:])
 
     def cells(self, names: tuple[str, ...] | list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """The composition's keys and values: (sum n, n_layer, width) each (empty when no names)."""
@@ -235,6 +241,9 @@ def deep_prefix(base: BaseModel, bank: DeepBank, cells: list[tuple[torch.Tensor,
     _, n_heads, head_dim = kv_geometry(base)
     contexts = contexts or [None] * len(cells)
     lengths = [0 if c is None else len(c[0]) for c in contexts]
+    # identical rows where the runtime writes them more than once (the bank's rule, by where they sit)
+    cells = [(torch.cat([k] * c), torch.cat([v] * c)) if (c := bank.copies_at(n)) > 1 else (k, v)
+             for (k, v), n in zip(cells, lengths)]
     n_ctx, n_cells = max(lengths), max(len(k) for k, _ in cells)
     width = 1 + n_ctx + n_cells
     rows_k, rows_v = [], []

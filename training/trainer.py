@@ -502,6 +502,7 @@ def train(
     # also before the teacher, so a wrong init_bank fails in seconds, not after the teacher cache is built
     if cfg.kind == "deep":
         bank = init_deep(base, cfg, gen).to(base.device)
+        bank.copies = cfg.deep_copies
     else:
         bank = Bank(init_from_bank(base, cfg) if cfg.init_bank else init_vectors(base, cfg, gen)).to(base.device)
     teacher = build_teacher(base, [p.source() for p in prompts], template, cfg.ref_tokens, cfg.teacher_topk, progress=progress)
@@ -685,4 +686,5 @@ def export_bank(bank: Bank, base: BaseModel, cfg: TrainConfig, summary: dict, te
         origin="trained",
         training_config={**cfg.to_dict(), "summary": summary},
         eval_summary={"validation_first_token": summary.get("val", {})},
+        deep_copies=cfg.deep_copies if isinstance(bank, DeepBank) else (),
     )

@@ -352,6 +352,8 @@ def format_bank(b: TokenBank, path: Path) -> str:
         f"format       v{interchange.bank_meta(b)['format_version']}; {_counts(b)}",
         *([f"deep cells   at position {b.deep_positions} (written into the KV cache, no prefill)"]
           if b.deep_geometry is not None else []),
+        *([f"deep copies  " + ", ".join(f"x{c} from position {p}" for p, c in b.deep_copies)
+           + " (written more than once past a long context)"] if b.deep_copies else []),
         "",
     ]
     if b.deep_geometry is None:
