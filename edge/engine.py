@@ -393,9 +393,12 @@ class Engine:
         """Whether cutting ``seq`` back to positions < ``keep`` would leave its sliding-window layers without
         cells the next position attends to: llama.cpp drops a sequence's cells older than its last n_swa
         positions from those layers, so a long sequence cut back to a short common prefix has none left there
-        (its full-attention layers still do). llama.cpp's server makes the same check before reusing a prefix."""
+        (its full-attention layers still do). llama.cpp's server makes the same check before reusing a prefix
+        (one position stricter)."""
         n_swa = self.model.n_swa
-        return bool(n_swa) and self.ctx.pos_range(seq)[0] > max(0, keep - n_swa)
+        # the token at position `keep` attends in those layers to positions keep - n_swa + 1 .. keep
+        # (llama.cpp masks a cell once the distance reaches n_swa), all of which must still be held
+        return bool(n_swa) and self.ctx.pos_range(seq)[0] > max(0, keep - n_swa + 1)
 
     def _place(self, job: Job, req: Request) -> None:
         """Bring the job's sequence to the longest part of the request's items it can keep or restore with
