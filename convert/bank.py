@@ -237,18 +237,11 @@ class TokenBank:
 
     def with_deep_copies(self, rule) -> "TokenBank":
         """This bank with another ``deep_copies`` rule (``[[position, copies], ...]``, checked)."""
-        if isinstance(rule, (list, tuple)):
-            rule = tuple(tuple(r) if isinstance(r, (list, tuple)) else r for r in rule)
-        _validate_copies(rule)
-        return replace(self, deep_copies=rule)
+        return replace(self, deep_copies=check_deep_copies(rule))
 
     def copies_at(self, position: int) -> int:
         """How many times deep cells sitting at ``position`` are written (``deep_copies``)."""
-        out = 1
-        for start, copies in self.deep_copies:
-            if position >= start:
-                out = copies
-        return out
+        return copies_at(self.deep_copies, position)
 
     @property
     def max_copies(self) -> int:
@@ -482,6 +475,20 @@ def _validate_deep(bank: TokenBank) -> None:
 
 
 MAX_DEEP_COPIES = 8
+
+
+def copies_at(rule: Sequence[Sequence[int]], position: int) -> int:
+    """How many times deep cells sitting at ``position`` are written under a ``deep_copies`` rule (1 before its
+    first position). The runtime and the trainer both ask this."""
+    return max([1] + [c for start, c in rule if position >= start][-1:])
+
+
+def check_deep_copies(rule) -> tuple[tuple[int, int], ...]:
+    """A ``deep_copies`` rule checked (BankFormatError saying the form it must have) and as tuples."""
+    if isinstance(rule, (list, tuple)):
+        rule = tuple(tuple(r) if isinstance(r, (list, tuple)) else r for r in rule)
+    _validate_copies(rule)
+    return rule
 
 
 def _validate_copies(rule) -> None:

@@ -24,6 +24,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from edge_safe.convert.bank import copies_at
 from edge_safe.refusals import RefusalGuide, Sequences, opener_margin
 from edge_safe.sampling import Sampling
 
@@ -103,7 +104,7 @@ class Request:
 
     def copies_at(self, position: int) -> int:
         """How many times the deep cells are written when they sit at ``position``."""
-        return max([1] + [c for start, c in self.deep_copies if position >= start][-1:])
+        return copies_at(self.deep_copies, position)
 
     @property
     def n_positions(self) -> int:

@@ -196,11 +196,11 @@ class TrainConfig:
             raise EdgeSafeError(f"config: profile_fraction must be in [0, 1) and needs `profiles`, got "
                                 f"{self.profile_fraction} with profiles {list(self.profiles)}")
         if self.deep_copies:
-            from edge_safe.convert.bank import _validate_copies
+            from edge_safe.convert.bank import check_deep_copies
             from edge_safe.convert.errors import BankFormatError
 
             try:
-                _validate_copies(self.deep_copies)
+                check_deep_copies(self.deep_copies)
             except BankFormatError as e:
                 raise EdgeSafeError(f"config: {e}") from None
             if self.kind != "deep":

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from edge_safe.convert.bank import copies_at
 from edge_safe.training.base_model import BaseModel
 from edge_safe.training.sampler import Example
 from edge_safe.training.teacher import Teacher
@@ -81,7 +82,7 @@ class DeepBank(torch.nn.Module):
         self.copies: tuple[tuple[int, int], ...] = ()
 
     def copies_at(self, position: int) -> int:
-        return max([1] + [c for start, c in self.copies if position >= start][-1:])
+        return copies_at(self.copies, position)
 
     def cells(self, names: tuple[str, ...] | list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """The composition's keys and values: (sum n, n_layer, width) each (empty when no names)."""
