@@ -18,7 +18,7 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
-from .bank_io import read_bank, write_bank
+from .bank_io import copies_rule, read_bank, write_bank
 from .errors import BankFormatError, BankMismatchError, EdgeSafeError, UnknownTokenError, unknown_name_message
 from .keys import DEEP_POSITIONS, KNOWN_DEEP_POSITIONS, NAME_HINT, NAME_RE, TENSOR_DTYPES, Behaviour, Depth, Kind, Origin
 from .layout import LAYOUT_V1, QA_TEMPLATE, ChatTemplate, check_layout
@@ -485,8 +485,7 @@ def copies_at(rule: Sequence[Sequence[int]], position: int) -> int:
 
 def check_deep_copies(rule) -> tuple[tuple[int, int], ...]:
     """A ``deep_copies`` rule checked (BankFormatError saying the form it must have) and as tuples."""
-    if isinstance(rule, (list, tuple)):
-        rule = tuple(tuple(r) if isinstance(r, (list, tuple)) else r for r in rule)
+    rule = copies_rule(rule)
     _validate_copies(rule)
     return rule
 

@@ -164,6 +164,14 @@ def _umask() -> int:
 # --- reading -------------------------------------------------------------------
 
 
+def copies_rule(value):
+    """A ``deep_copies`` rule as JSON holds it (``[[512, 2]]``) as tuples (``((512, 2),)``); anything else is
+    returned as it is, for ``bank.check_deep_copies`` to refuse."""
+    if isinstance(value, (list, tuple)):
+        return tuple(tuple(r) if isinstance(r, (list, tuple)) else r for r in value)
+    return value
+
+
 def read_bank(path: Path) -> dict[str, Any]:
     """TokenBank fields from a file (``tokens`` as a list of BankToken kwargs); not yet validated."""
     header, data = _load(path)
@@ -195,8 +203,7 @@ def read_bank(path: Path) -> dict[str, Any]:
     ]
     extra = {"deep_positions": positions} if positions is not None else {}
     if positions is not None and Keys.Deep.COPIES in kv.kv:
-        rule = kv.json(Keys.Deep.COPIES, list)
-        extra["deep_copies"] = tuple(tuple(r) if isinstance(r, list) else r for r in rule)
+        extra["deep_copies"] = copies_rule(kv.json(Keys.Deep.COPIES, list))
     return {**extra,
         "arch": kv.string(Keys.General.ARCHITECTURE),
         "n_embd": n_embd,

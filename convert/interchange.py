@@ -19,7 +19,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from .bank import BankToken, TokenBank
-from .bank_io import atomic_path
+from .bank_io import atomic_path, copies_rule
 from .errors import BankFormatError, EdgeSafeError
 from .keys import DEEP_POSITIONS, DEEP_SUFFIXES, FORMAT_VERSION, FORMAT_VERSION_DEEP, MAX_FORMAT_VERSION, Depth, Interchange, Kind, Origin
 from .layout import LAYOUT_V1, ChatTemplate
@@ -121,7 +121,7 @@ def bank_from_parts(
         tokens[e["name"]] = BankToken(name=e["name"], vectors=v.reshape(1, -1) if v.ndim == 1 else v, **fields)
     bank = TokenBank(
         deep_positions=meta.get("deep_positions", DEEP_POSITIONS),
-        deep_copies=tuple(tuple(r) if isinstance(r, list) else r for r in meta.get("deep_copies") or ()),
+        deep_copies=copies_rule(meta.get("deep_copies") or ()),
         tokens=tokens,
         profiles={p: list(ms) for p, ms in dict(meta.get("profiles") or {}).items()},
         layout=meta.get("layout", LAYOUT_V1),

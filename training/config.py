@@ -223,7 +223,9 @@ class TrainConfig:
         if "held_out" in data:
             data["held_out"] = tuple(tuple(sorted(c)) for c in data["held_out"])
         if "deep_copies" in data:
-            data["deep_copies"] = tuple(tuple(r) if isinstance(r, list) else r for r in data["deep_copies"])
+            from edge_safe.convert.bank_io import copies_rule
+
+            data["deep_copies"] = copies_rule(data["deep_copies"])
         if "slices" in data:
                 data["slices"] = parse_slices(data["slices"])
         return cls(**data)
