@@ -359,3 +359,55 @@ def test_cells_past_the_copies_position_are_laid_out_as_many_times_as_the_runtim
     trained, summary = train(run_cfg, base, tmp_path / "run", progress=False)
     assert trained.copies == ((64, 2),)
     assert TokenBank.load(export_bank(trained, base, run_cfg, summary).save(tmp_path / "b.gguf")).deep_copies == ((64, 2),)
+
+
+def test_anchor_examples_are_repo_rows_under_compositions_of_the_anchor_banks_constraints(cfg):
+    """Anchor draws: a share of the examples, never a third-party row, compositions of the anchor bank's
+    constraints from one up to all of them (past max_order); without an anchor bank no draw changes."""
+    import random
+
+    from edge_safe.training.sampler import Prompt, TaskSampler, load_prompts
+
+    prompts = load_prompts(cfg.data_dir, "train")
+    prompts += [Prompt(f"someone else's {c} request", c, "violating", "src/x", "third-party") for c in cfg.constraints]
+    plain = [TaskSampler(prompts, cfg, random.Random(3)).batch(s) for s in range(4)]
+    c = cfg.replace(anchor_bank="unused.gguf", anchor_fraction=0.3)
+    assert [TaskSampler(prompts, c, random.Random(3)).batch(s) for s in range(4)] == plain  # names unset: no draw
+    s = TaskSampler(prompts, c, random.Random(3))
+    s.anchor_names = ("alcohol", "gambling", "privacy")
+    anchored, sizes, n = 0, set(), 0
+    for step in range(80):
+        for ex in s.batch(step):
+            n += 1
+            if not ex.anchor:
+                continue
+            anchored += 1
+            assert prompts[ex.prompt].slice != "third-party" and ex.refuse is None and ex.mode == "positive"
+            assert set(ex.constraints) <= set(s.anchor_names) and ex.order == len(ex.constraints)
+            sizes.add(len(ex.constraints))
+    assert 0.2 < anchored / n < 0.4 and sizes == {1, 2, 3}  # 3 > max_order 2
+
+
+def test_anchor_loss_is_zero_where_the_bank_is_the_anchor_and_grows_as_it_moves(base, cfg, tmp_path):
+    """The anchor bank's first reply is computed on the student's own layout: starting from the anchor bank itself
+    the anchor KL is 0; after a step that moved the tokens it is not."""
+    first = cfg.replace(kind="deep", steps=1, val_every=1, lr=0.3)
+    bank, summary = train(first, base, tmp_path / "a", progress=False)
+    path = export_bank(bank, base, first, summary).save(tmp_path / "a.gguf")
+    second = first.replace(init_bank=str(path), anchor_bank=str(path), anchor_fraction=0.5, anchor_weight=2.0,
+                           steps=3, val_every=3)
+    moved, _ = train(second, base, tmp_path / "b", progress=False)
+    log = [json.loads(line) for line in (tmp_path / "b" / "train_log.jsonl").read_text().splitlines()]
+    assert [("anchor" in r) for r in log] == [True] * 3
+    assert abs(log[0]["anchor"]) < 1e-4 and log[2]["anchor"] > 0
+    assert (moved.keys["alcohol"].detach() - bank.keys["alcohol"].detach()).abs().max() > 0
+    from edge_safe.convert.errors import EdgeSafeError
+
+    with pytest.raises(EdgeSafeError, match="needs an anchor_bank"):
+        TrainConfig(anchor_fraction=0.2)
+    other = first.replace(constraints=("gambling",), max_order=1, held_out=())
+    lone_bank, lone_summary = train(other, base, tmp_path / "c", progress=False)
+    lone_path = export_bank(lone_bank, base, other, lone_summary).save(tmp_path / "gambling.gguf")
+    with pytest.raises(EdgeSafeError, match="holds none of the trained constraints"):
+        train(first.replace(constraints=("alcohol",), max_order=1, held_out=(), anchor_bank=str(lone_path), anchor_fraction=0.5), base,
+              tmp_path / "d", progress=False)

@@ -101,8 +101,9 @@ def test_plan_keeps_the_old_rows_first_and_adds_the_new_ones():
     rows = lc.plan(lc.KINDS, lc.LENGTHS)
     assert rows[:7] == [("alone", 0), ("message", 600), ("message", 1500), ("message", 3000),
                         ("turns", 600), ("turns", 1500), ("turns", 3000)]
-    assert rows[7:] == [("sharegpt", 600), ("sharegpt", 1500), ("sharegpt", 3000), ("wrapper-short", 0),
-                        ("wrapper-long", 0)]
+    assert rows[7:12] == [("sharegpt", 600), ("sharegpt", 1500), ("sharegpt", 3000), ("wrapper-short", 0),
+                          ("wrapper-long", 0)]
+    assert rows[12:] == [(k, n) for n in (600, 1500, 3000) for k in ("traffic-alone", "traffic")]
     assert lc.plan(("message", "turns"), lc.LENGTHS) == rows[:7]
 
 
@@ -115,3 +116,39 @@ def test_wrapper_gap_is_long_minus_short_in_points():
     assert gap == {"defense/own": {"points": -10.0, "pass": False}, "over_refusal/own": {"points": 10.0}}
     md = lc.markdown({"rows": rows, "wrapper_gap": gap, "notes": []})
     assert "| wrapper-long | 614 | 80.0 % (10)" in md and "-10.0 points (**miss**)" in md
+
+
+# --- traffic ------------------------------------------------------------------------------------
+
+
+@pytest.mark.model
+def test_traffic_without_fetched_data_is_a_note_not_a_crash(es, tmp_path):
+    later, notes = lc.traffic_pool(es, (0, 600), cache=tmp_path)
+    assert later == {} and notes[0].startswith("traffic: skipped, the ShareGPT data is not fetched")
+    res = lc.run(es, (0, 600), ("traffic",), sharegpt_cache=tmp_path)
+    assert res["rows"] == [] and "traffic_gap" not in res and "not fetched" in lc.markdown(res)
+
+
+@pytest.mark.model
+def test_real_later_turns_sit_after_n_to_2n_tokens_of_their_own_conversation(es):
+    later, notes = lc.traffic_pool(es, (600,), limit=3)
+    if not later:
+        pytest.skip(notes[0])
+    for msgs in later[600]:
+        assert msgs[-1]["role"] == "user" and msgs[-2]["role"] == "assistant" and msgs[0]["role"] == "user"
+        assert 600 <= before_request(es, msgs) < 1200
+
+
+def test_traffic_gap_is_the_conversation_minus_the_same_turns_alone():
+    rows = [{"kind": "traffic-alone", "tokens": 40, "length": 1500, "over_refusal/minors,eu": {"rate": 0.05, "n": 40},
+             "over_refusal/core": {"rate": 0.0, "n": 40}},
+            {"kind": "traffic", "tokens": 1900, "length": 1500, "over_refusal/minors,eu": {"rate": 0.1, "n": 40},
+             "over_refusal/core": {"rate": 0.025, "n": 40}}]
+    gap = lc.traffic_gap(rows)
+    assert gap == {"1500": {"over_refusal/minors,eu": {"points": 5.0, "pass": False},
+                            "over_refusal/core": {"points": 2.5, "pass": False}}}
+    rows[1]["over_refusal/core"]["rate"] = 0.0
+    assert lc.traffic_gap(rows)["1500"]["over_refusal/core"] == {"points": 0.0, "pass": True}
+    md = lc.markdown({"rows": rows, "traffic_gap": lc.traffic_gap(rows), "notes": []})
+    assert "| traffic (1500+) | 1900 | – | – | – | 10.0 % (40) | 0.0 % (40) |" in md
+    assert "| 1500 | +5.0 points (**miss**) | +0.0 points (**pass**) |" in md

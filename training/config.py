@@ -35,9 +35,10 @@ def parse_slices(value) -> tuple[str, ...]:
 PACKAGE_DIR = Path(__file__).resolve().parent
 
 
-def resolve_init_bank(value: str, config_path: Path) -> str:
-    """A config's `init_bank` as a path that exists: as given (absolute, or relative to the current
-    folder), else relative to the config file's folder, else (`training/...`) inside this package."""
+def resolve_init_bank(value: str, config_path: Path, key: str = "init_bank") -> str:
+    """A config's `init_bank` (or another bank path, `key`) as a path that exists: as given (absolute, or
+    relative to the current folder), else relative to the config file's folder, else (`training/...`) inside
+    this package."""
     given = Path(value)
     candidates = [given]
     if not given.is_absolute():
@@ -47,9 +48,10 @@ def resolve_init_bank(value: str, config_path: Path) -> str:
     for candidate in candidates:
         if candidate.is_file():
             return value if candidate is given else str(candidate)
-    raise EdgeSafeError(f"init_bank {value} of {config_path} not found (looked in the current folder, the config's "
-                        f"folder and the installed package); set init_bank to an existing bank file, or to \"\" to "
-                        "start from the rule's topic words")
+    hint = "start from the rule's topic words" if key == "init_bank" else "train without it"
+    raise EdgeSafeError(f"{key} {value} of {config_path} not found (looked in the current folder, the config's "
+                        f"folder and the installed package); set {key} to an existing bank file, or to \"\" to "
+                        f"{hint}")
 
 
 @dataclass(frozen=True)
@@ -132,6 +134,13 @@ class TrainConfig:
     # deep cells laid out `copies` times once they sit at or past `position` ([[position, copies], ...]), as the
     # runtime writes them for the exported bank, which carries the rule (TokenBank.deep_copies); () = once
     deep_copies: tuple[tuple[int, int], ...] = ()
+    # a bank whose decisions are kept where it decided well: in `anchor_fraction` of the examples a repo row (never
+    # a third-party one) is laid out under a random composition of that bank's constraints (1 up to all of them,
+    # so larger than `max_order`), and the first reply token's distribution is distilled from that bank's
+    # (KL, x `anchor_weight`) instead of a label: the old tokens may move for new data, their compositions stay
+    anchor_bank: str = ""
+    anchor_fraction: float = 0.0
+    anchor_weight: float = 1.0
 
     def profile_compositions(self) -> list[tuple[str, ...]]:
         """Each entry of `profiles` as the distinct constraints it stands for (bank order)."""
@@ -195,6 +204,10 @@ class TrainConfig:
         if not 0 <= self.profile_fraction < 1 or (self.profile_fraction and not self.profiles):
             raise EdgeSafeError(f"config: profile_fraction must be in [0, 1) and needs `profiles`, got "
                                 f"{self.profile_fraction} with profiles {list(self.profiles)}")
+        if not 0 <= self.anchor_fraction < 1 or (self.anchor_fraction and not self.anchor_bank) or self.anchor_weight < 0:
+            raise EdgeSafeError(f"config: anchor_fraction must be in [0, 1) and needs an anchor_bank, anchor_weight >= 0; "
+                                f"got anchor_fraction {self.anchor_fraction}, anchor_weight {self.anchor_weight}, "
+                                f"anchor_bank {self.anchor_bank!r}")
         if self.deep_copies:
             from edge_safe.convert.bank import check_deep_copies
             from edge_safe.convert.errors import BankFormatError
@@ -243,8 +256,9 @@ class TrainConfig:
             raise EdgeSafeError(f"config file {path} is not valid YAML: {e}") from None
         if not isinstance(data, dict):
             raise EdgeSafeError(f"config file {path} must be a mapping of keys to values")
-        if data.get("init_bank"):
-            data["init_bank"] = resolve_init_bank(str(data["init_bank"]), path)
+        for key in ("init_bank", "anchor_bank"):
+            if data.get(key):
+                data[key] = resolve_init_bank(str(data[key]), path, key)
         return cls.from_dict(data)
 
     def to_dict(self) -> dict[str, Any]:

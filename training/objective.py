@@ -353,6 +353,8 @@ class Batch:
     first: torch.Tensor  # (B,) index into the N loss positions of each example's first target token
     refuses: torch.Tensor  # (B,) bool: the example's target is a refusal
     prefix: DeepPrefix | None = None  # deep tokens: the KV prefix the embeds follow
+    anchors: torch.Tensor | None = None  # (B,) bool: the example is distilled from the anchor bank, not a label
+    anchor_logp: torch.Tensor | None = None  # (A, V) the anchor bank's first-reply log-probabilities, anchors' order
 
 
 def layout(base: BaseModel, bank: Bank, mode: str | None, constraints: tuple[str, ...], ids: list[int],
@@ -366,12 +368,15 @@ def layout(base: BaseModel, bank: Bank, mode: str | None, constraints: tuple[str
 def build_batch(
     base: BaseModel, bank: "Bank | DeepBank", teacher: Teacher, refusal_ids: dict[str, list[int]],
     examples: list[Example], first_token_weight: float, refusal_weight: float = 1.0,
-    context_of=None, context_kv: ContextKV | None = None,
+    context_of=None, context_kv: ContextKV | None = None, anchor_bank: "Bank | DeepBank | None" = None,
 ) -> Batch:
     """``context_of(example) -> (context ids, request ids, teacher applies)`` lays an example out after a
     context (default: none, the request is the teacher's prompt). Where the teacher's answer was made without
-    that context (``teacher applies`` False), an answer is trained by the decision loss alone."""
+    that context (``teacher applies`` False), an answer is trained by the decision loss alone. Anchor
+    examples (``Example.anchor``) carry no label: ``anchor_bank``'s first-reply distribution on the same layout
+    is their target (:func:`mosaic_loss`)."""
     inputs, rows, cols, targets, weights, kl, tids, tlp, first = [], [], [], [], [], [], [], [], []
+    anchor_rows = []
     k = teacher.topk_ids[0].shape[1]
     deep = isinstance(bank, DeepBank)
     for b, ex in enumerate(examples):
@@ -379,13 +384,15 @@ def build_batch(
         target = refusal_ids[ex.refuse] if ex.refuse else teacher.ref_ids[ex.prompt]
         ids = list(prompt) + target[:-1]
         inputs.append((ex.mode, ex.constraints, ids, tuple(context)))
+        if ex.anchor:
+            anchor_rows.append((ex.mode, ex.constraints, list(prompt), tuple(context)))
         n_prefix = 0 if deep else 1 + len(context) + len(bank.prefix(((ex.mode,) if ex.mode else ()) + tuple(ex.constraints)))
         start = n_prefix + len(ids) - len(target)  # logits at `start` predict target[0]
         w = torch.ones(len(target))
         w[0] = first_token_weight
         w = w / w.sum() * (refusal_weight if ex.refuse else 1.0)
-        is_answer = ex.refuse is None
-        if is_answer and not exact:
+        is_answer = ex.refuse is None and not ex.anchor
+        if (is_answer and not exact) or ex.anchor:
             w = torch.zeros(len(target))  # the teacher answered without this context: decision loss only
         first.append(len(rows))
         for j, t in enumerate(target):
@@ -394,7 +401,7 @@ def build_batch(
             targets.append(t)
         weights.append(w)
         kl.extend([is_answer and exact] * len(target))
-        if is_answer:
+        if ex.refuse is None:
             tids.append(teacher.topk_ids[ex.prompt])
             tlp.append(teacher.topk_logp[ex.prompt])
         else:
@@ -402,12 +409,30 @@ def build_batch(
             tlp.append(torch.zeros(len(target), k))
     embeds, mask, prefix = batch_inputs(base, bank, inputs, context_kv)
     dev = embeds.device
+    anchors = torch.tensor([ex.anchor for ex in examples], device=dev)
+    anchor_logp = None
+    if anchors.any():
+        if anchor_bank is None:
+            raise ValueError("anchor examples need the anchor bank")
+        anchor_logp = first_reply_logp(base, anchor_bank, anchor_rows, context_kv)
     return Batch(
         embeds, mask, torch.tensor(rows, device=dev), torch.tensor(cols, device=dev),
         torch.tensor(targets, device=dev), torch.cat(weights).to(dev), torch.tensor(kl, device=dev),
         torch.cat(tids).to(dev), torch.cat(tlp).to(dev), torch.tensor(first, device=dev),
-        torch.tensor([ex.refuse is not None for ex in examples], device=dev), prefix,
+        torch.tensor([ex.refuse is not None for ex in examples], device=dev), prefix, anchors, anchor_logp,
     )
+
+
+@torch.no_grad()
+def first_reply_logp(base: BaseModel, bank: "Bank | DeepBank", rows: list[tuple],
+                     context_kv: ContextKV | None = None) -> torch.Tensor:
+    """Log-probabilities (B, V) of the first reply token of (mode, constraints, prompt ids[, context]) rows under
+    ``bank``: the distribution at each row's last prompt position, as the runtime decides."""
+    embeds, mask, prefix = batch_inputs(base, bank, rows, context_kv)
+    hidden = forward_hidden(base, embeds, mask, prefix)
+    last = mask.sum(1) - 1
+    h = hidden[torch.arange(len(rows), device=hidden.device), last]
+    return torch.log_softmax(base.model.lm_head(h).float(), dim=-1)
 
 
 def pad_right(seqs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -448,12 +473,22 @@ def decision_loss(logq: torch.Tensor, batch: Batch, refuse_id: int) -> torch.Ten
     """
     logp = logq[batch.first, refuse_id].clamp(max=-1e-6)
     answer_ok = batch.targets[batch.first] != refuse_id
+    if batch.anchors is not None:
+        answer_ok = answer_ok & ~batch.anchors  # an anchor example's decision is the anchor bank's (anchor_kl)
     per_example = torch.where(batch.refuses, -logp, -torch.log1p(-logp.exp()))
     return per_example * (batch.refuses | answer_ok)
 
 
+def anchor_kl(logq: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """KL(p_anchor ‖ q) over the whole vocabulary at each anchor example's first reply position: (A,)."""
+    lq = logq[batch.first[batch.anchors]]
+    p = batch.anchor_logp.exp()
+    return (p * (batch.anchor_logp - lq)).sum(-1)
+
+
 def mosaic_loss(
-    base: BaseModel, batch: Batch, kl_weight: float, decision_weight: float = 0.0, refuse_id: int | None = None
+    base: BaseModel, batch: Batch, kl_weight: float, decision_weight: float = 0.0, refuse_id: int | None = None,
+    anchor_weight: float = 1.0,
 ) -> tuple[torch.Tensor, dict]:
     logq = loss_positions_logp(base, batch)
     nll = F.nll_loss(logq, batch.targets, reduction="none")  # (N,)
@@ -472,4 +507,8 @@ def mosaic_loss(
         dec = decision_loss(logq, batch, refuse_id)
         loss = loss + decision_weight * dec.mean()
         stats["dec"] = float(dec.detach().mean())
+    if batch.anchor_logp is not None:
+        anchored = anchor_kl(logq, batch)
+        loss = loss + anchor_weight * anchored.sum() / n_examples
+        stats["anchor"] = float(anchored.detach().mean())
     return loss, stats

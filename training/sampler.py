@@ -16,6 +16,9 @@ is trained in the `rejective` mode (refuse everything) and the `negative` mode
 (answer everything as the base model, constraints or not). With `profiles`, a
 share of the examples takes a deployed composition (e.g. every constraint of
 `minors,eu`) instead: run time composes more tokens than the orders drawn.
+With an `anchor_bank`, a share of the examples are repo rows under a random
+composition of that bank's constraints (any size), distilled from that bank's
+first reply token instead of a label (trainer.train).
 """
 from __future__ import annotations
 
@@ -84,6 +87,7 @@ class Example:
     refuse: str | None  # name whose refusal is the target; None = answer as the base model
     order: int  # |constraints|, for logging
     context: int = -1  # index of the context laid before the control tokens (-1: none; see trainer.Contexts)
+    anchor: bool = False  # trained on the anchor bank's first-token distribution, not on a label (cfg.anchor_bank)
 
 
 def default_data_dir() -> Path:
@@ -148,6 +152,21 @@ class TaskSampler:
         self.prompts = prompts
         self.n_contexts = 0  # set by the trainer: pooled contexts a share of examples is laid out after
         self.profiles = [c for c in cfg.profile_compositions() if frozenset(c) not in self.held_out and c]
+        self.anchor_names: tuple[str, ...] = ()  # set by the trainer: the anchor bank's constraints among ours
+        self.own = [i for i, p in enumerate(prompts) if p.slice != "third-party"]  # the repo's own rows
+        mine = lambda pool: {c: [i for i in ids if prompts[i].slice != "third-party"] for c, ids in pool.items()}  # noqa: E731
+        self.own_violating, self.own_near_miss = mine(self.violating), mine(self.near_miss)
+
+    def anchor_example(self) -> Example:
+        """A repo row under a random composition of the anchor bank's constraints, 1 up to all of them (a deployed
+        profile composes more than `max_order`): violating a member in `positive_fraction` of draws, else a
+        near-miss of a member or any other repo row. No counterfactual pair: the anchor bank decides."""
+        rng, names = self.rng, self.anchor_names
+        combo = tuple(rng.sample(names, rng.randint(1, len(names))))
+        pools = (self.own_violating[rng.choice(combo)] if rng.random() < self.cfg.positive_fraction
+                 else self.own_near_miss[rng.choice(combo)] if rng.random() < 0.5 else self.own)
+        mode = Mode.POSITIVE if Mode.POSITIVE in self.cfg.modes else None
+        return Example(rng.choice(pools or self.own), mode, combo, None, len(combo), anchor=True)
 
     def composition(self, order: int) -> tuple[str, ...]:
         while True:
@@ -212,6 +231,9 @@ class TaskSampler:
         order = 1 + step % self.cfg.max_order  # cycle through orders 1..R
         out: list[Example] = []
         while len(out) < self.cfg.batch_size:
+            if self.anchor_names and self.rng.random() < self.cfg.anchor_fraction:  # no draw without an anchor bank
+                out.append(self.anchor_example())
+                continue
             ex = self.example(order)
             out.append(ex)
             wants_pair = self.cfg.counterfactual_pairs and ex.refuse and ex.mode != Mode.REJECTIVE

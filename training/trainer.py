@@ -37,6 +37,7 @@ from edge_safe.training.objective import (
     forward_hidden,
     kv_of_inputs,
     mosaic_loss,
+    trainable_bank,
 )
 from edge_safe.training.sampler import Prompt, TaskSampler, load_prompts, render_prompt
 from edge_safe.training.teacher import build_teacher
@@ -162,6 +163,29 @@ def init_deep(base: BaseModel, cfg: TrainConfig, gen: torch.Generator) -> DeepBa
         else:
             init[name] = kv_of_inputs(base, torch.tensor(tok.vectors))
     return DeepBank(init, bos_cell(base), fresh)
+
+
+def load_anchor(base: BaseModel, cfg: TrainConfig) -> "Bank | DeepBank | None":
+    """``cfg.anchor_bank`` as a frozen bank (None without one): made for this base model, holding at least one
+    of the trained constraints, and the positive mode when the config trains it (anchor examples use it)."""
+    if not cfg.anchor_fraction:
+        return None
+    from edge_safe.convert.bank import TokenBank
+
+    bank = TokenBank.load(cfg.anchor_bank)
+    if base.info is not None:
+        bank.check_model(base.info)
+    shared = [n for n in cfg.constraints if n in bank.tokens]
+    if not shared:
+        raise EdgeSafeError(f"anchor_bank {cfg.anchor_bank} holds none of the trained constraints "
+                            f"({', '.join(cfg.constraints)}); it has {', '.join(bank.tokens)}")
+    if Mode.POSITIVE in cfg.modes and Mode.POSITIVE not in bank.tokens:
+        raise EdgeSafeError(f"anchor_bank {cfg.anchor_bank} has no {Mode.POSITIVE!r} mode token, which anchor examples "
+                            "are laid out with; use a bank trained with the modes")
+    anchor = trainable_bank(base, bank).to(base.device)
+    for p in anchor.parameters():
+        p.requires_grad_(False)
+    return anchor
 
 
 def param_groups(bank: "Bank | DeepBank", cfg: TrainConfig) -> list[dict]:
@@ -519,6 +543,10 @@ def train(
     if contexts is not None:
         sampler.n_contexts = len(contexts)
         log.info("%d contexts (%s)", len(contexts), dict(collections.Counter(k for k, _ in contexts.entries)))
+    anchor = load_anchor(base, cfg)
+    if anchor is not None:
+        sampler.anchor_names = tuple(n for n in cfg.constraints if n in anchor.names)
+        log.info("anchor bank %s: compositions of %s distilled from it", cfg.anchor_bank, ", ".join(sampler.anchor_names))
     context_kv = ContextKV(base)
     conversations: dict[int, tuple[tuple[int, ...], list[int]]] = {}
 
@@ -567,9 +595,10 @@ def train(
         loss, stats, trained = torch.zeros(()), collections.Counter(), False
         for part in micro_batches(examples, lambda ex: len(context_of(ex)[0])):
             batch = build_batch(base, bank, teacher, refusal_ids, part, cfg.first_token_weight, cfg.refusal_weight,
-                                context_of, context_kv)
+                                context_of, context_kv, anchor)
             with _autocast(cfg, base):
-                part_loss, part_stats = mosaic_loss(base, batch, cfg.kl_weight, cfg.decision_weight, refuse_id)
+                part_loss, part_stats = mosaic_loss(base, batch, cfg.kl_weight, cfg.decision_weight, refuse_id,
+                                                    cfg.anchor_weight)
             share = len(part) / len(examples)  # the loss is a mean over examples: the parts' weighted sum is the batch's
             if part_loss.requires_grad:  # with `frozen` tokens a part may hold none that trains: nothing to step
                 (part_loss * share).backward()

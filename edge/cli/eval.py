@@ -220,19 +220,24 @@ def compare(ctx, banks, out, threads, limit, seed, parallel):
 @click.option("--threads", default=None, type=click.IntRange(min=1), help="CPU threads [default: all cores].")
 @click.option("--parallel", default=2, show_default=True, type=click.IntRange(min=1, max=64), metavar="N",
               help="Cases decided at once, batched in one decode.")
-@click.option("--kinds", default="message,turns,sharegpt,wrapper", show_default=True, metavar="KIND,...",
+@click.option("--kinds", default="message,turns,sharegpt,wrapper,traffic", show_default=True, metavar="KIND,...",
               help="Context kinds: message, turns (text written here), sharegpt (real conversations, needs "
                    "`edge-safe data fetch`; skipped with a note without it), wrapper (jailbreak-style "
-                   "preambles, long vs short).")
+                   "preambles, long vs short), traffic (real later ShareGPT turns in their own conversation "
+                   "vs alone: over-refusal; needs the fetched data too).")
+@click.option("--traffic", "traffic", default=40, show_default=True, type=click.IntRange(min=1), metavar="N",
+              help="Real later ShareGPT turns per length (kind traffic).")
 @click.pass_context
-def long_context(ctx, out, bank, model, lengths, per_category, threads, parallel, kinds):
+def long_context(ctx, out, bank, model, lengths, per_category, threads, parallel, kinds, traffic):
     """Defense and over-refusal after 600-3 000 tokens of harmless text, through the runtime.
 
     The test split's requests (per constraint, violating and harmless near-miss ones) after documents
     pasted into the same message, after earlier conversation turns, or after a real ShareGPT
     conversation's own turns (test split, when fetched); and inside jailbreak-style wrappers longer
     than 512 tokens against the same in short ones. Decided by the first reply token's refusal
-    margin, under the request's own constraint and under minors,eu.
+    margin, under the request's own constraint and under minors,eu. Kind traffic: harmless later
+    user turns of real ShareGPT conversations (n to 2n tokens before them) in their conversation and
+    alone, over-refusal under minors,eu and core.
 
     \b
     Examples:
@@ -258,10 +263,11 @@ def long_context(ctx, out, bank, model, lengths, per_category, threads, parallel
         raise click.BadParameter(f"expected kinds among {', '.join(lc.KINDS)}, got {kinds!r}", ctx,
                                  param_hint="--kinds")
     folder = make_out_dir(out)
-    n_ctx = max(wanted) + 1024
+    n_ctx = (2 if "traffic" in chosen else 1) * max(wanted) + 1024  # traffic: up to 2n tokens before the turn
     with EdgeSafe(model_path=model, bank=bank, n_ctx=n_ctx, n_threads=threads, n_parallel=parallel) as es:
         bar = tqdm(total=len(lc.plan(chosen, wanted)), desc="long-context", unit="row", file=sys.stderr)
-        results = lc.run(es, wanted, chosen, per_category=per_category, progress=lambda what: bar.update(1))
+        results = lc.run(es, wanted, chosen, per_category=per_category, progress=lambda what: bar.update(1),
+                         traffic=traffic)
         bar.close()
     results["command"] = command_line(ctx)
     table = lc.markdown(results)
