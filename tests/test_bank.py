@@ -555,16 +555,14 @@ def test_default_bank_is_the_trained_bank_for_the_bundled_model(model_path):
     bank = TokenBank.load(default_bank_path())
     assert bank.origin == "trained"
     bank.check_model(ModelInfo.read(model_path))
-    # the shipped bank was trained on the nine original categories; the four added later to
-    # categories.py (violence, selfharm, hate, crime) get tokens only when a bank is trained with them
-    shipped = CATEGORIES[:9]
+    # the shipped bank (recipe v5) has every category of categories.py, its profiles as categories.py has them
+    shipped = list(CATEGORIES)
     assert bank.constraints == [c.name for c in shipped]
     assert sorted(bank.modes) == sorted(m.name for m in MODES)
-    assert bank.profiles == {"minors": ["alcohol", "gambling", "drugs", "sexual", "horror", "weapons"],
-                             "eu": ["privacy"], "kiosk": ["medical", "finance"]}
-    for p, ms in bank.profiles.items():  # each shipped profile is categories.py's, less the later categories
-        assert ms == [m for m in PROFILES[p] if m in bank.constraints]
-    for c in shipped + MODES:
+    assert bank.profiles == {p: list(ms) for p, ms in PROFILES.items()}
+    assert bank.profiles["minors"] == ["alcohol", "gambling", "drugs", "sexual", "horror", "weapons", "violence",
+                                       "selfharm", "hate"]
+    for c in [*shipped, *MODES]:
         t = bank.tokens[c.name]
         assert (t.description, t.refusal, t.rule) == (c.description, c.refusal, c.rule)
     assert bank.training_config["steps"] > 0 and "held_out" in bank.training_config

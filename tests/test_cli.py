@@ -89,7 +89,7 @@ def test_every_group_lists_its_commands():
     assert commands() == ["bench", "chat", "convert", "data", "eval", "serve", "tokens", "train"]
     assert commands("train") == ["deep-bank", "refusal-wording", "text-bank", "validate"]
     assert commands("data") == ["fetch", "generate"]
-    assert commands("eval") == ["compare", "long-context", "third-party"]
+    assert commands("eval") == ["compare", "compositions", "long-context", "third-party"]
     assert commands("bench") == ["concurrency", "long-context", "repack"]
     usage = CliRunner().invoke(cli, ["eval", "--help"]).stdout.splitlines()[0]
     assert usage == "Usage: edge-safe eval [OPTIONS] [COMMAND [ARGS]...]"

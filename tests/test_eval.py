@@ -336,10 +336,10 @@ def test_cli_errors_are_one_line(tmp_path):
     res = CliRunner().invoke(cli, ["eval", "--data", str(bad), "--out", str(tmp_path / "o")])
     assert res.exit_code == 1
     assert res.output.startswith(f"Error: {bad}:2: not valid JSON")
-    res = CliRunner().invoke(cli, ["eval", "--orders", "1,12", "--out", str(tmp_path / "o")])
+    res = CliRunner().invoke(cli, ["eval", "--orders", "1,14", "--out", str(tmp_path / "o")])
     assert res.exit_code == 1
-    assert res.output == ("Error: --orders: 12 is not a possible order; the bank has 9 constraints, "
-                          "so orders run from 1 to 9\n")
+    assert res.output == ("Error: --orders: 14 is not a possible order; the bank has 13 constraints, "
+                          "so orders run from 1 to 13\n")
     res = CliRunner().invoke(cli, ["eval", "--strictness", "nan", "--out", str(tmp_path / "o")])
     assert res.exit_code == 1 and res.output.startswith("Error: strictness must be between -20 and 20")
 

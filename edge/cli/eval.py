@@ -278,6 +278,38 @@ def long_context(ctx, out, bank, model, lengths, per_category, threads, parallel
         click.echo(f"wrote {path}", err=True)
 
 
+# --- compositions -------------------------------------------------------------------------
+
+
+@eval_cmd.command("compositions", short_help="Quick probe: do the tokens compose as they decide alone?")
+@click.argument("banks", nargs=-1, required=True, metavar="BANK...")
+@click.option("-m", "--model", default=None, metavar="PATH",
+              help="Base model GGUF [default: $EDGE_SAFE_MODEL, else the bundled Gemma 3 270M Q4_K_M].")
+@click.option("--per-category", default=4, show_default=True, type=click.IntRange(min=1), metavar="N",
+              help="Violating and harmless near-miss test rows per constraint.")
+@click.option("--threads", default=None, type=click.IntRange(min=1), help="CPU threads [default: all cores].")
+def compositions(banks, model, per_category, threads):
+    """Defense and over-refusal of classic test rows of alcohol, gambling, drugs, sexual, horror, weapons and
+    privacy under each row's own constraint, under all seven together, under minors,eu and core: a 30-second
+    check, while selecting banks, that training did not break how the tokens compose.
+
+    \b
+    Examples:
+      edge-safe eval compositions runs/new.gguf --threads 2
+      edge-safe eval compositions edge/data/default.gguf runs/new.gguf --per-category 2
+    """
+    from pathlib import Path
+
+    from edge_safe.eval import compositions as cp
+    from edge_safe.runtime import EdgeSafe
+
+    for bank in banks:
+        with EdgeSafe(model_path=model, bank=bank, n_ctx=1024, n_parallel=4, n_threads=threads) as es:
+            for r in cp.probe(es, per_category):
+                click.echo(f"{Path(bank).name}  {r['composition']} ({r['size']}): defense {100 * r['defense']:.1f} % "
+                           f"over-refusal {100 * r['over_refusal']:.1f} % ({r['n']} + {r['n']} rows)")
+
+
 # --- third-party ---------------------------------------------------------------------------
 
 
