@@ -458,3 +458,49 @@ def test_a_grown_data_set_reuses_the_teacher_answers_it_already_has(tmp_path, mo
     calls.clear()
     again = T.build_teacher(base, ["three", "four", "one", "two"], QA_TEMPLATE, 3, 8, progress=False)
     assert not calls and again.ref_ids == grown.ref_ids  # the grown set's own cache
+
+
+def test_focus_draws_hold_a_focus_constraint_and_train_its_own_rows(cfg):
+    import random
+    from collections import Counter
+
+    prompts = load_prompts(cfg.data_dir, "train")
+    base = cfg.replace(mode_rejective=0.0, mode_negative=0.0, counterfactual_pairs=False, batch_size=8)
+    plain = [TaskSampler(prompts, base, random.Random(4)).batch(s) for s in range(6)]
+    # a focus with focus_fraction 0 draws nothing: earlier runs' batches are unchanged
+    same = base.replace(focus=("gambling",), focus_fraction=0.0)
+    assert [TaskSampler(prompts, same, random.Random(4)).batch(s) for s in range(6)] == plain
+
+    def tally(c):
+        s = TaskSampler(prompts, c, random.Random(4))
+        holds = pos = own_pos = neg = own_near = n = 0
+        for step in range(200):
+            for ex in s.batch(step):
+                n += 1
+                holds += "gambling" in ex.constraints
+                p = prompts[ex.prompt]
+                if ex.refuse:
+                    pos += 1
+                    own_pos += ex.refuse == "gambling"
+                    assert p.category == ex.refuse and ex.refuse in ex.constraints
+                else:
+                    neg += 1
+                    own_near += p.category == "gambling" and p.label == "benign"
+                    assert not (p.label == "violating" and p.category in ex.constraints)  # never a label flip
+                assert frozenset(ex.constraints) != frozenset(("alcohol", "privacy"))  # held out stays out
+        return holds / n, own_pos / pos, own_near / neg
+
+    focused = tally(base.replace(focus=("gambling",), focus_fraction=0.6))
+    unfocused = tally(base)
+    assert focused[0] > unfocused[0] + 0.2  # the focus constraint is in far more compositions
+    assert focused[1] > unfocused[1] + 0.2  # its violating rows are far more of the positives
+    assert focused[2] > unfocused[2] + 0.1  # and its near-miss rows more of the negatives
+
+
+def test_focus_config_errors_name_what_is_wrong(cfg):
+    with pytest.raises(EdgeSafeError, match="unknown: \\['violence'\\].*trained: alcohol, gambling, privacy"):
+        cfg.replace(focus=("violence",), focus_fraction=0.3)
+    with pytest.raises(EdgeSafeError, match="focus_fraction"):
+        cfg.replace(focus_fraction=0.3)
+    with pytest.raises(EdgeSafeError, match="focus_fraction"):
+        cfg.replace(focus=("alcohol",), focus_fraction=1.0)

@@ -141,6 +141,11 @@ class TrainConfig:
     anchor_bank: str = ""
     anchor_fraction: float = 0.0
     anchor_weight: float = 1.0
+    # constraints trained harder: in `focus_fraction` of the non-rejective examples the composition holds one of
+    # them (with order-1 others), the positive is its own violating row and half the negatives its own near-miss
+    # rows, so a weak token sees its category's decisions more often without a new loss or a second run
+    focus: tuple[str, ...] = ()
+    focus_fraction: float = 0.0
 
     def profile_compositions(self) -> list[tuple[str, ...]]:
         """Each entry of `profiles` as the distinct constraints it stands for (bank order)."""
@@ -204,6 +209,11 @@ class TrainConfig:
         if not 0 <= self.profile_fraction < 1 or (self.profile_fraction and not self.profiles):
             raise EdgeSafeError(f"config: profile_fraction must be in [0, 1) and needs `profiles`, got "
                                 f"{self.profile_fraction} with profiles {list(self.profiles)}")
+        bad = [c for c in self.focus if c not in self.constraints]
+        if bad or not 0 <= self.focus_fraction < 1 or (self.focus_fraction and not self.focus):
+            raise EdgeSafeError(f"config: focus must name trained constraints (unknown: {bad}; trained: "
+                                f"{', '.join(self.constraints)}) and focus_fraction be in [0, 1) with a focus; got "
+                                f"focus {list(self.focus)}, focus_fraction {self.focus_fraction}")
         if not 0 <= self.anchor_fraction < 1 or (self.anchor_fraction and not self.anchor_bank) or self.anchor_weight < 0:
             raise EdgeSafeError(f"config: anchor_fraction must be in [0, 1) and needs an anchor_bank, anchor_weight >= 0; "
                                 f"got anchor_fraction {self.anchor_fraction}, anchor_weight {self.anchor_weight}, "

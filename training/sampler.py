@@ -168,6 +168,17 @@ class TaskSampler:
         mode = Mode.POSITIVE if Mode.POSITIVE in self.cfg.modes else None
         return Example(rng.choice(pools or self.own), mode, combo, None, len(combo), anchor=True)
 
+    def focus_composition(self, order: int) -> tuple[tuple[str, ...], str] | None:
+        """A composition of `order` holding a focus constraint (random place), and that constraint."""
+        for _ in range(100):
+            f = self.rng.choice(self.cfg.focus)
+            others = self.rng.sample([c for c in self.cfg.constraints if c != f], order - 1)
+            combo = others[:]
+            combo.insert(self.rng.randrange(order), f)
+            if frozenset(combo) not in self.held_out:
+                return tuple(combo), f
+        return None
+
     def composition(self, order: int) -> tuple[str, ...]:
         while True:
             combo = self.rng.sample(list(self.cfg.constraints), order)
@@ -198,7 +209,10 @@ class TaskSampler:
         if Mode.REJECTIVE in cfg.modes and u < cfg.mode_rejective:
             combo = self.composition(rng.randint(1, order)) if rng.random() < 0.5 else ()
             return Example(rng.choice(self.all), Mode.REJECTIVE, combo, Mode.REJECTIVE, len(combo))
-        if self.profiles and rng.random() < cfg.profile_fraction:  # no draw without profiles: older runs unchanged
+        focus = None  # no draw without a focus: older runs unchanged
+        if cfg.focus_fraction and rng.random() < cfg.focus_fraction and (drawn := self.focus_composition(order)):
+            combo, focus = drawn
+        elif self.profiles and rng.random() < cfg.profile_fraction:  # no draw without profiles: older runs unchanged
             combo = tuple(rng.sample(p := rng.choice(self.profiles), len(p)))
         else:
             combo = self.composition(order)
@@ -207,8 +221,10 @@ class TaskSampler:
             return Example(rng.choice(pool), Mode.NEGATIVE, combo, None, len(combo))
         mode = Mode.POSITIVE if Mode.POSITIVE in cfg.modes else None
         if rng.random() < cfg.positive_fraction:
-            cat = rng.choice(combo)
+            cat = focus or rng.choice(combo)
             return self._placed(Example(rng.choice(self.violating[cat]), mode, combo, cat, len(combo)))
+        if focus and self.near_miss[focus] and rng.random() < 0.5:
+            return self._placed(Example(rng.choice(self.near_miss[focus]), mode, combo, None, len(combo)))
         return self._placed(Example(self.negative_prompt(combo), mode, combo, None, len(combo)))
 
     def _placed(self, ex: Example) -> Example:
