@@ -504,3 +504,20 @@ def test_focus_config_errors_name_what_is_wrong(cfg):
         cfg.replace(focus_fraction=0.3)
     with pytest.raises(EdgeSafeError, match="focus_fraction"):
         cfg.replace(focus=("alcohol",), focus_fraction=1.0)
+
+
+def test_sharegpt_turns_longer_than_thirdparty_max_words_are_left_out(cfg, monkeypatch):
+    from edge_safe.training import trainer
+    from edge_safe.training.data import thirdparty as tp
+
+    short = {"text": "How do I centre a div?", "label": "harmless", "constraints": [], "subset": "first-turn"}
+    log = {"text": "Traceback (most recent call last): " + "frame line " * 120, "label": "harmless",
+           "constraints": [], "subset": "first-turn"}
+    monkeypatch.setattr(tp, "rows", lambda source, split: [short, log])
+    c = cfg.replace(thirdparty=("sharegpt",), thirdparty_general=10)
+    assert [p.text for p in trainer.thirdparty_prompts(c)] == [short["text"]]  # 90 words by default
+    got = trainer.thirdparty_prompts(c.replace(thirdparty_max_words=300))
+    assert sorted(p.text for p in got) == sorted([short["text"], log["text"]])
+    assert {(p.category, p.label, p.slice) for p in got} == {("general", "benign", "third-party")}
+    with pytest.raises(EdgeSafeError, match="thirdparty_max_words"):
+        c.replace(thirdparty_max_words=0)

