@@ -555,7 +555,7 @@ def test_default_bank_is_the_trained_bank_for_the_bundled_model(model_path):
     bank = TokenBank.load(default_bank_path())
     assert bank.origin == "trained"
     bank.check_model(ModelInfo.read(model_path))
-    # the shipped bank (recipe v5) has every category of categories.py, its profiles as categories.py has them
+    # the shipped bank has every category of categories.py, its profiles as categories.py has them
     shipped = list(CATEGORIES)
     assert bank.constraints == [c.name for c in shipped]
     assert sorted(bank.modes) == sorted(m.name for m in MODES)

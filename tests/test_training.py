@@ -462,7 +462,6 @@ def test_a_grown_data_set_reuses_the_teacher_answers_it_already_has(tmp_path, mo
 
 def test_focus_draws_hold_a_focus_constraint_and_train_its_own_rows(cfg):
     import random
-    from collections import Counter
 
     prompts = load_prompts(cfg.data_dir, "train")
     base = cfg.replace(mode_rejective=0.0, mode_negative=0.0, counterfactual_pairs=False, batch_size=8)

@@ -172,8 +172,7 @@ class TaskSampler:
         """A composition of `order` holding a focus constraint (random place), and that constraint."""
         for _ in range(100):
             f = self.rng.choice(self.cfg.focus)
-            others = self.rng.sample([c for c in self.cfg.constraints if c != f], order - 1)
-            combo = others[:]
+            combo = self.rng.sample([c for c in self.cfg.constraints if c != f], order - 1)
             combo.insert(self.rng.randrange(order), f)
             if frozenset(combo) not in self.held_out:
                 return tuple(combo), f
