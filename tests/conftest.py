@@ -85,6 +85,40 @@ def reply(es, prompt_or_messages, **kw) -> str:
     return complete(es, prompt_or_messages, **kw)["choices"][0]["message"]["content"]
 
 
+def sure_part(es, messages, ids: Sequence[int], text: str, tokens=None, mode=None, strictness: float = 0.0,
+              min_gap: float = 0.25) -> str:
+    """A greedy reply's text up to its first near-tie: the first token whose logit leads the next one by less than
+    ``min_gap`` (read with ``Probe.forced_logits`` on a fresh sequence, with ``strictness`` added to the refusal
+    openers until the first visible token, as generation adds it). ``ids``: the reply's token ids, ``text``: its
+    text. A reused or batched sequence rounds such a tie either way; the part before it it must reproduce."""
+    from edge_safe.probe import Probe
+
+    if not ids:
+        return text
+    openers = es.prepare(messages, tokens=tokens, mode=mode, strictness=strictness).openers
+    piece = es.model.token_to_piece
+    sure, biased = 0, bool(openers)
+    es.reset()
+    rows = Probe(es).forced_logits(messages, list(ids), tokens=tokens, mode=mode)
+    es.reset()
+    for j, row in enumerate(rows):
+        if biased:
+            row = row.copy()
+            row[openers] += strictness
+        if row[ids[j]] - np.max(np.delete(row, ids[j])) < min_gap:
+            break
+        sure = j + 1
+        biased = biased and not piece(ids[j]).strip()
+    prefix = b"".join(piece(t) for t in ids[:sure]).decode("utf-8", "ignore").strip()
+    return text if sure == len(ids) or prefix.startswith(text) else prefix  # all clear, or clear to where it ends
+
+
+def same_reply(reply: str, text: str, sure: str) -> bool:
+    """``reply`` is the reply ``text`` whose part before its first near-tie is ``sure`` (``sure_part``): the
+    same text, or one that starts the same way up to the tie."""
+    return reply == text or (reply.startswith(sure) and sure != text)
+
+
 def probed(job):
     """A probe job's value and its request's stats (``Probe.<probe>(..., wait=False)``)."""
     return job.result(), job.stats

@@ -386,6 +386,14 @@ def test_anchor_examples_are_repo_rows_under_compositions_of_the_anchor_banks_co
             assert set(ex.constraints) <= set(s.anchor_names) and ex.order == len(ex.constraints)
             sizes.add(len(ex.constraints))
     assert 0.2 < anchored / n < 0.4 and sizes == {1, 2, 3}  # 3 > max_order 2
+    s = TaskSampler(prompts, c.replace(anchor_min_order=2), random.Random(3))
+    s.anchor_names = ("alcohol", "gambling", "privacy")
+    sizes = {len(ex.constraints) for step in range(80) for ex in s.batch(step) if ex.anchor}
+    assert sizes == {2, 3}  # anchor_min_order: only the larger compositions are anchored
+    from edge_safe.convert.errors import EdgeSafeError
+
+    with pytest.raises(EdgeSafeError, match="anchor_min_order must be 1 to"):
+        c.replace(anchor_min_order=0)
 
 
 def test_anchor_loss_is_zero_where_the_bank_is_the_anchor_and_grows_as_it_moves(base, cfg, tmp_path):

@@ -35,6 +35,8 @@ from edge_safe.probe import Probe
 from edge_safe.refusals import opener_margin
 from edge_safe.runtime import EdgeSafe
 
+from conftest import same_reply, sure_part
+
 pytestmark = pytest.mark.model
 Q = "What is the capital of Peru?"
 LONG = "Write the numbers from 1 to 500."
@@ -74,30 +76,12 @@ def alone(es, prompt, max_tokens, tokens=None, mode=None, strictness=0.0, min_ga
                     sampling=Sampling(**sampling))
     text = "".join(job)
     ids = list(job.policy.history)
-    openers = es.prepare(messages(prompt), tokens=tokens, mode=mode, strictness=strictness).openers
-    piece = es.model.token_to_piece
-    sure, biased = 0, bool(openers)
-    if ids:
-        es.reset()
-        rows = Probe(es).forced_logits(messages(prompt), ids, tokens=tokens, mode=mode)
-        for j, row in enumerate(rows):
-            if biased:
-                row = row.copy()
-                row[openers] += strictness
-            if row[ids[j]] - np.max(np.delete(row, ids[j])) < min_gap:
-                break
-            sure = j + 1
-            biased = biased and not piece(ids[j]).strip()
     es.reset()
-    prefix = b"".join(piece(t) for t in ids[:sure]).decode("utf-8", "ignore").strip()
-    if sure == len(ids) or prefix.startswith(text):  # every token clear, or clear up to where the reply ends
-        return text, text
-    return text, prefix
+    return text, sure_part(es, messages(prompt), ids, text, tokens, mode, strictness, min_gap)
 
 
 def same(reply: str, want: tuple[str, str]) -> bool:
-    text, sure = want
-    return reply == text or (reply.startswith(sure) and sure != text)
+    return same_reply(reply, *want)
 
 
 def close(got: np.ndarray, ref: np.ndarray, tol: float = 2.5) -> None:

@@ -14,6 +14,8 @@ import pytest
 from edge_safe import kv_cells
 from edge_safe.convert.layout import prefix_names
 
+from conftest import same_reply, sure_part
+
 pytestmark = pytest.mark.model
 
 TURNS = [("What's a good way to keep cut flowers fresh longer?",
@@ -28,6 +30,19 @@ def conversation(request: str, rounds: int = 1) -> list[dict]:
         for q, a in TURNS:
             out += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
     return out + [{"role": "user", "content": request}]
+
+
+def fresh_reply(fresh, messages, reply: str) -> tuple[str, str]:
+    """Checks that ``reply`` (from a reused sequence) is the greedy reply of a fresh request for ``messages`` under
+    `minors,eu`, up to its first near-tie (``conftest.sure_part``: a reused sequence's earlier turns were decoded in
+    other batches, so a tie of a few hundredths of a logit rounds either way; warm equals cold to rounding);
+    returns the fresh reply and the part of it that had to match."""
+    fresh.reset()
+    job = fresh.submit(messages, tokens="minors,eu", max_tokens=12)
+    text = "".join(job)
+    sure = sure_part(fresh, messages, list(job.policy.history), text, tokens="minors,eu")
+    assert same_reply(reply, text, sure), (reply, text, sure)
+    return text, sure
 
 
 @pytest.fixture(scope="module")
@@ -145,15 +160,15 @@ def test_a_conversation_continued_turn_by_turn_gets_the_replies_of_fresh_request
         assert out["timings"]["prefix_source"] in ("reused", "built", "cache")
         messages += [{"role": "assistant", "content": replies[-1]}, {"role": "user", "content": "x"}]
     assert replies[1] == "Sorry, I can't help with alcohol."
+    checked = []
     with EdgeSafe(n_ctx=4096) as fresh:
         messages = conversation("Tell me about Lima.", 4)
         for question, reply in zip(("Tell me about Lima.", "How do I get drunk fast?", "And what is the capital of France?"),
                                    replies):
             messages = messages[:-1] + [{"role": "user", "content": question}]
-            fresh.reset()
-            out = fresh.create_chat_completion(messages, tokens="minors,eu", max_tokens=12)
-            assert out["choices"][0]["message"]["content"] == reply
+            checked.append(fresh_reply(fresh, messages, reply))
             messages += [{"role": "assistant", "content": reply}, {"role": "user", "content": "x"}]
+    assert checked[1][0] == replies[1] and any(f[1] for f in checked[::2])  # teeth: the refusal whole, answers' starts
 
 
 def test_two_long_conversations_decoded_together_keep_their_own_cells(model_path):
@@ -209,20 +224,22 @@ def test_the_next_turn_laid_out_while_idle_leaves_only_the_new_message_to_decode
         assert es.engine.settle(60) and es.engine.readied == 4
         warm = Probe(es).first_token_logits(messages, tokens="minors,eu")
     assert replies[1] == "Sorry, I can't help with alcohol."
+    checked = []
     with EdgeSafe(model_path=model_path, n_ctx=4096) as fresh:
         messages = conversation(questions[0], 4)
         for question, reply in zip(questions, replies):
             messages = messages[:-1] + [{"role": "user", "content": question}]
-            fresh.reset()
-            out = fresh.create_chat_completion(messages, tokens="minors,eu", max_tokens=12)
-            assert out["choices"][0]["message"]["content"] == reply
+            checked.append(fresh_reply(fresh, messages, reply))
             messages += [{"role": "assistant", "content": reply}, {"role": "user", "content": "x"}]
+        assert checked[1][0] == replies[1] and any(f[1] for f in checked[::2])  # teeth: the refusal whole, answers' starts
         messages = messages[:-1] + [{"role": "user", "content": "Which stock should I buy?"}]
         fresh.reset()
         cold = Probe(fresh).first_token_logits(messages, tokens="minors,eu")
     # llama.cpp's CPU logits move with the batch shape a row is decoded in (here by up to ~1 on 262 k logits, as
     # for any reused prefix, readied or not): the same top token, the same logits to within that
-    assert np.argmax(warm) == np.argmax(cold) and np.corrcoef(warm, cold)[0, 1] > 0.999
+    top2 = np.sort(cold)[-2:]
+    assert np.argmax(warm) == np.argmax(cold) or top2[1] - top2[0] < 0.25  # unless the top two are a near-tie
+    assert np.corrcoef(warm, cold)[0, 1] > 0.999
 
 
 def test_a_request_that_comes_in_while_a_turn_is_laid_out_goes_first_and_is_exact(model_path):

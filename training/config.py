@@ -142,6 +142,9 @@ class TrainConfig:
     anchor_bank: str = ""
     anchor_fraction: float = 0.0
     anchor_weight: float = 1.0
+    # the smallest anchored composition (1: every size; e.g. 8: only compositions as large as deployed profiles,
+    # so the anchor keeps what many constraints do together while single tokens and small compositions move freely)
+    anchor_min_order: int = 1
     # constraints trained harder: in `focus_fraction` of the non-rejective examples the composition holds one of
     # them (with order-1 others), the positive is its own violating row and half the negatives its own near-miss
     # rows, so a weak token sees its category's decisions more often without a new loss or a second run
@@ -221,6 +224,9 @@ class TrainConfig:
             raise EdgeSafeError(f"config: anchor_fraction must be in [0, 1) and needs an anchor_bank, anchor_weight >= 0; "
                                 f"got anchor_fraction {self.anchor_fraction}, anchor_weight {self.anchor_weight}, "
                                 f"anchor_bank {self.anchor_bank!r}")
+        if not 1 <= self.anchor_min_order <= len(self.constraints):
+            raise EdgeSafeError(f"config: anchor_min_order must be 1 to the number of trained constraints "
+                                f"({len(self.constraints)}); got {self.anchor_min_order}")
         if self.deep_copies:
             from edge_safe.convert.bank import check_deep_copies
             from edge_safe.convert.errors import BankFormatError

@@ -158,11 +158,12 @@ class TaskSampler:
         self.own_violating, self.own_near_miss = mine(self.violating), mine(self.near_miss)
 
     def anchor_example(self) -> Example:
-        """A repo row under a random composition of the anchor bank's constraints, 1 up to all of them (a deployed
-        profile composes more than `max_order`): violating a member in `positive_fraction` of draws, else a
-        near-miss of a member or any other repo row. No counterfactual pair: the anchor bank decides."""
+        """A repo row under a random composition of the anchor bank's constraints, `anchor_min_order` (at most all
+        of them) up to all of them (a deployed profile composes more than `max_order`): violating a member in
+        `positive_fraction` of draws, else a near-miss of a member or any other repo row. No counterfactual pair:
+        the anchor bank decides."""
         rng, names = self.rng, self.anchor_names
-        combo = tuple(rng.sample(names, rng.randint(1, len(names))))
+        combo = tuple(rng.sample(names, rng.randint(min(self.cfg.anchor_min_order, len(names)), len(names))))
         pools = (self.own_violating[rng.choice(combo)] if rng.random() < self.cfg.positive_fraction
                  else self.own_near_miss[rng.choice(combo)] if rng.random() < 0.5 else self.own)
         mode = Mode.POSITIVE if Mode.POSITIVE in self.cfg.modes else None
