@@ -201,9 +201,11 @@ def test_deep_bank_decisions_agree_with_the_runtime_after_earlier_turns_and_long
                 constraints, mode = es.compose(tokens)
                 got, want = hf(messages, constraints, mode), probe.first_token_logits(messages, tokens=tokens)
                 top2 = np.sort(got)[-2:]
-                if top2[1] - top2[0] > 0.5:
+                # transformers (the GGUF's weights dequantized, f32) and llama.cpp (Q4_K kernels) put a logit up to
+                # ~0.4 apart here, so a gap of two top tokens may differ by ~0.8: "clear" is a gap of more than 1
+                if top2[1] - top2[0] > 1.0:
                     assert got.argmax() == want.argmax(), (messages[-1]["content"][-40:], tokens)
                     checked += 1
                 effect = np.corrcoef(got - hf0, want - cpp0)[0, 1]
                 assert effect > 0.8, f"token effect correlation {effect:.3f} for {tokens} on {messages[-1]['content'][-40:]!r}"
-        assert checked >= len(CONVERSATIONS)
+        assert checked >= len(CONVERSATIONS)  # the check has teeth: a clear decision in most conversations
