@@ -86,29 +86,32 @@ def reply(es, prompt_or_messages, **kw) -> str:
 
 
 def sure_part(es, messages, ids: Sequence[int], text: str, tokens=None, mode=None, strictness: float = 0.0,
-              min_gap: float = 0.25) -> str:
+              min_gap: float = 0.25, fresh: bool = True) -> str:
     """A greedy reply's text up to its first near-tie: the first token whose logit leads the next one by less than
-    ``min_gap`` (read with ``Probe.forced_logits`` on a fresh sequence, with ``strictness`` added to the refusal
-    openers until the first visible token, as generation adds it). ``ids``: the reply's token ids, ``text``: its
-    text. A reused or batched sequence rounds such a tie either way; the part before it it must reproduce."""
+    ``min_gap`` (read with ``Probe.forced_logits``, on a fresh sequence or, with ``fresh=False``, right after the
+    reply on its own prompt's cells, as a conversation's next request reuses them; with ``strictness`` added to the
+    refusal openers until the first visible token, as generation adds it). ``ids``: the reply's token ids (the ones
+    its policy chose: re-tokenizing the text gets them wrong where a reply starts without a space or after a
+    newline), ``text``: its text. A reused or batched sequence rounds such a tie either way, and must reproduce the
+    part before it. Leaves ``es`` reset."""
     from edge_safe.probe import Probe
 
-    if not ids:
-        return text
-    openers = es.prepare(messages, tokens=tokens, mode=mode, strictness=strictness).openers
+    openers = es.prepare(messages, tokens=tokens, mode=mode, strictness=strictness).openers if ids else []
     piece = es.model.token_to_piece
     sure, biased = 0, bool(openers)
+    if ids:
+        if fresh:
+            es.reset()
+        rows = Probe(es).forced_logits(messages, list(ids), tokens=tokens, mode=mode)
+        for j, row in enumerate(rows):
+            if biased:
+                row = row.copy()
+                row[openers] += strictness
+            if row[ids[j]] - np.max(np.delete(row, ids[j])) < min_gap:
+                break
+            sure = j + 1
+            biased = biased and not piece(ids[j]).strip()
     es.reset()
-    rows = Probe(es).forced_logits(messages, list(ids), tokens=tokens, mode=mode)
-    es.reset()
-    for j, row in enumerate(rows):
-        if biased:
-            row = row.copy()
-            row[openers] += strictness
-        if row[ids[j]] - np.max(np.delete(row, ids[j])) < min_gap:
-            break
-        sure = j + 1
-        biased = biased and not piece(ids[j]).strip()
     prefix = b"".join(piece(t) for t in ids[:sure]).decode("utf-8", "ignore").strip()
     return text if sure == len(ids) or prefix.startswith(text) else prefix  # all clear, or clear to where it ends
 

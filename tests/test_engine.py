@@ -75,9 +75,7 @@ def alone(es, prompt, max_tokens, tokens=None, mode=None, strictness=0.0, min_ga
     job = es.submit(messages(prompt), tokens=tokens, mode=mode, strictness=strictness, max_tokens=max_tokens,
                     sampling=Sampling(**sampling))
     text = "".join(job)
-    ids = list(job.policy.history)
-    es.reset()
-    return text, sure_part(es, messages(prompt), ids, text, tokens, mode, strictness, min_gap)
+    return text, sure_part(es, messages(prompt), list(job.policy.history), text, tokens, mode, strictness, min_gap)
 
 
 def same(reply: str, want: tuple[str, str]) -> bool:

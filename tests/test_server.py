@@ -36,6 +36,8 @@ from edge_safe.sampling import Sampling
 from edge_safe.server import create_app
 from edge_safe.server.schema import ServerSettings
 
+from conftest import same_reply, sure_part
+
 pytestmark = pytest.mark.model
 KEY = "test-key"
 Q = "What is the capital of Peru?"
@@ -134,37 +136,23 @@ def alone(es, content=Q, max_tokens=6, tokens=None, mode=None) -> str:
 
 
 def alone_with_ties(es, content, max_tokens, tokens=None, mode=None, min_gap: float = 0.25) -> tuple[str, str]:
-    """(the request run alone, the part of it before its first near-tie).
+    """(the request run alone, the part of it before its first near-tie: ``conftest.sure_part``).
 
     llama.cpp's CPU logits move by ~0.01-0.1 with batch boundaries (a reused conversation under load
     re-decodes only its last prompt token), so where the greedy reply's token wins by less than
     ``min_gap`` logits the same request may continue differently under load without any leak between
-    requests. What comes before that point must be the same; read with ``Probe.forced_logits``. The reply's
-    token ids are the ones its policy chose (re-tokenizing the text gets them wrong where a reply starts
-    without a space or after a newline)."""
+    requests. What comes before that point must be the same; read right after the reply, on its prompt's
+    cells, as a conversation's next request reuses them."""
     messages = [{"role": "user", "content": content}]
     es.reset()
     job = es.submit(messages, tokens=tokens, mode=mode, max_tokens=max_tokens, sampling=Sampling(**SERVER_SAMPLING))
     text = "".join(job)
-    ids, piece = list(job.policy.history), es.model.token_to_piece
-    sure = 0
-    if ids:  # right after the reply: its prompt's cells are reused, as a conversation's next request reuses them
-        rows = Probe(es).forced_logits(messages, ids, tokens=tokens, mode=mode)
-        for j, row in enumerate(rows):
-            if row[ids[j]] - np.max(np.delete(row, ids[j])) < min_gap:
-                break
-            sure = j + 1
-    es.reset()
-    if sure == len(ids) and len(ids) == max_tokens:
-        return text, text  # every token clear, and the budget (not a near-tie) ended it
-    prefix = b"".join(piece(t) for t in ids[:sure]).decode("utf-8", "ignore").strip()
-    return text, text if prefix.startswith(text) else prefix  # clear past where a stop string ended the text
+    return text, sure_part(es, messages, list(job.policy.history), text, tokens, mode, min_gap=min_gap, fresh=False)
 
 
 def same_as_alone(reply: str, want: tuple[str, str]) -> bool:
     """The reply equals the request run alone, or differs only from the alone run's first near-tie on."""
-    text, sure = want
-    return reply == text or reply.startswith(sure) and sure != text
+    return same_reply(reply, *want)
 
 
 def positions(es, *names) -> int:
