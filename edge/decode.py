@@ -10,6 +10,13 @@ request's policy the logits of its sequence's last position and decodes what the
   constraints asks each one alone); ``save=True`` first snapshots the sequence, so that
 - :class:`Resume` can put it back and decode a token there.
 
+- :class:`View`: read another (short) request in the engine's view context, apart from the sequence.
+
+A request after earlier turns carries ``reread``: its last user message alone, under the same constraints.
+Where the conversation's own first reply token would answer, :class:`Reply` reads that message as a
+:class:`View` and refuses when it refuses, as a guard model re-reads every turn (the conversation's KV stays
+as it is, for its next turn); :class:`Margin` reports the larger margin of the two views, the same decision.
+
 :class:`Reply` is generation (sampling, repeat penalty, ``strictness``, stop strings, exact refusals,
 the stream of text pieces); :class:`Margin`, :class:`FirstLogits` and :class:`Forced` are the
 evaluation probes (:mod:`edge_safe.probe`). One :class:`Request` is what the facade prepares
@@ -46,6 +53,10 @@ class RequestStats:
     decode_s: float = 0.0  # first -> last generated token
     finish_reason: str | None = None
     refusal: str | None = None  # the token whose refusal text was written exactly (None: no refusal)
+    # after earlier turns: the last user message was also read alone under the same constraints ("answer" /
+    # "refuse": what that view decided; None: not read, because there were no earlier turns or the
+    # conversation's own view already refused)
+    reread: str | None = None
     # seconds of each native step the engine ran for this request: restore, kv_write, bos, vectors, snapshot,
     # truncate, prompt (decodes holding its prompt rows), decode (its one-token decodes); for benchmarks
     steps: dict = field(default_factory=dict)
@@ -92,6 +103,9 @@ class Request:
     splits: tuple[int, ...] = (0,)  # prompt indices the control tokens go before (ascending)
     # ((position, copies), ...): deep cells sitting at or past `position` are written `copies` times (TokenBank)
     deep_copies: tuple[tuple[int, int], ...] = ()
+    # after earlier turns: the last user message alone under the same constraints (the geometry the bank
+    # separates best in); the reply refuses when either view refuses (None: no earlier turns, or not asked)
+    reread: "Request | None" = None
     stats: RequestStats = field(init=False)
 
     def __post_init__(self):
@@ -134,12 +148,22 @@ class Reload:
 
 @dataclass
 class Resume:
-    """Restore the snapshot taken by ``Reload(save=True)`` and decode ``token`` at its next position."""
+    """Restore the snapshot taken by ``Reload(save=True)`` and decode ``token`` at its next position (``None``:
+    the request ends there)."""
 
-    token: int
+    token: int | None
 
 
-Step = "int | Reload | Resume | None"
+@dataclass
+class View:
+    """Read ``request`` (a short one: its control tokens with BOS) in the engine's view context, apart from the
+    sequence: the policy's ``view_feed(logits)`` gets its logits (and returns a token to read on there, or
+    None), then its ``after_view()`` gives the step for the sequence, whose KV the view never touches."""
+
+    request: Request
+
+
+Step = "int | Reload | Resume | View | None"
 
 
 class StopFilter:
@@ -212,13 +236,28 @@ class _Choice:
         return self.names[int(np.argmax(self.margins))]  # first of equal margins: bank order
 
 
+MAX_BLANK = 4  # blank tokens greedy decoding may put before a reply's first visible one, followed when deciding
+
+
+@dataclass
+class _View:
+    """The conversation's first-token state while its last user message is read alone."""
+
+    logits: np.ndarray  # the conversation's logits at the position it waits at
+    pos: int
+    blanks: int = 0  # blank tokens followed in the last message's view
+    opener: int | None = None  # the refusal opener that view chose (None: it answers)
+
+
 class Reply:
     """One generation: sampling, repeat penalty, ``strictness``, stop strings and exact refusals.
 
     The refuse/answer decision does not depend on sampling: until the reply's first visible token the
     token is chosen greedily among the blank tokens and the refusal openers; if the greedy choice is
     a visible token that opens no refusal, the reply answers, and that token is sampled with the
-    openers masked. Greedy sampling gives exactly the argmax reply. ``emit(piece)`` receives the text
+    openers masked. After earlier turns, where that choice answers, the last user message is read alone
+    (``Request.reread``) and the reply refuses when that view's greedy choice (blank tokens followed, as
+    :class:`Margin`) opens a refusal. Greedy sampling gives exactly the argmax reply. ``emit(piece)`` receives the text
     pieces (they join to the cleaned reply); ``until(text)`` ends the reply once it returns True.
     """
 
@@ -239,6 +278,10 @@ class Reply:
         self._emit, self.until, self.text, self.halted = emit, until, "", False
         self.choice: _Choice | None = None
         self.value: str | None = None
+        # the last user message read alone (after earlier turns), at most once, while the conversation's own
+        # view would answer; ``view`` holds that view's state while it is read
+        self.reread = req.reread if len(self.decision) else None
+        self.view: _View | None = None
 
     def emit(self, piece: str) -> None:
         if piece and not self.halted:
@@ -260,14 +303,75 @@ class Reply:
         guide = self.guide
         if guide is not None and guide.state == "opened":
             names = guide.open(logits)
-            if len(names) > 1 and self.req.alone is not None:
-                self.choice = _Choice(self.req, names, logits, pos, self.openers)
+            # which constraint to name: asked alone in the view that decided the refusal
+            asked = self.req.reread if guide.sure and self.req.reread is not None else self.req
+            if len(names) > 1 and asked.alone is not None:
+                self.choice = _Choice(asked, names, logits, pos, self.openers)
+                if asked is not self.req:  # the last message with each candidate alone: views, apart
+                    return View(self.choice.next_request())
                 return Reload(self.choice.next_request(), save=True)
+        if self.deciding and self.reread is not None and self._answers(logits):
+            self.view, self.reread = _View(np.array(logits), pos), None  # read the last message alone first
+            return View(self.req.reread)
         return self._choose(logits, pos)
+
+    def _greedy(self, logits: np.ndarray) -> int:
+        """The greedy choice while deciding (``strictness`` on the refusal openers)."""
+        req = self.req
+        if req.openers and req.strictness:
+            logits = logits.copy()
+            logits[req.openers] += req.strictness
+        return int(np.argmax(logits))
+
+    def _visible(self, tok: int) -> bool:
+        """Whether ``tok`` ends the deciding (a visible token or the end of the reply)."""
+        return self.model.is_eog(tok) or bool(self.model.token_to_piece(tok).strip())
+
+    def _answers(self, logits: np.ndarray) -> bool:
+        """Whether the greedy choice answers: a visible token that opens no refusal, or the end."""
+        best = self._greedy(logits)
+        return best not in self.decision and self._visible(best)
+
+    def view_feed(self, logits: np.ndarray) -> int | None:
+        """Logits of a :class:`View`: of a candidate constraint alone (choosing the refusal to name), or of
+        the last message alone, whose blank tokens are followed (at most ``MAX_BLANK``, as :class:`Margin`)
+        to its first visible choice. None once read."""
+        if self.view is None:
+            self.choice.add(logits)
+            return None
+        view = self.view
+        best = self._greedy(logits)
+        if best in self.decision:
+            view.opener = best
+        elif not self._visible(best) and view.blanks < MAX_BLANK:
+            view.blanks += 1
+            return best
+        return None
+
+    def after_view(self):
+        """The step for the sequence once a view was read: the next candidate's view, or the conversation's
+        own reply: an answer, or the refusal the last message alone opens."""
+        if self.view is None:
+            sub = self.choice.next_request()
+            if sub is not None:
+                return View(sub)
+            self.guide.keep(self.choice.best())
+            logits, pos, self.choice = self.choice.logits, self.choice.pos, None
+            return self._choose(logits, pos)
+        view, self.view = self.view, None
+        self.st.reread = "answer" if view.opener is None else "refuse"
+        logits = view.logits
+        if view.opener is not None:  # the conversation's reply opens the refusal the last message alone opens
+            logits[view.opener] = np.inf
+            if self.guide is not None:
+                self.guide.sure = True
+        return self._choose(logits, view.pos)
 
     @staticmethod
     def _resume(step):
-        return Resume(step) if isinstance(step, int) else step
+        """Back to the saved conversation: to decode ``step`` there, or to end there (``None``: a refusal written
+        out), so that the sequence holds the conversation, not a view, for the next turn to reuse."""
+        return Resume(step) if step is None or isinstance(step, int) else step
 
     def _pick(self, logits: np.ndarray) -> int:
         req = self.req
@@ -331,19 +435,38 @@ class Reply:
 class Margin:
     """How far a request is from being refused, in logits: the best refusal-opener logit minus the best
     other logit at the first reply token, maximised over the blank tokens greedy decoding puts first
-    (at most ``max_blank``), because ``strictness`` stays on until the first visible token."""
+    (at most ``max_blank``), because ``strictness`` stays on until the first visible token; after earlier
+    turns, the larger of the conversation's margin and its last user message's alone (``reread``), as
+    :class:`Reply` refuses when either view refuses."""
 
-    def __init__(self, model, openers: Sequence[int], max_blank: int):
+    def __init__(self, model, openers: Sequence[int], max_blank: int, reread: Request | None = None):
         self.model, self.idx, self.max_blank = model, np.asarray(openers, dtype=np.int64), max_blank
         self.j, self.value = 0, -np.inf
+        self.reread = reread  # after earlier turns: the last user message alone, read next (the larger margin counts)
+        self.margins: list[float] = []  # per view read: the conversation's, then the last message's
 
-    def feed(self, logits: np.ndarray, pos: int) -> int | None:
+    def feed(self, logits: np.ndarray, pos: int) -> "int | View | None":
         margin, other = opener_margin(logits, self.idx)
         self.value = max(self.value, margin)
+        if self.j == 0:
+            self.margins.append(margin)
+        else:
+            self.margins[-1] = max(self.margins[-1], margin)
         if self.j == self.max_blank or self.model.is_eog(other) or self.model.token_to_piece(other).strip():
-            return None  # the greedy reply (below the threshold) starts with a visible token or ends
+            # the greedy reply (below the threshold) starts with a visible token or ends: this view is read
+            if self.reread is not None:
+                view, self.reread, self.j = self.reread, None, 0
+                return View(view)
+            return None
         self.j += 1
         return other
+
+    def view_feed(self, logits: np.ndarray) -> int | None:
+        """The last message's view: read as the conversation was (its blank tokens followed)."""
+        return self.feed(logits, 0)
+
+    def after_view(self) -> None:
+        return None
 
 
 class FirstLogits:

@@ -41,7 +41,7 @@ import numpy as np
 
 from edge_safe import kv_cells
 from edge_safe.convert.errors import EdgeSafeError
-from edge_safe.decode import Marker, Reload, Request, Resume
+from edge_safe.decode import Marker, Reload, Request, Resume, View
 from edge_safe.llama import Context
 from edge_safe.prefix_cache import PrefixCache
 
@@ -133,7 +133,7 @@ class Engine:
                  extra_cells: int = 0, flash_attn: bool | None = None, kv_type: str | None = None,
                  prefix_cache_bytes: int = 64 << 20, max_queue: int | None = None,
                  check_bos_state: Callable[[kv_cells.SeqState], list[list[int]]] | None = None,
-                 rope_bases: list[float] | None = None):
+                 rope_bases: list[float] | None = None, view_n_ctx: int = 0):
         if not isinstance(n_parallel, int) or isinstance(n_parallel, bool) or n_parallel < 1:
             raise EdgeSafeError(f"parallel must be a whole number >= 1, got {n_parallel!r}")
         self.n_parallel, self.max_queue = n_parallel, max_queue
@@ -141,10 +141,21 @@ class Engine:
         self.ctx = Context(model, n_ctx, n_seq=n_parallel, n_batch=n_batch, n_threads=n_threads,
                            extra_cells=extra_cells, flash_attn=flash_attn, kv_type=kv_type)
         self.model, self.n_ctx = model, self.ctx.n_ctx
+        # the view context: one short sequence where a policy's View (a conversation's last message read alone)
+        # is decoded, so the sequences' own KV is never touched by it
+        self.view_ctx: Context | None = None
+        self._view_key: tuple | None = None  # the composition whose prefix the view sequence holds
         try:
-            self._bos_state = self._parse_bos_state(check_bos_state) if check_bos_state else None
+            self._bos_state = self._parse_bos_state(self.ctx, check_bos_state) if check_bos_state else None
+            if view_n_ctx:
+                self.view_ctx = Context(model, view_n_ctx, n_seq=1, n_batch=n_batch, n_threads=n_threads,
+                                        extra_cells=extra_cells, flash_attn=flash_attn, kv_type=kv_type)
+                self._view_bos = (self._parse_bos_state(self.view_ctx, check_bos_state)
+                                  if check_bos_state else None)
         except BaseException:
             self.ctx.close()
+            if self.view_ctx is not None:
+                self.view_ctx.close()
             raise
         self.prefix_cache = PrefixCache(prefix_cache_bytes)
         self.steps = 0  # decodes run (for tests and the bench)
@@ -250,6 +261,8 @@ class Engine:
         if self._thread.is_alive() and not self.on_scheduler():
             self._thread.join()
         self.ctx.close()
+        if self.view_ctx is not None:
+            self.view_ctx.close()
 
     def __enter__(self) -> "Engine":
         return self
@@ -370,21 +383,22 @@ class Engine:
         self.ctx.seq_rm(seq)
         self._held[seq] = None
 
-    def _parse_bos_state(self, check) -> tuple[kv_cells.SeqState, list[list[int]]]:
-        """[BOS] decoded into sequence 0, its state parsed and checked (``check`` gives the layer map of
-        its sections), the sequence cleared. The deep cells are written into a state of this context's
+    def _parse_bos_state(self, ctx: Context, check) -> tuple[kv_cells.SeqState, list[list[int]]]:
+        """[BOS] decoded into sequence 0 of ``ctx``, its state parsed and checked (``check`` gives the layer map
+        of its sections), the sequence cleared. The deep cells are written into a state of the context's
         own, whose blobs list a stream per sequence."""
-        self.ctx.decode_rows([self.model.bos], [0], [0], [False])
+        ctx.decode_rows([self.model.bos], [0], [0], [False])
         try:
-            blob = self.ctx.save_seq(0)
+            blob = ctx.save_seq(0)
         finally:
-            self.ctx.seq_rm(0)
+            ctx.seq_rm(0)
         state = kv_cells.parse(blob)
         return state, check(state)
 
-    def _deep_blob(self, req: Request) -> bytes:
-        """The blob of [BOS] + the request's deep cells, all at position 0."""
-        state, groups = self._bos_state
+    def _deep_blob(self, req: Request, bos_state=None) -> bytes:
+        """The blob of [BOS] + the request's deep cells, all at position 0 (in the main context's layout, or
+        ``bos_state``'s)."""
+        state, groups = bos_state or self._bos_state
         keys, values = req.deep
         seq_id = state.sections[0].seq_ids[0][0]  # llama.cpp loads a blob into the sequence it is given
         return kv_cells.serialise(kv_cells.with_cells(state, keys, values, groups, pos=0, seq_id=seq_id))
@@ -535,6 +549,8 @@ class Engine:
         ``reloads``, placed after the step's last row was fed)."""
         try:
             nxt = job.policy.feed(logits, job.pos)
+            while isinstance(nxt, View):
+                nxt = self._read_view(job, nxt.request)
             if isinstance(nxt, Reload):
                 if nxt.save:
                     job.saved = (self.ctx.save_seq(job.seq), self._held[job.seq], job.pos)
@@ -552,6 +568,43 @@ class Engine:
             self._release(job)
         else:
             job.pending = [nxt]
+
+
+    def _read_view(self, job: Job, req: Request):
+        """A :class:`View`: ``req`` (its control tokens with BOS, a short prompt) decoded in the view context,
+        its logits fed to ``job.policy.view_feed`` (which may ask for one more token there, e.g. a blank one)
+        until that returns None; then ``job.policy.after_view()`` gives the job's next step. The view sequence
+        keeps its composition's prefix, so the next view under it decodes only its prompt."""
+        ctx = self.view_ctx
+        if ctx is None:
+            raise EdgeSafeError("a View needs the engine's view context (Engine(view_n_ctx=...))")
+        items = req.items
+        if req.key and not isinstance(items[0], Marker) or any(isinstance(i, Marker) for i in items[1:]):
+            raise EdgeSafeError("a View's control tokens must sit with BOS (a short last message)")
+        tokens = [i for i in items if not isinstance(i, Marker)]
+        pos = 1 + len(req.vectors)
+        if pos + len(tokens) + 8 > ctx.n_ctx:
+            raise EdgeSafeError(f"a View of {len(tokens)} tokens does not fit the view context ({ctx.n_ctx})")
+        with _Timer(job.current.stats)("view"):
+            if self._view_key != req.key:
+                self._view_key = None
+                ctx.seq_rm(0)
+                if req.key and req.deep is not None:
+                    ctx.load_seq(self._deep_blob(req, self._view_bos), 0)
+                else:
+                    ctx.decode_rows([self.model.bos], [0], [0], [False])
+                if len(req.vectors):
+                    ctx.decode_embeddings(req.vectors, 1, seq=0)
+                self._view_key = req.key
+            elif not ctx.truncate(pos, 0):
+                self._view_key = None
+                raise EdgeSafeError("llama.cpp could not cut the view sequence back to its prefix")
+            ctx.decode_tokens(tokens, pos, want_logits=True, seq=0)
+            pos += len(tokens)
+            while (tok := job.policy.view_feed(ctx.logits())) is not None:
+                ctx.decode_rows([tok], [0], [pos], [True])
+                pos += 1
+        return job.policy.after_view()
 
 
 class _Timer:

@@ -43,7 +43,9 @@ class Probe:
 
         The margin is the best opener logit minus the best other logit at the first reply token,
         maximised over the whitespace-only tokens greedy decoding puts first (at most ``max_blank``),
-        because ``strictness`` stays on until the first visible token. A deployment can read the
+        because ``strictness`` stays on until the first visible token; after earlier turns, the larger of
+        the conversation's margin and its last user message's alone, the two views a reply decides by
+        (``EdgeSafe(reread=True)``, the default). A deployment can read the
         strictness it needs off the margins of its own traffic; ``edge-safe eval`` draws the bank's
         whole defense / over-refusal curve from them."""
         if isinstance(max_blank, bool) or not isinstance(max_blank, int) or max_blank < 0:
@@ -55,7 +57,7 @@ class Probe:
         if not openers:
             raise EdgeSafeError(f"the tokens {', '.join(req.constraints)} carry no refusal text, so there is no "
                                 "refusal opener to measure")
-        return self._run(req, Margin(self.es.model, openers, max_blank), wait)
+        return self._run(req, Margin(self.es.model, openers, max_blank, req.reread), wait)
 
     def first_token_logits(self, messages: "Messages | str", tokens=None, mode: str | None = None,
                            wait: bool = True) -> "np.ndarray | Job":

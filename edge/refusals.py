@@ -84,6 +84,7 @@ class RefusalGuide:
         self.state = "waiting"  # -> "opened" -> "forced" | "off"; "done" once complete
         self.j = 0  # tokens of the refusal written so far
         self.refusal: str | None = None  # the name of the refusal being written / completed
+        self.sure = False  # the reply was decided a refusal elsewhere (the last message read alone): no escape
 
     @property
     def active(self) -> bool:
@@ -99,8 +100,8 @@ class RefusalGuide:
 
     def open(self, logits: np.ndarray) -> list[str]:
         """At the token after the opener: a refusal (-> ``forced``; the candidate names) or a reply that
-        merely starts with the word (-> ``off``; no names)."""
-        if float(logits[self._allowed()].max()) < float(logits.max()) - self.escape:
+        merely starts with the word (-> ``off``; no names; never when ``sure``)."""
+        if not self.sure and float(logits[self._allowed()].max()) < float(logits.max()) - self.escape:
             self.state = "off"
             return []
         self.state = "forced"

@@ -52,6 +52,9 @@ Messages = Sequence[Mapping[str, str]]
 #: 8 192 positions allocate 148.5 MiB of KV per sequence (llama.cpp pads the stream to 8 448 cells: the
 #: bank's deep cells, then a multiple of 256); ``n_parallel`` sequences take that many times as much.
 DEFAULT_N_CTX = 8192
+# a last user message of at most this many tokens is also read alone after earlier turns (``reread``), in the
+# engine's view context; a longer one (pasted text) has its control tokens before its last line instead
+REREAD_MAX_TOKENS = 320
 
 
 class EdgeSafe:
@@ -67,6 +70,9 @@ class EdgeSafe:
     f32 cache. ``strictness`` is the default of every request (see :meth:`create_chat_completion`).
     ``deep_copies`` replaces the bank's rule for writing deep cells more than once past a long context
     (``[[position, copies], ...]``; ``[]``: once everywhere; default: the bank's ``deep_copies``).
+    ``reread`` (default on): after earlier turns, the last user message is also read alone under the same
+    constraints, and the reply refuses when either the conversation or that message alone refuses (the
+    message is prefilled twice; the conversation's KV is kept and reused).
     """
 
     def __init__(
@@ -88,6 +94,7 @@ class EdgeSafe:
         flash_attn: bool | None = None,
         kv_type: str | None = None,
         placement: str = "last",
+        reread: bool = True,
         ready_next_turn: bool = False,
         deep_copies: "Sequence[Sequence[int]] | None" = None,
     ):
@@ -101,6 +108,10 @@ class EdgeSafe:
         # user message ("every": refuses everything after a few turns with the shipped bank, which was trained
         # with one copy; eval/results/long-context/)
         self.placement = placement
+        # after earlier turns, also read the last user message alone under the same constraints and refuse when
+        # either view refuses (a guard model's re-read of every turn, at the cost of prefilling that message
+        # twice): the bank separates best with its cells right before a request and nothing earlier
+        self.reread = bool(reread)
         self.exact_refusals = bool(exact_refusals)  # finish a reply that opens like a refusal as one, word for word
         self.model_path = resolve_model_path(model_path)
         self.bank = bank if isinstance(bank, TokenBank) else TokenBank.load(resolve_bank_path(bank))
@@ -121,11 +132,13 @@ class EdgeSafe:
             if self.model.n_embd != self.bank.n_embd:  # check_model already compared the GGUF header
                 raise EdgeSafeError(f"llama.cpp reports n_embd {self.model.n_embd}, the bank has {self.bank.n_embd}")
             deep_cells = sum(t.n_vectors for t in self.bank.tokens.values() if t.is_deep) * self.bank.max_copies
+            shallow = sum(t.n_vectors for t in self.bank.tokens.values() if not t.is_deep)
+            view_n_ctx = 1 + shallow + REREAD_MAX_TOKENS + 16 if self.reread else 0  # + blank tokens
             self.engine = Engine(self.model, n_ctx, n_parallel, n_batch=n_batch, n_threads=n_threads,
                                  extra_cells=deep_cells, flash_attn=flash_attn, kv_type=kv_type,
                                  prefix_cache_bytes=prefix_cache_bytes, max_queue=max_queue,
                                  check_bos_state=self._check_bos_state if deep_cells else None,
-                                 rope_bases=self._rope_bases)
+                                 rope_bases=self._rope_bases, view_n_ctx=view_n_ctx)
         except BaseException:
             self.model.close()
             raise
@@ -318,8 +331,15 @@ class EdgeSafe:
         strictness = self.strictness if strictness is None else check_strictness(strictness)
         constraints, mode = self.compose(tokens, mode)
         names = prefix_names(mode, constraints)
-        prompt, splits = self._layout(messages, bool(names) and (self._rope_bases is not None or not self._deep_of(names)))
+        movable = bool(names) and (self._rope_bases is not None or not self._deep_of(names))
+        prompt, splits = self._layout(messages, movable)
         req = self._request(constraints, mode, prompt, strictness, stop, splits)
+        if self.reread and self.engine.view_ctx is not None and constraints \
+                and self.bank.behaviour(mode) == Behaviour.CONSTRAINED \
+                and _earlier_turns(messages):
+            last, last_splits = self._layout(messages[-1:], movable)
+            if last_splits == (0,) and len(last) <= REREAD_MAX_TOKENS:
+                req.reread = self._request(constraints, mode, last, strictness, stop, last_splits)
         needed = req.n_positions + extra
         if needed >= self.n_ctx:
             forced = f" + {extra} forced tokens" if extra else ""
@@ -457,6 +477,12 @@ class _Chunks:
             self._chunks.close()
         finally:
             self.job.close()
+
+
+def _earlier_turns(messages: Messages) -> bool:
+    """Whether the last message is a user message with user or assistant turns before it."""
+    return len(messages) > 1 and messages[-1].get("role") == "user" \
+        and any(m.get("role") in ("user", "assistant") for m in messages[:-1])
 
 
 def _join(job: Job) -> str:

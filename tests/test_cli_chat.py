@@ -158,6 +158,7 @@ def test_sampling_flags_reach_the_runtime_with_the_chat_defaults(patched, loads,
     r = invoke("chat", "--json", "--model", "some/model.gguf", "--threads", "1", Q)
     assert r.exit_code == 0, r.output
     assert loads[-1]["model_path"] == "some/model.gguf" and loads[-1]["n_threads"] == 1
+    assert loads[-1]["reread"] is True  # after earlier turns the last message is also read alone, by default
     (_, kw), = seen
     assert (kw["top_k"], kw["min_p"], kw["repeat_penalty"]) == (CHAT_TOP_K, CHAT_MIN_P, CHAT_REPEAT_PENALTY)
     assert (CHAT_TOP_K, CHAT_MIN_P, CHAT_REPEAT_PENALTY) == (40, 0.05, 1.1)
@@ -169,6 +170,9 @@ def test_sampling_flags_reach_the_runtime_with_the_chat_defaults(patched, loads,
     kw = seen[-1][1]
     assert (kw["top_k"], kw["min_p"], kw["repeat_penalty"], kw["temperature"]) == (5, 0.2, 1.0, 0.7)
     assert loads[-1]["seed"] == 3
+    r = invoke("chat", "--json", "--no-reread", Q)
+    assert r.exit_code == 0, r.output
+    assert loads[-1]["reread"] is False
     for flag, value in [("--repeat-penalty", "0"), ("--min-p", "1.5"), ("--top-k", "-1")]:
         r = invoke("chat", flag, value, Q)
         assert r.exit_code == 2 and flag in r.stderr, (flag, r.output)

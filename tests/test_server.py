@@ -553,12 +553,13 @@ def test_serve_cli_passes_settings_to_the_app(monkeypatch, bank):
     monkeypatch.setenv("EDGE_SAFE_API_KEY", "from-env")
     result = CliRunner().invoke(cli, ["serve", "--port", "9999", "-t", "eu", "--max-tokens-limit", "8",
                                       "--allow-negative-mode", "--default-strictness", "1.5", "--n-ctx", "64",
-                                      "--threads", "1", "--parallel", "2"])
+                                      "--threads", "1", "--parallel", "2", "--no-reread"])
     assert result.exit_code == 0, result.output
     state = seen["state"]
     assert (seen["host"], seen["port"]) == ("127.0.0.1", 9999)
     assert seen["load"] == {"model_path": None, "bank": None, "n_ctx": 64, "n_gpu_layers": 0, "n_threads": 1,
-                            "n_parallel": 2, "ready_next_turn": True}  # a chat client's next turn, laid out while idle
+                            "n_parallel": 2, "reread": False,
+                            "ready_next_turn": True}  # a chat client's next turn, laid out while idle
     assert state.settings.api_key.get_secret_value() == "from-env" and "from-env" not in repr(state.settings)
     assert state.default_tokens == ["privacy"] and state.settings.max_tokens_limit == 8
     assert state.settings.allow_negative_mode is True and state.settings.default_strictness == 1.5

@@ -73,9 +73,12 @@ def stdin_is_tty() -> bool:
 @click.option("--n-gpu-layers", default=0, show_default=True, type=int,
               help="Layers to offload to the GPU (-1: all); needs a Metal or CUDA build of llama-cpp-python.")
 @click.option("--threads", default=None, type=click.IntRange(min=1), help="CPU threads [default: half the cores].")
+@click.option("--reread/--no-reread", default=True, show_default=True,
+              help="After earlier turns, also read the last user message alone under the same constraints and "
+                   "refuse when either the conversation or that message refuses (it is prefilled twice).")
 @click.option("--json", "as_json", is_flag=True, help="Print the OpenAI-shaped response as JSON (one-shot only).")
 def chat(prompt, tokens, mode, model, bank, system, max_tokens, temperature, top_p, top_k, min_p, repeat_penalty,
-         seed, strictness, n_ctx, n_gpu_layers, threads, as_json):
+         seed, strictness, n_ctx, n_gpu_layers, threads, reread, as_json):
     """Chat with the model, with control tokens switched on per request.
 
     With PROMPT (or text piped on stdin) it answers once and exits; with
@@ -96,7 +99,8 @@ def chat(prompt, tokens, mode, model, bank, system, max_tokens, temperature, top
         if not prompt:
             raise click.UsageError("no prompt: pass PROMPT or pipe text on stdin")
     es = load_edge_safe(model_path=model, bank=bank, n_ctx=n_ctx, n_gpu_layers=n_gpu_layers,
-                        n_threads=threads, seed=seed, ready_next_turn=prompt is None)  # while the user types
+                        n_threads=threads, seed=seed, reread=reread,
+                        ready_next_turn=prompt is None)  # while the user types
     session = Session(es, tokens=tokens, mode=mode, system=system)
     session.check()
     gen = dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,

@@ -227,8 +227,11 @@ def compare(ctx, banks, out, threads, limit, seed, parallel):
                    "vs alone: over-refusal; needs the fetched data too).")
 @click.option("--traffic", "traffic", default=40, show_default=True, type=click.IntRange(min=1), metavar="N",
               help="Real later ShareGPT turns per length (kind traffic).")
+@click.option("--reread/--no-reread", default=True, show_default=True,
+              help="After earlier turns, also decide on the last user message alone (EdgeSafe(reread=...)); "
+                   "--no-reread measures the conversation's own view only.")
 @click.pass_context
-def long_context(ctx, out, bank, model, lengths, per_category, threads, parallel, kinds, traffic):
+def long_context(ctx, out, bank, model, lengths, per_category, threads, parallel, kinds, traffic, reread):
     """Defense and over-refusal after 600-3 000 tokens of harmless text, through the runtime.
 
     The test split's requests (per constraint, violating and harmless near-miss ones) after documents
@@ -264,7 +267,8 @@ def long_context(ctx, out, bank, model, lengths, per_category, threads, parallel
                                  param_hint="--kinds")
     folder = make_out_dir(out)
     n_ctx = (2 if "traffic" in chosen else 1) * max(wanted) + 1024  # traffic: up to 2n tokens before the turn
-    with EdgeSafe(model_path=model, bank=bank, n_ctx=n_ctx, n_threads=threads, n_parallel=parallel) as es:
+    with EdgeSafe(model_path=model, bank=bank, n_ctx=n_ctx, n_threads=threads, n_parallel=parallel,
+                  reread=reread) as es:
         bar = tqdm(total=len(lc.plan(chosen, wanted)), desc="long-context", unit="row", file=sys.stderr)
         results = lc.run(es, wanted, chosen, per_category=per_category, progress=lambda what: bar.update(1),
                          traffic=traffic)

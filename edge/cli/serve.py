@@ -53,9 +53,12 @@ def _help(field: str) -> str:
 @click.option("--n-gpu-layers", default=0, show_default=True, type=int,
               help="Layers to offload to the GPU (-1: all); needs a Metal or CUDA build of llama-cpp-python.")
 @click.option("--threads", default=None, type=click.IntRange(min=1), help="CPU threads [default: half the cores].")
+@click.option("--reread/--no-reread", default=True, show_default=True,
+              help="After earlier turns, also read the last user message alone under the same constraints and "
+                   "refuse when either the conversation or that message refuses (it is prefilled twice).")
 def serve(host, port, model, bank, api_key, default_tokens, max_tokens_limit, allow_negative_mode,
           default_strictness, max_body_bytes, max_queue, parallel, repeat_penalty, top_k, min_p, model_id, n_ctx,
-          n_gpu_layers, threads):
+          n_gpu_layers, threads, reread):
     """Serve an OpenAI-compatible API with control tokens chosen per request.
 
     Requests pick constraints with the extra body fields `tokens` and `mode`
@@ -90,7 +93,8 @@ def serve(host, port, model, bank, api_key, default_tokens, max_tokens_limit, al
         click.echo(f"edge-safe: warning: serving on {host} without an API key (--api-key or ${ENV_API_KEY})",
                    err=True)
     es = load_edge_safe(model_path=model, bank=bank, n_ctx=n_ctx, n_gpu_layers=n_gpu_layers, n_threads=threads,
-                        n_parallel=parallel, ready_next_turn=True)  # a chat client's next turn, laid out while idle
+                        n_parallel=parallel, reread=reread,
+                        ready_next_turn=True)  # a chat client's next turn, laid out while idle
     with es:
         app = create_app(es, settings)
         state = app.state.edge_safe
