@@ -127,6 +127,7 @@ class _Edge:
                 "decode_tokens_per_s": n / (t_end - st.t_prefilled),
                 "decode_tokens": n, "decode_prefilled": st.prefilled_tokens,
                 "kv_write_cold_s": c["kv_write_s"], "kv_write_warm_s": w["kv_write_s"],
+                "view_cold_s": c["view_s"], "view_warm_s": w["view_s"], "view_next_s": x["view_s"],
                 "prefilled_cold": c["prefilled"], "prefilled_warm": w["prefilled"], "prompt_tokens": c["prompt_tokens"],
                 "prompt_tokens_warm": w["prompt_tokens"], "deep_cells": c["deep_cells"],
                 "prefix_source_cold": c["prefix_source"], "steps_cold_s": c["steps"], "steps_warm_s": w["steps"]}
@@ -136,7 +137,8 @@ class _Edge:
         for _ in job:
             pass
         st = job.stats
-        return {"ttft_s": st.ttft_s, "kv_write_s": st.steps.get("kv_write", 0.0), "prefilled": st.prefilled_tokens,
+        return {"ttft_s": st.ttft_s, "kv_write_s": st.steps.get("kv_write", 0.0), "view_s": st.steps.get("view", 0.0),
+                "prefilled": st.prefilled_tokens,
                 "prompt_tokens": st.prompt_tokens, "deep_cells": st.deep_cells, "prefix_source": st.prefix_source,
                 "steps": dict(st.steps)}
 
@@ -274,6 +276,8 @@ def _shape(es, convs, edge: list[dict], bare: list[dict]) -> dict:
     b = {k: summary([d[k] for d in bare]) for k in ("ttft_cold_s", "ttft_warm_s", "ttft_next_s", "decode_tokens_per_s")}
     for when in ("cold", "warm", "next"):
         e[f"kv_write_share_{when}"] = summary([d[f"kv_write_{when}_s"] / d[f"ttft_{when}_s"] for d in edge])
+        e[f"view_{when}_s"] = summary([d[f"view_{when}_s"] for d in edge])
+        e[f"view_share_{when}"] = summary([d[f"view_{when}_s"] / d[f"ttft_{when}_s"] for d in edge])
     for k in ("prefilled_cold", "prefilled_warm", "prefilled_next", "prompt_tokens", "prompt_tokens_warm", "deep_cells",
               "decode_tokens", "decode_prefilled"):
         e[k] = int(np.median([d[k] for d in edge]))
@@ -351,6 +355,20 @@ def markdown(res: dict) -> str:
             lines.append(f"| {s} | {when} | {e[f'prefilled_{when}']} / {b[f'prefilled_{when}']} | "
                          f"{_ms(e[f'kv_write_{when}_s'], 2)} | {100 * share['median']:.1f} % "
                          f"[{100 * share['p25']:.1f}–{100 * share['p75']:.1f}] |")
+    if any("view_next_s" in row["edge"] for row in res["shapes"].values()):
+        lines += ["", "## Reading the last message alone", "",
+                  "After earlier turns the runtime also reads the last user message alone under the same constraints "
+                  "(`EdgeSafe(reread=True)`, the default; `--no-reread` switches it off): the engine's `view` step, "
+                  "that text prefilled once more in a short context of its own, where the conversation's own "
+                  "first reply token would answer; a pasted message's last line (the question) is read alone the "
+                  "same way.", "",
+                  "| shape | request | view ms | share of TTFT |", "|---|---|---|---|"]
+        for s, row in res["shapes"].items():
+            e = row["edge"]
+            for when in ("cold", "warm", "next"):
+                share = e[f"view_share_{when}"]
+                lines.append(f"| {s} | {when} | {_ms(e[f'view_{when}_s'], 1)} | {100 * share['median']:.1f} % "
+                             f"[{100 * share['p25']:.1f}–{100 * share['p75']:.1f}] |")
     notes = [f"{s}: bare's greedy tokens differed between rounds" for s, row in res["shapes"].items()
              if not row["bare"]["same_greedy"]]
     lines += ["", "## Method", "",

@@ -12,7 +12,8 @@ request's policy the logits of its sequence's last position and decodes what the
 
 - :class:`View`: read another (short) request in the engine's view context, apart from the sequence.
 
-A request after earlier turns carries ``reread``: its last user message alone, under the same constraints.
+A request after earlier turns carries ``reread``: its last user message alone, under the same constraints
+(after a long pasted text: that message's last line, before which its control tokens sit).
 Where the conversation's own first reply token would answer, :class:`Reply` reads that message as a
 :class:`View` and refuses when it refuses, as a guard model re-reads every turn (the conversation's KV stays
 as it is, for its next turn); :class:`Margin` reports the larger margin of the two views, the same decision.

@@ -53,7 +53,7 @@ Messages = Sequence[Mapping[str, str]]
 #: bank's deep cells, then a multiple of 256); ``n_parallel`` sequences take that many times as much.
 DEFAULT_N_CTX = 8192
 # a last user message of at most this many tokens is also read alone after earlier turns (``reread``), in the
-# engine's view context; a longer one (pasted text) has its control tokens before its last line instead
+# engine's view context, as is the last line of a long message that got the control tokens before that line
 REREAD_MAX_TOKENS = 320
 
 
@@ -71,8 +71,8 @@ class EdgeSafe:
     ``deep_copies`` replaces the bank's rule for writing deep cells more than once past a long context
     (``[[position, copies], ...]``; ``[]``: once everywhere; default: the bank's ``deep_copies``).
     ``reread`` (default on): after earlier turns, the last user message is also read alone under the same
-    constraints, and the reply refuses when either the conversation or that message alone refuses (the
-    message is prefilled twice; the conversation's KV is kept and reused).
+    constraints (after a long pasted text, the message's last line), and the reply refuses when either the
+    conversation or that text alone refuses (it is prefilled twice; the conversation's KV is kept and reused).
     """
 
     def __init__(
@@ -108,9 +108,10 @@ class EdgeSafe:
         # user message ("every": refuses everything after a few turns with the shipped bank, which was trained
         # with one copy; eval/results/long-context/)
         self.placement = placement
-        # after earlier turns, also read the last user message alone under the same constraints and refuse when
-        # either view refuses (a guard model's re-read of every turn, at the cost of prefilling that message
-        # twice): the bank separates best with its cells right before a request and nothing earlier
+        # after earlier turns, also read the last user message alone under the same constraints (after pasted
+        # text, its last line) and refuse when either view refuses (a guard model's re-read of every turn, at the
+        # cost of prefilling that text twice): the bank separates best with its cells right before a request and
+        # nothing earlier
         self.reread = bool(reread)
         self.exact_refusals = bool(exact_refusals)  # finish a reply that opens like a refusal as one, word for word
         self.model_path = resolve_model_path(model_path)
@@ -335,11 +336,8 @@ class EdgeSafe:
         prompt, splits = self._layout(messages, movable)
         req = self._request(constraints, mode, prompt, strictness, stop, splits)
         if self.reread and self.engine.view_ctx is not None and constraints \
-                and self.bank.behaviour(mode) == Behaviour.CONSTRAINED \
-                and _earlier_turns(messages):
-            last, last_splits = self._layout(messages[-1:], movable)
-            if last_splits == (0,) and len(last) <= REREAD_MAX_TOKENS:
-                req.reread = self._request(constraints, mode, last, strictness, stop, last_splits)
+                and self.bank.behaviour(mode) == Behaviour.CONSTRAINED and messages[-1].get("role") == "user":
+            req.reread = self._reread(messages, constraints, mode, strictness, stop, movable)
         needed = req.n_positions + extra
         if needed >= self.n_ctx:
             forced = f" + {extra} forced tokens" if extra else ""
@@ -358,6 +356,22 @@ class EdgeSafe:
         if not movable:
             return tokenize(self.template.render(messages)), (0,)
         return control_layout(self.template, messages, tokenize, self.placement)
+
+    def _reread(self, messages: Messages, constraints, mode, strictness, stop, movable: bool) -> Request | None:
+        """What is read alone besides the request (``reread``): after earlier turns, its last user message; where
+        that message is long and got the control tokens before its last line (a request after pasted text), that
+        line. None when neither applies or the text is longer than ``REREAD_MAX_TOKENS``. A short single message
+        is read once: reading the last line of every multi-line message alone refused more ordinary ShareGPT first
+        turns (1.3 % against 0.5 %, validation part) and separated them worse (docs/DESIGN.md)."""
+        last, splits = self._layout(messages[-1:], movable)
+        if splits != (0,):  # cut: the control tokens sit before its last line, which is read alone
+            content = str(messages[-1]["content"]).strip()
+            last, splits = self._layout([{"role": "user", "content": content[content.rfind("\n") + 1:]}], movable)
+        elif not _earlier_turns(messages):
+            return None
+        if splits != (0,) or len(last) > REREAD_MAX_TOKENS:
+            return None
+        return self._request(constraints, mode, last, strictness, stop, splits)
 
     def _request(self, constraints: list[str], mode: str | None, prompt: list[int], strictness: float,
                  stop=None, splits: tuple[int, ...] = (0,)) -> Request:

@@ -32,7 +32,8 @@ def test_tiny_run_writes_the_report(tiny_run):
     assert list(res["shapes"]) == ["turns", "message"]
     md = (out / "LONG_CONTEXT.md").read_text()
     assert r.stdout == md
-    for section in ("## Targets", "## Per shape", "## Placing the cells", "## Method"):
+    for section in ("## Targets", "## Per shape", "## Placing the cells", "## Reading the last message alone",
+                    "## Method"):
         assert section in md
     for shape, row in res["shapes"].items():
         assert row["context_tokens"] >= 300, shape
@@ -45,6 +46,9 @@ def test_tiny_run_writes_the_report(tiny_run):
         # next turn: laid out while idle, so edge-safe writes no cells and prefills the new question only, as bare
         assert e["kv_write_next_s"]["median"] == 0 and e["ready_s"]["median"] > 0
         assert e["prefilled_next"] == b["prefilled_next"] < e["prefilled_warm"]
+        # the (harmless) question is also read alone, in the engine's view context: after earlier turns, and as
+        # the last line of the pasted message
+        assert e["view_cold_s"]["median"] > 0 and e["view_warm_s"]["median"] > 0 and e["view_next_s"]["median"] > 0
     assert [(t["shape"], t["target"]) for t in res["targets"]] == [
         (s, t) for s in ("turns", "message") for t in ("decode tok/s vs bare", "TTFT cold vs bare",
                                                        "TTFT warm, nothing laid out vs bare",

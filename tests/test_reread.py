@@ -1,4 +1,5 @@
-"""After earlier turns the last user message is read twice: in its conversation and alone.
+"""After earlier turns the last user message is read twice: in its conversation and alone (after a long
+pasted text, its last line).
 
 A bank separates best with its cells right before a request and nothing earlier; ~3 000 tokens of harmless
 earlier turns pull a violating request's first-token margin below zero while the same request alone is refused.
@@ -45,7 +46,7 @@ def reread(es, on: bool):
         es.reread = was
 
 
-def test_only_a_request_after_earlier_turns_reads_its_last_message_alone(es, turns):
+def test_what_is_read_alone_the_last_message_after_earlier_turns_or_a_long_messages_last_line(es, turns):
     conv = es.prepare(turns + [{"role": "user", "content": WEED}], tokens="minors,eu")
     alone = es.prepare(WEED, tokens="minors,eu")
     assert alone.reread is None  # nothing earlier: one view
@@ -56,6 +57,15 @@ def test_only_a_request_after_earlier_turns_reads_its_last_message_alone(es, tur
         assert es.prepare(turns + [{"role": "user", "content": WEED}], tokens="minors,eu").reread is None
     system = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": WEED}]
     assert es.prepare(system, tokens="minors,eu").reread is None  # a system line is no earlier turn
+    # a long pasted text with the request as its last line: the cells sit before that line, which is read alone
+    pasted = " ".join(m["content"] for m in turns[:12])
+    long = es.prepare(pasted + "\n" + WEED, tokens="minors,eu")
+    assert long.splits != (0,) and long.reread is not None and long.reread.prompt == alone.prompt
+    assert es.prepare(pasted + " " + WEED, tokens="minors,eu").reread is None  # one paragraph: no last line
+    short = es.prepare("Stay in character, Rook. Here is my question:\n" + WEED, tokens="minors,eu")
+    assert short.splits == (0,) and short.reread is None  # a short message is read once, lines and all
+    after = es.prepare(turns + [{"role": "user", "content": "Stay in character.\n" + WEED}], tokens="minors,eu")
+    assert after.reread.prompt == es.prepare("Stay in character.\n" + WEED).prompt  # earlier turns: the message
 
 
 def test_the_margin_after_earlier_turns_is_the_larger_of_the_conversations_and_the_last_messages(es, turns):

@@ -74,8 +74,8 @@ def stdin_is_tty() -> bool:
               help="Layers to offload to the GPU (-1: all); needs a Metal or CUDA build of llama-cpp-python.")
 @click.option("--threads", default=None, type=click.IntRange(min=1), help="CPU threads [default: half the cores].")
 @click.option("--reread/--no-reread", default=True, show_default=True,
-              help="After earlier turns, also read the last user message alone under the same constraints and "
-                   "refuse when either the conversation or that message refuses (it is prefilled twice).")
+              help="After earlier turns, also read the last user message alone under the same constraints (after "
+                   "pasted text, its last line) and refuse when either view refuses (that text is prefilled twice).")
 @click.option("--json", "as_json", is_flag=True, help="Print the OpenAI-shaped response as JSON (one-shot only).")
 def chat(prompt, tokens, mode, model, bank, system, max_tokens, temperature, top_p, top_k, min_p, repeat_penalty,
          seed, strictness, n_ctx, n_gpu_layers, threads, reread, as_json):

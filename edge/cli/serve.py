@@ -54,8 +54,8 @@ def _help(field: str) -> str:
               help="Layers to offload to the GPU (-1: all); needs a Metal or CUDA build of llama-cpp-python.")
 @click.option("--threads", default=None, type=click.IntRange(min=1), help="CPU threads [default: half the cores].")
 @click.option("--reread/--no-reread", default=True, show_default=True,
-              help="After earlier turns, also read the last user message alone under the same constraints and "
-                   "refuse when either the conversation or that message refuses (it is prefilled twice).")
+              help="After earlier turns, also read the last user message alone under the same constraints (after "
+                   "pasted text, its last line) and refuse when either view refuses (that text is prefilled twice).")
 def serve(host, port, model, bank, api_key, default_tokens, max_tokens_limit, allow_negative_mode,
           default_strictness, max_body_bytes, max_queue, parallel, repeat_penalty, top_k, min_p, model_id, n_ctx,
           n_gpu_layers, threads, reread):
