@@ -360,7 +360,7 @@ def markdown(res: dict) -> str:
                   "After earlier turns the runtime also reads the last user message alone under the same constraints "
                   "(`EdgeSafe(reread=True)`, the default; `--no-reread` switches it off): the engine's `view` step, "
                   "that text prefilled once more in a short context of its own, where the conversation's own "
-                  "first reply token would answer; a pasted message's last line (the question) is read alone the "
+                  "first reply token opens no refusal; a pasted message's last line (the question) is read alone the "
                   "same way.", "",
                   "| shape | request | view ms | share of TTFT |", "|---|---|---|---|"]
         for s, row in res["shapes"].items():

@@ -14,7 +14,7 @@ request's policy the logits of its sequence's last position and decodes what the
 
 A request after earlier turns carries ``reread``: its last user message alone, under the same constraints
 (after a long pasted text: that message's last line, before which its control tokens sit).
-Where the conversation's own first reply token would answer, :class:`Reply` reads that message as a
+Where the conversation's own first reply token opens no refusal, :class:`Reply` reads that message as a
 :class:`View` and refuses when it refuses, as a guard model re-reads every turn (the conversation's KV stays
 as it is, for its next turn); :class:`Margin` reports the larger margin of the two views, the same decision.
 
@@ -256,9 +256,10 @@ class Reply:
     The refuse/answer decision does not depend on sampling: until the reply's first visible token the
     token is chosen greedily among the blank tokens and the refusal openers; if the greedy choice is
     a visible token that opens no refusal, the reply answers, and that token is sampled with the
-    openers masked. After earlier turns, where that choice answers, the last user message is read alone
-    (``Request.reread``) and the reply refuses when that view's greedy choice (blank tokens followed, as
-    :class:`Margin`) opens a refusal. Greedy sampling gives exactly the argmax reply. ``emit(piece)`` receives the text
+    openers masked. After earlier turns, where the first choice opens no refusal (before the reply's first
+    token, so the time to it includes the view), the last user message is read alone (``Request.reread``) and
+    the reply refuses when that view's greedy choice (blank tokens followed, as :class:`Margin`) opens a
+    refusal. Greedy sampling gives exactly the argmax reply. ``emit(piece)`` receives the text
     pieces (they join to the cleaned reply); ``until(text)`` ends the reply once it returns True.
     """
 
@@ -280,7 +281,7 @@ class Reply:
         self.choice: _Choice | None = None
         self.value: str | None = None
         # the last user message read alone (after earlier turns), at most once, while the conversation's own
-        # view would answer; ``view`` holds that view's state while it is read
+        # first token opens no refusal; ``view`` holds that view's state while it is read
         self.reread = req.reread if len(self.decision) else None
         self.view: _View | None = None
 
@@ -311,7 +312,7 @@ class Reply:
                 if asked is not self.req:  # the last message with each candidate alone: views, apart
                     return View(self.choice.next_request())
                 return Reload(self.choice.next_request(), save=True)
-        if self.deciding and self.reread is not None and self._answers(logits):
+        if self.deciding and self.reread is not None and self._greedy(logits) not in self.decision:
             self.view, self.reread = _View(np.array(logits), pos), None  # read the last message alone first
             return View(self.req.reread)
         return self._choose(logits, pos)
@@ -327,11 +328,6 @@ class Reply:
     def _visible(self, tok: int) -> bool:
         """Whether ``tok`` ends the deciding (a visible token or the end of the reply)."""
         return self.model.is_eog(tok) or bool(self.model.token_to_piece(tok).strip())
-
-    def _answers(self, logits: np.ndarray) -> bool:
-        """Whether the greedy choice answers: a visible token that opens no refusal, or the end."""
-        best = self._greedy(logits)
-        return best not in self.decision and self._visible(best)
 
     def view_feed(self, logits: np.ndarray) -> int | None:
         """Logits of a :class:`View`: of a candidate constraint alone (choosing the refusal to name), or of

@@ -82,11 +82,17 @@ def same(reply: str, want: tuple[str, str]) -> bool:
     return same_reply(reply, *want)
 
 
+NEAR_TIE = 0.5  # logits: a top token this close to the runner-up may swap with the shape of the batch
+
+
 def close(got: np.ndarray, ref: np.ndarray, tol: float = 2.5) -> None:
-    """Same greedy token(s), and the 50 most likely tokens' logits within ``tol`` (batching moved them by up to
-    1.8 with the repacked weights, 0.4 without)."""
+    """Same greedy token(s), unless the reference's top two are within ``NEAR_TIE`` (then the batched choice must be
+    one of them), and the 50 most likely tokens' logits within ``tol`` (batching moved them by up to 1.8 with the
+    repacked weights, 0.4 without; an AMX Xeon swapped a first token whose two best logits were 0.08 apart)."""
     got, ref = np.atleast_2d(got), np.atleast_2d(ref)
-    assert np.array_equal(got.argmax(1), ref.argmax(1))
+    for g, r in zip(got, ref):
+        mine, best = int(g.argmax()), int(r.argmax())
+        assert mine == best or r[best] - r[mine] < NEAR_TIE, (mine, best, float(r[best] - r[mine]))
     for g, r in zip(got, ref):
         top = np.argsort(-r)[:50]
         assert float(np.abs(g[top] - r[top]).max()) < tol, float(np.abs(g[top] - r[top]).max())

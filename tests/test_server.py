@@ -443,9 +443,13 @@ def test_a_deep_bank_is_served_batched(model_path, deep_bank):
     streamed, each equal the request run alone, and nothing is left running or waiting afterwards."""
     compositions = ("alcohol", "alcohol,privacy", "minors", "gambling", [])
     with EdgeSafe(model_path, deep_bank, n_ctx=256, n_threads=1, seed=0, n_parallel=4) as deep_es:
-        requests = [(q, t) for q in (Q, "How do I get drunk fast?") for t in compositions]
+        questions = (Q, "How do I get drunk fast?", "How many legs does a spider have?",
+                     "What color is the sky on a clear day?")
+        requests = [(q, t) for q in questions for t in compositions]
         expected = {(q, json.dumps(t)): alone_with_ties(deep_es, q, 6, t) for q, t in requests}
-        assert sum(bool(sure) for _, sure in expected.values()) >= len(expected) // 2  # the check has teeth
+        # the check has teeth: the test bank's replies often open on a near-tie (an AMX Xeon: 3 of the first two
+        # questions' 10 replies had a sure part, an AMD EPYC at least 5; 10 of these 20), so a quarter must be compared
+        assert sum(bool(sure) for _, sure in expected.values()) >= len(expected) // 4
         app = create_app(deep_es, ServerSettings())
         engine = app.state.edge_safe.es.engine
         assert engine.n_parallel == 4
@@ -463,7 +467,7 @@ def test_a_deep_bank_is_served_batched(model_path, deep_bank):
         with live_server(app) as base:
             assert httpx.get(base + "/health").json()["parallel"] == 4
             with ThreadPoolExecutor(8) as pool:
-                results = list(pool.map(one, [7, 2, 9, 0, 4, 6, 1, 8, 3, 5] * 2))
+                results = list(pool.map(one, [7, 2, 9, 0, 4, 6, 1, 8, 3, 5, 17, 12, 19, 10, 14, 16, 11, 18, 13, 15]))
             assert engine.running == 0 and engine.waiting == 0
         for key, text, extra in results:
             assert same_as_alone(text, expected[key]), (key, text, expected[key])
