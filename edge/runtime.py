@@ -435,6 +435,8 @@ class EdgeSafe:
             out["deep_cells"] = req.n_deep
             if req.stats.deep_copies > 1:
                 out["deep_copies"] = req.stats.deep_copies
+        if st.reread:  # the request was also read alone (after earlier turns, or a long message's last line)
+            out["reread"] = st.reread  # what that view decided: "refuse" or "answer"
         return out
 
     def _tail(self, job: Job, content: str) -> dict:

@@ -100,7 +100,8 @@ def test_a_reply_refuses_when_the_last_message_alone_refuses_and_the_conversatio
     nxt = conv + [{"role": "assistant", "content": text}, {"role": "user", "content": PERU}]
     out = es.create_chat_completion(nxt, tokens="minors,eu", max_tokens=8)
     assert out["timings"]["prefix_source"] == "reused" and out["timings"]["prompt_prefilled_n"] < 60
-    assert out["edge_safe"]["refused_by"] is None
+    assert out["edge_safe"]["refused_by"] is None and out["edge_safe"]["reread"] == "answer"  # read alone, answered
+    assert "reread" not in es.create_chat_completion(PERU, tokens="minors,eu", max_tokens=2)["edge_safe"]  # read once
 
 
 def test_where_the_last_message_alone_answers_the_reply_is_the_conversations_own(es, turns):
