@@ -613,7 +613,7 @@ def test_a_chat_clients_next_turn_is_laid_out_while_the_server_is_idle(model_pat
     next turn out up to its control tokens, so a client sending its history back gets only its new message
     prefilled, and the reply a fresh server gives."""
     turns = ["What's a good way to keep cut flowers fresh longer?", "Why is the sky blue?", "How do I get drunk fast?"]
-    replies, prefilled = [], []
+    replies, prefilled, views = [], [], []
     with EdgeSafe(model_path=model_path, n_ctx=2048, n_threads=1, ready_next_turn=True) as es:
         with live_server(create_app(es, ServerSettings(api_key=KEY))) as base:
             server = openai.OpenAI(base_url=base + "/v1", api_key=KEY, max_retries=0, timeout=120)
@@ -624,9 +624,13 @@ def test_a_chat_clients_next_turn_is_laid_out_while_the_server_is_idle(model_pat
                                                        extra_body={"tokens": "minors,eu"})
                 replies.append(reply.choices[0].message.content)
                 prefilled.append(reply.timings["prompt_prefilled_n"])
+                views.append(reply.edge_safe.get("reread"))
                 messages.append({"role": "assistant", "content": replies[-1]})
                 assert es.engine.settle(60)
             assert es.engine.readied == len(turns)
+            # after earlier turns each question was also read alone (the harmless one answered there too); the
+            # first had nothing before it
+            assert views[0] is None and views[1] == "answer" and views[2] in (None, "refuse")
             for q, n in zip(turns[1:], prefilled[1:]):  # only the new message: "Question: ...\\nAnswer:"
                 assert n == len(es.tokenize(es.template.render([{"role": "user", "content": q}])))
     assert replies[-1] == "Sorry, I can't help with alcohol."
