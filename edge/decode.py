@@ -321,7 +321,7 @@ class Reply:
         """The greedy choice while deciding (``strictness`` on the refusal openers)."""
         req = self.req
         if req.openers and req.strictness:
-            logits = logits.copy()
+            logits = logits.copy()  # llama.cpp's buffer stays as decoded
             logits[req.openers] += req.strictness
         return int(np.argmax(logits))
 
@@ -371,12 +371,8 @@ class Reply:
         return Resume(step) if step is None or isinstance(step, int) else step
 
     def _pick(self, logits: np.ndarray) -> int:
-        req = self.req
         if self.deciding and len(self.decision):
-            if req.openers and req.strictness:
-                logits = logits.copy()  # llama.cpp's buffer stays as decoded
-                logits[req.openers] += req.strictness
-            best = int(np.argmax(logits))  # the greedy choice decides: refusal, blank, or answer
+            best = self._greedy(logits)  # the greedy choice decides: refusal, blank, or answer
             if self.sampling.temperature == 0 or best in self.decision or not self.model.token_to_piece(best).strip():
                 return best
             logits = np.array(logits, dtype=np.float32)  # an answer: its first token sampled, no refusal opener
@@ -440,15 +436,10 @@ class Margin:
         self.model, self.idx, self.max_blank = model, np.asarray(openers, dtype=np.int64), max_blank
         self.j, self.value = 0, -np.inf
         self.reread = reread  # after earlier turns: the last user message alone, read next (the larger margin counts)
-        self.margins: list[float] = []  # per view read: the conversation's, then the last message's
 
     def feed(self, logits: np.ndarray, pos: int) -> "int | View | None":
         margin, other = opener_margin(logits, self.idx)
         self.value = max(self.value, margin)
-        if self.j == 0:
-            self.margins.append(margin)
-        else:
-            self.margins[-1] = max(self.margins[-1], margin)
         if self.j == self.max_blank or self.model.is_eog(other) or self.model.token_to_piece(other).strip():
             # the greedy reply (below the threshold) starts with a visible token or ends: this view is read
             if self.reread is not None:

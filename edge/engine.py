@@ -569,7 +569,6 @@ class Engine:
         else:
             job.pending = [nxt]
 
-
     def _read_view(self, job: Job, req: Request):
         """A :class:`View`: ``req`` (its control tokens with BOS, a short prompt) decoded in the view context,
         its logits fed to ``job.policy.view_feed`` (which may ask for one more token there, e.g. a blank one)

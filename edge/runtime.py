@@ -496,9 +496,8 @@ class _Chunks:
 
 
 def _earlier_turns(messages: Messages) -> bool:
-    """Whether the last message is a user message with user or assistant turns before it."""
-    return len(messages) > 1 and messages[-1].get("role") == "user" \
-        and any(m.get("role") in ("user", "assistant") for m in messages[:-1])
+    """Whether user or assistant turns come before the last message."""
+    return any(m.get("role") in ("user", "assistant") for m in messages[:-1])
 
 
 def _join(job: Job) -> str:
