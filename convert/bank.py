@@ -24,6 +24,7 @@ from .keys import DEEP_POSITIONS, KNOWN_DEEP_POSITIONS, NAME_HINT, NAME_RE, TENS
 from .layout import LAYOUT_V1, QA_TEMPLATE, ChatTemplate, check_layout
 from .merge import explicit_behaviours, merge_banks
 from .model import ModelInfo
+from .readout import Readout
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +98,8 @@ class TokenBank:
     # ((position, copies), ...) ascending: deep cells sitting at or past `position` are written `copies` times
     # (Keys.Deep.COPIES); () = once everywhere. Stored only with deep tokens.
     deep_copies: tuple[tuple[int, int], ...] = ()
+    # the decision readout (convert/readout.py): refuse iff its score + strictness > 0; None = the opener margin
+    readout: Readout | None = None
 
     # --- files ---------------------------------------------------------------
 
@@ -158,6 +161,9 @@ class TokenBank:
                     f"the bank does not fit the model {info.path}: {what} expected {_short(ours)} "
                     f"(bank base: {self.base_name}), got {_short(theirs)}; {fix}"
                 )
+        if self.readout is not None and int(self.readout.ids[-1]) >= info.n_vocab:
+            raise BankMismatchError(f"the bank's decision readout reads token id {int(self.readout.ids[-1])} but the "
+                                    f"model {info.path} has {info.n_vocab} tokens; {fix}")
 
     # --- names ---------------------------------------------------------------
 

@@ -110,6 +110,8 @@ def _build_writer(bank: Any, dtype: str) -> GGUFWriter:
     }
     if bank.description:  # optional: an absent key reads as ""
         strings[Keys.General.DESCRIPTION] = bank.description
+    if bank.readout is not None:  # optional: absent, the runtime decides by the refusal-opener margin
+        strings[Keys.Bank.READOUT] = bank.readout.to_json()
     if bank.mode_behaviours:  # optional: absent, each mode does what its name says (Behaviour.DEFAULTS)
         strings[Keys.Bank.MODE_BEHAVIOURS] = json.dumps(bank.mode_behaviours)
     for key, value in strings.items():
@@ -219,7 +221,20 @@ def read_bank(path: Path) -> dict[str, Any]:
         "training_config": kv.json(Keys.Bank.TRAINING_CONFIG, dict),
         "eval_summary": kv.json(Keys.Bank.EVAL_SUMMARY, dict),
         "mode_behaviours": kv.json(Keys.Bank.MODE_BEHAVIOURS, dict) if Keys.Bank.MODE_BEHAVIOURS in kv.kv else {},
+        "readout": _readout(path, kv),
     }
+
+
+def _readout(path: Path, kv: "_Fields"):
+    """The bank's decision readout, or None when it has none."""
+    if Keys.Bank.READOUT not in kv.kv:
+        return None
+    from .readout import Readout
+
+    try:
+        return Readout.from_json(kv.string(Keys.Bank.READOUT))
+    except BankFormatError as e:
+        raise BankFormatError(f"{path}: {e}") from None
 
 
 def stored_dtype(path: Path) -> str:

@@ -40,6 +40,9 @@ class Keys:
         PROFILES = "edge_safe.profiles"  # JSON object {profile: [token, ...]}
         TRAINING_CONFIG = "edge_safe.training_config"  # JSON object
         EVAL_SUMMARY = "edge_safe.eval_summary"  # JSON object
+        # JSON object: the decision readout (convert/readout.py): token ids and weights read off the first reply
+        # token's logits; absent = the runtime decides by the refusal-opener margin
+        READOUT = "edge_safe.readout"
         MODE_BEHAVIOURS = "edge_safe.mode_behaviours"  # JSON object {mode: Behaviour}; absent = by name
 
     class Tokens:

@@ -50,7 +50,10 @@ def merge_banks(ours: Any, theirs: Any, on_clash: str) -> Any:
     tokens = {n: replace(t, origin="" if t.origin == origin else t.origin) for n, t in tokens.items()}
     behaviours = {n: ours.behaviour(n) for n in ours.modes if n in tokens and tokens[n] is not None}
     behaviours |= {target: theirs.behaviour(name) for name, target in renamed.items() if name in theirs.modes}
-    return replace(ours, tokens=tokens, profiles=profiles, mode_behaviours=explicit_behaviours(behaviours))
+    # a decision readout was fit on one bank's tokens: the merged bank decides by the opener margin until it gets
+    # its own (edge-safe train readout)
+    return replace(ours, tokens=tokens, profiles=profiles, mode_behaviours=explicit_behaviours(behaviours),
+                   readout=None)
 
 
 def explicit_behaviours(behaviours: dict[str, str]) -> dict[str, str]:

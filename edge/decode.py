@@ -33,6 +33,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from edge_safe.convert.bank import copies_at
+from edge_safe.convert.readout import Readout
 from edge_safe.refusals import RefusalGuide, Sequences, opener_margin
 from edge_safe.sampling import Sampling
 
@@ -107,6 +108,9 @@ class Request:
     # after earlier turns: the last user message alone under the same constraints (the geometry the bank
     # separates best in); the reply refuses when either view refuses (None: no earlier turns, or not asked)
     reread: "Request | None" = None
+    # the bank's decision readout (convert/readout.py): where set, the reply refuses iff its score at the first
+    # reply token + strictness > 0 (per view), instead of iff a refusal opener is the greedy first token
+    readout: "Readout | None" = None
     stats: RequestStats = field(init=False)
 
     def __post_init__(self):
@@ -284,6 +288,10 @@ class Reply:
         # first token opens no refusal; ``view`` holds that view's state while it is read
         self.reread = req.reread if len(self.decision) else None
         self.view: _View | None = None
+        # with a readout: its verdict on the request (True: refuse), read at the first reply token, for the rest of
+        # the deciding (an answer's blank tokens and first visible token are chosen with the openers masked)
+        self.readout = req.readout if len(self.decision) else None
+        self.verdict: bool | None = None
 
     def emit(self, piece: str) -> None:
         if piece and not self.halted:
@@ -318,12 +326,25 @@ class Reply:
         return self._choose(logits, pos)
 
     def _greedy(self, logits: np.ndarray) -> int:
-        """The greedy choice while deciding (``strictness`` on the refusal openers)."""
+        """The greedy choice while deciding (``strictness`` on the refusal openers; with a readout, the best
+        opener where it refuses, else the best other token)."""
         req = self.req
+        if self.readout is not None:
+            if self.verdict is None:
+                self.verdict = self.readout.score(logits) + req.strictness > 0
+            return self._best(logits, self.verdict)
         if req.openers and req.strictness:
             logits = logits.copy()  # llama.cpp's buffer stays as decoded
             logits[req.openers] += req.strictness
         return int(np.argmax(logits))
+
+    def _best(self, logits: np.ndarray, opener: bool) -> int:
+        """The best refusal opener (``opener``), or the best token that opens no refusal."""
+        if opener:
+            return int(self.decision[int(np.argmax(logits[self.decision]))])
+        rest = np.array(logits, dtype=np.float32)
+        rest[self.decision] = -np.inf
+        return int(np.argmax(rest))
 
     def _visible(self, tok: int) -> bool:
         """Whether ``tok`` ends the deciding (a visible token or the end of the reply)."""
@@ -337,6 +358,10 @@ class Reply:
             self.choice.add(logits)
             return None
         view = self.view
+        if self.readout is not None:  # the readout decides at the view's first reply token
+            if self.readout.score(logits) + self.req.strictness > 0:
+                view.opener = self._best(logits, True)
+            return None
         best = self._greedy(logits)
         if best in self.decision:
             view.opener = best
@@ -360,6 +385,8 @@ class Reply:
         logits = view.logits
         if view.opener is not None:  # the conversation's reply opens the refusal the last message alone opens
             logits[view.opener] = np.inf
+            if self.readout is not None:
+                self.verdict = True
             if self.guide is not None:
                 self.guide.sure = True
         return self._choose(logits, view.pos)
@@ -432,12 +459,20 @@ class Margin:
     turns, the larger of the conversation's margin and its last user message's alone (``reread``), as
     :class:`Reply` refuses when either view refuses."""
 
-    def __init__(self, model, openers: Sequence[int], max_blank: int, reread: Request | None = None):
+    def __init__(self, model, openers: Sequence[int], max_blank: int, reread: Request | None = None,
+                 readout: Readout | None = None):
         self.model, self.idx, self.max_blank = model, np.asarray(openers, dtype=np.int64), max_blank
         self.j, self.value = 0, -np.inf
         self.reread = reread  # after earlier turns: the last user message alone, read next (the larger margin counts)
+        self.readout = readout  # where set, the margin is its score at the first reply token (of each view)
 
     def feed(self, logits: np.ndarray, pos: int) -> "int | View | None":
+        if self.readout is not None:
+            self.value = max(self.value, self.readout.score(logits))
+            if self.reread is not None:
+                view, self.reread = self.reread, None
+                return View(view)
+            return None
         margin, other = opener_margin(logits, self.idx)
         self.value = max(self.value, margin)
         if self.j == self.max_blank or self.model.is_eog(other) or self.model.token_to_piece(other).strip():

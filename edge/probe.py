@@ -25,6 +25,14 @@ if TYPE_CHECKING:  # importing the probe (e.g. for `edge-safe eval --help`) load
     from edge_safe.runtime import EdgeSafe, Messages
 
 
+def margin_kind(es: "EdgeSafe") -> str:
+    """What :meth:`Probe.refusal_margin` measures on ``es``, in words (for reports)."""
+    if es.use_readout and es.bank.readout is not None:
+        return ("the bank's decision readout at the first reply token (log-odds of refusing, a linear probe of "
+                "that token's state: convert/readout.py)")
+    return "the active constraints' best refusal-opener logit minus the best other logit at the first reply token"
+
+
 class Probe:
     """The evaluation probes of one :class:`EdgeSafe`. ``wait=False`` returns the
     :class:`~edge_safe.engine.Job` (``.result()``), so many cases are decided together."""
@@ -45,7 +53,9 @@ class Probe:
         maximised over the whitespace-only tokens greedy decoding puts first (at most ``max_blank``),
         because ``strictness`` stays on until the first visible token; after earlier turns, the larger of
         the conversation's margin and its last user message's alone, the two views a reply decides by
-        (``EdgeSafe(reread=True)``, the default). A deployment can read the
+        (``EdgeSafe(reread=True)``, the default). Where the bank has a decision readout (and
+        ``EdgeSafe(readout=True)``, the default), the readout's log-odds at the first reply token instead
+        (``max_blank`` unused): replies refuse iff ``strictness > -margin`` either way. A deployment can read the
         strictness it needs off the margins of its own traffic; ``edge-safe eval`` draws the bank's
         whole defense / over-refusal curve from them."""
         if isinstance(max_blank, bool) or not isinstance(max_blank, int) or max_blank < 0:
@@ -57,7 +67,7 @@ class Probe:
         if not openers:
             raise EdgeSafeError(f"the tokens {', '.join(req.constraints)} carry no refusal text, so there is no "
                                 "refusal opener to measure")
-        return self._run(req, Margin(self.es.model, openers, max_blank, req.reread), wait)
+        return self._run(req, Margin(self.es.model, openers, max_blank, req.reread, req.readout), wait)
 
     def first_token_logits(self, messages: "Messages | str", tokens=None, mode: str | None = None,
                            wait: bool = True) -> "np.ndarray | Job":

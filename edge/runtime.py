@@ -73,6 +73,8 @@ class EdgeSafe:
     ``reread`` (default on): after earlier turns, the last user message is also read alone under the same
     constraints (after a long pasted text, the message's last line), and the reply refuses when either the
     conversation or that text alone refuses (it is prefilled twice; the conversation's KV is kept and reused).
+    ``readout`` (default on): where the bank carries a decision readout, replies refuse iff its score at the first
+    reply token + strictness > 0 (convert/readout.py); off, or without one, by the refusal-opener margin.
     """
 
     def __init__(
@@ -95,10 +97,12 @@ class EdgeSafe:
         kv_type: str | None = None,
         placement: str = "last",
         reread: bool = True,
+        readout: bool = True,
         ready_next_turn: bool = False,
         deep_copies: "Sequence[Sequence[int]] | None" = None,
     ):
         self.strictness = check_strictness(strictness)
+        self.use_readout = bool(readout)  # decide by the bank's decision readout where it has one
         # after each chat reply, lay out the conversation's next turn up to its control tokens while idle (chat
         # apps, the server): the next request then decodes only its new message (see :meth:`ready_next_turn`)
         self.auto_ready = bool(ready_next_turn)
@@ -379,13 +383,15 @@ class EdgeSafe:
         vectors = self.bank.prefix_vectors(names) if names else np.zeros((0, self.model.n_embd), np.float32)
         behaviour = self.bank.behaviour(mode)
         constrained = bool(constraints) and behaviour == Behaviour.CONSTRAINED
-        openers = self.refusals.openers(constraints) if strictness and constrained else []
+        readout = self.bank.readout if self.use_readout and constrained else None
+        openers = self.refusals.openers(constraints) if (strictness or readout is not None) and constrained else []
         guided = [] if not self.exact_refusals else (
             [mode] if behaviour == Behaviour.REFUSE_ALL else constraints if constrained else [])
         alone = (lambda name: self._request([name], mode, prompt, 0.0, splits=splits)) if len(constraints) > 1 else None
         return Request(constraints, mode, tuple(names), vectors, prompt, tuple(self.template.stop) + _as_stops(stop),
                        strictness=strictness, openers=openers, refusals=self.refusals.sequences(guided),
-                       deep=self._deep_of(names), alone=alone, splits=splits, deep_copies=self.bank.deep_copies)
+                       deep=self._deep_of(names), alone=alone, splits=splits, deep_copies=self.bank.deep_copies,
+                       readout=readout)
 
     def _deep_of(self, names: Sequence[str]) -> tuple[np.ndarray, np.ndarray] | None:
         """The deep entries' (keys, values) among ``names``, or None when none is deep."""

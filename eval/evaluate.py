@@ -53,6 +53,7 @@ from edge_safe.eval.reporting import file_sha256
 from edge_safe.eval.sam import silhouette_score
 from edge_safe.eval.slices import REAL_SLICES, build_slice_cases, parse_slices, run_slices
 from edge_safe.eval.systems import Runner, System, reversed_bank, text_bank_of
+from edge_safe.probe import margin_kind
 from edge_safe.models import resolve_bank_path, resolve_model_path
 from edge_safe.sampling import check_strictness
 
@@ -319,8 +320,8 @@ class Evaluator:
         """The bank's first-token decision margins on the same cases: the trade-off over strictness."""
         curve = curve_of(bank_margins(self, what="bank curve"), bank_records, self.cfg.strictness)
         return {**curve, "method": (
-            "margin = the active constraints' best refusal-opener logit minus the best other logit at the first "
-            "reply token (llama.cpp runtime, no strictness); at strictness s a case counts as refused when "
+            f"margin = {margin_kind(self.es)} (llama.cpp runtime, no strictness); at strictness s a case counts as "
+            "refused when "
             "margin + s > 0. Refusals of any wording; 'check' compares that prediction at this run's strictness "
             "with the replies the run generated")}
 

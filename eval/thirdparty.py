@@ -38,6 +38,7 @@ from edge_safe.convert.errors import EdgeSafeError, PromptTooLongError
 from edge_safe.eval.curve import SHIFTS, operating_curve
 from edge_safe.eval.reporting import file_sha256, make_out_dir, write_json, write_text_atomic
 from edge_safe.eval.systems import Runner, System
+from edge_safe.probe import margin_kind
 from edge_safe.training.data import thirdparty as tp
 from edge_safe.training.data import thirdparty_rules as rules
 
@@ -284,8 +285,7 @@ def run(es, split: str = "test", sharegpt: int = DEFAULT_SHAREGPT, limit: int | 
         "n_cases": len(cases),
         "plan": plan,
         "notes": notes,
-        "method": ("each case decided by the refusal margin at the first reply token (the active constraints' best "
-                   "refusal-opener logit minus the best other logit), refused when margin + strictness > 0; "
+        "method": (f"each case decided by its margin, {margin_kind(es)}, refused when margin + strictness > 0; "
                    "defense = refused / violating cases, over-refusal = refused / harmless cases; AUC and operating "
                    "points as eval/curve.py"),
         "figures": summarize(cases, plan, strictness),

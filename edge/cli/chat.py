@@ -76,9 +76,12 @@ def stdin_is_tty() -> bool:
 @click.option("--reread/--no-reread", default=True, show_default=True,
               help="After earlier turns, also read the last user message alone under the same constraints (after "
                    "pasted text, its last line) and refuse when either view refuses (that text is prefilled twice).")
+@click.option("--readout/--no-readout", default=True, show_default=True,
+              help="Decide refusals by the bank's decision readout where it has one; --no-readout: by the "
+                   "refusal-opener margin (EdgeSafe(readout=...)).")
 @click.option("--json", "as_json", is_flag=True, help="Print the OpenAI-shaped response as JSON (one-shot only).")
 def chat(prompt, tokens, mode, model, bank, system, max_tokens, temperature, top_p, top_k, min_p, repeat_penalty,
-         seed, strictness, n_ctx, n_gpu_layers, threads, reread, as_json):
+         seed, strictness, n_ctx, n_gpu_layers, threads, reread, readout, as_json):
     """Chat with the model, with control tokens switched on per request.
 
     With PROMPT (or text piped on stdin) it answers once and exits; with
@@ -99,7 +102,7 @@ def chat(prompt, tokens, mode, model, bank, system, max_tokens, temperature, top
         if not prompt:
             raise click.UsageError("no prompt: pass PROMPT or pipe text on stdin")
     es = load_edge_safe(model_path=model, bank=bank, n_ctx=n_ctx, n_gpu_layers=n_gpu_layers,
-                        n_threads=threads, seed=seed, reread=reread,
+                        n_threads=threads, seed=seed, reread=reread, readout=readout,
                         ready_next_turn=prompt is None)  # while the user types
     session = Session(es, tokens=tokens, mode=mode, system=system)
     session.check()

@@ -158,6 +158,9 @@ def merge(first: Path, second: Path, output: Path, on_clash: str, force: bool, d
     out = _save(merged, output, force=force, dtype=dtype)
     click.echo(f"wrote {out}: {_counts(merged)}")
     click.echo(f"note: name, description, training config and eval summary are kept from {first}", err=True)
+    if a.readout is not None or b.readout is not None:
+        click.echo("note: the merged bank has no decision readout (one was fit on an input's tokens only); it decides "
+                   "by the refusal-opener margin until you fit one: edge-safe train readout", err=True)
 
 
 # --- editing -------------------------------------------------------------------
@@ -334,6 +337,8 @@ def _inspect_json(b: TokenBank, path: Path) -> dict:
         entry["origin"] = b.token_origin(entry["name"])
     if b.deep_geometry is not None:
         meta["deep"] = dict(zip(("n_layer", "n_embd_k_gqa", "n_embd_v_gqa"), b.deep_geometry))
+    if b.readout is not None:
+        meta["readout"] = {"n_ids": len(b.readout.ids), "fit": b.readout.fit}
     meta["path"] = str(path)
     meta["origin_label"] = Origin.LABELS[b.origin]
     return meta
@@ -354,6 +359,8 @@ def format_bank(b: TokenBank, path: Path) -> str:
           if b.deep_geometry is not None else []),
         *([f"deep copies  " + ", ".join(f"x{c} from position {p}" for p, c in b.deep_copies)
            + " (written more than once past a long context)"] if b.deep_copies else []),
+        *([f"readout      decides refusals: a linear probe of {len(b.readout.ids)} first-reply-token logits"
+           + _readout_fit(b.readout.fit)] if b.readout is not None else []),
         "",
     ]
     if b.deep_geometry is None:
@@ -369,6 +376,13 @@ def format_bank(b: TokenBank, path: Path) -> str:
     if b.eval_summary:
         lines += ["", "eval summary", *(f"  {k}: {v}" for k, v in _flatten(b.eval_summary))]
     return "\n".join(lines)
+
+
+def _readout_fit(fit: dict) -> str:
+    val = (fit.get("val") or {}).get("all") or {}
+    if val.get("auc") is None:
+        return ""
+    return f" (validation AUC {val['auc']}, {fit.get('val_cases', '?')} cases)"
 
 
 def _table(rows: list[tuple[str, ...]], right: set[int] = frozenset()) -> list[str]:

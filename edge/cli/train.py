@@ -138,6 +138,77 @@ def text_bank(output, model, force):
     click.echo(f"wrote {out}: {len(bank.tokens)} tokens, {n_vec} vectors, profiles {', '.join(bank.profiles)}")
 
 
+@train.command("readout", short_help="Fit a bank's decision readout on third-party data (no torch).")
+@click.argument("bank", type=BANK)
+@click.option("-o", "--output", type=click.Path(dir_okay=False), required=True, help="Bank to write (.gguf).")
+@click.option("--model", type=MODEL, default=None, help="Base model GGUF (default: the bundled Gemma 3 270M).")
+@click.option("--sharegpt", type=click.IntRange(min=0), default=500, show_default=True,
+              help="ShareGPT first turns from the train part (the validation part gets a third as many).")
+@click.option("--repo", type=click.IntRange(min=0), default=1500, show_default=True,
+              help="Rows of the repo's own train split (validation: a third as many).")
+@click.option("--lam", type=click.FloatRange(min=0), default=0.01, show_default=True, help="L2 regularisation.")
+@click.option("--over-refusal", type=click.FloatRange(0.001, 0.5), default=0.03, show_default=True,
+              help="Share of the validation parts' harmless cases refused at strictness 0 (sets the bias).")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="llama.cpp threads (default: all cores).")
+@click.option("--parallel", type=click.IntRange(min=1), default=4, show_default=True, help="Sequences decoded together.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the sampled rows.")
+@click.option("--report", type=click.Path(dir_okay=False), default=None, help="Also write the fit's figures (JSON).")
+@click.option("--force", is_flag=True, help="Overwrite OUTPUT if it exists.")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+def readout(bank, output, model, sharegpt, repo, lam, over_refusal, threads, parallel, seed, report, force,
+            no_progress):
+    """Fit BANK's decision readout and write the bank with it to OUTPUT.
+
+    The readout is a linear probe of the first reply token's state under the
+    bank's control tokens (read off 1 024 logits), fit on the third-party train
+    parts and the repo's train split through the llama.cpp runtime, its bias set
+    so that --over-refusal of the validation parts' harmless cases is refused.
+    Where a bank has one, replies refuse by it (docs/DESIGN.md). Needs the
+    third-party data (edge-safe data fetch); no torch.
+
+    \b
+    Examples:
+      edge-safe train readout runs/bank.gguf -o runs/bank_readout.gguf
+      edge-safe train readout edge/data/default.gguf -o runs/r.gguf --sharegpt 200 --repo 400
+    """
+    import sys
+
+    from tqdm.auto import tqdm
+
+    from edge_safe.eval.thirdparty import check_data
+    from edge_safe.training.readout import fit_readout
+
+    out = Path(output)
+    if out.exists() and not force:
+        raise EdgeSafeError(f"{out} exists; pass --force to overwrite it")
+    check_data()
+    bars: dict = {}
+
+    def progress(what: str, i: int, n: int) -> None:
+        bar = bars.get(what)
+        if bar is None:
+            bar = bars[what] = tqdm(total=n, desc=what, unit="case", file=sys.stderr, disable=no_progress)
+        bar.update(i - bar.n)
+        if i >= n:
+            bar.close()
+
+    fitted, figures = fit_readout(bank, model, sharegpt=sharegpt, repo=repo, lam=lam, over_refusal=over_refusal,
+                                  threads=threads, parallel=parallel, seed=seed, progress=progress)
+    path = fitted.save(out, force=force, dtype="F16" if _f16(bank) else "F32")
+    if report:
+        Path(report).write_text(json.dumps(figures, indent=1) + "\n")
+    val = figures["val"]["all"]
+    click.echo(f"wrote {path}: readout of {figures['ids']} logits; validation AUC {val['auc']}, defense "
+               f"{100 * val['defense']:.1f} % at {100 * val['over_refusal']:.1f} % over-refusal "
+               f"({figures['val_cases']} cases)")
+
+
+def _f16(bank) -> bool:
+    from edge_safe.convert.bank_io import stored_dtype
+
+    return stored_dtype(Path(bank)) == "F16"
+
+
 @train.command("validate", short_help="First-token validation of a bank (JSON).")
 @click.argument("bank", type=BANK)
 @click.option("--model", type=MODEL, default=None, help="Base model GGUF (default: the bundled Gemma 3 270M).")
