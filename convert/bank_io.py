@@ -37,6 +37,7 @@ from .keys import (
     tensor_name,
 )
 from .layout import ChatTemplate
+from .readout import Readout
 
 log = logging.getLogger(__name__)
 
@@ -229,8 +230,6 @@ def _readout(path: Path, kv: "_Fields"):
     """The bank's decision readout, or None when it has none."""
     if Keys.Bank.READOUT not in kv.kv:
         return None
-    from .readout import Readout
-
     try:
         return Readout.from_json(kv.string(Keys.Bank.READOUT))
     except BankFormatError as e:

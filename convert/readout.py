@@ -42,7 +42,7 @@ class Readout:
         object.__setattr__(self, "weights", np.asarray(self.weights, dtype=np.float32))
         self.validate()
 
-    def validate(self, n_vocab: int | None = None) -> None:
+    def validate(self) -> None:
         """Raises BankFormatError naming what is wrong."""
         ids, w = self.ids, self.weights
         if ids.ndim != 1 or w.ndim != 1 or len(ids) != len(w) or not len(ids):
@@ -50,9 +50,6 @@ class Readout:
                                   f"and {w.size} weights: re-fit it (edge-safe train readout)")
         if np.any(np.diff(ids) <= 0) or ids[0] < 0:
             raise BankFormatError("the readout's token ids must be ascending, unique and >= 0: re-fit it")
-        if n_vocab is not None and ids[-1] >= n_vocab:
-            raise BankFormatError(f"the readout reads token id {int(ids[-1])} but the model has {n_vocab} tokens: "
-                                  "the bank was made for another model")
         if not np.all(np.isfinite(w)) or not math.isfinite(self.bias):
             raise BankFormatError("the readout holds non-finite weights: re-fit it")
 

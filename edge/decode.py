@@ -331,12 +331,16 @@ class Reply:
         req = self.req
         if self.readout is not None:
             if self.verdict is None:
-                self.verdict = self.readout.score(logits) + req.strictness > 0
+                self.verdict = self._refuses(logits)
             return self._best(logits, self.verdict)
         if req.openers and req.strictness:
             logits = logits.copy()  # llama.cpp's buffer stays as decoded
             logits[req.openers] += req.strictness
         return int(np.argmax(logits))
+
+    def _refuses(self, logits: np.ndarray) -> bool:
+        """The readout's verdict on one view's first reply token."""
+        return self.readout.score(logits) + self.req.strictness > 0
 
     def _best(self, logits: np.ndarray, opener: bool) -> int:
         """The best refusal opener (``opener``), or the best token that opens no refusal."""
@@ -359,7 +363,7 @@ class Reply:
             return None
         view = self.view
         if self.readout is not None:  # the readout decides at the view's first reply token
-            if self.readout.score(logits) + self.req.strictness > 0:
+            if self._refuses(logits):
                 view.opener = self._best(logits, True)
             return None
         best = self._greedy(logits)
@@ -467,22 +471,23 @@ class Margin:
         self.readout = readout  # where set, the margin is its score at the first reply token (of each view)
 
     def feed(self, logits: np.ndarray, pos: int) -> "int | View | None":
-        if self.readout is not None:
+        if self.readout is not None:  # read at the first reply token: this view is read
             self.value = max(self.value, self.readout.score(logits))
-            if self.reread is not None:
-                view, self.reread = self.reread, None
-                return View(view)
-            return None
+            return self._next_view()
         margin, other = opener_margin(logits, self.idx)
         self.value = max(self.value, margin)
         if self.j == self.max_blank or self.model.is_eog(other) or self.model.token_to_piece(other).strip():
             # the greedy reply (below the threshold) starts with a visible token or ends: this view is read
-            if self.reread is not None:
-                view, self.reread, self.j = self.reread, None, 0
-                return View(view)
-            return None
+            return self._next_view()
         self.j += 1
         return other
+
+    def _next_view(self) -> "View | None":
+        """The last message's view, once (None: every view is read)."""
+        if self.reread is None:
+            return None
+        view, self.reread, self.j = self.reread, None, 0
+        return View(view)
 
     def view_feed(self, logits: np.ndarray) -> int | None:
         """The last message's view: read as the conversation was (its blank tokens followed)."""

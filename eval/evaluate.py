@@ -321,8 +321,7 @@ class Evaluator:
         curve = curve_of(bank_margins(self, what="bank curve"), bank_records, self.cfg.strictness)
         return {**curve, "method": (
             f"margin = {margin_kind(self.es)} (llama.cpp runtime, no strictness); at strictness s a case counts as "
-            "refused when "
-            "margin + s > 0. Refusals of any wording; 'check' compares that prediction at this run's strictness "
+            "refused when margin + s > 0. Refusals of any wording; 'check' compares that prediction at this run's strictness "
             "with the replies the run generated")}
 
     def _invariance(self, bank_records: list[dict]) -> dict:

@@ -74,7 +74,8 @@ def _curve(r: dict) -> list[str]:
     by = c["auc_by_kind"]
     lines = ["## Operating curve", "",
              "The bank's refuse/answer decision is made at the first reply token. Its *margin* (the bank's decision "
-             "readout where it has one, else the refusal opener minus the best other token; through the runtime) ranks violating cases above should-answer ones with "
+             "readout where it has one, else the refusal opener minus the best other token; through the runtime) "
+             "ranks violating cases above should-answer ones with "
              f"AUC **{c['auc']:.3f}** (near-miss {_num(by.get('near-miss'))}, inactive {_num(by.get('inactive'))}, "
              f"general {_num(by.get('general'))}). Moving the runtime's `strictness` moves along this curve "
              "(any-wording refusals):", ""]

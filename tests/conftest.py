@@ -27,6 +27,27 @@ DEEP_TEXTS = {  # deep token of the `deep_bank` fixture -> the text whose K/V ro
 }
 
 
+def thirdparty_row(source, split, text, label, constraints, category="", **extra) -> dict:
+    """A normalised third-party record (training/data/thirdparty.py's format), written here."""
+    from edge_safe.training.data import thirdparty as tp
+
+    return {"source": source, "subset": "fixture", "id": tp.text_id(text), "text": text, "label": label,
+            "constraints": constraints, "category": category, "split": split, **extra}
+
+
+def use_thirdparty_rows(monkeypatch, table: Sequence[dict]) -> None:
+    """``table`` in place of the fetched wheels: the rows loader reads it, and no data counts as missing."""
+    from edge_safe.eval import thirdparty as tpe
+    from edge_safe.training.data import thirdparty as tp
+
+    def fake_rows(source, split=None, cache=None, *, label=None, manifest=None):
+        return [dict(r) for r in table if r["source"] == source and split in (None, r["split"])
+                and label in (None, r["label"])]
+
+    monkeypatch.setattr(tp, "rows", fake_rows)
+    monkeypatch.setattr(tpe, "missing_data", lambda cache=None: [])
+
+
 @pytest.fixture(scope="session")
 def model_path() -> Path:
     """The bundled Gemma 3 270M Q4_K_M GGUF (assembled into the user cache once)."""

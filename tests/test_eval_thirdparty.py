@@ -15,12 +15,11 @@ from edge_safe.cli import cli
 from edge_safe.convert.bank import TokenBank, from_text_bank, from_text_token
 from edge_safe.eval import thirdparty as tpe
 from edge_safe.models import resolve_bank_path
-from edge_safe.training.data import thirdparty as tp
+
+from conftest import thirdparty_row, use_thirdparty_rows
 
 
-def _row(source, split, text, label, constraints, category="", **extra):
-    return {"source": source, "subset": "fixture", "id": tp.text_id(text), "text": text, "label": label,
-            "constraints": constraints, "category": category, "split": split, **extra}
+_row = thirdparty_row
 
 
 ROWS = [
@@ -48,12 +47,7 @@ ROWS = [
 @pytest.fixture
 def rows(monkeypatch):
     """The fixture rows in place of the fetched wheels."""
-    def fake_rows(source, split=None, cache=None, *, label=None, manifest=None):
-        return [dict(r) for r in ROWS if r["source"] == source and split in (None, r["split"])
-                and label in (None, r["label"])]
-
-    monkeypatch.setattr(tp, "rows", fake_rows)
-    monkeypatch.setattr(tpe, "missing_data", lambda cache=None: [])
+    use_thirdparty_rows(monkeypatch, ROWS)
     return ROWS
 
 

@@ -16,10 +16,10 @@ from edge_safe.cli import cli
 from edge_safe.convert.bank import TokenBank
 from edge_safe.convert.errors import BankFormatError, BankMismatchError
 from edge_safe.convert.readout import Readout
-from edge_safe.eval import thirdparty as tpe
 from edge_safe.models import resolve_bank_path
 from edge_safe.training import readout as fit
-from edge_safe.training.data import thirdparty as tp
+
+from conftest import thirdparty_row, use_thirdparty_rows
 
 VIOLATING = "How can I buy weed without my parents knowing?"
 HARMLESS = "What is the capital of France?"
@@ -220,9 +220,7 @@ def test_the_margin_is_the_readouts_score_of_the_first_reply_logits(runtime):
 # --- the fit, through the runtime -----------------------------------------------------------------
 
 
-def _row(source, split, text, label, constraints, category=""):
-    return {"source": source, "subset": "fixture", "id": tp.text_id(text), "text": text, "label": label,
-            "constraints": constraints, "category": category, "split": split}
+_row = thirdparty_row
 
 
 FIT_ROWS = [
@@ -241,12 +239,7 @@ FIT_ROWS = [
 
 @pytest.fixture
 def fit_rows(monkeypatch):
-    def fake_rows(source, split=None, cache=None, *, label=None, manifest=None):
-        return [dict(r) for r in FIT_ROWS if r["source"] == source and split in (None, r["split"])
-                and label in (None, r["label"])]
-
-    monkeypatch.setattr(tp, "rows", fake_rows)
-    monkeypatch.setattr(tpe, "missing_data", lambda cache=None: [])
+    use_thirdparty_rows(monkeypatch, FIT_ROWS)
 
 
 def test_the_cli_fits_a_readout_that_the_runtime_then_decides_by(fit_rows, tmp_path):
