@@ -128,6 +128,7 @@ class _Edge:
                 "decode_tokens": n, "decode_prefilled": st.prefilled_tokens,
                 "kv_write_cold_s": c["kv_write_s"], "kv_write_warm_s": w["kv_write_s"],
                 "view_cold_s": c["view_s"], "view_warm_s": w["view_s"], "view_next_s": x["view_s"],
+                "reread_cold": c["reread"], "reread_warm": w["reread"], "reread_next": x["reread"],
                 "prefilled_cold": c["prefilled"], "prefilled_warm": w["prefilled"], "prompt_tokens": c["prompt_tokens"],
                 "prompt_tokens_warm": w["prompt_tokens"], "deep_cells": c["deep_cells"],
                 "prefix_source_cold": c["prefix_source"], "steps_cold_s": c["steps"], "steps_warm_s": w["steps"]}
@@ -138,6 +139,7 @@ class _Edge:
             pass
         st = job.stats
         return {"ttft_s": st.ttft_s, "kv_write_s": st.steps.get("kv_write", 0.0), "view_s": st.steps.get("view", 0.0),
+                "reread": st.reread,
                 "prefilled": st.prefilled_tokens,
                 "prompt_tokens": st.prompt_tokens, "deep_cells": st.deep_cells, "prefix_source": st.prefix_source,
                 "steps": dict(st.steps)}
@@ -278,6 +280,8 @@ def _shape(es, convs, edge: list[dict], bare: list[dict]) -> dict:
         e[f"kv_write_share_{when}"] = summary([d[f"kv_write_{when}_s"] / d[f"ttft_{when}_s"] for d in edge])
         e[f"view_{when}_s"] = summary([d[f"view_{when}_s"] for d in edge])
         e[f"view_share_{when}"] = summary([d[f"view_{when}_s"] / d[f"ttft_{when}_s"] for d in edge])
+        seen = sorted({str(d.get(f"reread_{when}")) for d in edge})  # what the view did: answer/refuse, skipped, None
+        e[f"reread_{when}"] = seen[0] if len(seen) == 1 else "/".join(seen)
     for k in ("prefilled_cold", "prefilled_warm", "prefilled_next", "prompt_tokens", "prompt_tokens_warm", "deep_cells",
               "decode_tokens", "decode_prefilled"):
         e[k] = int(np.median([d[k] for d in edge]))
@@ -361,13 +365,15 @@ def markdown(res: dict) -> str:
                   "(`EdgeSafe(reread=True)`, the default; `--no-reread` switches it off): the engine's `view` step, "
                   "that text prefilled once more in a short context of its own, where the conversation's own "
                   "first reply token opens no refusal; a pasted message's last line (the question) is read alone the "
-                  "same way.", "",
-                  "| shape | request | view ms | share of TTFT |", "|---|---|---|---|"]
+                  "same way. With a decision readout the view is skipped where the conversation's own score is "
+                  "more than 5 log-odds below refusing (column *view*: `skipped`; `answer`: read, and it answered).",
+                  "", "| shape | request | view | view ms | share of TTFT |", "|---|---|---|---|---|"]
         for s, row in res["shapes"].items():
             e = row["edge"]
             for when in ("cold", "warm", "next"):
                 share = e[f"view_share_{when}"]
-                lines.append(f"| {s} | {when} | {_ms(e[f'view_{when}_s'], 1)} | {100 * share['median']:.1f} % "
+                lines.append(f"| {s} | {when} | {e.get(f'reread_{when}', '–')} | {_ms(e[f'view_{when}_s'], 1)} | "
+                             f"{100 * share['median']:.1f} % "
                              f"[{100 * share['p25']:.1f}–{100 * share['p75']:.1f}] |")
     notes = [f"{s}: bare's greedy tokens differed between rounds" for s, row in res["shapes"].items()
              if not row["bare"]["same_greedy"]]

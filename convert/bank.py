@@ -140,6 +140,20 @@ class TokenBank:
         for what in ("training_config", "eval_summary"):
             _check_json_object(what, getattr(self, what))
 
+    def vectors_sha256(self) -> str:
+        """A hash of what the runtime injects (names, kinds, refusals, float32 vectors and deep keys/values),
+        unchanged by metadata edits and by the readout."""
+        import hashlib
+
+        h = hashlib.sha256()
+        for name, tok in self.tokens.items():
+            h.update(f"{name}\0{tok.kind}\0{tok.refusal}\0".encode())
+            h.update(np.ascontiguousarray(tok.vectors, dtype=np.float32).tobytes())
+            if tok.is_deep:  # deep tokens: their key/value rows are what the runtime writes
+                h.update(np.ascontiguousarray(tok.keys, dtype=np.float32).tobytes())
+                h.update(np.ascontiguousarray(tok.values, dtype=np.float32).tobytes())
+        return h.hexdigest()
+
     def check_model(self, info: ModelInfo) -> None:
         """Raise BankMismatchError unless this bank was made for ``info``'s model."""
         fix = (

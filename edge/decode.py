@@ -56,7 +56,8 @@ class RequestStats:
     finish_reason: str | None = None
     refusal: str | None = None  # the token whose refusal text was written exactly (None: no refusal)
     # after earlier turns: the last user message was also read alone under the same constraints ("answer" /
-    # "refuse": what that view decided; None: not read, because there were no earlier turns or the
+    # "refuse": what that view decided; "skipped": not read, the readout's score of the conversation's own view
+    # being more than VIEW_WITHIN below refusing; None: not read, because there were no earlier turns or the
     # conversation's own view already refused)
     reread: str | None = None
     # seconds of each native step the engine ran for this request: restore, kv_write, bos, vectors, snapshot,
@@ -242,6 +243,12 @@ class _Choice:
 
 
 MAX_BLANK = 4  # blank tokens greedy decoding may put before a reply's first visible one, followed when deciding
+# with a readout, the last message's view is read only where the conversation's own score (plus strictness) is at
+# least -VIEW_WITHIN log-odds: further below, the view is skipped and the reply answers. Measured with bank v9 on
+# the repo's validation requests after 1 500-3 000 tokens of pasted text or earlier turns: each of the 41 violating
+# requests the view turned into a refusal scored -3.6 or more in the conversation's own view (1.4 log-odds of room
+# left), while 53-64 % of real ShareGPT first turns score below -5 (under minors,eu / core), and skip its prefill.
+VIEW_WITHIN = 5.0
 
 
 @dataclass
@@ -321,6 +328,9 @@ class Reply:
                     return View(self.choice.next_request())
                 return Reload(self.choice.next_request(), save=True)
         if self.deciding and self.reread is not None and self._greedy(logits) not in self.decision:
+            if self.readout is not None and self.readout.score(logits) + self.req.strictness < -VIEW_WITHIN:
+                self.reread, self.st.reread = None, "skipped"  # too far from refusing for the view to matter
+                return self._choose(logits, pos)
             self.view, self.reread = _View(np.array(logits), pos), None  # read the last message alone first
             return View(self.req.reread)
         return self._choose(logits, pos)
@@ -461,7 +471,9 @@ class Margin:
     other logit at the first reply token, maximised over the blank tokens greedy decoding puts first
     (at most ``max_blank``), because ``strictness`` stays on until the first visible token; after earlier
     turns, the larger of the conversation's margin and its last user message's alone (``reread``), as
-    :class:`Reply` refuses when either view refuses."""
+    :class:`Reply` refuses when either view refuses. With a readout, the scores ``s1`` (the conversation's) and
+    ``s2`` (the last message's) give ``max(s1, min(s2, s1 + VIEW_WITHIN))``: a reply reads the second view only
+    where ``s1 + strictness >= -VIEW_WITHIN``, so it refuses iff that value ``+ strictness > 0``."""
 
     def __init__(self, model, openers: Sequence[int], max_blank: int, reread: Request | None = None,
                  readout: Readout | None = None):
@@ -469,10 +481,15 @@ class Margin:
         self.j, self.value = 0, -np.inf
         self.reread = reread  # after earlier turns: the last user message alone, read next (the larger margin counts)
         self.readout = readout  # where set, the margin is its score at the first reply token (of each view)
+        self.first: float | None = None  # with a readout: the conversation's own view's score
 
     def feed(self, logits: np.ndarray, pos: int) -> "int | View | None":
         if self.readout is not None:  # read at the first reply token: this view is read
-            self.value = max(self.value, self.readout.score(logits))
+            score = self.readout.score(logits)
+            if self.first is None:
+                self.first = self.value = score
+            else:  # the last message's view, which a reply reads only within VIEW_WITHIN of the first's
+                self.value = max(self.value, min(score, self.first + VIEW_WITHIN))
             return self._next_view()
         margin, other = opener_margin(logits, self.idx)
         self.value = max(self.value, margin)

@@ -11,7 +11,6 @@ embeddings) and ``bank`` (the bank under test). What each figure means:
 """
 from __future__ import annotations
 
-import hashlib
 import platform
 import random
 import time
@@ -482,15 +481,8 @@ def _cap(n: int, limit: int | None) -> int:
 
 
 def vectors_sha256(bank: TokenBank) -> str:
-    """A hash of what the runtime injects (names, kinds, float32 vectors), unchanged by metadata edits."""
-    h = hashlib.sha256()
-    for name, tok in bank.tokens.items():
-        h.update(f"{name}\0{tok.kind}\0{tok.refusal}\0".encode())
-        h.update(np.ascontiguousarray(tok.vectors, dtype=np.float32).tobytes())
-        if tok.is_deep:  # deep tokens: their key/value rows are what the runtime writes
-            h.update(np.ascontiguousarray(tok.keys, dtype=np.float32).tobytes())
-            h.update(np.ascontiguousarray(tok.values, dtype=np.float32).tobytes())
-    return h.hexdigest()
+    """A hash of what the runtime injects (:meth:`TokenBank.vectors_sha256`)."""
+    return bank.vectors_sha256()
 
 
 def _groups(records: list[dict], key) -> dict[str, list[dict]]:

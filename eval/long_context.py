@@ -194,7 +194,7 @@ def cases(es, per_category: int = 3, seed: int = 0, data=None) -> list[tuple[str
     return out
 
 
-def run(es, lengths=LENGTHS, kinds=KINDS, per_category: int = 3, seed: int = 0, progress=None,
+def run(es, lengths=LENGTHS, kinds=KINDS, per_category: int = 8, seed: int = 0, progress=None,
         sharegpt_cache=None, traffic: int = TRAFFIC) -> dict:
     """Defense and over-refusal (in %) per kind and length, under the own constraint and ``minors,eu``
     (``traffic``: over-refusal of ``traffic`` real later turns per length under ``minors,eu`` and ``core``)."""

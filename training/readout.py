@@ -205,14 +205,56 @@ def auto_shift(table: list[dict]) -> float:
     return max(ok, default=0.0)
 
 
+def features_key(bank, model_path, parts: dict, n_ids: int, n_ctx: int) -> str:
+    """What decoded features depend on: the bank's control tokens, the model file, the cases, the settings."""
+    import hashlib
+
+    model_path = Path(model_path)
+    h = hashlib.sha256()
+    h.update(json.dumps({"vectors": bank.vectors_sha256(), "model": [model_path.name, model_path.stat().st_size],
+                         "n_ids": n_ids, "n_ctx": n_ctx, "cases": parts}, sort_keys=True).encode())
+    return h.hexdigest()
+
+
+def save_features(path, key: str, ids: np.ndarray, cond: float, logits: dict, parts: dict) -> None:
+    """Keep decoded features (:func:`load_features` reads them back)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".partial.npz")
+    np.savez(tmp, ids=ids, cond=np.float64(cond), train=logits["train"], val=logits["val"],
+             meta=np.asarray(json.dumps({"key": key, "kept": parts})))
+    tmp.replace(path)
+
+
+def load_features(path, key: str):
+    """(ids, condition, logits, kept cases) from ``path`` when it holds the features of ``key``; None when it does
+    not exist. A file made for another bank, model or set of cases is an error (nothing is overwritten)."""
+    from edge_safe.convert.errors import EdgeSafeError
+
+    path = Path(path)
+    if not path.exists():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            meta = json.loads(str(z["meta"]))
+            got = (z["ids"], float(z["cond"]), {"train": z["train"], "val": z["val"]}, meta["kept"])
+    except (OSError, ValueError, KeyError) as e:
+        raise EdgeSafeError(f"{path}: not a readout features file ({e}); pass another --features path") from None
+    if meta.get("key") != key:
+        raise EdgeSafeError(f"{path} holds features of another bank, model or set of cases; pass another "
+                            "--features path (or delete that file) to decode these")
+    return got
+
+
 def fit_readout(bank_path, model=None, *, thirdparty: Callable[[object, str, int, int], list[dict]],
                 sharegpt: int = 500, repo: int = 1500, lam: float = 0.01,
                 over_refusal: float = 0.03, shift: "float | str" = 0.0, n_ids: int = N_IDS, seed: int = 0, threads: int | None = None,
-                parallel: int = 4, n_ctx: int = 4096, progress: Callable[[str, int, int], None] | None = None):
+                parallel: int = 4, n_ctx: int = 4096, progress: Callable[[str, int, int], None] | None = None,
+                features=None):
     """(bank with the fitted readout, report dict); see the module doc. ``thirdparty(bank, split, sharegpt, seed)``
     gives a split's third-party cases as ``edge-safe eval third-party`` builds them (the CLI passes the eval's);
     ``sharegpt`` / ``repo``: ShareGPT first turns and repo rows sampled per part (train; validation gets a
-    third as many)."""
+    third as many); ``features``: an ``.npz`` file keeping the decoded logits, reused by a later fit of the
+    same bank, model and cases (another ``lam``, ``over_refusal`` or ``shift`` then decodes nothing)."""
     from edge_safe.convert.bank import TokenBank
     from edge_safe.models import resolve_bank_path, resolve_model_path
     from edge_safe.runtime import EdgeSafe
@@ -226,13 +268,20 @@ def fit_readout(bank_path, model=None, *, thirdparty: Callable[[object, str, int
                  "val": thirdparty(bank, "val", max(1, sharegpt // 3), seed)
                  + repo_cases(bank, "val", max(1, repo // 3), seed)}
         rows = token_rows(model_path)
-        first, _ = read_logits(es, parts["train"][:: max(1, len(parts["train"]) // 64)][:64], None)
-        ids, cond = choose_ids(first.mean(0), rows, n_ids)
+        key = features_key(bank, model_path, parts, n_ids, n_ctx)
+        cached = load_features(features, key) if features is not None else None
+        if cached is not None:
+            ids, cond, logits, parts = cached
+        else:
+            first, _ = read_logits(es, parts["train"][:: max(1, len(parts["train"]) // 64)][:64], None)
+            ids, cond = choose_ids(first.mean(0), rows, n_ids)
+            logits = {}
+            for name, cases in parts.items():
+                report = (lambda i, n, name=name: progress(f"readout {name}", i, n)) if progress else None
+                logits[name], parts[name] = read_logits(es, cases, ids, progress=report)
+            if features is not None:
+                save_features(features, key, ids, cond, logits, parts)
         pinv = np.linalg.pinv(rows[ids].astype(np.float64))
-        logits = {}
-        for name, cases in parts.items():
-            report = (lambda i, n, name=name: progress(f"readout {name}", i, n)) if progress else None
-            logits[name], parts[name] = read_logits(es, cases, ids, progress=report)
     finally:
         es.close()
     h = {k: v.astype(np.float64) @ pinv.T for k, v in logits.items()}

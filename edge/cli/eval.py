@@ -215,8 +215,9 @@ def compare(ctx, banks, out, threads, limit, seed, parallel):
               help="Base model GGUF [default: $EDGE_SAFE_MODEL, else the bundled Gemma 3 270M Q4_K_M].")
 @click.option("--lengths", default="0,600,1500,3000", show_default=True, metavar="N,...",
               help="Tokens of harmless context before the request.")
-@click.option("--per-category", default=3, show_default=True, type=click.IntRange(min=1), metavar="N",
-              help="Violating and harmless requests per constraint.")
+@click.option("--per-category", default=8, show_default=True, type=click.IntRange(min=1), metavar="N",
+              help="Violating and harmless requests per constraint (8: about 100 of each, one case "
+                   "a point; 3 gives about 40, where one case moves a rate 2.5 points).")
 @click.option("--threads", default=None, type=click.IntRange(min=1), help="CPU threads [default: all cores].")
 @click.option("--parallel", default=2, show_default=True, type=click.IntRange(min=1, max=64), metavar="N",
               help="Cases decided at once, batched in one decode.")

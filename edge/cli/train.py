@@ -157,10 +157,13 @@ def text_bank(output, model, force):
 @click.option("--parallel", type=click.IntRange(min=1), default=4, show_default=True, help="Sequences decoded together.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the sampled rows.")
 @click.option("--report", type=click.Path(dir_okay=False), default=None, help="Also write the fit's figures (JSON).")
+@click.option("--features", type=click.Path(dir_okay=False), default=None,
+              help="Keep the decoded logits in this .npz file and reuse them: a later fit of the same bank and cases "
+                   "with another --lam, --over-refusal or --shift decodes nothing.")
 @click.option("--force", is_flag=True, help="Overwrite OUTPUT if it exists.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
-def readout(bank, output, model, sharegpt, repo, lam, over_refusal, shift, threads, parallel, seed, report, force,
-            no_progress):
+def readout(bank, output, model, sharegpt, repo, lam, over_refusal, shift, threads, parallel, seed, report, features,
+            force, no_progress):
     """Fit BANK's decision readout and write the bank with it to OUTPUT.
 
     The readout is a linear probe of the first reply token's state under the
@@ -205,7 +208,8 @@ def readout(bank, output, model, sharegpt, repo, lam, over_refusal, shift, threa
             bar.close()
 
     fitted, figures = fit_readout(bank, model, thirdparty=_thirdparty_cases, sharegpt=sharegpt, repo=repo, lam=lam, over_refusal=over_refusal,
-                                  shift=shift, threads=threads, parallel=parallel, seed=seed, progress=progress)
+                                  shift=shift, threads=threads, parallel=parallel, seed=seed, progress=progress,
+                                  features=features)
     path = fitted.save(out, force=force, dtype="F16" if _f16(bank) else "F32")
     if report:
         Path(report).write_text(json.dumps(figures, indent=1) + "\n")
