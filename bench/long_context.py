@@ -41,6 +41,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from edge_safe.convert.errors import EdgeSafeError
+from edge_safe.decode import VIEW_WITHIN
 
 FORMAT = "edge-safe-bench-long-context/v1"
 SHAPES = ("turns", "message")
@@ -366,7 +367,8 @@ def markdown(res: dict) -> str:
                   "that text prefilled once more in a short context of its own, where the conversation's own "
                   "first reply token opens no refusal; a pasted message's last line (the question) is read alone the "
                   "same way. With a decision readout the view is skipped where the conversation's own score is "
-                  "more than 5 log-odds below refusing (column *view*: `skipped`; `answer`: read, and it answered).",
+                  f"more than {VIEW_WITHIN:g} log-odds below refusing (column *view*: `skipped`; `answer`: read, and "
+                  "it answered).",
                   "", "| shape | request | view | view ms | share of TTFT |", "|---|---|---|---|---|"]
         for s, row in res["shapes"].items():
             e = row["edge"]

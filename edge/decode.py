@@ -299,6 +299,7 @@ class Reply:
         # the deciding (an answer's blank tokens and first visible token are chosen with the openers masked)
         self.readout = req.readout if len(self.decision) else None
         self.verdict: bool | None = None
+        self.score: float | None = None  # the readout's score behind that verdict (the conversation's own view)
 
     def emit(self, piece: str) -> None:
         if piece and not self.halted:
@@ -328,7 +329,7 @@ class Reply:
                     return View(self.choice.next_request())
                 return Reload(self.choice.next_request(), save=True)
         if self.deciding and self.reread is not None and self._greedy(logits) not in self.decision:
-            if self.readout is not None and self.readout.score(logits) + self.req.strictness < -VIEW_WITHIN:
+            if self.readout is not None and self.score + self.req.strictness < -VIEW_WITHIN:
                 self.reread, self.st.reread = None, "skipped"  # too far from refusing for the view to matter
                 return self._choose(logits, pos)
             self.view, self.reread = _View(np.array(logits), pos), None  # read the last message alone first
@@ -341,7 +342,8 @@ class Reply:
         req = self.req
         if self.readout is not None:
             if self.verdict is None:
-                self.verdict = self._refuses(logits)
+                self.score = self.readout.score(logits)
+                self.verdict = self.score + req.strictness > 0
             return self._best(logits, self.verdict)
         if req.openers and req.strictness:
             logits = logits.copy()  # llama.cpp's buffer stays as decoded

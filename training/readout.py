@@ -262,28 +262,28 @@ def fit_readout(bank_path, model=None, *, thirdparty: Callable[[object, str, int
     bank = TokenBank.load(resolve_bank_path(bank_path))
     bank = replace(bank, readout=None)  # the features are the state the control tokens leave
     model_path = resolve_model_path(model)
-    es = EdgeSafe(model_path, bank=bank, n_threads=threads, n_parallel=parallel, n_ctx=n_ctx)
-    try:
-        parts = {"train": thirdparty(bank, "train", sharegpt, seed) + repo_cases(bank, "train", repo, seed),
-                 "val": thirdparty(bank, "val", max(1, sharegpt // 3), seed)
-                 + repo_cases(bank, "val", max(1, repo // 3), seed)}
-        rows = token_rows(model_path)
-        key = features_key(bank, model_path, parts, n_ids, n_ctx)
-        cached = load_features(features, key) if features is not None else None
-        if cached is not None:
-            ids, cond, logits, parts = cached
-        else:
+    parts = {"train": thirdparty(bank, "train", sharegpt, seed) + repo_cases(bank, "train", repo, seed),
+             "val": thirdparty(bank, "val", max(1, sharegpt // 3), seed)
+             + repo_cases(bank, "val", max(1, repo // 3), seed)}
+    rows = token_rows(model_path)
+    key = features_key(bank, model_path, parts, n_ids, n_ctx)
+    cached = load_features(features, key) if features is not None else None
+    if cached is not None:  # kept features: nothing to decode, no runtime loaded
+        ids, cond, logits, parts = cached
+    else:
+        es = EdgeSafe(model_path, bank=bank, n_threads=threads, n_parallel=parallel, n_ctx=n_ctx)
+        try:
             first, _ = read_logits(es, parts["train"][:: max(1, len(parts["train"]) // 64)][:64], None)
             ids, cond = choose_ids(first.mean(0), rows, n_ids)
             logits = {}
             for name, cases in parts.items():
                 report = (lambda i, n, name=name: progress(f"readout {name}", i, n)) if progress else None
                 logits[name], parts[name] = read_logits(es, cases, ids, progress=report)
-            if features is not None:
-                save_features(features, key, ids, cond, logits, parts)
-        pinv = np.linalg.pinv(rows[ids].astype(np.float64))
-    finally:
-        es.close()
+        finally:
+            es.close()
+        if features is not None:
+            save_features(features, key, ids, cond, logits, parts)
+    pinv = np.linalg.pinv(rows[ids].astype(np.float64))
     h = {k: v.astype(np.float64) @ pinv.T for k, v in logits.items()}
     mu, sd = h["train"].mean(0), h["train"].std(0) + 1e-6
     y = labels(parts["train"])
