@@ -28,7 +28,8 @@ Per round and shape, for edge-safe (the composition, default ``minors,eu``) and 
   ``ready_s``), bare holds the reply in its KV; both prefill the new question alone.
 
 Placing the cells: the engine times each deep-cell write (``RequestStats.steps["kv_write"]``: the sequence
-saved, parsed, the keys rotated, serialised and loaded back, so it grows with the context); reported as
+saved into the context's reused buffer, the cells' keys rotated and spliced in, loaded back: it grows with
+the context); reported as
 median ms and as a share of the request's TTFT. Ratios are edge-safe / bare: the ratio of the medians, and
 p25-p75 of the per-round ratios (each round's edge-safe time over the same round's bare time).
 """
@@ -349,7 +350,7 @@ def markdown(res: dict) -> str:
             lines.append(f"| {s} | {row['context_tokens']} | {what} | {fmt(e[key])} | {fmt(b[key])} | "
                          f"{r[key]['ratio']:.2f}× [{q['p25']:.2f}–{q['p75']:.2f}] |")
     lines += ["", "## Placing the cells", "",
-              "The engine's `kv_write` step: the sequence's KV saved, parsed, the cells' keys rotated to their "
+              "The engine's `kv_write` step: the sequence's KV saved, the cells' keys rotated to their "
               "position, written in and loaded back (it grows with the context held).", "",
               "| shape | request | positions prefilled (edge / bare) | kv_write ms | share of TTFT |",
               "|---|---|---|---|---|"]

@@ -470,14 +470,16 @@ class Engine:
         if req.deep is not None:
             with timed("kv_write"):
                 keys, values = req.deep
-                state = kv_cells.parse(ctx.save_seq(seq))
-                own = state.sections[0].seq_ids[0][0]
                 rotated = kv_cells.rope_neox(keys, at, self._rope_bases)
                 if (copies := req.copies_at(at)) > 1:  # identical rows at one position: + ln(copies) to their logits
                     rotated, values = np.concatenate([rotated] * copies), np.concatenate([values] * copies)
                     req.stats.deep_copies = max(req.stats.deep_copies, copies)
-                ctx.load_seq(kv_cells.serialise(kv_cells.with_cells(state, rotated, values, self._bos_state[1],
-                                                                    pos=at, seq_id=own)), seq)
+                # the sequence's state, the cells spliced in where it lies (the blob's own sequence id)
+                groups = self._bos_state[1]
+                spare = kv_cells.added_bytes(len(rotated), len(groups), *rotated.shape[1:], values.shape[2])
+                buf, size = ctx.save_seq_scratch(seq, spare)
+                size = kv_cells.append_cells_in_place(buf, size, rotated, values, groups, pos=at)
+                ctx.load_seq(buf[:size], seq)
         if marker.width:
             with timed("vectors"):
                 ctx.decode_embeddings(req.vectors, job.pos, seq=seq)

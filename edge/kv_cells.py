@@ -3,7 +3,8 @@
 Deep control tokens are key/value rows per layer. The runtime *writes* them into the
 sequence's KV cache instead of prefilling anything: it takes the blob of a real state
 (the BOS-only sequence), parses it, appends the deep cells, serialises it again and
-loads it with ``llama_state_seq_set_data``. Layout of the blob (llama-cpp-python 0.3.36,
+loads it with ``llama_state_seq_set_data``; after a long context it splices the cells into the
+sequence's blob instead (:func:`append_cells_in_place`), which walks the cells' bytes, not each cell. Layout of the blob (llama-cpp-python 0.3.36,
 little-endian; docs/DESIGN.md "Writing KV cells"):
 
 - an 8-byte header, copied through unchanged (below);
@@ -31,6 +32,7 @@ does not fit it raises :class:`KVLayoutError` and nothing is written. Plain nump
 """
 from __future__ import annotations
 
+import ctypes
 import struct
 from dataclasses import dataclass, field, replace
 from typing import Sequence
@@ -212,6 +214,150 @@ def serialise(state: SeqState) -> bytes:
     return b"".join(out)
 
 
+def append_cells(blob: bytes | memoryview, keys: np.ndarray, values: np.ndarray, groups: Sequence[Sequence[int]],
+                 pos: int | Sequence[int] = 0, seq_id: int | None = None) -> bytes:
+    """``serialise(with_cells(parse(blob), keys, values, groups, pos, seq_id))``, byte for byte, in one copy of
+    the blob: the cells already held are spliced through as raw bytes instead of parsed and packed again, so
+    writing a bank's cells after a long context costs a copy of its state, not a walk over its cells.
+
+    ``seq_id`` None: the sequence id the blob's first cell carries (the one llama.cpp loads it into). Falls
+    back to the full parse where V is stored transposed (flash attention off), whose rows interleave. Raises
+    :class:`KVLayoutError` / :class:`KVCacheTypeError` as :func:`parse` and :func:`with_cells` do."""
+    b = memoryview(blob).cast("B")
+    plan = _splice_plan(b, keys, values, groups, pos, seq_id)
+    if isinstance(plan, bytes):
+        return plan
+    return b"".join(b[p[0]:p[1]] if isinstance(p, tuple) else p for p in plan)
+
+
+def append_cells_in_place(buf: np.ndarray, size: int, keys: np.ndarray, values: np.ndarray,
+                          groups: Sequence[Sequence[int]], pos: int | Sequence[int] = 0,
+                          seq_id: int | None = None) -> int:
+    """:func:`append_cells` on the blob in ``buf[:size]`` (a writable uint8 array), written over it: the held
+    cells' bytes move up in place, the new ones go between them. Returns the new blob's length. Needs
+    ``len(buf) >= size +`` :func:`added_bytes` (else EdgeSafeError, ``buf`` untouched); no memory beyond
+    ``buf`` is touched, so a long context's state is neither allocated nor faulted in again for each write."""
+    if buf.dtype != np.uint8 or buf.ndim != 1 or not buf.flags.writeable or not buf.flags.c_contiguous:
+        raise EdgeSafeError("append_cells_in_place needs a writable, contiguous 1-D uint8 array")
+    plan = _splice_plan(memoryview(buf)[:size], keys, values, groups, pos, seq_id)
+    if isinstance(plan, bytes):  # the parsed path (transposed V): written over the old bytes
+        pieces, total = [plan], len(plan)
+        if total > len(buf):
+            raise EdgeSafeError(f"the spliced state needs {total} bytes, the buffer holds {len(buf)}")
+        buf[:total] = np.frombuffer(plan, dtype=np.uint8)
+        return total
+    total = sum(p[1] - p[0] if isinstance(p, tuple) else len(p) for p in plan)
+    if total > len(buf):
+        raise EdgeSafeError(f"the spliced state needs {total} bytes, the buffer holds {len(buf)}")
+    # Every held span moves to an offset >= its own and the spans keep their order: moving them last to
+    # first never overwrites a span not yet moved (memmove handles a span's overlap with itself).
+    base = buf.ctypes.data
+    end = total
+    for p in reversed(plan):
+        if isinstance(p, tuple):
+            n = p[1] - p[0]
+            end -= n
+            ctypes.memmove(base + end, base + p[0], n)
+        else:
+            end -= len(p)
+            buf[end:end + len(p)] = np.frombuffer(p, dtype=np.uint8)
+    return total
+
+
+def added_bytes(n_cells: int, n_sections: int, n_layer: int, width_k: int, width_v: int) -> int:
+    """An upper bound on what appending ``n_cells`` cells adds to a blob (f32 rows; f16 rows add half)."""
+    return n_cells * (12 * n_sections + 4 * n_layer * (width_k + width_v))
+
+
+def _splice_plan(b: memoryview, keys: np.ndarray, values: np.ndarray, groups: Sequence[Sequence[int]],
+                 pos: int | Sequence[int], seq_id: int | None) -> list | bytes:
+    """The new blob as a list of pieces in order: ``(start, end)`` spans of ``b`` kept as they are, and
+    ``bytes`` written here; or the whole new blob as bytes where V is transposed (the parsed path)."""
+    keys = np.asarray(keys, dtype=np.float32)
+    values = np.asarray(values, dtype=np.float32)
+    n = keys.shape[0]
+    if keys.ndim != 3 or values.ndim != 3 or values.shape[0] != n:
+        raise EdgeSafeError(f"deep cells need keys (n, n_layer, width) and values of the same n; got "
+                            f"{keys.shape} and {values.shape}")
+    if keys.shape[1] != sum(len(g) for g in groups):
+        raise EdgeSafeError(f"deep cells of {keys.shape[1]} layers for a cache of {sum(len(g) for g in groups)}")
+    positions = np.broadcast_to(np.asarray(pos, dtype=np.int32), (n,))
+    r = _Reader(b)
+    if len(r.b) < 8:
+        raise layout_error(f"it is {len(r.b)} bytes long, shorter than its header")
+    pieces: list = [(0, 8)]
+    r.o = 8
+    sections = 0
+    while r.o < len(r.b):
+        if sections >= len(groups):
+            raise layout_error(f"it holds more than the {len(groups)} KV sections the model's layers map to")
+        layers = groups[sections]
+        start = r.o
+        n_stream = r.take("I")
+        if not 1 <= n_stream <= 4096:
+            raise layout_error(f"section {sections} has {n_stream} streams, expected 1 to 4096")
+        n_cells, stream = 0, 0
+        while stream < n_stream:
+            n_cells = r.take("I")
+            if n_cells:
+                break
+            stream += 1
+        if not n_cells:
+            raise layout_error(f"section {sections} is empty; parse the state of a non-empty sequence")
+        if 12 * n_cells > len(r.b) - r.o:
+            raise layout_error(f"section {sections} claims {n_cells} cells, more than its bytes can hold")
+        pieces.append((start, r.o - 4))
+        pieces.append(struct.pack("<I", n_cells + n))
+        meta = r.o
+        cols = np.frombuffer(r.b, dtype="<i4", count=3 * n_cells, offset=meta).reshape(n_cells, 3)
+        if np.all(cols[:, 1] == 1):  # one sequence id per cell: 12 bytes each
+            r.o += 12 * n_cells
+            first_seq = int(cols[0, 2])
+        else:  # cells shared by several sequences: walk them
+            first_seq = None
+            for i in range(n_cells):
+                _, n_seq = r.take("iI")
+                if not 1 <= n_seq <= 64:
+                    raise layout_error(f"cell {i} of section {sections} has {n_seq} sequence ids")
+                ids = r.take(f"{n_seq}i")
+                first_seq = (ids if n_seq == 1 else ids[0]) if first_seq is None else first_seq
+        if seq_id is None:  # every section's new cells: the sequence of the blob's first cell
+            seq_id = first_seq
+        pieces.append((meta, r.o))
+        cell_meta = np.empty((n, 3), dtype="<i4")
+        cell_meta[:, 0], cell_meta[:, 1], cell_meta[:, 2] = positions, 1, seq_id
+        pieces.append(cell_meta.tobytes())
+        v_trans, n_layer = r.take("II")
+        if v_trans == 1:
+            return serialise(with_cells(parse(b), keys, values, groups, pos=pos, seq_id=seq_id))
+        if v_trans != 0 or n_layer != len(layers):
+            raise layout_error(f"section {sections} has v_trans={v_trans}, n_layer={n_layer}; the model's "
+                               f"layers map {len(layers)} to it")
+        pieces.append((r.o - 8, r.o))
+        for what, rows_of in (("key", keys), ("value", values)):
+            for layer in layers:
+                t, row = r.take("iQ")
+                new = _cast(rows_of[:, layer], t, what, layer)
+                if new.shape[1] != row:
+                    raise layout_error(f"layer {layer}: deep {what} rows of {new.shape[1]} bytes, cache rows of "
+                                       f"{row}")
+                head = r.o - 12
+                r.raw(row * n_cells)
+                pieces.append((head, r.o))
+                pieces.append(new.tobytes())
+        rest = 4 * (n_stream - 1 - stream)  # the empty streams after the cells' own
+        if rest:
+            tail = r.raw(rest)
+            if np.any(tail.view("<u4")):
+                raise layout_error(f"section {sections} holds cells in more than one stream; parse the state of "
+                                   "one sequence")
+            pieces.append((r.o - rest, r.o))
+        sections += 1
+    if sections != len(groups):
+        raise layout_error(f"it holds {sections} KV sections; the model's layers map to {len(groups)}")
+    return pieces
+
+
 def layer_sections(arch: str, n_layer: int) -> list[list[int]]:
     """Model layer indices held by each KV section, in blob order."""
     pattern = _SWA_PATTERN.get(arch)
@@ -317,14 +463,12 @@ def rope_neox(keys: np.ndarray, pos: int, bases: Sequence[float]) -> np.ndarray:
         return keys.copy()
     head_dim = ROPE_HEAD_DIM
     half = head_dim // 2
-    out = keys.reshape(n, n_layer, width // head_dim, head_dim).astype(np.float64)
+    x = keys.reshape(n, n_layer, width // head_dim, head_dim).astype(np.float64)
     i = np.arange(half, dtype=np.float64)
-    for layer, base in enumerate(bases):
-        theta = pos * np.power(float(base), -2.0 * i / head_dim)  # (half,)
-        cos, sin = np.cos(theta), np.sin(theta)
-        x1, x2 = out[:, layer, :, :half].copy(), out[:, layer, :, half:].copy()
-        out[:, layer, :, :half] = x1 * cos - x2 * sin
-        out[:, layer, :, half:] = x2 * cos + x1 * sin
+    theta = pos * np.power(np.asarray(bases, dtype=np.float64)[:, None], -2.0 * i / head_dim)  # (n_layer, half)
+    cos, sin = np.cos(theta)[None, :, None, :], np.sin(theta)[None, :, None, :]  # every layer at once
+    x1, x2 = x[..., :half], x[..., half:]
+    out = np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
     return out.reshape(n, n_layer, width).astype(np.float32)
 
 

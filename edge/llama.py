@@ -351,6 +351,7 @@ class Context:
         self.n_ctx = min(n_ctx, C.llama_n_ctx(ctx) // self.n_seq - self.extra_cells)
         self.n_batch = C.llama_n_batch(ctx)
         self.memory = C.llama_get_memory(ctx)
+        self._scratch = np.empty(0, dtype=np.uint8)  # save_seq_scratch's reused buffer
         n = self.n_batch
         self._tok = C.llama_batch_init(n, 0, 1)
         self._stack.callback(C.llama_batch_free, self._tok)
@@ -515,11 +516,38 @@ class Context:
             raise EdgeSafeError(f"llama.cpp could not snapshot sequence {seq}")
         return bytes(memoryview(buf)[:n])
 
-    def load_seq(self, blob: bytes, seq: int = 0) -> None:
-        """Replace ``seq``'s cells with a snapshot (taken from any sequence of a context like this one)."""
+    def save_seq_scratch(self, seq: int = 0, spare: int = 0) -> tuple[np.ndarray, int]:
+        """Snapshot ``seq`` into this context's scratch buffer, with at least ``spare`` bytes free after it:
+        (the buffer, the snapshot's length). The buffer is reused (grown, never shrunk, until
+        :meth:`drop_scratch` or close), so writing cells after a long context neither allocates nor faults
+        in a new state-sized block each time (measured: a fresh 17 MB block took up to 44 ms to fault in,
+        the reused one 3 ms). Valid until the next call; for a snapshot that is kept, use :meth:`save_seq`."""
+        self._check_seq(seq)
+        size = C.llama_state_seq_get_size(self.ctx, seq)
+        need = size + max(0, int(spare))
+        if len(self._scratch) < need:
+            self._scratch = np.empty(need + need // 8, dtype=np.uint8)  # headroom: the state grows a turn at a time
+        buf = self._scratch
+        n = C.llama_state_seq_get_data(self.ctx, buf.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8)), size, seq)
+        if n == 0:
+            raise EdgeSafeError(f"llama.cpp could not snapshot sequence {seq}")
+        return buf, n
+
+    def drop_scratch(self) -> None:
+        """Free the scratch buffer of :meth:`save_seq_scratch` (it is grown again when next needed)."""
+        self._scratch = np.empty(0, dtype=np.uint8)
+
+    def load_seq(self, blob: bytes | bytearray | memoryview | np.ndarray, seq: int = 0) -> None:
+        """Replace ``seq``'s cells with a snapshot (taken from any sequence of a context like this one): bytes,
+        or any contiguous byte buffer (read, not copied)."""
         self._check_seq(seq)
         self.seq_rm(seq)  # frees just these cells; memory_clear(data=True) would zero the whole buffer
-        buf = ctypes.cast(ctypes.c_char_p(blob), ctypes.POINTER(ctypes.c_uint8))  # no copy of the bytes
+        if isinstance(blob, bytes):
+            buf = ctypes.cast(ctypes.c_char_p(blob), ctypes.POINTER(ctypes.c_uint8))  # no copy of the bytes
+        else:
+            arr = np.frombuffer(blob, dtype=np.uint8)  # a view: no copy
+            blob = arr
+            buf = arr.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8))
         if C.llama_state_seq_set_data(self.ctx, buf, len(blob), seq) == 0:
             self.seq_rm(seq)
             raise EdgeSafeError(f"llama.cpp could not restore a snapshot into sequence {seq}")

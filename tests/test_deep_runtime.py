@@ -46,9 +46,18 @@ def test_written_cells_reproduce_the_decoded_ones_exactly(model_path, flash_attn
 
         llm.clear()
         llm.decode_tokens([llm.bos], 0, want_logits=False)
-        bos = kv_cells.parse(llm.save_seq())
+        bos_blob = llm.save_seq()
+        bos = kv_cells.parse(bos_blob)
         written = kv_cells.serialise(kv_cells.with_cells(bos, keys, values, groups, pos=np.arange(1, 1 + len(ids))))
         assert written == decoded
+        # the engine's splice, in place in the context's scratch buffer: the same bytes
+        assert kv_cells.append_cells(bos_blob, keys, values, groups, pos=np.arange(1, 1 + len(ids))) == decoded
+        buf, n = llm.save_seq_scratch(0, spare=kv_cells.added_bytes(len(ids), len(groups), *keys.shape[1:], values.shape[2]))
+        assert bytes(buf[:n]) == bos_blob
+        n = kv_cells.append_cells_in_place(buf, n, keys, values, groups, pos=np.arange(1, 1 + len(ids)))
+        assert bytes(buf[:n]) == decoded
+        llm.load_seq(buf[:n])  # a buffer, not bytes: the same state
+        assert llm.save_seq() == decoded
         llm.load_seq(written)
         assert llm.pos_max() == len(ids)
         llm.decode_tokens(prompt, 1 + len(ids))

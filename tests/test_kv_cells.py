@@ -185,3 +185,104 @@ def test_random_bytes_never_parse_into_garbage():
         except K.KVLayoutError:
             continue
         assert K.serialise(state) == bytes(data)  # whatever parses re-serialises to exactly the input
+
+
+def slow_append(b: bytes, keys, values, groups, pos, seq_id=None) -> bytes:
+    state = K.parse(b)
+    own = state.sections[0].seq_ids[0][0] if seq_id is None else seq_id
+    return K.serialise(K.with_cells(state, keys, values, groups, pos=pos, seq_id=own))
+
+
+def shared_cells_section(n_layer: int, width: int) -> bytes:
+    """A section whose second cell is shared by sequences 3 and 4 (cells of 12 and 16 bytes)."""
+    out = [struct.pack("<II", 1, 2), struct.pack("<iIi", 0, 1, 3), struct.pack("<iIii", 1, 2, 3, 4),
+           struct.pack("<II", 0, n_layer)]
+    for _ in range(2 * n_layer):
+        out.append(struct.pack("<iQ", 1, width * 2) + np.ones((2, width), np.float16).tobytes())
+    return b"".join(out)
+
+
+@pytest.mark.parametrize("v_trans", [0, 1])
+@pytest.mark.parametrize("ggml_type", [0, 1])
+@pytest.mark.parametrize("streams", [(1, 0), (4, 2), (3, 0)], ids=["one-stream", "stream-2-of-4", "stream-0-of-3"])
+def test_splicing_cells_in_gives_the_bytes_of_parse_append_serialise(v_trans, ggml_type, streams):
+    """The engine writes cells with append_cells (one copy of the blob); it must equal the parsed path."""
+    n_stream, stream = streams
+    b = HEADER + section(5, 1, 8, v_trans=v_trans, ggml_type=ggml_type, n_stream=n_stream, stream=stream) + \
+        section(5, 2, 8, v_trans=v_trans, ggml_type=ggml_type, seed=1, n_stream=n_stream, stream=stream)
+    keys, values = np.random.default_rng(1).standard_normal((2, 3, 3, 8)).astype(np.float32)
+    for pos in (7, [7, 8, 9]):
+        assert K.append_cells(b, keys, values, GROUPS, pos=pos) == slow_append(b, keys, values, GROUPS, pos)
+        assert K.append_cells(memoryview(b), keys, values, GROUPS, pos=pos, seq_id=6) == \
+            slow_append(b, keys, values, GROUPS, pos, seq_id=6)
+    got = K.parse(K.append_cells(b, keys, values, GROUPS, pos=7))
+    assert [s.pos.tolist()[-3:] for s in got.sections] == [[7, 7, 7]] * 2
+
+
+@pytest.mark.parametrize("v_trans", [0, 1])
+@pytest.mark.parametrize("ggml_type", [0, 1])
+def test_splicing_in_place_writes_the_same_bytes_over_the_buffer_or_refuses_a_short_one(v_trans, ggml_type):
+    b = HEADER + section(6, 1, 8, v_trans=v_trans, ggml_type=ggml_type, n_stream=3, stream=1) + \
+        section(6, 2, 8, v_trans=v_trans, ggml_type=ggml_type, seed=1, n_stream=3, stream=1)
+    keys, values = np.random.default_rng(4).standard_normal((2, 4, 3, 8)).astype(np.float32)
+    want = K.append_cells(b, keys, values, GROUPS, pos=9)
+    spare = K.added_bytes(4, 2, 3, 8, 8)
+    assert len(b) + spare >= len(want)
+    buf = np.full(len(b) + spare, 0xEE, dtype=np.uint8)
+    buf[:len(b)] = np.frombuffer(b, dtype=np.uint8)
+    n = K.append_cells_in_place(buf, len(b), keys, values, GROUPS, pos=9)
+    assert n == len(want) and bytes(buf[:n]) == want
+    short = np.frombuffer(b + bytes(len(want) - len(b) - 1), dtype=np.uint8).copy()
+    before = short.copy()
+    with pytest.raises(K.EdgeSafeError, match="needs"):
+        K.append_cells_in_place(short, len(b), keys, values, GROUPS, pos=9)
+    np.testing.assert_array_equal(short, before)  # nothing written
+    with pytest.raises(K.EdgeSafeError, match="writable"):
+        K.append_cells_in_place(np.frombuffer(b, dtype=np.uint8), len(b), keys, values, GROUPS)
+
+
+def test_splicing_walks_cells_shared_by_several_sequences_and_keeps_the_first_cells_sequence():
+    b = HEADER + shared_cells_section(1, 8) + shared_cells_section(2, 8)
+    keys, values = np.random.default_rng(2).standard_normal((2, 1, 3, 8)).astype(np.float32)
+    out = K.append_cells(b, keys, values, GROUPS, pos=2)
+    assert out == slow_append(b, keys, values, GROUPS, 2)
+    assert K.parse(out).sections[0].seq_ids == [(3,), (3, 4), (3,)]
+
+
+@pytest.mark.parametrize("name, data, message", list(corruptions()), ids=[c[0] for c in corruptions()])
+def test_splicing_into_a_corrupted_blob_fails_cleanly(name, data, message):
+    keys = np.zeros((1, 3, 8), np.float32)
+    with pytest.raises(K.KVLayoutError, match="deep control tokens cannot be written"):
+        K.append_cells(data, keys, keys, GROUPS, pos=0)
+
+
+def test_splicing_refuses_what_with_cells_refuses():
+    b = blob(n_cells=2)
+    with pytest.raises(K.KVCacheTypeError, match="need an f16 or f32 KV cache"):
+        K.append_cells(blob(n_cells=1, ggml_type=8, width=32), np.zeros((1, 3, 32)), np.zeros((1, 3, 32)), GROUPS)
+    big = np.zeros((1, 3, 8), np.float32)
+    big[0, 1, 2] = 1e6
+    with pytest.raises(K.EdgeSafeError, match="deep key row of layer 1 does not fit the f16 KV cache"):
+        K.append_cells(b, big, np.zeros((1, 3, 8)), GROUPS)
+    with pytest.raises(K.KVLayoutError, match="deep key rows of 32 bytes, cache rows of 16"):
+        K.append_cells(b, np.zeros((1, 3, 16)), np.zeros((1, 3, 16)), GROUPS)
+    with pytest.raises(K.EdgeSafeError, match="deep cells of 2 layers for a cache of 3"):
+        K.append_cells(b, np.zeros((1, 2, 8)), np.zeros((1, 2, 8)), GROUPS)
+
+
+def test_splicing_random_bytes_either_fails_cleanly_or_matches_the_parsed_path():
+    rng = np.random.default_rng(3)
+    good = blob()
+    keys, values = rng.standard_normal((2, 1, 3, 8)).astype(np.float32)
+    for _ in range(300):
+        data = bytearray(good)
+        for i in rng.integers(8, len(data), size=3):
+            data[i] = int(rng.integers(0, 256))
+        data = bytes(data)
+        try:
+            out = K.append_cells(data, keys, values, GROUPS, pos=4)
+        except K.EdgeSafeError:
+            with pytest.raises(K.EdgeSafeError):
+                slow_append(data, keys, values, GROUPS, 4)
+            continue
+        assert out == slow_append(data, keys, values, GROUPS, 4)
