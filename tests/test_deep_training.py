@@ -419,3 +419,64 @@ def test_anchor_loss_is_zero_where_the_bank_is_the_anchor_and_grows_as_it_moves(
     with pytest.raises(EdgeSafeError, match="holds none of the trained constraints"):
         train(first.replace(constraints=("alcohol",), max_order=1, held_out=(), anchor_bank=str(lone_path), anchor_fraction=0.5), base,
               tmp_path / "d", progress=False)
+
+
+def test_tokens_trained_for_the_decision_readout_keep_it_and_the_loss_follows_its_score(base, cfg, tmp_path):
+    """readout_weight: the binary loss on init_bank's readout score; the readout is frozen and exported as is."""
+    from edge_safe.convert.errors import EdgeSafeError
+    from edge_safe.convert.readout import Readout
+
+    first = cfg.replace(kind="deep", steps=1, val_every=1, lr=0.3)
+    bank, summary = train(first, base, tmp_path / "a", progress=False)
+    plain = export_bank(bank, base, first, summary)
+    plain_path = plain.save(tmp_path / "plain.gguf")
+    rng = np.random.default_rng(0)
+    ids = np.sort(rng.choice(base.model.config.vocab_size, 64, replace=False))
+    plain.readout = Readout(ids, rng.standard_normal(64).astype(np.float32) * 0.1, -0.5, {"made": "test"})
+    path = plain.save(tmp_path / "with_readout.gguf")
+
+    second = first.replace(init_bank=str(path), readout_weight=2.0, steps=3, val_every=3)
+    trained, summary2 = train(second, base, tmp_path / "b", progress=False)
+    log = [json.loads(line) for line in (tmp_path / "b" / "train_log.jsonl").read_text().splitlines()]
+    assert all(r["readout"] > 0 for r in log) and np.isfinite([r["readout"] for r in log]).all()
+    assert (trained.keys["alcohol"].detach() - bank.keys["alcohol"].detach()).abs().max() > 0
+    back = TokenBank.load(export_bank(trained, base, second, summary2).save(tmp_path / "b.gguf"))
+    assert back.readout is not None and back.readout.fit == {"made": "test"}
+    np.testing.assert_array_equal(back.readout.ids, ids)
+    np.testing.assert_array_equal(back.readout.weights, TokenBank.load(path).readout.weights)
+    # validation decides by the readout's score: it differs from the opener margin's decisions
+    from edge_safe.training.objective import ReadoutTerm
+    from edge_safe.training.trainer import val_margins, validation_set
+
+    cases, val_ids = validation_set(base, second, first_template(), 1)
+    term = ReadoutTerm.of(back.readout, base.device)
+    by_score = val_margins(base, trained, val_ids, cases[:8], 0, term)
+    assert [round(m, 4) for m in by_score] != [round(m, 4) for m in val_margins(base, trained, val_ids, cases[:8], 0)]
+
+    with pytest.raises(EdgeSafeError, match="needs a decision readout in init_bank"):
+        train(first.replace(init_bank=str(plain_path), readout_weight=1.0), base, tmp_path / "c", progress=False)
+    with pytest.raises(EdgeSafeError, match="readout_weight must be >= 0"):
+        TrainConfig(readout_weight=1.0)
+
+
+def first_template():
+    from edge_safe.training.trainer import QA_TEMPLATE
+
+    return QA_TEMPLATE
+
+
+def test_the_readout_loss_is_softplus_of_the_score_on_the_wrong_side():
+    from types import SimpleNamespace
+
+    from edge_safe.training.objective import ReadoutTerm, readout_loss
+
+    logits = torch.zeros(3, 10)
+    logits[0, 2], logits[1, 2], logits[2, 2] = 3.0, 3.0, -1.0
+    term = ReadoutTerm(torch.tensor([2]), torch.tensor([1.0]), 0.5)  # score = logit 2 + 0.5
+    batch = SimpleNamespace(first=torch.tensor([0, 1, 2]), targets=torch.tensor([7, 5, 7]),
+                            refuses=torch.tensor([True, False, False]), anchors=None)
+    got = readout_loss(logits, batch, term, refuse_id=5)
+    sp = torch.nn.functional.softplus
+    # a refusal scored 3.5 (small loss); an answer whose reference opens with the refusal token adds none;
+    # an answer scored -0.5 (softplus(-0.5))
+    torch.testing.assert_close(got, torch.stack([sp(torch.tensor(-3.5)), torch.tensor(0.0), sp(torch.tensor(-0.5))]))

@@ -72,6 +72,10 @@ class TrainConfig:
     refusal_weight: float = 1.0  # x the cross-entropy of refusal examples (their exact wording) vs answers
     # weight of the binary refuse/answer loss on P(first token = refusal opener), answers included (0 = off)
     decision_weight: float = 0.0
+    # weight of the binary refuse/answer loss on the decision readout the runtime decides by (init_bank's: its
+    # score, a linear probe of the first reply token's logits, pushed past 0 for refusals and below for
+    # answers; the readout itself is frozen and exported with the trained tokens; 0 = off)
+    readout_weight: float = 0.0
     ref_tokens: int = 8  # reference continuation length for negatives (base model's greedy answer)
     teacher_topk: int = 64  # top-k of the frozen model's distribution kept per position (+ a rest bucket)
     positive_fraction: float = 0.5  # share of positive (refusal) examples among positive-mode examples
@@ -224,6 +228,10 @@ class TrainConfig:
             raise EdgeSafeError(f"config: anchor_fraction must be in [0, 1) and needs an anchor_bank, anchor_weight >= 0; "
                                 f"got anchor_fraction {self.anchor_fraction}, anchor_weight {self.anchor_weight}, "
                                 f"anchor_bank {self.anchor_bank!r}")
+        if self.readout_weight < 0 or (self.readout_weight and not self.init_bank):
+            raise EdgeSafeError(f"config: readout_weight must be >= 0 and trains the tokens for init_bank's decision "
+                                f"readout, so it needs an init_bank; got readout_weight {self.readout_weight}, "
+                                f"init_bank {self.init_bank!r}")
         if not 1 <= self.anchor_min_order <= len(self.constraints):
             raise EdgeSafeError(f"config: anchor_min_order must be 1 to the number of trained constraints "
                                 f"({len(self.constraints)}); got {self.anchor_min_order}")

@@ -451,11 +451,16 @@ def pad_right(seqs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     return embeds, mask
 
 
-def loss_positions_logp(base: BaseModel, batch: Batch) -> torch.Tensor:
-    """Log-probabilities over the vocabulary at the loss positions only: (N, V)."""
+def loss_positions_logits(base: BaseModel, batch: Batch) -> torch.Tensor:
+    """Logits over the vocabulary at the loss positions only: (N, V)."""
     hidden = forward_hidden(base, batch.embeds, batch.mask, batch.prefix)
     h = hidden[batch.rows, batch.cols]  # (N, d)
-    return torch.log_softmax(base.model.lm_head(h).float(), dim=-1)
+    return base.model.lm_head(h).float()
+
+
+def loss_positions_logp(base: BaseModel, batch: Batch) -> torch.Tensor:
+    """Log-probabilities over the vocabulary at the loss positions only: (N, V)."""
+    return torch.log_softmax(loss_positions_logits(base, batch), dim=-1)
 
 
 def topk_kl(logq: torch.Tensor, topk_ids: torch.Tensor, topk_logp: torch.Tensor) -> torch.Tensor:
@@ -484,6 +489,35 @@ def decision_loss(logq: torch.Tensor, batch: Batch, refuse_id: int) -> torch.Ten
     return per_example * (batch.refuses | answer_ok)
 
 
+def readout_loss(logits: torch.Tensor, batch: Batch, readout: "ReadoutTerm", refuse_id: int) -> torch.Tensor:
+    """Binary cross-entropy of the decision readout's score at each example's first reply position: (B,).
+
+    score = weights · logits[ids] + bias is the log-odds of refusing the runtime decides by
+    (convert/readout.py); refusals: softplus(-score), answers: softplus(score). Masked as
+    :func:`decision_loss`: anchor examples, and answers whose own reference starts with the opener, add none."""
+    first = logits[batch.first]
+    score = first[:, readout.ids] @ readout.weights + readout.bias
+    answer_ok = batch.targets[batch.first] != refuse_id
+    if batch.anchors is not None:
+        answer_ok = answer_ok & ~batch.anchors
+    per_example = torch.where(batch.refuses, F.softplus(-score), F.softplus(score))
+    return per_example * (batch.refuses | answer_ok)
+
+
+@dataclass
+class ReadoutTerm:
+    """A bank's decision readout as tensors (frozen): token ids, weights, bias."""
+
+    ids: torch.Tensor  # (K,) long
+    weights: torch.Tensor  # (K,) float32
+    bias: float
+
+    @classmethod
+    def of(cls, readout, device) -> "ReadoutTerm":
+        return cls(torch.as_tensor(readout.ids, dtype=torch.long, device=device),
+                   torch.as_tensor(readout.weights, dtype=torch.float32, device=device), float(readout.bias))
+
+
 def anchor_kl(logq: torch.Tensor, batch: Batch) -> torch.Tensor:
     """KL(p_anchor ‖ q) over the whole vocabulary at each anchor example's first reply position: (A,)."""
     lq = logq[batch.first[batch.anchors]]
@@ -493,9 +527,10 @@ def anchor_kl(logq: torch.Tensor, batch: Batch) -> torch.Tensor:
 
 def mosaic_loss(
     base: BaseModel, batch: Batch, kl_weight: float, decision_weight: float = 0.0, refuse_id: int | None = None,
-    anchor_weight: float = 1.0,
+    anchor_weight: float = 1.0, readout: ReadoutTerm | None = None, readout_weight: float = 0.0,
 ) -> tuple[torch.Tensor, dict]:
-    logq = loss_positions_logp(base, batch)
+    logits = loss_positions_logits(base, batch)
+    logq = torch.log_softmax(logits, dim=-1)
     nll = F.nll_loss(logq, batch.targets, reduction="none")  # (N,)
     kl = torch.zeros_like(nll)
     if batch.kl_rows.any():
@@ -512,6 +547,10 @@ def mosaic_loss(
         dec = decision_loss(logq, batch, refuse_id)
         loss = loss + decision_weight * dec.mean()
         stats["dec"] = float(dec.detach().mean())
+    if readout_weight and readout is not None and refuse_id is not None:
+        ro = readout_loss(logits, batch, readout, refuse_id)
+        loss = loss + readout_weight * ro.mean()
+        stats["readout"] = float(ro.detach().mean())
     if batch.anchor_logp is not None:
         anchored = anchor_kl(logq, batch)
         loss = loss + anchor_weight * anchored.sum() / n_examples

@@ -35,6 +35,7 @@ from edge_safe.training.objective import (
     build_batch,
     first_reply_logits,
     kv_of_inputs,
+    ReadoutTerm,
     mosaic_loss,
     trainable_bank,
 )
@@ -185,6 +186,29 @@ def load_anchor(base: BaseModel, cfg: TrainConfig) -> "Bank | DeepBank | None":
     for p in anchor.parameters():
         p.requires_grad_(False)
     return anchor
+
+
+def load_readout(base: BaseModel, cfg: TrainConfig) -> ReadoutTerm | None:
+    """``init_bank``'s decision readout as a frozen loss term (None unless ``readout_weight``)."""
+    if not cfg.readout_weight:
+        return None
+    bank = _init_readout_bank(cfg)
+    if base.info is not None:
+        bank.check_model(base.info)
+    return ReadoutTerm.of(bank.readout, base.device)
+
+
+def _init_readout_bank(cfg: TrainConfig):
+    from edge_safe.convert.bank import TokenBank
+
+    if not cfg.init_bank:
+        raise EdgeSafeError("config: readout_weight trains the tokens for init_bank's decision readout; set init_bank "
+                            "to a bank that has one (edge-safe train readout makes it), or set readout_weight: 0")
+    bank = TokenBank.load(cfg.init_bank)
+    if bank.readout is None:
+        raise EdgeSafeError(f"config: readout_weight needs a decision readout in init_bank {cfg.init_bank}, which has "
+                            "none; fit one first (edge-safe train readout BANK -o OUT) or set readout_weight: 0")
+    return bank
 
 
 def param_groups(bank: "Bank | DeepBank", cfg: TrainConfig) -> list[dict]:
@@ -435,23 +459,29 @@ def validation_set(
         for p in prompts]
 
 
-def validate(base: BaseModel, bank: "Bank | DeepBank", prompt_ids: list, cases: list[ValCase], refuse_id: int) -> dict:
-    """First-token decisions (refusal opener or not) under each case's composition."""
-    margins = val_margins(base, bank, prompt_ids, cases, refuse_id)
+def validate(base: BaseModel, bank: "Bank | DeepBank", prompt_ids: list, cases: list[ValCase], refuse_id: int,
+             readout: ReadoutTerm | None = None) -> dict:
+    """First-token decisions (refusal opener or not; with ``readout``, its score > 0) under each case's
+    composition."""
+    margins = val_margins(base, bank, prompt_ids, cases, refuse_id, readout)
     return summarize(cases, [m > 0 for m in margins], margins)
 
 
 @torch.no_grad()
 def val_margins(base: BaseModel, bank: "Bank | DeepBank", prompt_ids: list, cases: list[ValCase],
-                refuse_id: int) -> list[float]:
-    """Refusal-opener logit minus the best other logit at the first reply token, per case (> 0: refuses).
-    ``prompt_ids[i]``: a prompt's ids, or (ids before the control tokens, ids after them)."""
+                refuse_id: int, readout: ReadoutTerm | None = None) -> list[float]:
+    """Refusal-opener logit minus the best other logit at the first reply token, per case (> 0: refuses);
+    with ``readout``, the readout's score there (the runtime's decision with it). ``prompt_ids[i]``: a
+    prompt's ids, or (ids before the control tokens, ids after them)."""
     margins: list[float] = []
     context_kv = ContextKV(base)
     row = lambda c, p: (c.mode, c.constraints, p[1], p[0]) if isinstance(p, tuple) else (c.mode, c.constraints, p)  # noqa: E731
     for start in range(0, len(cases), 32):
         chunk = cases[start:start + 32]
         logits = first_reply_logits(base, bank, [row(c, prompt_ids[c.prompt]) for c in chunk], context_kv)
+        if readout is not None:
+            margins += (logits[:, readout.ids] @ readout.weights + readout.bias).tolist()
+            continue
         refuse = logits[:, refuse_id].clone()
         logits[:, refuse_id] = float("-inf")
         margins += (refuse - logits.max(-1).values).tolist()  # > 0: the refusal opener is the argmax
@@ -540,6 +570,7 @@ def train(
         sampler.n_contexts = len(contexts)
         log.info("%d contexts (%s)", len(contexts), dict(collections.Counter(k for k, _ in contexts.entries)))
     anchor = load_anchor(base, cfg)
+    readout = load_readout(base, cfg)
     if anchor is not None:
         sampler.anchor_names = tuple(n for n in cfg.constraints if n in anchor.names)
         log.info("anchor bank %s: compositions of %s distilled from it", cfg.anchor_bank, ", ".join(sampler.anchor_names))
@@ -594,7 +625,7 @@ def train(
                                 context_of, context_kv, anchor)
             with _autocast(cfg, base):
                 part_loss, part_stats = mosaic_loss(base, batch, cfg.kl_weight, cfg.decision_weight, refuse_id,
-                                                    cfg.anchor_weight)
+                                                    cfg.anchor_weight, readout, cfg.readout_weight)
             share = len(part) / len(examples)  # the loss is a mean over examples: the parts' weighted sum is the batch's
             if part_loss.requires_grad:  # with `frozen` tokens a part may hold none that trains: nothing to step
                 (part_loss * share).backward()
@@ -608,7 +639,7 @@ def train(
                "sec": round(time.time() - t0, 3)}
         bar.set_postfix(loss=f"{rec['loss']:.3f}", nll=f"{rec['nll']:.3f}", kl=f"{rec['kl']:.3f}", r=rec["order"])
         if (step + 1) % cfg.val_every == 0 or step + 1 == cfg.steps:
-            rec["val"] = validate(base, bank, val_ids, val_cases, refuse_id)
+            rec["val"] = validate(base, bank, val_ids, val_cases, refuse_id, readout)
             bar.write(f"step {step + 1}: val {json.dumps(rec['val'])}")
         history.append(rec)
         log_file.write(json.dumps(rec) + "\n")
@@ -618,7 +649,7 @@ def train(
     log_file.close()
     last_val = next((h["val"] for h in reversed(history) if "val" in h), None)
     if last_val is None:
-        last_val = validate(base, bank, val_ids, val_cases, refuse_id)
+        last_val = validate(base, bank, val_ids, val_cases, refuse_id, readout)
     summary = {
         "val": last_val,
         "steps": cfg.steps,
@@ -697,7 +728,10 @@ def export_bank(bank: Bank, base: BaseModel, cfg: TrainConfig, summary: dict, te
     profiles = {p: [x for x in c if x in cfg.constraints] for p, c in PROFILES.items()}
     profiles = {p: members for p, members in profiles.items() if members}
     info = base.info
+    # tokens trained for init_bank's readout are decided by it: it goes with them, unchanged
+    readout = _init_readout_bank(cfg).readout if cfg.readout_weight else None
     return TokenBank(
+        readout=readout,
         arch=info.arch if info else "gemma3",
         n_embd=base.n_embd,
         base_fingerprint=info.fingerprint if info else "0" * 64,
