@@ -240,12 +240,8 @@ def append_cells_in_place(buf: np.ndarray, size: int, keys: np.ndarray, values: 
     if buf.dtype != np.uint8 or buf.ndim != 1 or not buf.flags.writeable or not buf.flags.c_contiguous:
         raise EdgeSafeError("append_cells_in_place needs a writable, contiguous 1-D uint8 array")
     plan = _splice_plan(memoryview(buf)[:size], keys, values, groups, pos, seq_id)
-    if isinstance(plan, bytes):  # the parsed path (transposed V): written over the old bytes
-        pieces, total = [plan], len(plan)
-        if total > len(buf):
-            raise EdgeSafeError(f"the spliced state needs {total} bytes, the buffer holds {len(buf)}")
-        buf[:total] = np.frombuffer(plan, dtype=np.uint8)
-        return total
+    if isinstance(plan, bytes):  # the parsed path (transposed V): one piece, written over the old bytes
+        plan = [plan]
     total = sum(p[1] - p[0] if isinstance(p, tuple) else len(p) for p in plan)
     if total > len(buf):
         raise EdgeSafeError(f"the spliced state needs {total} bytes, the buffer holds {len(buf)}")
@@ -273,12 +269,8 @@ def _splice_plan(b: memoryview, keys: np.ndarray, values: np.ndarray, groups: Se
                  pos: int | Sequence[int], seq_id: int | None) -> list | bytes:
     """The new blob as a list of pieces in order: ``(start, end)`` spans of ``b`` kept as they are, and
     ``bytes`` written here; or the whole new blob as bytes where V is transposed (the parsed path)."""
-    keys = np.asarray(keys, dtype=np.float32)
-    values = np.asarray(values, dtype=np.float32)
+    keys, values = _as_cells(keys, values)
     n = keys.shape[0]
-    if keys.ndim != 3 or values.ndim != 3 or values.shape[0] != n:
-        raise EdgeSafeError(f"deep cells need keys (n, n_layer, width) and values of the same n; got "
-                            f"{keys.shape} and {values.shape}")
     if keys.shape[1] != sum(len(g) for g in groups):
         raise EdgeSafeError(f"deep cells of {keys.shape[1]} layers for a cache of {sum(len(g) for g in groups)}")
     positions = np.broadcast_to(np.asarray(pos, dtype=np.int32), (n,))
@@ -402,12 +394,8 @@ def with_cells(state: SeqState, keys: np.ndarray, values: np.ndarray, groups: Se
     new cell gets position ``pos`` (one for all, or one per cell) in sequence ``seq_id``.
     Rows are converted to each layer's cache type (F16 or F32).
     """
-    keys = np.asarray(keys, dtype=np.float32)
-    values = np.asarray(values, dtype=np.float32)
+    keys, values = _as_cells(keys, values)
     n = keys.shape[0]
-    if values.shape[0] != n or keys.ndim != 3 or values.ndim != 3:
-        raise EdgeSafeError(f"deep cells need keys (n, n_layer, width) and values of the same n; got "
-                            f"{keys.shape} and {values.shape}")
     positions = np.broadcast_to(np.asarray(pos, dtype=np.int32), (n,))
     sections = []
     for s, layers in zip(state.sections, groups):
@@ -423,6 +411,16 @@ def with_cells(state: SeqState, keys: np.ndarray, values: np.ndarray, groups: Se
         sections.append(replace(s, pos=np.concatenate([s.pos, positions]), seq_ids=s.seq_ids + [(seq_id,)] * n,
                                 k_rows=k_rows, v_rows=v_rows))
     return SeqState(state.header, sections)
+
+
+def _as_cells(keys: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Deep cells' keys and values as float32 (n, n_layer, width); EdgeSafeError if their shapes do not pair."""
+    keys = np.asarray(keys, dtype=np.float32)
+    values = np.asarray(values, dtype=np.float32)
+    if keys.ndim != 3 or values.ndim != 3 or values.shape[0] != keys.shape[0]:
+        raise EdgeSafeError(f"deep cells need keys (n, n_layer, width) and values of the same n; got "
+                            f"{keys.shape} and {values.shape}")
+    return keys, values
 
 
 def _cast(rows: np.ndarray, ggml_type: int, what: str, layer: int) -> np.ndarray:

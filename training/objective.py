@@ -482,11 +482,18 @@ def decision_loss(logq: torch.Tensor, batch: Batch, refuse_id: int) -> torch.Ten
     reference starts with the opener get no decision term.
     """
     logp = logq[batch.first, refuse_id].clamp(max=-1e-6)
+    per_example = torch.where(batch.refuses, -logp, -torch.log1p(-logp.exp()))
+    return per_example * decided(batch, refuse_id)
+
+
+def decided(batch: Batch, refuse_id: int) -> torch.Tensor:
+    """(B,) bool: the examples a binary refuse/answer loss counts: every refusal, and answers other than
+    anchor examples (their decision is the anchor bank's, anchor_kl) and those whose own reference starts with
+    the refusal opener."""
     answer_ok = batch.targets[batch.first] != refuse_id
     if batch.anchors is not None:
-        answer_ok = answer_ok & ~batch.anchors  # an anchor example's decision is the anchor bank's (anchor_kl)
-    per_example = torch.where(batch.refuses, -logp, -torch.log1p(-logp.exp()))
-    return per_example * (batch.refuses | answer_ok)
+        answer_ok = answer_ok & ~batch.anchors
+    return batch.refuses | answer_ok
 
 
 def readout_loss(logits: torch.Tensor, batch: Batch, readout: "ReadoutTerm", refuse_id: int) -> torch.Tensor:
@@ -495,13 +502,9 @@ def readout_loss(logits: torch.Tensor, batch: Batch, readout: "ReadoutTerm", ref
     score = weights · logits[ids] + bias is the log-odds of refusing the runtime decides by
     (convert/readout.py); refusals: softplus(-score), answers: softplus(score). Masked as
     :func:`decision_loss`: anchor examples, and answers whose own reference starts with the opener, add none."""
-    first = logits[batch.first]
-    score = first[:, readout.ids] @ readout.weights + readout.bias
-    answer_ok = batch.targets[batch.first] != refuse_id
-    if batch.anchors is not None:
-        answer_ok = answer_ok & ~batch.anchors
+    score = readout.score(logits[batch.first])
     per_example = torch.where(batch.refuses, F.softplus(-score), F.softplus(score))
-    return per_example * (batch.refuses | answer_ok)
+    return per_example * decided(batch, refuse_id)
 
 
 @dataclass
@@ -511,6 +514,10 @@ class ReadoutTerm:
     ids: torch.Tensor  # (K,) long
     weights: torch.Tensor  # (K,) float32
     bias: float
+
+    def score(self, logits: torch.Tensor) -> torch.Tensor:
+        """Log-odds of refusing per row of first-reply-token logits (B, V): (B,)."""
+        return logits[:, self.ids] @ self.weights + self.bias
 
     @classmethod
     def of(cls, readout, device) -> "ReadoutTerm":

@@ -31,11 +31,11 @@ from edge_safe.training.objective import (
     Bank,
     ContextKV,
     DeepBank,
+    ReadoutTerm,
     bos_cell,
     build_batch,
     first_reply_logits,
     kv_of_inputs,
-    ReadoutTerm,
     mosaic_loss,
     trainable_bank,
 )
@@ -480,7 +480,7 @@ def val_margins(base: BaseModel, bank: "Bank | DeepBank", prompt_ids: list, case
         chunk = cases[start:start + 32]
         logits = first_reply_logits(base, bank, [row(c, prompt_ids[c.prompt]) for c in chunk], context_kv)
         if readout is not None:
-            margins += (logits[:, readout.ids] @ readout.weights + readout.bias).tolist()
+            margins += readout.score(logits).tolist()
             continue
         refuse = logits[:, refuse_id].clone()
         logits[:, refuse_id] = float("-inf")
