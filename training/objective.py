@@ -299,13 +299,16 @@ def position_masks(base: BaseModel, prefix: DeepPrefix, mask: torch.Tensor, posi
 
 
 def forward_hidden(base: BaseModel, embeds: torch.Tensor, mask: torch.Tensor,
-                   prefix: DeepPrefix | None = None) -> torch.Tensor:
-    """Last hidden states (B, T, d) of right-padded inputs, after a deep prefix when given.
+                   prefix: DeepPrefix | None = None, every_layer: bool = False) -> "torch.Tensor | tuple":
+    """Last hidden states (B, T, d) of right-padded inputs, after a deep prefix when given; with
+    ``every_layer``, transformers' tuple of n_layer + 1 such tensors instead (the input embeddings, each
+    block's output, the last one after the final norm).
 
     Shallow: ``embeds`` holds [BOS][vectors][tokens] at positions 0.. . Deep: ``embeds`` holds the tokens
     only, at positions 1.. (BOS and every deep cell are at 0, in the cache)."""
+    pick = (lambda o: o.hidden_states) if every_layer else (lambda o: o.last_hidden_state)  # noqa: E731
     if prefix is None:
-        return base.model.model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+        return pick(base.model.model(inputs_embeds=embeds, attention_mask=mask, output_hidden_states=every_layer))
     cache = _new_cache(base)
     for layer, (k, v) in enumerate(zip(prefix.keys, prefix.values)):
         cache.update(k.to(embeds.dtype), v.to(embeds.dtype), layer)
@@ -317,8 +320,8 @@ def forward_hidden(base: BaseModel, embeds: torch.Tensor, mask: torch.Tensor,
     if prefix.positions is not None:  # rows after contexts: masks by true position
         full = position_masks(base, prefix, mask, positions)
     out = base.model.model(inputs_embeds=embeds, attention_mask=full, position_ids=positions, use_cache=True,
-                           **{_cache_kwarg(base): cache})
-    return out.last_hidden_state
+                           output_hidden_states=every_layer, **{_cache_kwarg(base): cache})
+    return pick(out)
 
 
 def batch_inputs(base: BaseModel, bank: "Bank | DeepBank", rows: list[tuple],

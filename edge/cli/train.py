@@ -219,6 +219,111 @@ def readout(bank, output, model, sharegpt, repo, lam, over_refusal, shift, threa
                f"({figures['val_cases']} cases; bias shift {figures['shift']:+g})")
 
 
+@train.command("probe-states", short_help="Measure which model states separate the readout's cases best.")
+@click.argument("bank", type=BANK, required=False)
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), required=True,
+              help="Directory for probe_states.json and PROBE_STATES.md (must not hold them already).")
+@click.option("--model", type=MODEL, default=None, help="Base model GGUF (default: the bundled Gemma 3 270M).")
+@click.option("--sharegpt", type=click.IntRange(min=0), default=500, show_default=True,
+              help="ShareGPT first turns sampled from the train part (validation: a third as many).")
+@click.option("--repo", type=click.IntRange(min=0), default=1500, show_default=True,
+              help="Repo train rows sampled (validation: a third as many).")
+@click.option("--offsets", default="1,2,3,4,5", show_default=True,
+              help="Positions before the first reply token whose final state is probed too (comma-separated).")
+@click.option("--pairs", default="block 9,final @-3,final @-4", show_default=True,
+              help="States probed next to the final one, with the AUC they add (comma-separated state names).")
+@click.option("--lam", type=click.FloatRange(min=0), default=0.01, show_default=True, help="L2 regularisation.")
+@click.option("--max-tokens", type=click.IntRange(min=16), default=1024, show_default=True,
+              help="Cases longer than this are left out.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the sampled rows and the bootstrap.")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+def probe_states(bank, out_dir, model, sharegpt, repo, offsets, pairs, lam, max_tokens, seed, no_progress):
+    """Fit the readout's linear probe on other states of the model and compare them.
+
+    Every block's output at the first reply token, and the final state at the
+    template positions before it, under BANK's control tokens (default: the
+    shipped bank), on the readout fit's cases (third-party train parts and the
+    repo's train split to fit, their validation parts to score). Writes a table
+    of validation AUC and third-party defense at 5 % over-refusal per state, and
+    the AUC each of --pairs adds to the final state (bootstrap interval). Float
+    transformers states: a measurement, not a runtime figure. Needs torch and the
+    third-party data (edge-safe data fetch).
+
+    \b
+    Examples:
+      edge-safe train probe-states --out runs/probe_states
+      edge-safe train probe-states runs/bank.gguf --out runs/p --sharegpt 100 --repo 300 --pairs "block 9"
+    """
+    import shlex
+    import sys
+
+    need_torch()
+    import numpy as np
+    from tqdm.auto import tqdm
+
+    from edge_safe.convert.bank import TokenBank
+    from edge_safe.eval.thirdparty import check_data
+    from edge_safe.models import resolve_bank_path, resolve_model_path
+    from edge_safe.training import probe_states as ps
+    from edge_safe.training.base_model import load_gguf_model
+    from edge_safe.training.objective import trainable_bank
+    from edge_safe.training.readout import labels, repo_cases
+
+    try:
+        ks = sorted({int(k) for k in offsets.split(",") if k.strip()})
+    except ValueError:
+        raise click.BadParameter(f"{offsets!r} is not a comma-separated list of whole numbers",
+                                 param_hint="--offsets") from None
+    if any(k < 1 or k > 16 for k in ks):
+        raise click.BadParameter("offsets go from 1 to 16 positions before the first reply token",
+                                 param_hint="--offsets")
+    out = Path(out_dir)
+    if any((out / f).exists() for f in ("probe_states.json", "PROBE_STATES.md")):
+        raise EdgeSafeError(f"{out} already holds a probe-states report; choose another --out")
+    model_path = resolve_model_path(model)
+    tb = TokenBank.load(resolve_bank_path(bank))
+    from edge_safe.convert.model import ModelInfo
+
+    tb.check_model(ModelInfo.read(model_path))  # before the slow transformers load
+    wanted = [p.strip() for p in pairs.split(",") if p.strip()]
+    n_layer = ModelInfo.read(model_path).n_layer
+    known = ps.state_names(n_layer, ks)
+    unknown = [p for p in wanted if p not in known or p == "final"]
+    if unknown:
+        raise click.BadParameter(f"unknown state(s) {', '.join(map(repr, unknown))}; choose from "
+                                 f"{', '.join(k for k in known if k != 'final')}", param_hint="--pairs")
+    check_data()
+    base = load_gguf_model(model_path)
+    trainable = trainable_bank(base, tb)
+    parts = {"train": _thirdparty_cases(tb, "train", sharegpt, seed) + repo_cases(tb, "train", repo, seed),
+             "val": _thirdparty_cases(tb, "val", max(1, sharegpt // 3), seed)
+             + repo_cases(tb, "val", max(1, repo // 3), seed)}
+    states, kept = {}, {}
+    for name, cases in parts.items():
+        with tqdm(total=len(cases), desc=f"states {name}", unit="case", file=sys.stderr, disable=no_progress) as bar:
+            states[name], idx = ps.collect_states(base, trainable, cases, ks, max_tokens,
+                                                  progress=lambda i, n, bar=bar: bar.update(i - bar.n))
+        kept[name] = [cases[i] for i in idx]
+    thirdparty = np.asarray([not c["source"].startswith("repo") for c in kept["val"]])
+    rows = ps.probe_table(states["train"], labels(kept["train"]), states["val"], labels(kept["val"]), thirdparty,
+                          pairs=wanted, lam=lam, seed=seed)
+    out.mkdir(parents=True, exist_ok=True)
+    report = {"bank": str(resolve_bank_path(bank)), "model": str(model_path), "lambda": lam, "seed": seed,
+              "sharegpt": sharegpt, "repo": repo, "train_cases": len(kept["train"]), "val_cases": len(kept["val"]),
+              "val_violating": int(labels(kept["val"]).sum()), "rows": rows}
+    (out / "probe_states.json").write_text(json.dumps(report, indent=1) + "\n")
+    command = " ".join(([shlex.quote(bank)] if bank else []) + ["--out", shlex.quote(str(out)), "--sharegpt", str(sharegpt),
+                        "--repo", str(repo), "--offsets", ",".join(map(str, ks)), "--pairs", shlex.quote(",".join(wanted)),
+                        "--lam", f"{lam:g}", "--max-tokens", str(max_tokens), "--seed", str(seed)])
+    table = ps.markdown(rows)
+    (out / "PROBE_STATES.md").write_text(
+        f"Made with `edge-safe train probe-states {command}`.\n\n"
+        f"{report['train_cases']} cases fit, {report['val_cases']} scored ({report['val_violating']} violating); "
+        "float transformers states (training/probe_states.py).\n\n" + table)
+    click.echo(table)
+    click.echo(f"wrote {out / 'probe_states.json'} and {out / 'PROBE_STATES.md'}", err=True)
+
+
 def _thirdparty_cases(bank, split: str, sharegpt: int, seed: int) -> list[dict]:
     """The third-party cases of ``split`` as ``edge-safe eval third-party`` builds them, without the unseen
     StrongREJECT categories (never read by a fit)."""
