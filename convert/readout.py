@@ -5,7 +5,9 @@ weights such that
 
     score = weights · logits[ids] + bias
 
-is the log-odds that the request, under the active control tokens, should be refused. Gemma's logits are
+is the log-odds that the request, under the active control tokens, should be refused (a version 2 readout
+also reads the logits of rows before the first reply token's, ``offsets`` back from the prompt's last
+token: ``score = Σ_k weights_k · logits_k[ids] + bias``, ``weights`` stored offset by offset). Gemma's logits are
 the tied embedding matrix times the final hidden state, so ``ids`` is chosen to span that state (1 024 rows
 of a 640-wide model recover it exactly) and the readout is a linear probe of the state the control tokens
 left, fit on requests written by other people (``training/readout.py``). Where a bank has one, the runtime
@@ -18,50 +20,75 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 
-from .errors import BankFormatError
+from .errors import BankFormatError, EdgeSafeError
 
-VERSION = 1
+VERSION = 2  # 1: the first reply token's logits alone; 2: also rows before it (``offsets``)
 WHERE = "first-reply-token"  # the position its logits are read at
+MAX_OFFSET = 8  # rows further back than this are not read (the reply header is 5 tokens)
 
 
 @dataclass(frozen=True)
 class Readout:
-    """``score(logits) = weights · logits[ids] + bias`` (log-odds of refusing)."""
+    """``score(logits, earlier) = Σ_k weights_k · logits_k[ids] + bias`` (log-odds of refusing), over ``offsets``:
+    0 is the first reply token's logits (the prompt's last row), k > 0 the row k tokens before it."""
 
     ids: np.ndarray  # (K,) int64 token ids, ascending, unique
-    weights: np.ndarray  # (K,) float32
+    weights: np.ndarray  # (len(offsets) * K,) float32, offset by offset
     bias: float
     fit: dict = field(default_factory=dict)  # how it was made: data, regularisation, validation figures
+    offsets: tuple = (0,)  # rows read, back from the prompt's last one: 0 first, then ascending
 
     def __post_init__(self):
         object.__setattr__(self, "ids", np.asarray(self.ids, dtype=np.int64))
         object.__setattr__(self, "weights", np.asarray(self.weights, dtype=np.float32))
+        object.__setattr__(self, "offsets", tuple(self.offsets))
         self.validate()
+
+    @property
+    def earlier(self) -> tuple[int, ...]:
+        """The rows before the prompt's last one that the score reads (offsets back; empty for version 1)."""
+        return self.offsets[1:]
 
     def validate(self) -> None:
         """Raises BankFormatError naming what is wrong."""
-        ids, w = self.ids, self.weights
-        if ids.ndim != 1 or w.ndim != 1 or len(ids) != len(w) or not len(ids):
-            raise BankFormatError(f"the readout needs as many weights as token ids (1 or more); it has {ids.size} ids "
-                                  f"and {w.size} weights: re-fit it (edge-safe train readout)")
+        ids, w, offsets = self.ids, self.weights, self.offsets
+        if (not offsets or offsets[0] != 0 or any(not isinstance(k, int) or isinstance(k, bool) for k in offsets)
+                or list(offsets) != sorted(set(offsets)) or offsets[-1] > MAX_OFFSET):
+            raise BankFormatError(f"the readout's offsets must start with 0 and ascend, unique, to at most "
+                                  f"{MAX_OFFSET}; it has {list(offsets)}: re-fit it (edge-safe train readout)")
+        if ids.ndim != 1 or w.ndim != 1 or len(ids) * len(offsets) != len(w) or not len(ids):
+            raise BankFormatError(f"the readout needs as many weights as token ids (1 or more) for each of its "
+                                  f"{len(offsets)} row(s); it has {ids.size} ids and {w.size} weights: re-fit it "
+                                  "(edge-safe train readout)")
         if np.any(np.diff(ids) <= 0) or ids[0] < 0:
             raise BankFormatError("the readout's token ids must be ascending, unique and >= 0: re-fit it")
         if not np.all(np.isfinite(w)) or not math.isfinite(self.bias):
             raise BankFormatError("the readout holds non-finite weights: re-fit it")
 
-    def score(self, logits: np.ndarray) -> float:
-        """Log-odds of refusing, from one position's logits (n_vocab,)."""
-        return float(np.dot(np.asarray(logits[self.ids], dtype=np.float64), self.weights) + self.bias)
+    def score(self, logits: np.ndarray, earlier: "Mapping[int, np.ndarray] | None" = None) -> float:
+        """Log-odds of refusing, from the first reply token's logits (n_vocab,) and, for each of
+        :attr:`earlier`, ``earlier[k]``: the logits of the row k tokens before the prompt's last one."""
+        k = len(self.ids)
+        total = float(np.dot(np.asarray(logits[self.ids], dtype=np.float64), self.weights[:k]))
+        for j, off in enumerate(self.earlier, start=1):
+            row = None if earlier is None else earlier.get(off)
+            if row is None:
+                raise EdgeSafeError(f"the readout reads the row {off} tokens before the first reply token, and "
+                                    "none was decoded for this request")
+            total += float(np.dot(np.asarray(row[self.ids], dtype=np.float64), self.weights[j * k:(j + 1) * k]))
+        return total + self.bias
 
     def to_json(self) -> str:
-        return json.dumps({"version": VERSION, "where": WHERE, "bias": float(self.bias),
-                           "ids": [int(i) for i in self.ids],
-                           "weights": [float(f"{x:.7g}") for x in self.weights.tolist()], "fit": self.fit},
-                          separators=(",", ":"))
+        obj = {"version": 1 if self.offsets == (0,) else VERSION, "where": WHERE, "bias": float(self.bias),
+               "ids": [int(i) for i in self.ids]}
+        if self.offsets != (0,):
+            obj["offsets"] = list(self.offsets)
+        obj |= {"weights": [float(f"{x:.7g}") for x in self.weights.tolist()], "fit": self.fit}
+        return json.dumps(obj, separators=(",", ":"))
 
     @classmethod
     def from_json(cls, text: str, what: str = "edge_safe.readout") -> "Readout":
@@ -78,7 +105,8 @@ class Readout:
         if obj.get("where") != WHERE:
             raise BankFormatError(f"{what} is read at {obj.get('where')!r}; this edge-safe reads it at {WHERE!r}")
         try:
+            offsets = (0,) if version == 1 else tuple(obj["offsets"])
             return cls(np.asarray(obj["ids"], dtype=np.int64), np.asarray(obj["weights"], dtype=np.float32),
-                       float(obj["bias"]), dict(obj.get("fit") or {}))
+                       float(obj["bias"]), dict(obj.get("fit") or {}), offsets)
         except (KeyError, TypeError, ValueError) as e:
             raise BankFormatError(f"{what} lacks or mistypes a field ({e}); re-fit the readout") from None

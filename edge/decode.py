@@ -298,8 +298,15 @@ class Reply:
         # with a readout: its verdict on the request (True: refuse), read at the first reply token, for the rest of
         # the deciding (an answer's blank tokens and first visible token are chosen with the openers masked)
         self.readout = req.readout if len(self.decision) else None
+        # rows before the first reply token the readout reads (the engine hands them to take_earlier first)
+        self.earlier: tuple[int, ...] = self.readout.earlier if self.readout is not None else ()
+        self._rows: dict[int, np.ndarray] = {}
         self.verdict: bool | None = None
         self.score: float | None = None  # the readout's score behind that verdict (the conversation's own view)
+
+    def take_earlier(self, offset: int, logits: np.ndarray) -> None:
+        """The logits of the row ``offset`` tokens before the prompt's last one (of the view decoded now)."""
+        self._rows[offset] = logits
 
     def emit(self, piece: str) -> None:
         if piece and not self.halted:
@@ -342,7 +349,7 @@ class Reply:
         req = self.req
         if self.readout is not None:
             if self.verdict is None:
-                self.score = self.readout.score(logits)
+                self.score = self.readout.score(logits, self._rows)
                 self.verdict = self.score + req.strictness > 0
             return self._best(logits, self.verdict)
         if req.openers and req.strictness:
@@ -352,7 +359,7 @@ class Reply:
 
     def _refuses(self, logits: np.ndarray) -> bool:
         """The readout's verdict on one view's first reply token."""
-        return self.readout.score(logits) + self.req.strictness > 0
+        return self.readout.score(logits, self._rows) + self.req.strictness > 0
 
     def _best(self, logits: np.ndarray, opener: bool) -> int:
         """The best refusal opener (``opener``), or the best token that opens no refusal."""
@@ -484,10 +491,16 @@ class Margin:
         self.reread = reread  # after earlier turns: the last user message alone, read next (the larger margin counts)
         self.readout = readout  # where set, the margin is its score at the first reply token (of each view)
         self.first: float | None = None  # with a readout: the conversation's own view's score
+        self.earlier: tuple[int, ...] = readout.earlier if readout is not None else ()
+        self._rows: dict[int, np.ndarray] = {}
+
+    def take_earlier(self, offset: int, logits: np.ndarray) -> None:
+        """The logits of the row ``offset`` tokens before the prompt's last one (of the view decoded now)."""
+        self._rows[offset] = logits
 
     def feed(self, logits: np.ndarray, pos: int) -> "int | View | None":
         if self.readout is not None:  # read at the first reply token: this view is read
-            score = self.readout.score(logits)
+            score = self.readout.score(logits, self._rows)
             if self.first is None:
                 self.first = self.value = score
             else:  # the last message's view, which a reply reads only within VIEW_WITHIN of the first's
@@ -517,12 +530,20 @@ class Margin:
 
 
 class FirstLogits:
-    """The first reply token's logits (a copy)."""
+    """The first reply token's logits (a copy; with ``earlier``, rows (1 + len(earlier), n_vocab): the first
+    reply token's, then those of the rows ``earlier`` tokens before the prompt's last one)."""
 
     value: np.ndarray | None = None
 
+    def __init__(self, earlier: Sequence[int] = ()):
+        self.earlier = tuple(earlier)
+        self._rows: dict[int, np.ndarray] = {}
+
+    def take_earlier(self, offset: int, logits: np.ndarray) -> None:
+        self._rows[offset] = logits
+
     def feed(self, logits: np.ndarray, pos: int) -> None:
-        self.value = np.array(logits)
+        self.value = np.array(logits) if not self.earlier else np.stack([logits] + [self._rows[k] for k in self.earlier])
         return None
 
 

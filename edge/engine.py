@@ -420,7 +420,9 @@ class Engine:
         ctx, seq, st = self.ctx, job.seq, req.stats
         timed = _Timer(st)
         items, held = req.items, self._held[seq]
-        common = 0 if held is None else min(_common_prefix(held, items), len(items) - 1)  # >= 1 token for logits
+        # >= 1 token decoded for the first reply token's logits, more where the policy reads rows before it
+        need = 1 + max(getattr(job.policy, "earlier", ()), default=0)
+        common = 0 if held is None else max(0, min(_common_prefix(held, items), len(items) - need))
         if 0 < common < len(held) and isinstance(held[common], Marker):
             common -= 1  # its deep cells share the previous item's position: drop that item too
         if common and self._swa_lost(seq, _position(items, common)):
@@ -504,15 +506,24 @@ class Engine:
                 self._release(job, e)
         jobs = [j for j in jobs if j.seq is not None and j.pending]
         jobs.sort(key=lambda j: len(j.pending) > 1)  # decoding rows first, then prompts (stable)
+        earlier = []  # (job, offset, row): rows before a prompt's last one whose logits its policy reads
         for job in jobs:
             take = min(_tokens_ahead(job.pending), budget - len(tokens))
             if take <= 0:
                 break
+            first = len(tokens)
             tokens += job.pending[:take]
             seqs += [job.seq] * take
             pos += range(job.pos, job.pos + take)
             last = take == len(job.pending)  # (a Marker after these rows waits for the next step)
             want += [False] * (take - 1) + [last]
+            back = getattr(job.policy, "earlier", ()) if job.prompt_left > 0 else ()
+            if back:  # rows counted in tokens back from the prompt's last one (a Marker is no row)
+                at = _token_rows_back(job.pending, max(back))
+                for k in back:
+                    if k < len(at) and at[k] < take:
+                        want[first + at[k]] = True
+                        earlier.append((job, k, first + at[k]))
             fed.append((job, take, len(tokens) - 1 if last else -1))
         if not tokens:
             return
@@ -525,6 +536,8 @@ class Engine:
             return
         t1 = time.perf_counter()
         self.steps += 1
+        for job, k, row in earlier:
+            job.policy.take_earlier(k, np.array(self.ctx.logits(row)))
         reloads: list[tuple[Job, Request]] = []
         for job, take, row in fed:
             st = job.current.stats
@@ -600,7 +613,17 @@ class Engine:
             elif not ctx.truncate(pos, 0):
                 self._view_key = None
                 raise EdgeSafeError("llama.cpp could not cut the view sequence back to its prefix")
-            ctx.decode_tokens(tokens, pos, want_logits=True, seq=0)
+            back = [k for k in getattr(job.policy, "earlier", ()) if k < len(tokens)]
+            if back:  # the tail with the rows the policy reads before the last one
+                n = max(back) + 1
+                if len(tokens) > n:
+                    ctx.decode_tokens(tokens[:-n], pos, want_logits=False, seq=0)
+                ctx.decode_rows(tokens[-n:], [0] * n, range(pos + len(tokens) - n, pos + len(tokens)),
+                                [i == n - 1 or n - 1 - i in back for i in range(n)])
+                for k in back:
+                    job.policy.take_earlier(k, np.array(ctx.logits(n - 1 - k)))
+            else:
+                ctx.decode_tokens(tokens, pos, want_logits=True, seq=0)
             pos += len(tokens)
             while (tok := job.policy.view_feed(ctx.logits())) is not None:
                 ctx.decode_rows([tok], [0], [pos], [True])
@@ -626,6 +649,17 @@ class _Timer:
 def _position(items: list, n: int) -> int:
     """The position of ``items[n]`` (BOS is at 0): one per token, a Marker's width for its vectors."""
     return 1 + sum(i.width if isinstance(i, Marker) else 1 for i in items[:n])
+
+
+def _token_rows_back(pending: list, n: int) -> list[int]:
+    """Indices into ``pending`` of its last token, the token before it, ... (``n`` + 1 at most; Markers skipped)."""
+    out = []
+    for j in range(len(pending) - 1, -1, -1):
+        if not isinstance(pending[j], Marker):
+            out.append(j)
+            if len(out) > n:
+                break
+    return out
 
 
 def _tokens_ahead(pending: list) -> int:

@@ -70,9 +70,14 @@ class Probe:
         return self._run(req, Margin(self.es.model, openers, max_blank, req.reread, req.readout), wait)
 
     def first_token_logits(self, messages: "Messages | str", tokens=None, mode: str | None = None,
-                           wait: bool = True) -> "np.ndarray | Job":
-        """Logits (n_vocab,) of the first reply token: a copy (for tests, SAM and evaluation)."""
-        return self._run(self.es.prepare(messages, tokens=tokens, mode=mode), FirstLogits(), wait)
+                           wait: bool = True, earlier: Sequence[int] = ()) -> "np.ndarray | Job":
+        """Logits (n_vocab,) of the first reply token: a copy (for tests, SAM and evaluation). With ``earlier``
+        (offsets >= 1), rows (1 + len(earlier), n_vocab): then those of the prompt rows that many tokens before
+        its last one (what a readout with offsets reads)."""
+        back = [int(k) for k in earlier]
+        if any(k < 1 for k in back) or len(set(back)) != len(back):
+            raise EdgeSafeError(f"earlier: distinct offsets >= 1 before the first reply token, got {list(earlier)}")
+        return self._run(self.es.prepare(messages, tokens=tokens, mode=mode), FirstLogits(back), wait)
 
     def forced_logits(self, messages: "Messages | str", continuation: Sequence[int], tokens=None,
                       mode: str | None = None, wait: bool = True) -> "np.ndarray | Job":

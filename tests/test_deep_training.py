@@ -455,6 +455,10 @@ def test_tokens_trained_for_the_decision_readout_keep_it_and_the_loss_follows_it
 
     with pytest.raises(EdgeSafeError, match="needs a decision readout in init_bank"):
         train(first.replace(init_bank=str(plain_path), readout_weight=1.0), base, tmp_path / "c", progress=False)
+    plain.readout = Readout(ids, np.zeros(128, np.float32), 0.0, {}, offsets=(0, 3))  # reads a row before it too
+    rows_path = plain.save(tmp_path / "rows.gguf")
+    with pytest.raises(EdgeSafeError, match=r"first reply token alone.*rows \[3\].*--offsets 0"):
+        train(first.replace(init_bank=str(rows_path), readout_weight=1.0), base, tmp_path / "e", progress=False)
     with pytest.raises(EdgeSafeError, match="readout_weight must be >= 0"):
         TrainConfig(readout_weight=1.0)
 

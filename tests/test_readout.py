@@ -359,3 +359,156 @@ def test_after_earlier_turns_the_readout_decides_each_view_and_the_reply_refuses
         job = es.submit(conv, tokens="minors,eu", max_tokens=12, strictness=1.5)  # s1 + 1.5 >= -VIEW_WITHIN: read, refuses
         "".join(job)
         assert job.stats.reread == "refuse" and job.stats.refusal == "drugs"
+
+
+# --- a readout of rows before the first reply token (offsets) --------------------------------------
+
+
+def test_a_readout_with_offsets_survives_save_and_load_and_scores_each_row(shipped, tmp_path):
+    w = np.array([0.5, -1.0, 2.0, 0.25], np.float32)  # offset 0's two weights, then offset 3's
+    r = Readout(np.array([3, 10]), w, -0.5, {"lambda": 0.01}, offsets=(0, 3))
+    assert r.earlier == (3,) and '"offsets":[0,3]' in r.to_json() and '"version":2' in r.to_json()
+    assert '"offsets"' not in constant(1.0).to_json() and '"version":1' in constant(1.0).to_json()
+    back = TokenBank.load(replace(shipped, readout=r).save(tmp_path / "b.gguf", dtype="F16")).readout
+    assert back.offsets == (0, 3) and np.array_equal(back.weights, w)
+    first, third = np.zeros(20, np.float32), np.zeros(20, np.float32)
+    first[[3, 10]], third[[3, 10]] = [2.0, 1.0], [4.0, -4.0]
+    assert back.score(first, {3: third}) == pytest.approx(0.5 * 2 - 1.0 + 2.0 * 4 - 0.25 * 4 - 0.5)
+    from edge_safe.convert.errors import EdgeSafeError
+
+    with pytest.raises(EdgeSafeError, match="row 3 tokens before the first reply token"):
+        back.score(first)
+
+
+@pytest.mark.parametrize("offsets, n_weights, words", [
+    ((3,), 2, "start with 0"),
+    ((0, 3, 3), 6, "ascend, unique"),
+    ((0, 4, 3), 6, "ascend, unique"),
+    ((0, 9), 4, "at most 8"),
+    ((0, 3), 2, "for each of its 2 row(s)"),
+])
+def test_bad_offsets_are_refused_with_what_is_wrong(offsets, n_weights, words):
+    with pytest.raises(BankFormatError) as e:
+        Readout(np.array([1, 2]), np.ones(n_weights, np.float32), 0.0, offsets=offsets)
+    assert words in str(e.value) and "re-fit" in str(e.value)
+
+
+def test_a_version_2_readout_without_offsets_is_refused():
+    with pytest.raises(BankFormatError, match="lacks or mistypes a field"):
+        Readout.from_json('{"version":2,"where":"first-reply-token","bias":0,"ids":[1],"weights":[1.0],"fit":{}}')
+
+
+def test_the_rows_before_the_first_reply_token_are_the_prompts_last_tokens(runtime):
+    """The prompt ends with the template's "\\nAnswer:": the row 1 back (Answer) predicts ":", 2 back (the newline
+    starting the line) a template word ("Question" or "Answer"), 3 back (the message's last token, "?") a line
+    break. The runtime hands a policy the rows it asks for, alone, batched and after its prefix was held."""
+    from edge_safe.probe import Probe
+
+    es = runtime(constant(0.0))
+    probe = Probe(es)
+    rows = probe.first_token_logits(VIOLATING, tokens="drugs", earlier=(1, 2, 3))
+    assert rows.shape == (4, es.model.n_vocab)
+    colon, answer, question = (es.model.tokenize(t)[-1] for t in (":", "Answer", "Question"))
+    assert int(np.argmax(rows[1])) == colon
+    assert {answer, question} <= set(np.argsort(-rows[2])[:3].tolist())
+    assert es.model.token_to_piece(int(np.argmax(rows[3]))).strip() == b""
+    assert b"\n" in es.model.token_to_piece(int(np.argmax(rows[3])))
+    # the same rows however the prompt was decoded (llama.cpp's sums differ a little with the rows decoded together)
+    assert _same_rows(rows[:1], probe.first_token_logits(VIOLATING, tokens="drugs")[None])
+    with probe.together():  # batched with other prompts (and the same one: its prefix reused), the same rows
+        jobs = [probe.first_token_logits(t, tokens="drugs", earlier=(1, 2, 3), wait=False)
+                for t in (HARMLESS, VIOLATING, VIOLATING + " Please answer.")]
+    assert _same_rows(jobs[1].result(), rows) and not _same_rows(jobs[0].result(), rows)
+    again = probe.first_token_logits(VIOLATING, tokens="drugs", earlier=(1, 2, 3))  # held prefix: decoded again
+    assert _same_rows(again, rows)
+    with pytest.raises(Exception, match="offsets >= 1"):
+        probe.first_token_logits(VIOLATING, tokens="drugs", earlier=(0,))
+
+
+def _same_rows(a: np.ndarray, b: np.ndarray) -> bool:
+    """Rows of logits of the same positions: the same argmax, within 0.5 on average (measured: the same rows decoded
+    in micro-batches of other sizes 0.08-0.2, another prompt's about 2)."""
+    return (a.shape == b.shape and bool((a.argmax(-1) == b.argmax(-1)).all())
+            and float(np.abs(a - b).mean(-1).max()) < 0.5)
+
+
+def test_a_row_before_a_long_messages_control_cells_is_read_too(runtime):
+    """A long message's control cells sit before its last line: a row further back than that line is decoded
+    before the cells are written, and still handed over."""
+    from edge_safe.probe import Probe
+
+    es = runtime(constant(0.0))
+    text = "Here is some text I pasted.\n" * 120 + "Why?"
+    rows = Probe(es).first_token_logits(text, tokens="drugs", earlier=(3, 4, 6))
+    assert rows.shape == (4, es.model.n_vocab) and np.isfinite(rows).all()
+
+
+def _on_row(row_weights: np.ndarray, ids: np.ndarray, bias: float) -> Readout:
+    """A readout whose offset-0 weights are zero: only the row 3 tokens back counts."""
+    return Readout(ids, np.concatenate([np.zeros(len(ids), np.float32), row_weights]), bias, {}, offsets=(0, 3))
+
+
+def test_replies_and_margins_decide_by_the_row_the_readout_reads(runtime, shipped):
+    from edge_safe.probe import Probe
+
+    ids = shipped.readout.ids[:256]
+    w = np.random.default_rng(0).normal(scale=0.05, size=len(ids)).astype(np.float32)
+    probe = Probe(runtime(constant(0.0)))
+    probe.first_token_logits(VIOLATING, tokens="drugs", earlier=(3,))  # held, as for every runtime below
+    third = probe.first_token_logits(VIOLATING, tokens="drugs", earlier=(3,))[1]
+    raw = float(np.dot(third[ids].astype(np.float64), w))
+    for shift, refused in ((1.0, True), (-1.0, False)):
+        es = runtime(_on_row(w, ids, shift - raw))
+        Probe(es).first_token_logits(VIOLATING, tokens="drugs", earlier=(3,))
+        assert Probe(es).refusal_margin(VIOLATING, tokens="drugs") == pytest.approx(shift, abs=1e-3)
+        assert _reply(es, VIOLATING)[1]["refusal"] is refused
+
+
+def test_after_earlier_turns_the_last_messages_view_reads_its_own_rows(runtime, shipped):
+    """The view of the last message alone decodes its own reply header: its score is that of the message sent
+    alone, and the margin combines both views as a reply does."""
+    from edge_safe.decode import VIEW_WITHIN
+    from edge_safe.probe import Probe
+
+    ids = shipped.readout.ids[:256]
+    w = np.random.default_rng(1).normal(scale=0.05, size=len(ids)).astype(np.float32)
+    r = _on_row(w, ids, 0.0)
+    es = runtime(r)
+    chat = [{"role": "user", "content": "Hi! Can you help me plan a garden?"},
+            {"role": "assistant", "content": "Of course. What would you like to grow?"},
+            {"role": "user", "content": VIOLATING}]
+    plain = Probe(runtime(constant(0.0)))
+    s1 = r.score(*(lambda x: (x[0], {3: x[1]}))(plain.first_token_logits(chat, tokens="drugs", earlier=(3,))))
+    s2 = r.score(*(lambda x: (x[0], {3: x[1]}))(plain.first_token_logits(VIOLATING, tokens="drugs", earlier=(3,))))
+    assert abs(s1 - s2) > 1  # the two views' rows differ: reading the wrong ones would show
+    # (views decode in their own context: llama.cpp's sums there differ a little, about 0.1 on this score)
+    assert Probe(es).refusal_margin(chat, tokens="drugs") == pytest.approx(max(s1, min(s2, s1 + VIEW_WITHIN)), abs=0.3)
+
+
+def test_the_cli_fits_a_readout_of_several_rows_that_the_runtime_reads(fit_rows, tmp_path):
+    from edge_safe.probe import Probe
+    from edge_safe.runtime import EdgeSafe
+
+    out = tmp_path / "rows.gguf"
+    r = CliRunner().invoke(cli, ["train", "readout", str(resolve_bank_path(None)), "-o", str(out), "--sharegpt", "6",
+                                 "--repo", "24", "--threads", "2", "--parallel", "2", "--no-progress",
+                                 "--offsets", "0,3"])
+    assert r.exit_code == 0, r.output
+    readout = TokenBank.load(out).readout
+    assert readout.offsets == (0, 3) and len(readout.weights) == 2 * len(readout.ids) == 2048
+    with EdgeSafe(bank=out, n_ctx=1024, n_threads=2) as es:
+        probe = Probe(es)
+        probe.first_token_logits(VIOLATING, tokens="drugs", earlier=(3,))  # held: what follows decodes the same tail
+        rows = np.asarray(probe.first_token_logits(VIOLATING, tokens="drugs", earlier=(3,)))
+        margin = probe.refusal_margin(VIOLATING, tokens="drugs")
+        assert margin == pytest.approx(readout.score(rows[0], {3: rows[1]}), abs=1e-3)
+        assert _reply(es, VIOLATING)[1]["refusal"] is (margin > 0)
+
+
+@pytest.mark.parametrize("offsets, words", [("3", "start with 0"), ("0,4,3", "ascend"), ("0,9", "at most 8"),
+                                             ("0,x", "whole numbers")])
+def test_bad_readout_offsets_are_a_usage_error(tmp_path, offsets, words):
+    r = CliRunner().invoke(cli, ["train", "readout", str(resolve_bank_path(None)), "-o", str(tmp_path / "o.gguf"),
+                                 "--offsets", offsets])
+    assert r.exit_code == 2 and "--offsets" in r.output and words in r.output, r.output
+    assert not (tmp_path / "o.gguf").exists()

@@ -9,8 +9,9 @@ forward pass:
 
 - ``block i``: the residual stream after block ``i`` (0-based, as llama.cpp's ``l_out-i``) at the first
   reply position; ``final`` is the last block's output after the final norm (what the readout reads);
-- ``final @-k``: the final state ``k`` positions before the first reply position (the reply header's
-  template tokens: ``@-3`` and ``@-4`` are the ``\\n`` and ``<end_of_turn>`` that close the user's message);
+- ``final @-k``: the final state ``k`` positions before the first reply position (the prompt ends with the
+  template's ``\\nAnswer:``: ``@-1`` is ``Answer``, ``@-2`` the newline, ``@-3`` the last token of the user's
+  message);
 - pairs ``final + X``: both states side by side, with a bootstrap interval of the validation AUC gained over
   ``final`` alone (the same cases resampled for both).
 

@@ -95,9 +95,11 @@ def repo_cases(bank, split: str, n: int | None = None, seed: int = 0) -> list[di
 
 
 def read_logits(es, cases: Sequence[dict], ids: np.ndarray | None, batch: int = 32,
-                progress: Callable[[int, int], None] | None = None) -> tuple[np.ndarray, list[dict]]:
+                progress: Callable[[int, int], None] | None = None,
+                earlier: Sequence[int] = ()) -> tuple[np.ndarray, list[dict]]:
     """First-reply-token logits at ``ids`` (all tokens when None) of each case that fits the context, through
-    the runtime; (logits, the cases kept)."""
+    the runtime; (logits, the cases kept). With ``earlier``, each case's row continues with the logits at ``ids``
+    of the prompt rows that many tokens before its last one, offset by offset (a readout with offsets)."""
     from edge_safe.convert.errors import PromptTooLongError
     from edge_safe.probe import Probe
 
@@ -107,12 +109,13 @@ def read_logits(es, cases: Sequence[dict], ids: np.ndarray | None, batch: int = 
         with probe.together():
             for c in cases[i: i + batch]:
                 try:
-                    jobs.append((c, probe.first_token_logits(c["text"], tokens=c["constraints"], wait=False)))
+                    jobs.append((c, probe.first_token_logits(c["text"], tokens=c["constraints"], wait=False,
+                                                             earlier=earlier)))
                 except PromptTooLongError:
                     continue
         for c, job in jobs:
             logits = np.asarray(job.result(), dtype=np.float32)
-            rows.append(logits if ids is None else logits[ids])
+            rows.append((logits if ids is None else logits[..., ids]).reshape(-1))
             kept.append(c)
         if progress is not None:
             progress(min(i + batch, len(cases)), len(cases))
@@ -162,7 +165,9 @@ def fold(w: np.ndarray, b: float, pinv: np.ndarray, mu: np.ndarray, sd: np.ndarr
     """A probe of the standardised state, ``w · (h - mu) / sd + b`` with ``h = pinv · logits[ids]``, as weights
     on the logits and a bias."""
     ws = w / sd
-    return (pinv.T @ ws).astype(np.float32), float(b - mu @ ws)
+    d = pinv.shape[0]  # the state's width; w holds one block of it per row read
+    weights = np.concatenate([pinv.T @ ws[r * d:(r + 1) * d] for r in range(len(ws) // d)])
+    return weights.astype(np.float32), float(b - mu @ ws)
 
 
 def figures(scores: np.ndarray, cases: Sequence[dict], threshold: float = 0.0) -> dict:
@@ -205,14 +210,17 @@ def auto_shift(table: list[dict]) -> float:
     return max(ok, default=0.0)
 
 
-def features_key(bank, model_path, parts: dict, n_ids: int, n_ctx: int) -> str:
+def features_key(bank, model_path, parts: dict, n_ids: int, n_ctx: int, offsets: Sequence[int] = (0,)) -> str:
     """What decoded features depend on: the bank's control tokens, the model file, the cases, the settings."""
     import hashlib
 
     model_path = Path(model_path)
     h = hashlib.sha256()
-    h.update(json.dumps({"vectors": bank.vectors_sha256(), "model": [model_path.name, model_path.stat().st_size],
-                         "n_ids": n_ids, "n_ctx": n_ctx, "cases": parts}, sort_keys=True).encode())
+    what = {"vectors": bank.vectors_sha256(), "model": [model_path.name, model_path.stat().st_size],
+            "n_ids": n_ids, "n_ctx": n_ctx, "cases": parts}
+    if tuple(offsets) != (0,):
+        what["offsets"] = list(offsets)
+    h.update(json.dumps(what, sort_keys=True).encode())
     return h.hexdigest()
 
 
@@ -249,12 +257,14 @@ def fit_readout(bank_path, model=None, *, thirdparty: Callable[[object, str, int
                 sharegpt: int = 500, repo: int = 1500, lam: float = 0.01,
                 over_refusal: float = 0.03, shift: "float | str" = 0.0, n_ids: int = N_IDS, seed: int = 0, threads: int | None = None,
                 parallel: int = 4, n_ctx: int = 4096, progress: Callable[[str, int, int], None] | None = None,
-                features=None):
+                features=None, offsets: Sequence[int] = (0,)):
     """(bank with the fitted readout, report dict); see the module doc. ``thirdparty(bank, split, sharegpt, seed)``
     gives a split's third-party cases as ``edge-safe eval third-party`` builds them (the CLI passes the eval's);
     ``sharegpt`` / ``repo``: ShareGPT first turns and repo rows sampled per part (train; validation gets a
     third as many); ``features``: an ``.npz`` file keeping the decoded logits, reused by a later fit of the
-    same bank, model and cases (another ``lam``, ``over_refusal`` or ``shift`` then decodes nothing)."""
+    same bank, model and cases (another ``lam``, ``over_refusal`` or ``shift`` then decodes nothing);
+    ``offsets``: the prompt rows read (0: the first reply token's; k: the row k tokens before it), their states
+    side by side in one probe."""
     from edge_safe.convert.bank import TokenBank
     from edge_safe.models import resolve_bank_path, resolve_model_path
     from edge_safe.runtime import EdgeSafe
@@ -266,7 +276,10 @@ def fit_readout(bank_path, model=None, *, thirdparty: Callable[[object, str, int
              "val": thirdparty(bank, "val", max(1, sharegpt // 3), seed)
              + repo_cases(bank, "val", max(1, repo // 3), seed)}
     rows = token_rows(model_path)
-    key = features_key(bank, model_path, parts, n_ids, n_ctx)
+    offsets = tuple(offsets)
+    if not offsets or offsets[0] != 0 or list(offsets) != sorted(set(offsets)):
+        raise ValueError(f"offsets must start with 0 and ascend, got {list(offsets)}")
+    key = features_key(bank, model_path, parts, n_ids, n_ctx, offsets)
     cached = load_features(features, key) if features is not None else None
     if cached is not None:  # kept features: nothing to decode, no runtime loaded
         ids, cond, logits, parts = cached
@@ -278,13 +291,15 @@ def fit_readout(bank_path, model=None, *, thirdparty: Callable[[object, str, int
             logits = {}
             for name, cases in parts.items():
                 report = (lambda i, n, name=name: progress(f"readout {name}", i, n)) if progress else None
-                logits[name], parts[name] = read_logits(es, cases, ids, progress=report)
+                logits[name], parts[name] = read_logits(es, cases, ids, progress=report, earlier=offsets[1:])
         finally:
             es.close()
         if features is not None:
             save_features(features, key, ids, cond, logits, parts)
     pinv = np.linalg.pinv(rows[ids].astype(np.float64))
-    h = {k: v.astype(np.float64) @ pinv.T for k, v in logits.items()}
+    k = len(ids)
+    h = {name: np.concatenate([v[:, r * k:(r + 1) * k].astype(np.float64) @ pinv.T for r in range(len(offsets))], 1)
+         for name, v in logits.items()}  # each row's state, offset by offset
     mu, sd = h["train"].mean(0), h["train"].std(0) + 1e-6
     y = labels(parts["train"])
     w, b = logistic((h["train"] - mu) / sd, y, balance(y), lam)
@@ -305,7 +320,8 @@ def fit_readout(bank_path, model=None, *, thirdparty: Callable[[object, str, int
               "sharegpt": sharegpt, "repo": repo,
               "train": figures(logits["train"].astype(np.float64) @ weights + bias, parts["train"]),
               "val": figures(val_scores, parts["val"])}
+    report["offsets"] = list(offsets)
     readout = Readout(ids, weights, bias, {k: report[k] for k in ("ids", "lambda", "over_refusal_target", "shift",
                                                                  "train_cases", "val_cases", "seed")}
-                      | {"val": report["val"]})
+                      | {"val": report["val"]}, offsets)
     return replace(bank, readout=readout), report

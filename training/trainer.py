@@ -208,6 +208,10 @@ def _init_readout_bank(cfg: TrainConfig):
     if bank.readout is None:
         raise EdgeSafeError(f"config: readout_weight needs a decision readout in init_bank {cfg.init_bank}, which has "
                             "none; fit one first (edge-safe train readout BANK -o OUT) or set readout_weight: 0")
+    if bank.readout.earlier:
+        raise EdgeSafeError(f"config: readout_weight trains for a readout of the first reply token alone; init_bank "
+                            f"{cfg.init_bank}'s also reads rows {list(bank.readout.earlier)} tokens before it. Fit one "
+                            "with --offsets 0 (edge-safe train readout BANK -o OUT) or set readout_weight: 0")
     return bank
 
 

@@ -338,7 +338,7 @@ def _inspect_json(b: TokenBank, path: Path) -> dict:
     if b.deep_geometry is not None:
         meta["deep"] = dict(zip(("n_layer", "n_embd_k_gqa", "n_embd_v_gqa"), b.deep_geometry))
     if b.readout is not None:
-        meta["readout"] = {"n_ids": len(b.readout.ids), "fit": b.readout.fit}
+        meta["readout"] = {"n_ids": len(b.readout.ids), "offsets": list(b.readout.offsets), "fit": b.readout.fit}
     meta["path"] = str(path)
     meta["origin_label"] = Origin.LABELS[b.origin]
     return meta
@@ -360,6 +360,8 @@ def format_bank(b: TokenBank, path: Path) -> str:
         *([f"deep copies  " + ", ".join(f"x{c} from position {p}" for p, c in b.deep_copies)
            + " (written more than once past a long context)"] if b.deep_copies else []),
         *([f"readout      decides refusals: a linear probe of {len(b.readout.ids)} first-reply-token logits"
+           + (f" and of the prompt rows {', '.join(map(str, b.readout.earlier))} tokens before it"
+              if b.readout.earlier else "")
            + _readout_fit(b.readout.fit)] if b.readout is not None else []),
         "",
     ]

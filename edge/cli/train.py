@@ -160,10 +160,14 @@ def text_bank(output, model, force):
 @click.option("--features", type=click.Path(dir_okay=False), default=None,
               help="Keep the decoded logits in this .npz file and reuse them: a later fit of the same bank and cases "
                    "with another --lam, --over-refusal or --shift decodes nothing.")
+@click.option("--offsets", default="0", show_default=True,
+              help="Prompt rows the readout reads, back from the first reply token's (0); e.g. 0,3,4 also reads the "
+                   "last two tokens of the user's message, before the template's '\\nAnswer:' (comma-separated, "
+                   "ascending, at most 8).")
 @click.option("--force", is_flag=True, help="Overwrite OUTPUT if it exists.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def readout(bank, output, model, sharegpt, repo, lam, over_refusal, shift, threads, parallel, seed, report, features,
-            force, no_progress):
+            offsets, force, no_progress):
     """Fit BANK's decision readout and write the bank with it to OUTPUT.
 
     The readout is a linear probe of the first reply token's state under the
@@ -193,6 +197,14 @@ def readout(bank, output, model, sharegpt, repo, lam, over_refusal, shift, threa
             raise click.BadParameter(f"{shift!r} is neither a number nor 'auto'", param_hint="--shift") from None
         if not -10 <= shift <= 10:
             raise click.BadParameter(f"{shift} is not within -10..10 log-odds", param_hint="--shift")
+    try:
+        rows = [int(k) for k in offsets.split(",") if k.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{offsets!r} is not a comma-separated list of whole numbers",
+                                 param_hint="--offsets") from None
+    if not rows or rows[0] != 0 or rows != sorted(set(rows)) or rows[-1] > 8:
+        raise click.BadParameter(f"{offsets!r}: the rows start with 0 (the first reply token's) and ascend, "
+                                 "unique, to at most 8", param_hint="--offsets")
     out = Path(output)
     if out.exists() and not force:
         raise EdgeSafeError(f"{out} exists; pass --force to overwrite it")
@@ -209,7 +221,7 @@ def readout(bank, output, model, sharegpt, repo, lam, over_refusal, shift, threa
 
     fitted, figures = fit_readout(bank, model, thirdparty=_thirdparty_cases, sharegpt=sharegpt, repo=repo, lam=lam, over_refusal=over_refusal,
                                   shift=shift, threads=threads, parallel=parallel, seed=seed, progress=progress,
-                                  features=features)
+                                  features=features, offsets=rows)
     path = fitted.save(out, force=force, dtype="F16" if _f16(bank) else "F32")
     if report:
         Path(report).write_text(json.dumps(figures, indent=1) + "\n")
@@ -229,7 +241,8 @@ def readout(bank, output, model, sharegpt, repo, lam, over_refusal, shift, threa
 @click.option("--repo", type=click.IntRange(min=0), default=1500, show_default=True,
               help="Repo train rows sampled (validation: a third as many).")
 @click.option("--offsets", default="1,2,3,4,5", show_default=True,
-              help="Positions before the first reply token whose final state is probed too (comma-separated).")
+              help="Positions before the first reply token whose final state is probed too (comma-separated; the "
+                   "prompt ends with the template's '\\nAnswer:', so 3 is the last token of the user's message).")
 @click.option("--pairs", default="block 9,final @-3,final @-4", show_default=True,
               help="States probed next to the final one, with the AUC they add (comma-separated state names).")
 @click.option("--lam", type=click.FloatRange(min=0), default=0.01, show_default=True, help="L2 regularisation.")
