@@ -33,6 +33,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from edge_safe.convert.bank import copies_at
+from edge_safe.convert.errors import EdgeSafeError
 from edge_safe.convert.readout import Readout
 from edge_safe.refusals import RefusalGuide, Sequences, opener_margin
 from edge_safe.sampling import Sampling
@@ -543,6 +544,10 @@ class FirstLogits:
         self._rows[offset] = logits
 
     def feed(self, logits: np.ndarray, pos: int) -> None:
+        missing = [k for k in self.earlier if k not in self._rows]
+        if missing:
+            raise EdgeSafeError(f"no prompt row {missing[0]} tokens before the first reply token was decoded (the "
+                                "prompt is shorter, or the row sits before control cells written since)")
         self.value = np.array(logits) if not self.earlier else np.stack([logits] + [self._rows[k] for k in self.earlier])
         return None
 

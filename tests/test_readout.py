@@ -423,6 +423,10 @@ def test_the_rows_before_the_first_reply_token_are_the_prompts_last_tokens(runti
     assert _same_rows(again, rows)
     with pytest.raises(Exception, match="offsets >= 1"):
         probe.first_token_logits(VIOLATING, tokens="drugs", earlier=(0,))
+    from edge_safe.convert.errors import EdgeSafeError
+
+    with pytest.raises(EdgeSafeError, match="no prompt row 40 tokens before the first reply token"):
+        probe.first_token_logits("Hi", tokens="drugs", earlier=(40,))  # the prompt is shorter than that
 
 
 def _same_rows(a: np.ndarray, b: np.ndarray) -> bool:
