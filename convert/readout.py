@@ -31,6 +31,16 @@ WHERE = "first-reply-token"  # the position its logits are read at
 MAX_OFFSET = 8  # rows further back than this are not read (the reply header is 5 tokens)
 
 
+def offsets_problem(offsets) -> str | None:
+    """What is wrong with a readout's rows (``offsets``), or None: they start with 0 (the first reply token's) and
+    ascend, unique, to at most :data:`MAX_OFFSET`, as whole numbers."""
+    offsets = list(offsets)
+    if (not offsets or offsets[0] != 0 or any(not isinstance(k, int) or isinstance(k, bool) for k in offsets)
+            or offsets != sorted(set(offsets)) or offsets[-1] > MAX_OFFSET):
+        return f"the rows must start with 0 and ascend, unique, to at most {MAX_OFFSET}; got {offsets}"
+    return None
+
+
 @dataclass(frozen=True)
 class Readout:
     """``score(logits, earlier) = Σ_k weights_k · logits_k[ids] + bias`` (log-odds of refusing), over ``offsets``:
@@ -56,10 +66,8 @@ class Readout:
     def validate(self) -> None:
         """Raises BankFormatError naming what is wrong."""
         ids, w, offsets = self.ids, self.weights, self.offsets
-        if (not offsets or offsets[0] != 0 or any(not isinstance(k, int) or isinstance(k, bool) for k in offsets)
-                or list(offsets) != sorted(set(offsets)) or offsets[-1] > MAX_OFFSET):
-            raise BankFormatError(f"the readout's offsets must start with 0 and ascend, unique, to at most "
-                                  f"{MAX_OFFSET}; it has {list(offsets)}: re-fit it (edge-safe train readout)")
+        if (problem := offsets_problem(offsets)) is not None:
+            raise BankFormatError(f"the readout's offsets are wrong: {problem}: re-fit it (edge-safe train readout)")
         if ids.ndim != 1 or w.ndim != 1 or len(ids) * len(offsets) != len(w) or not len(ids):
             raise BankFormatError(f"the readout needs as many weights as token ids (1 or more) for each of its "
                                   f"{len(offsets)} row(s); it has {ids.size} ids and {w.size} weights: re-fit it "

@@ -262,7 +262,23 @@ class _View:
     opener: int | None = None  # the refusal opener that view chose (None: it answers)
 
 
-class Reply:
+class _EarlierRows:
+    """A policy that reads prompt rows before the first reply token (``earlier``: offsets back from the prompt's last
+    row, as a readout's): the engine decodes their logits with the prompt (and each view) and hands each over with
+    :meth:`take_earlier` before the first reply token's logits are fed."""
+
+    earlier: tuple[int, ...] = ()
+
+    def _read_rows(self, earlier: Sequence[int]) -> None:
+        self.earlier = tuple(earlier)
+        self._rows: dict[int, np.ndarray] = {}
+
+    def take_earlier(self, offset: int, logits: np.ndarray) -> None:
+        """The logits of the row ``offset`` tokens before the prompt's last one (of the view decoded now)."""
+        self._rows[offset] = logits
+
+
+class Reply(_EarlierRows):
     """One generation: sampling, repeat penalty, ``strictness``, stop strings and exact refusals.
 
     The refuse/answer decision does not depend on sampling: until the reply's first visible token the
@@ -299,15 +315,9 @@ class Reply:
         # with a readout: its verdict on the request (True: refuse), read at the first reply token, for the rest of
         # the deciding (an answer's blank tokens and first visible token are chosen with the openers masked)
         self.readout = req.readout if len(self.decision) else None
-        # rows before the first reply token the readout reads (the engine hands them to take_earlier first)
-        self.earlier: tuple[int, ...] = self.readout.earlier if self.readout is not None else ()
-        self._rows: dict[int, np.ndarray] = {}
+        self._read_rows(self.readout.earlier if self.readout is not None else ())
         self.verdict: bool | None = None
         self.score: float | None = None  # the readout's score behind that verdict (the conversation's own view)
-
-    def take_earlier(self, offset: int, logits: np.ndarray) -> None:
-        """The logits of the row ``offset`` tokens before the prompt's last one (of the view decoded now)."""
-        self._rows[offset] = logits
 
     def emit(self, piece: str) -> None:
         if piece and not self.halted:
@@ -476,7 +486,7 @@ class Reply:
         return None
 
 
-class Margin:
+class Margin(_EarlierRows):
     """How far a request is from being refused, in logits: the best refusal-opener logit minus the best
     other logit at the first reply token, maximised over the blank tokens greedy decoding puts first
     (at most ``max_blank``), because ``strictness`` stays on until the first visible token; after earlier
@@ -492,12 +502,7 @@ class Margin:
         self.reread = reread  # after earlier turns: the last user message alone, read next (the larger margin counts)
         self.readout = readout  # where set, the margin is its score at the first reply token (of each view)
         self.first: float | None = None  # with a readout: the conversation's own view's score
-        self.earlier: tuple[int, ...] = readout.earlier if readout is not None else ()
-        self._rows: dict[int, np.ndarray] = {}
-
-    def take_earlier(self, offset: int, logits: np.ndarray) -> None:
-        """The logits of the row ``offset`` tokens before the prompt's last one (of the view decoded now)."""
-        self._rows[offset] = logits
+        self._read_rows(readout.earlier if readout is not None else ())
 
     def feed(self, logits: np.ndarray, pos: int) -> "int | View | None":
         if self.readout is not None:  # read at the first reply token: this view is read
@@ -530,18 +535,14 @@ class Margin:
         return None
 
 
-class FirstLogits:
+class FirstLogits(_EarlierRows):
     """The first reply token's logits (a copy; with ``earlier``, rows (1 + len(earlier), n_vocab): the first
     reply token's, then those of the rows ``earlier`` tokens before the prompt's last one)."""
 
     value: np.ndarray | None = None
 
     def __init__(self, earlier: Sequence[int] = ()):
-        self.earlier = tuple(earlier)
-        self._rows: dict[int, np.ndarray] = {}
-
-    def take_earlier(self, offset: int, logits: np.ndarray) -> None:
-        self._rows[offset] = logits
+        self._read_rows(earlier)
 
     def feed(self, logits: np.ndarray, pos: int) -> None:
         missing = [k for k in self.earlier if k not in self._rows]

@@ -85,10 +85,9 @@ def collect_states(base, bank, cases: Sequence[dict], offsets: Sequence[int] = (
 
 
 def _fit_scores(train: np.ndarray, y: np.ndarray, val: np.ndarray, lam: float) -> np.ndarray:
-    from edge_safe.training.readout import balance, logistic
+    from edge_safe.training.readout import standardised_logistic
 
-    mu, sd = train.mean(0), train.std(0) + 1e-6
-    w, b = logistic((train - mu) / sd, y, balance(y), lam)
+    w, b, mu, sd = standardised_logistic(train, y, lam)
     return ((val - mu) / sd) @ w + b
 
 

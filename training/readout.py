@@ -33,7 +33,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from edge_safe.convert.readout import Readout
+from edge_safe.convert.readout import Readout, offsets_problem
 from edge_safe.margins import auc
 
 N_IDS = 1024
@@ -148,6 +148,14 @@ def logistic(x: np.ndarray, y: np.ndarray, weight: np.ndarray, lam: float, iters
         if np.max(np.abs(step)) < 1e-8:
             break
     return theta[:-1], float(theta[-1])
+
+
+def standardised_logistic(x: np.ndarray, y: np.ndarray, lam: float) -> tuple[np.ndarray, float, np.ndarray, np.ndarray]:
+    """The readout's probe: :func:`logistic` on ``x`` standardised by its own mean and spread, each label weighted
+    to half; (w, b, mu, sd) such that the score of ``h`` is ``w · (h - mu) / sd + b``."""
+    mu, sd = x.mean(0), x.std(0) + 1e-6
+    w, b = logistic((x - mu) / sd, y, balance(y), lam)
+    return w, b, mu, sd
 
 
 def labels(cases: Sequence[dict]) -> np.ndarray:
@@ -277,8 +285,8 @@ def fit_readout(bank_path, model=None, *, thirdparty: Callable[[object, str, int
              + repo_cases(bank, "val", max(1, repo // 3), seed)}
     rows = token_rows(model_path)
     offsets = tuple(offsets)
-    if not offsets or offsets[0] != 0 or list(offsets) != sorted(set(offsets)):
-        raise ValueError(f"offsets must start with 0 and ascend, got {list(offsets)}")
+    if (problem := offsets_problem(offsets)) is not None:
+        raise ValueError(f"offsets: {problem}")
     key = features_key(bank, model_path, parts, n_ids, n_ctx, offsets)
     cached = load_features(features, key) if features is not None else None
     if cached is not None:  # kept features: nothing to decode, no runtime loaded
@@ -300,9 +308,7 @@ def fit_readout(bank_path, model=None, *, thirdparty: Callable[[object, str, int
     k = len(ids)
     h = {name: np.concatenate([v[:, r * k:(r + 1) * k].astype(np.float64) @ pinv.T for r in range(len(offsets))], 1)
          for name, v in logits.items()}  # each row's state, offset by offset
-    mu, sd = h["train"].mean(0), h["train"].std(0) + 1e-6
-    y = labels(parts["train"])
-    w, b = logistic((h["train"] - mu) / sd, y, balance(y), lam)
+    w, b, mu, sd = standardised_logistic(h["train"], labels(parts["train"]), lam)
     weights, bias = fold(w, b, pinv, mu, sd)
     val_scores = logits["val"].astype(np.float64) @ weights + bias
     harmless = val_scores[labels(parts["val"]) == 0]

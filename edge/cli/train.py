@@ -197,14 +197,11 @@ def readout(bank, output, model, sharegpt, repo, lam, over_refusal, shift, threa
             raise click.BadParameter(f"{shift!r} is neither a number nor 'auto'", param_hint="--shift") from None
         if not -10 <= shift <= 10:
             raise click.BadParameter(f"{shift} is not within -10..10 log-odds", param_hint="--shift")
-    try:
-        rows = [int(k) for k in offsets.split(",") if k.strip()]
-    except ValueError:
-        raise click.BadParameter(f"{offsets!r} is not a comma-separated list of whole numbers",
-                                 param_hint="--offsets") from None
-    if not rows or rows[0] != 0 or rows != sorted(set(rows)) or rows[-1] > 8:
-        raise click.BadParameter(f"{offsets!r}: the rows start with 0 (the first reply token's) and ascend, "
-                                 "unique, to at most 8", param_hint="--offsets")
+    from edge_safe.convert.readout import offsets_problem
+
+    rows = _whole_numbers(offsets, "--offsets")
+    if (problem := offsets_problem(rows)) is not None:
+        raise click.BadParameter(f"{offsets!r}: {problem} (0 is the first reply token's row)", param_hint="--offsets")
     out = Path(output)
     if out.exists() and not force:
         raise EdgeSafeError(f"{out} exists; pass --force to overwrite it")
@@ -282,11 +279,7 @@ def probe_states(bank, out_dir, model, sharegpt, repo, offsets, pairs, lam, max_
     from edge_safe.training.objective import trainable_bank
     from edge_safe.training.readout import labels, repo_cases
 
-    try:
-        ks = sorted({int(k) for k in offsets.split(",") if k.strip()})
-    except ValueError:
-        raise click.BadParameter(f"{offsets!r} is not a comma-separated list of whole numbers",
-                                 param_hint="--offsets") from None
+    ks = sorted(set(_whole_numbers(offsets, "--offsets")))
     if any(k < 1 or k > 16 for k in ks):
         raise click.BadParameter("offsets go from 1 to 16 positions before the first reply token",
                                  param_hint="--offsets")
@@ -297,10 +290,10 @@ def probe_states(bank, out_dir, model, sharegpt, repo, offsets, pairs, lam, max_
     tb = TokenBank.load(resolve_bank_path(bank))
     from edge_safe.convert.model import ModelInfo
 
-    tb.check_model(ModelInfo.read(model_path))  # before the slow transformers load
+    info = ModelInfo.read(model_path)
+    tb.check_model(info)  # before the slow transformers load
     wanted = [p.strip() for p in pairs.split(",") if p.strip()]
-    n_layer = ModelInfo.read(model_path).n_layer
-    known = ps.state_names(n_layer, ks)
+    known = ps.state_names(info.n_layer, ks)
     unknown = [p for p in wanted if p not in known or p == "final"]
     if unknown:
         raise click.BadParameter(f"unknown state(s) {', '.join(map(repr, unknown))}; choose from "
@@ -335,6 +328,14 @@ def probe_states(bank, out_dir, model, sharegpt, repo, offsets, pairs, lam, max_
         "float transformers states (training/probe_states.py).\n\n" + table)
     click.echo(table)
     click.echo(f"wrote {out / 'probe_states.json'} and {out / 'PROBE_STATES.md'}", err=True)
+
+
+def _whole_numbers(value: str, option: str) -> list[int]:
+    """A comma-separated option value as whole numbers, in its order (a usage error naming ``option`` if not)."""
+    try:
+        return [int(k) for k in value.split(",") if k.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a comma-separated list of whole numbers", param_hint=option) from None
 
 
 def _thirdparty_cases(bank, split: str, sharegpt: int, seed: int) -> list[dict]:
