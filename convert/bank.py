@@ -139,6 +139,10 @@ class TokenBank:
                                       f"{', '.join(Behaviour.ALL)}); fix mode_behaviours")
         for what in ("training_config", "eval_summary"):
             _check_json_object(what, getattr(self, what))
+        if self.readout is not None and (odd := [c for c in self.readout.calibration if c not in self.constraints]):
+            raise BankFormatError(f"the readout's calibration names {', '.join(map(repr, odd))}, not a constraint of "
+                                  f"the bank (constraints: {', '.join(self.constraints)}); re-calibrate it "
+                                  "(edge-safe train calibrate)")
 
     def vectors_sha256(self) -> str:
         """A hash of what the runtime injects (names, kinds, refusals, float32 vectors and deep keys/values),
@@ -314,7 +318,8 @@ class TokenBank:
         tokens = {(new if n == old else n): (replace(t, name=new) if n == old else t) for n, t in self.tokens.items()}
         profiles = {p: [new if m == old else m for m in ms] for p, ms in self.profiles.items()}
         behaviours = explicit_behaviours({(new if m == old else m): self.behaviour(m) for m in self.modes})
-        return self._edited(tokens=tokens, profiles=profiles, mode_behaviours=behaviours)
+        return self._edited(tokens=tokens, profiles=profiles, mode_behaviours=behaviours,
+                            readout=self._calibrated_as(lambda c: new if c == old else c))
 
     def remove_token(self, name: str, *, drop_from_profiles: bool = False) -> "TokenBank":
         self._require(name, self.tokens, "token")
@@ -332,7 +337,15 @@ class TokenBank:
             del profiles[p]
         tokens = {n: t for n, t in self.tokens.items() if n != name}
         behaviours = {m: b for m, b in self.mode_behaviours.items() if m != name}
-        return self._edited(tokens=tokens, profiles=profiles, mode_behaviours=behaviours)
+        return self._edited(tokens=tokens, profiles=profiles, mode_behaviours=behaviours,
+                            readout=self._calibrated_as(lambda c: None if c == name else c))
+
+    def _calibrated_as(self, rename) -> "Readout | None":
+        """The readout with its calibration's constraints renamed by ``rename`` (None: dropped)."""
+        if self.readout is None or not self.readout.calibration:
+            return self.readout
+        table = {rename(c): s for c, s in self.readout.calibration.items()}
+        return replace(self.readout, calibration={c: s for c, s in table.items() if c is not None})
 
     def rename_profile(self, old: str, new: str) -> "TokenBank":
         self._require(old, self.profiles, "profile")

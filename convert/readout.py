@@ -14,21 +14,28 @@ left, fit on requests written by other people (``training/readout.py``). Where a
 decides by it instead of the refusal-opener margin: the reply refuses iff ``score + strictness > 0`` at its
 first token (for each view the reply reads); the refusal itself is still the model's own opener finished
 as the constraint's exact refusal. numpy only (the runtime never imports torch).
+
+A version 3 readout is also calibrated per constraint (``calibration``: log-odds added to the bias where that
+constraint is active, chosen so that each constraint alone refuses about as much ordinary traffic as the
+default allows; ``edge-safe train calibrate``). A composition takes the smallest offset of its constraints
+(adding constraints makes ordinary requests look no safer, so a composition has no more room than its
+tightest member); a constraint the table does not name takes 0.
 """
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Mapping
 
 import numpy as np
 
 from .errors import BankFormatError, EdgeSafeError
 
-VERSION = 2  # 1: the first reply token's logits alone; 2: also rows before it (``offsets``)
+VERSION = 3  # 1: the first reply token's logits alone; 2: also rows before it (``offsets``); 3: ``calibration``
 WHERE = "first-reply-token"  # the position its logits are read at
 MAX_OFFSET = 8  # rows further back than this are not read (the reply header is 5 tokens)
+MAX_CALIBRATION = 5.0  # a constraint's offset is within 0..this many log-odds (stricter only, never laxer)
 
 
 def offsets_problem(offsets) -> str | None:
@@ -51,12 +58,27 @@ class Readout:
     bias: float
     fit: dict = field(default_factory=dict)  # how it was made: data, regularisation, validation figures
     offsets: tuple = (0,)  # rows read, back from the prompt's last one: 0 first, then ascending
+    calibration: Mapping[str, float] = field(default_factory=dict)  # constraint -> log-odds added where active
 
     def __post_init__(self):
         object.__setattr__(self, "ids", np.asarray(self.ids, dtype=np.int64))
         object.__setattr__(self, "weights", np.asarray(self.weights, dtype=np.float32))
         object.__setattr__(self, "offsets", tuple(self.offsets))
+        object.__setattr__(self, "calibration", dict(self.calibration))
         self.validate()
+
+    def offset(self, constraints) -> float:
+        """The calibration's offset for a composition: the smallest of its constraints' (0 where one is not in
+        the table, or without constraints)."""
+        names = list(constraints)
+        if not self.calibration or not names:
+            return 0.0
+        return min(float(self.calibration.get(c, 0.0)) for c in names)
+
+    def composed(self, constraints) -> "Readout":
+        """The readout a request under ``constraints`` decides by: the calibration's offset folded into the bias."""
+        off = self.offset(constraints)
+        return self if off == 0.0 else replace(self, bias=self.bias + off, calibration={})
 
     @property
     def earlier(self) -> tuple[int, ...]:
@@ -76,6 +98,12 @@ class Readout:
             raise BankFormatError("the readout's token ids must be ascending, unique and >= 0: re-fit it")
         if not np.all(np.isfinite(w)) or not math.isfinite(self.bias):
             raise BankFormatError("the readout holds non-finite weights: re-fit it")
+        for name, off in self.calibration.items():
+            if (not isinstance(name, str) or isinstance(off, bool) or not isinstance(off, (int, float))
+                    or not 0.0 <= off <= MAX_CALIBRATION):
+                raise BankFormatError(f"the readout's calibration must map constraint names to offsets within "
+                                      f"0..{MAX_CALIBRATION:g} log-odds; got {name!r}: {off!r}: re-calibrate it "
+                                      "(edge-safe train calibrate)")
 
     def score(self, logits: np.ndarray, earlier: "Mapping[int, np.ndarray] | None" = None) -> float:
         """Log-odds of refusing, from the first reply token's logits (n_vocab,) and, for each of
@@ -91,10 +119,12 @@ class Readout:
         return total + self.bias
 
     def to_json(self) -> str:
-        obj = {"version": 1 if self.offsets == (0,) else VERSION, "where": WHERE, "bias": float(self.bias),
-               "ids": [int(i) for i in self.ids]}
+        version = 3 if self.calibration else 1 if self.offsets == (0,) else 2
+        obj = {"version": version, "where": WHERE, "bias": float(self.bias), "ids": [int(i) for i in self.ids]}
         if self.offsets != (0,):
             obj["offsets"] = list(self.offsets)
+        if self.calibration:
+            obj["calibration"] = {k: float(v) for k, v in self.calibration.items()}
         obj |= {"weights": [float(f"{x:.7g}") for x in self.weights.tolist()], "fit": self.fit}
         return json.dumps(obj, separators=(",", ":"))
 
@@ -113,8 +143,11 @@ class Readout:
         if obj.get("where") != WHERE:
             raise BankFormatError(f"{what} is read at {obj.get('where')!r}; this edge-safe reads it at {WHERE!r}")
         try:
-            offsets = (0,) if version == 1 else tuple(obj["offsets"])
+            offsets = (0,) if version == 1 else tuple(obj["offsets"]) if version == 2 else tuple(obj.get("offsets", [0]))
+            calibration = obj["calibration"] if version >= 3 else {}
+            if version >= 3 and (not isinstance(calibration, dict) or not calibration):
+                raise TypeError("'calibration' must be a JSON object naming at least one constraint")
             return cls(np.asarray(obj["ids"], dtype=np.int64), np.asarray(obj["weights"], dtype=np.float32),
-                       float(obj["bias"]), dict(obj.get("fit") or {}), offsets)
+                       float(obj["bias"]), dict(obj.get("fit") or {}), offsets, calibration)
         except (KeyError, TypeError, ValueError) as e:
             raise BankFormatError(f"{what} lacks or mistypes a field ({e}); re-fit the readout") from None

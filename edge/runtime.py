@@ -384,6 +384,8 @@ class EdgeSafe:
         behaviour = self.bank.behaviour(mode)
         constrained = bool(constraints) and behaviour == Behaviour.CONSTRAINED
         readout = self.bank.readout if self.use_readout and constrained else None
+        if readout is not None:  # with the calibration's offset for this composition folded into its bias
+            readout = readout.composed(constraints)
         openers = self.refusals.openers(constraints) if (strictness or readout is not None) and constrained else []
         guided = [] if not self.exact_refusals else (
             [mode] if behaviour == Behaviour.REFUSE_ALL else constraints if constrained else [])

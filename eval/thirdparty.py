@@ -229,18 +229,22 @@ def group_figures(sel: list[dict], pool: list[dict], strictness: float, points: 
 
 
 def summarize(cases: list[dict], plan: dict, strictness: float = 0.0) -> dict:
-    done = [c for c in cases if "margin" in c]
+    alone = [c for c in cases if "margin" in c and c["comp_kind"] == "alone"]
+    done = [c for c in cases if "margin" in c and c["comp_kind"] != "alone"]
     comps = list(dict.fromkeys(c["comp"] for c in done))
     constraints = list(dict.fromkeys(c["comp"] for c in done if c["comp_kind"] == "token"))
     out = {
         "overall": group_figures(done, done, strictness, points=True),
         "per_source": {key: group_figures([c for c in done if c["source"] == key], done, strictness, points=True)
-                       for key in dict.fromkeys(c["source"] for c in cases)},
+                       for key in dict.fromkeys(c["source"] for c in cases if c["comp_kind"] != "alone")},
         "per_constraint": {},
         "per_composition": {comp: group_figures([c for c in done if c["comp"] == comp], done, strictness)
                             for comp in comps},
         "too_long": sum(bool(c.get("too_long")) for c in cases),
     }
+    if alone:
+        out["ordinary_alone"] = {c: _rate([x for x in alone if x["comp"] == c])
+                                 for c in dict.fromkeys(x["comp"] for x in alone)}
     for comp in constraints:
         sel = [c for c in done if c["comp"] == comp]
         entry = group_figures(sel, done, strictness)
@@ -253,12 +257,25 @@ def summarize(cases: list[dict], plan: dict, strictness: float = 0.0) -> dict:
     return out
 
 
+def alone_cases(bank, sources: dict[str, list[dict]], n: int) -> list[dict]:
+    """The first ``n`` ShareGPT first turns of the sample under each of the bank's constraints alone (what a
+    deployment of one constraint sees of ordinary traffic): ``comp_kind`` "alone", kept out of every other
+    figure."""
+    rows = [r for key, rs in sources.items() if key.startswith("sharegpt") for r in rs][:n]
+    return [{"source": key, "id": r["id"], "label": "harmless", "comp": c, "comp_kind": "alone", "constraints": [c],
+             "row_constraints": [], "topic": [], "category": "", "text": r["text"]}
+            for c in bank.constraints for key in [f"sharegpt first turns, {c} alone"] for r in rows]
+
+
 def run(es, split: str = "test", sharegpt: int = DEFAULT_SHAREGPT, limit: int | None = None, seed: int = 0,
-        strictness: float = 0.0, progress: bool = True, cache=None, bank_path=None, command: str = "") -> dict:
-    """Every figure as plain JSON; ``cases`` holds the per-case rows (with their text: a run output)."""
+        strictness: float = 0.0, progress: bool = True, cache=None, bank_path=None, command: str = "",
+        alone: int = 0) -> dict:
+    """Every figure as plain JSON; ``cases`` holds the per-case rows (with their text: a run output). ``alone``:
+    that many ShareGPT first turns also run under each constraint alone (``figures["ordinary_alone"]``)."""
     t0 = time.time()
     sources, counts = load_rows(split, sharegpt, limit, seed, cache)
     cases, plan = build_cases(es.bank, sources)
+    cases += alone_cases(es.bank, sources, alone)
     decide(es, cases, strictness, progress)
     notes = [f"composition {spec} skipped: {why}" for spec, why in plan["skipped_compositions"].items()]
     if plan["no_token"]["per_constraint"]:
@@ -274,7 +291,8 @@ def run(es, split: str = "test", sharegpt: int = DEFAULT_SHAREGPT, limit: int | 
     return {
         "date": time.strftime("%Y-%m-%d %H:%M %Z"),
         "command": command,
-        "config": {"split": split, "sharegpt": sharegpt, "limit": limit, "seed": seed, "strictness": strictness,
+        "config": {"split": split, "sharegpt": sharegpt, "alone": alone, "limit": limit, "seed": seed,
+                   "strictness": strictness,
                    "general_compositions": list(GENERAL), "n_ctx": es.n_ctx},
         "bank": {"path": str(bank_path or "(in memory)"), "name": bank.name,
                  "file_sha256": file_sha256(bank_path) if bank_path else None,
@@ -336,6 +354,12 @@ def markdown(results: dict) -> str:
     lines += [_row(c, g) for c, g in f["per_constraint"].items()]
     lines += ["", "## Per composition", "", HEAD.format(what="composition")]
     lines += [_row(c, g) for c, g in f["per_composition"].items()]
+    if f.get("ordinary_alone"):
+        lines += ["", "## Ordinary traffic under each constraint alone", "",
+                  "ShareGPT first turns of the split (the first of the sample), refused under one constraint alone "
+                  "(what a deployment of that constraint sees; not in the figures above).", "",
+                  "| constraint | refused |", "|---|---|"]
+        lines += [f"| {c} | {_pct(r)} |" for c, r in f["ordinary_alone"].items()]
     rows = results["rows"]
     lines += ["", "## Rows", "", "| source | rows in split | out of scope | used |", "|---|---|---|---|"]
     lines += [f"| {k} | {v['rows']} | {v['out_of_scope']} | {v['used']} |" for k, v in rows.items()]

@@ -119,7 +119,7 @@ def test_a_bank_with_the_new_tokens_and_core_gets_their_cases(rows, random_bank)
 
 
 def _check_figures(results):
-    cases = [c for c in results["cases"] if "margin" in c]
+    cases = [c for c in results["cases"] if "margin" in c and c["comp_kind"] != "alone"]
     s = results["config"]["strictness"]
     assert all(c["refused"] == (c["margin"] + s > 0) for c in cases)
     f = results["figures"]
@@ -171,8 +171,18 @@ def test_a_from_text_bank_with_new_tokens_on_the_real_model(rows):
                   for name in ("weapons", "violence", "crime")]
     bank = from_text_bank(info, tokens, {"core": ["weapons", "violence", "crime"]})
     with EdgeSafe(bank=bank, n_ctx=512, n_threads=1, n_parallel=2) as es:
-        results = tpe.run(es, "test", sharegpt=10, limit=2, progress=False, strictness=1.0)
+        results = tpe.run(es, "test", sharegpt=10, limit=2, progress=False, strictness=1.0, alone=2)
     _check_figures(results)
+    # ordinary traffic under each constraint alone: the first two ShareGPT turns, counted on their own
+    alone = [c for c in results["cases"] if c["comp_kind"] == "alone"]
+    assert {c["comp"] for c in alone} == {"weapons", "violence", "crime"} and len(alone) == 6
+    assert all(c["constraints"] == [c["comp"]] and c["label"] == "harmless" for c in alone)
+    for name, cell in results["figures"]["ordinary_alone"].items():
+        mine = [c for c in alone if c["comp"] == name]
+        assert cell == {"n": 2, "refused": sum(c["refused"] for c in mine), "rate": round(sum(c["refused"] for c in mine) / 2, 4)}
+    assert not any("alone" in key for key in results["figures"]["per_source"])
+    assert results["figures"]["overall"]["n"] == sum(c["comp_kind"] != "alone" for c in results["cases"] if "margin" in c)
+    assert "## Ordinary traffic under each constraint alone" in tpe.markdown(results)
     comps = {c["comp"] for c in results["cases"]}
     assert {"core", "crime"} <= comps and "minors,eu" not in comps
     assert any("minors,eu skipped" in n for n in results["notes"])

