@@ -87,7 +87,8 @@ def test_every_group_lists_its_commands():
         return [line.split()[0] for line in out.split("Commands:\n")[1].splitlines() if line.strip()]
 
     assert commands() == ["bench", "chat", "convert", "data", "eval", "serve", "tokens", "train"]
-    assert commands("train") == ["deep-bank", "probe-states", "readout", "refusal-wording", "text-bank", "validate"]
+    assert commands("train") == ["calibrate", "deep-bank", "probe-states", "readout", "refusal-wording", "text-bank",
+                                 "validate"]
     assert commands("data") == ["fetch", "generate"]
     assert commands("eval") == ["compare", "compositions", "long-context", "third-party"]
     assert commands("bench") == ["concurrency", "long-context", "repack"]

@@ -614,8 +614,9 @@ def test_the_cli_calibrates_each_constraint_and_the_runtime_decides_by_it(calibr
     raised = [c for c, s in figures["offsets"].items() if s > 0]
     assert raised, "the written rows are ordinary requests: some constraint has room"
     c = raised[0]
+    uncalibrated = replace(source, readout=replace(source.readout, calibration={}))  # whatever the source carried
     with EdgeSafe(bank=out, n_ctx=1024, n_threads=2) as cal, \
-            EdgeSafe(bank=shipped_path, n_ctx=1024, n_threads=2) as plain:
+            EdgeSafe(bank=uncalibrated, n_ctx=1024, n_threads=2) as plain:
         for es in (cal, plain):
             Probe(es).first_token_logits(VIOLATING, tokens=c)
         got, want = (Probe(es).refusal_margin(VIOLATING, tokens=c) for es in (cal, plain))

@@ -228,7 +228,7 @@ def readout(bank, output, model, sharegpt, repo, lam, over_refusal, shift, threa
                f"({figures['val_cases']} cases; bias shift {figures['shift']:+g})")
 
 
-@train.command("calibrate", short_help="Calibrate a bank's readout per constraint on ordinary traffic (no torch).")
+@train.command("calibrate", short_help="Give a readout an operating point per constraint (no torch).")
 @click.argument("bank", type=BANK)
 @click.option("-o", "--output", type=click.Path(dir_okay=False), required=True, help="Bank to write (.gguf).")
 @click.option("--model", type=MODEL, default=None, help="Base model GGUF (default: the bundled Gemma 3 270M).")
