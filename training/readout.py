@@ -367,7 +367,7 @@ def choose_offsets(margins: Sequence[float], cases: Sequence[dict], steps: Seque
         rows = {}
         for kind in ("ordinary", "twin"):
             sel = np.asarray([case["constraint"] == c and case["kind"] == kind for case in cases])
-            rows[kind] = m[sel] if len(sel) else np.zeros(0)
+            rows[kind] = m[sel]
         if not len(rows["ordinary"]):
             continue
         per_step = []
@@ -384,21 +384,19 @@ def choose_offsets(margins: Sequence[float], cases: Sequence[dict], steps: Seque
     return offsets, table
 
 
-def calibrate_readout(bank_path, model=None, *, cases: Sequence[dict], steps: Sequence[float] = CALIBRATION_STEPS,
+def calibrate_readout(bank, model=None, *, cases: Sequence[dict], steps: Sequence[float] = CALIBRATION_STEPS,
                       ordinary_max: float = ORDINARY_MAX, twins_max: float = TWINS_MAX, threads: int | None = None,
                       parallel: int = 4, n_ctx: int = 4096, about: dict | None = None,
                       progress: Callable[[int, int], None] | None = None):
-    """(bank whose readout carries a calibration per constraint, report); ``cases`` from
+    """(``bank``, a TokenBank, whose readout carries a calibration per constraint, report); ``cases`` from
     :func:`calibration_cases`, decided through the runtime by the bank's readout without any calibration it
     had. Offsets of 0 are left out of the table; ``about`` (the data's split, sample, seed) goes into the
     report and the readout's ``fit``."""
-    from edge_safe.convert.bank import TokenBank
     from edge_safe.convert.errors import EdgeSafeError, PromptTooLongError
-    from edge_safe.models import resolve_bank_path, resolve_model_path
+    from edge_safe.models import resolve_model_path
     from edge_safe.probe import Probe
     from edge_safe.runtime import EdgeSafe
 
-    bank = TokenBank.load(resolve_bank_path(bank_path))
     if bank.readout is None:
         raise EdgeSafeError("the bank has no decision readout to calibrate; fit one first (edge-safe train readout)")
     plain = replace(bank, readout=replace(bank.readout, calibration={}))

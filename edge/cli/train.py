@@ -62,9 +62,7 @@ def train(ctx, config_path, output, model, out_dir, resume, steps, seed, device,
         return
     if output is None:
         raise click.UsageError("Missing option '-o' / '--output' (the bank file to write).", ctx)
-    output = Path(output)
-    if output.exists() and not force:
-        raise EdgeSafeError(f"{output} already exists; pass --force to overwrite it")
+    output = _writable(output, force)
     need_torch()
     from edge_safe.models import resolve_model_path
     from edge_safe.training.base_model import load_gguf_model
@@ -202,9 +200,7 @@ def readout(bank, output, model, sharegpt, repo, lam, over_refusal, shift, threa
     rows = _whole_numbers(offsets, "--offsets")
     if (problem := offsets_problem(rows)) is not None:
         raise click.BadParameter(f"{offsets!r}: {problem} (0 is the first reply token's row)", param_hint="--offsets")
-    out = Path(output)
-    if out.exists() and not force:
-        raise EdgeSafeError(f"{out} exists; pass --force to overwrite it")
+    out = _writable(output, force)
     check_data()
     bars: dict = {}
 
@@ -277,9 +273,7 @@ def calibrate(bank, output, model, split, sharegpt, ordinary_max, twins_max, max
     from edge_safe.models import resolve_bank_path
     from edge_safe.training.readout import calibrate_readout, calibration_cases
 
-    out = Path(output)
-    if out.exists() and not force:
-        raise EdgeSafeError(f"{out} exists; pass --force to overwrite it")
+    out = _writable(output, force)
     tb = TokenBank.load(resolve_bank_path(bank))
     if tb.readout is None:
         raise EdgeSafeError(f"{bank}: the bank has no decision readout to calibrate; fit one first "
@@ -293,7 +287,7 @@ def calibrate(bank, output, model, split, sharegpt, ordinary_max, twins_max, max
     steps = tuple(float(s) for s in np.arange(0, max_offset + 1e-9, 0.5))
     with tqdm(total=len(cases), desc="calibrate", unit="case", file=sys.stderr, disable=no_progress) as bar:
         fitted, figures = calibrate_readout(
-            bank, model, cases=cases, steps=steps, ordinary_max=ordinary_max, twins_max=twins_max, threads=threads,
+            tb, model, cases=cases, steps=steps, ordinary_max=ordinary_max, twins_max=twins_max, threads=threads,
             parallel=parallel, about={"split": split, "sharegpt": len(ordinary), "seed": seed},
             progress=lambda i, n: bar.update(i - bar.n))
     path = fitted.save(out, force=force, dtype="F16" if _f16(bank) else "F32")
@@ -422,6 +416,14 @@ def _thirdparty_cases(bank, split: str, sharegpt: int, seed: int) -> list[dict]:
 
     rows, _ = tpe.load_rows(split, sharegpt=sharegpt, seed=seed)
     return tpe.build_cases(bank, {k: v for k, v in rows.items() if "unseen" not in k})[0]
+
+
+def _writable(output, force: bool) -> Path:
+    """OUTPUT as a path, checked before any work: an existing file is kept unless --force."""
+    out = Path(output)
+    if out.exists() and not force:
+        raise EdgeSafeError(f"{out} already exists; pass --force to overwrite it")
+    return out
 
 
 def _f16(bank) -> bool:
