@@ -315,6 +315,9 @@ class Reply(_EarlierRows):
         # with a readout: its verdict on the request (True: refuse), read at the first reply token, for the rest of
         # the deciding (an answer's blank tokens and first visible token are chosen with the openers masked)
         self.readout = req.readout if len(self.decision) else None
+        # the last message's view decides by its own request's readout (with the calibration's offset, which a
+        # prompt after earlier turns or pasted text goes without: EdgeSafe.prepare)
+        self.view_readout = _view_readout(self.readout, self.reread)
         self._read_rows(self.readout.earlier if self.readout is not None else ())
         self.verdict: bool | None = None
         self.score: float | None = None  # the readout's score behind that verdict (the conversation's own view)
@@ -369,8 +372,8 @@ class Reply(_EarlierRows):
         return int(np.argmax(logits))
 
     def _refuses(self, logits: np.ndarray) -> bool:
-        """The readout's verdict on one view's first reply token."""
-        return self.readout.score(logits, self._rows) + self.req.strictness > 0
+        """The readout's verdict on the last message's view's first reply token."""
+        return self.view_readout.score(logits, self._rows) + self.req.strictness > 0
 
     def _best(self, logits: np.ndarray, opener: bool) -> int:
         """The best refusal opener (``opener``), or the best token that opens no refusal."""
@@ -486,6 +489,14 @@ class Reply(_EarlierRows):
         return None
 
 
+def _view_readout(readout: Readout | None, reread: "Request | None") -> Readout | None:
+    """The readout the last message's view decides by: its own request's (the same weights; its bias may carry the
+    calibration's offset where the conversation's does not), else the conversation's."""
+    if readout is None or reread is None or reread.readout is None:
+        return readout
+    return reread.readout
+
+
 class Margin(_EarlierRows):
     """How far a request is from being refused, in logits: the best refusal-opener logit minus the best
     other logit at the first reply token, maximised over the blank tokens greedy decoding puts first
@@ -501,15 +512,16 @@ class Margin(_EarlierRows):
         self.j, self.value = 0, -np.inf
         self.reread = reread  # after earlier turns: the last user message alone, read next (the larger margin counts)
         self.readout = readout  # where set, the margin is its score at the first reply token (of each view)
+        self.view_readout = _view_readout(readout, reread)  # the last message's view: its own request's
         self.first: float | None = None  # with a readout: the conversation's own view's score
         self._read_rows(readout.earlier if readout is not None else ())
 
     def feed(self, logits: np.ndarray, pos: int) -> "int | View | None":
         if self.readout is not None:  # read at the first reply token: this view is read
-            score = self.readout.score(logits, self._rows)
             if self.first is None:
-                self.first = self.value = score
+                self.first = self.value = self.readout.score(logits, self._rows)
             else:  # the last message's view, which a reply reads only within VIEW_WITHIN of the first's
+                score = self.view_readout.score(logits, self._rows)
                 self.value = max(self.value, min(score, self.first + VIEW_WITHIN))
             return self._next_view()
         margin, other = opener_margin(logits, self.idx)

@@ -338,7 +338,11 @@ class EdgeSafe:
         names = prefix_names(mode, constraints)
         movable = bool(names) and (self._rope_bases is not None or not self._deep_of(names))
         prompt, splits = self._layout(messages, movable)
-        req = self._request(constraints, mode, prompt, strictness, stop, splits)
+        # the calibration's offsets were measured on one message read on its own (edge-safe train calibrate): a
+        # prompt after earlier turns or pasted text decides without them, its reread view (that message or line
+        # read alone) with them
+        alone = splits == (0,) and not _earlier_turns(messages)
+        req = self._request(constraints, mode, prompt, strictness, stop, splits, calibrated=alone)
         if self.reread and self.engine.view_ctx is not None and constraints \
                 and self.bank.behaviour(mode) == Behaviour.CONSTRAINED and messages[-1].get("role") == "user":
             req.reread = self._reread(messages, constraints, mode, strictness, stop, movable)
@@ -378,18 +382,19 @@ class EdgeSafe:
         return self._request(constraints, mode, last, strictness, stop, splits)
 
     def _request(self, constraints: list[str], mode: str | None, prompt: list[int], strictness: float,
-                 stop=None, splits: tuple[int, ...] = (0,)) -> Request:
+                 stop=None, splits: tuple[int, ...] = (0,), calibrated: bool = True) -> Request:
         names = prefix_names(mode, constraints)
         vectors = self.bank.prefix_vectors(names) if names else np.zeros((0, self.model.n_embd), np.float32)
         behaviour = self.bank.behaviour(mode)
         constrained = bool(constraints) and behaviour == Behaviour.CONSTRAINED
         readout = self.bank.readout if self.use_readout and constrained else None
-        if readout is not None:  # with the calibration's offset for this composition folded into its bias
+        if readout is not None and calibrated:  # the calibration's offset for this composition folded into its bias
             readout = readout.composed(constraints)
         openers = self.refusals.openers(constraints) if (strictness or readout is not None) and constrained else []
         guided = [] if not self.exact_refusals else (
             [mode] if behaviour == Behaviour.REFUSE_ALL else constraints if constrained else [])
-        alone = (lambda name: self._request([name], mode, prompt, 0.0, splits=splits)) if len(constraints) > 1 else None
+        alone = (lambda name: self._request([name], mode, prompt, 0.0, splits=splits, calibrated=calibrated)) \
+            if len(constraints) > 1 else None
         return Request(constraints, mode, tuple(names), vectors, prompt, tuple(self.template.stop) + _as_stops(stop),
                        strictness=strictness, openers=openers, refusals=self.refusals.sequences(guided),
                        deep=self._deep_of(names), alone=alone, splits=splits, deep_copies=self.bank.deep_copies,

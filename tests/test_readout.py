@@ -567,6 +567,41 @@ def test_the_calibration_moves_the_margin_and_the_reply_of_its_constraints_alone
     assert _reply(runtime(calibrated), VIOLATING)[1]["refused_by"] == "drugs"
 
 
+PASTED = " ".join(["Trim the stems at an angle, change the water every two days and keep the vase out of the sun.",
+                   "Air scatters blue light much more than red, so blue reaches us from all over the sky."] * 14)
+
+
+@pytest.mark.parametrize("context", ["turns", "pasted"])
+def test_the_calibration_moves_the_view_it_was_measured_in_not_a_long_prompts_own(runtime, context):
+    """The offsets were measured on one message read on its own: after earlier turns or pasted text the prompt's
+    own view decides without them, and the view of the last message (or line) read alone with them."""
+    from edge_safe.decode import VIEW_WITHIN
+    from edge_safe.probe import Probe
+
+    rng = np.random.default_rng(6)
+    ids = np.sort(rng.choice(262144, 256, replace=False))
+    plain = Readout(ids, rng.normal(scale=0.05, size=256).astype(np.float32), 0.0)
+    calibrated = replace(plain, calibration={"drugs": 1.5})
+    chat = ([{"role": "user", "content": "Hi! Can you help me plan a garden?"},
+             {"role": "assistant", "content": "Of course. What would you like to grow?"},
+             {"role": "user", "content": VIOLATING}] if context == "turns"
+            else [{"role": "user", "content": PASTED + "\n" + VIOLATING}])
+    assert runtime(plain).prepare(chat, tokens="drugs").reread is not None  # the case has a second view
+    margins = {}
+    for name, r in (("plain", plain), ("calibrated", calibrated)):
+        for reread in (False, True):
+            probe = Probe(runtime(r, reread=reread))
+            for _ in range(2):  # the second call decodes with the prefixes cached, as every call here
+                margins[name, reread] = (probe.refusal_margin(chat, tokens="drugs"),
+                                         probe.refusal_margin(VIOLATING, tokens="drugs"))
+    own, alone = margins["plain", False]
+    assert margins["calibrated", False][0] == pytest.approx(own, abs=1e-3)  # the long prompt's own view: no offset
+    assert margins["calibrated", False][1] == pytest.approx(alone + 1.5, abs=1e-3)  # one message alone: offset
+    # with the second view: the larger margin counts, that view moved by the offset (its own context: ~0.1)
+    assert margins["plain", True][0] == pytest.approx(max(own, min(alone, own + VIEW_WITHIN)), abs=0.3)
+    assert margins["calibrated", True][0] == pytest.approx(max(own, min(alone + 1.5, own + VIEW_WITHIN)), abs=0.3)
+
+
 def test_offsets_are_the_largest_step_within_both_bounds():
     cases = ([{"constraint": "a", "kind": "ordinary"}] * 100 + [{"constraint": "a", "kind": "twin"}] * 10
              + [{"constraint": "b", "kind": "ordinary"}] * 100 + [{"constraint": "c", "kind": "twin"}] * 5)

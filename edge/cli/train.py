@@ -255,8 +255,10 @@ def calibrate(bank, output, model, split, sharegpt, ordinary_max, twins_max, max
     log-odds, added to the bias where it is active) that keeps them refused at
     most --ordinary-max (and --twins-max); a composition takes its constraints'
     smallest offset, so the profiles keep the default's point. Offsets are never
-    negative: no constraint becomes laxer. Writes BANK with the calibrated readout
-    to OUTPUT. Needs the third-party data (edge-safe data fetch); no torch.
+    negative: no constraint becomes laxer. The runtime adds them where they were
+    measured: to a message read on its own (a request alone, and the second view
+    of one after earlier turns or pasted text, never the prompt in place). Writes
+    BANK with the calibrated readout to OUTPUT. Needs the third-party data (edge-safe data fetch); no torch.
 
     \b
     Examples:
