@@ -237,6 +237,6 @@ def test_eval_long_context_errors(tmp_path):
     assert error("eval", "long-context", "--out", tmp_path, "--bank", tmp_path / "nope.gguf", code=1).startswith(
         "Error: token bank not found")
     assert error("eval", "long-context", "--out", tmp_path, "--kinds", "message,novel", code=2).startswith(
-        "Error: Invalid value for --kinds: expected kinds among message, turns, sharegpt, wrapper, traffic, got 'message,novel'")
+        "Error: Invalid value for --kinds: expected kinds among message, turns, sharegpt, wrapper, traffic, before, got 'message,novel'")
     assert error("eval", "long-context", "--out", tmp_path, "--traffic", "0", code=2).startswith(
         "Error: Invalid value for '--traffic'")

@@ -103,8 +103,23 @@ def test_plan_keeps_the_old_rows_first_and_adds_the_new_ones():
                         ("turns", 600), ("turns", 1500), ("turns", 3000)]
     assert rows[7:12] == [("sharegpt", 600), ("sharegpt", 1500), ("sharegpt", 3000), ("wrapper-short", 0),
                           ("wrapper-long", 0)]
-    assert rows[12:] == [(k, n) for n in (600, 1500, 3000) for k in ("traffic-alone", "traffic")]
+    assert rows[12:18] == [(k, n) for n in (600, 1500, 3000) for k in ("traffic-alone", "traffic")]
+    assert rows[18:] == [("before", 600), ("before", 1500), ("before", 3000)]
     assert lc.plan(("message", "turns"), lc.LENGTHS) == rows[:7]
+
+
+@pytest.mark.model
+@pytest.mark.parametrize("kind", ["message", "before"])
+def test_pasted_text_puts_the_request_after_it_or_before_it(es, kind):
+    """``message``: the request is the pasted text's last line; ``before``: its first, the text after it."""
+    table = lc.filler()
+    msgs = lc.conversation(es, kind, 600, REQUEST, table)
+    assert [m["role"] for m in msgs] == ["user"]
+    lines = msgs[0]["content"].splitlines()
+    assert (lines[-1] if kind == "message" else lines[0]) == REQUEST
+    assert REQUEST not in ("\n".join(lines[:-1]) if kind == "message" else "\n".join(lines[1:]))
+    assert len(es.tokenize(msgs[0]["content"])) >= 600
+    assert lc.conversation(es, kind, 0, REQUEST, table) == [{"role": "user", "content": REQUEST}]
 
 
 def test_wrapper_gap_is_long_minus_short_in_points():

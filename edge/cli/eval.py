@@ -222,7 +222,8 @@ def compare(ctx, banks, out, threads, limit, seed, parallel):
 @click.option("--parallel", default=2, show_default=True, type=click.IntRange(min=1, max=64), metavar="N",
               help="Cases decided at once, batched in one decode.")
 @click.option("--kinds", default="message,turns,sharegpt,wrapper,traffic", show_default=True, metavar="KIND,...",
-              help="Context kinds: message, turns (text written here), sharegpt (real conversations, needs "
+              help="Context kinds: message (the request after pasted text), before (the request, then the "
+                   "pasted text), turns (text written here), sharegpt (real conversations, needs "
                    "`edge-safe data fetch`; skipped with a note without it), wrapper (jailbreak-style "
                    "preambles, long vs short), traffic (real later ShareGPT turns in their own conversation "
                    "vs alone: over-refusal; needs the fetched data too).")
