@@ -341,8 +341,8 @@ class EdgeSafe:
         # the calibration's offsets were measured on one message read on its own (edge-safe train calibrate): a
         # prompt after earlier turns or pasted text decides without them, its reread view (that message or line
         # read alone) with them
-        alone = splits == (0,) and not _earlier_turns(messages)
-        req = self._request(constraints, mode, prompt, strictness, stop, splits, calibrated=alone)
+        on_its_own = splits == (0,) and not _earlier_turns(messages)
+        req = self._request(constraints, mode, prompt, strictness, stop, splits, calibrated=on_its_own)
         if self.reread and self.engine.view_ctx is not None and constraints \
                 and self.bank.behaviour(mode) == Behaviour.CONSTRAINED and messages[-1].get("role") == "user":
             req.reread = self._reread(messages, constraints, mode, strictness, stop, movable)

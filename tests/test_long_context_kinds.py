@@ -108,6 +108,13 @@ def test_plan_keeps_the_old_rows_first_and_adds_the_new_ones():
     assert lc.plan(("message", "turns"), lc.LENGTHS) == rows[:7]
 
 
+def test_the_command_runs_the_default_kinds_and_before_only_when_asked():
+    from edge_safe.cli.eval import long_context
+
+    default = next(p.default for p in long_context.params if p.name == "kinds")
+    assert tuple(default.split(",")) == lc.DEFAULT_KINDS == lc.KINDS[:-1] and lc.KINDS[-1] == "before"
+
+
 @pytest.mark.model
 @pytest.mark.parametrize("kind", ["message", "before"])
 def test_pasted_text_puts_the_request_after_it_or_before_it(es, kind):
